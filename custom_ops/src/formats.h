@@ -1,0 +1,180 @@
+// The packed weight formats, mirrored from docs/formats.md (the source of truth) and
+// sherry_export/formats.py. Geometry, the canonical (stored) row layout, a validating reference
+// decoder, and the activation quantization every kernel uses.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace sherry {
+
+enum class Format : int { kSherry = 0, kTL2 = 1, kI2S = 2 };
+
+inline const char* format_name(Format f) {
+  switch (f) {
+    case Format::kSherry: return "sherry";
+    case Format::kTL2: return "tl2";
+    case Format::kI2S: return "i2s";
+  }
+  return "?";
+}
+
+inline constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int kSherryBlock = 4;     // weights per Sherry block (exactly one zero)
+constexpr int kActivationQmax = 127;
+
+// Shape of one packed weight [N, K] with scale groups of `group_size` along K (the last may be short).
+struct Geometry {
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t group_size = 0;
+  int64_t groups() const { return ceil_div(k, group_size); }
+  int64_t group_begin(int64_t g) const { return g * group_size; }
+  int64_t group_length(int64_t g) const { return std::min(group_size, k - g * group_size); }
+};
+
+// A row of 5-bit codes: ceil(C/2) index nibbles (code c in byte c/2, low nibble when c is even),
+// then ceil(C/8) sign bytes (code c's sign is bit c%8 of byte c/8).
+inline int64_t code5_row_bytes(int64_t codes) { return ceil_div(codes, 2) + ceil_div(codes, 8); }
+
+inline int64_t tl2_triples(int64_t k, int64_t group_size) {
+  int64_t triples = 0;
+  for (int64_t start = 0; start < k; start += group_size) triples += ceil_div(std::min(group_size, k - start), 3);
+  return triples;
+}
+
+inline int64_t row_bytes(Format f, int64_t k, int64_t group_size) {
+  switch (f) {
+    case Format::kSherry: return code5_row_bytes(k / kSherryBlock);
+    case Format::kTL2: return code5_row_bytes(tl2_triples(k, group_size));
+    case Format::kI2S: return ceil_div(k, 4);
+  }
+  return -1;
+}
+
+// Empty string if (format, K, group_size) is a valid geometry, else what is wrong.
+inline std::string check_geometry(Format f, int64_t n, int64_t k, int64_t group_size) {
+  if (n <= 0) return "N must be positive, got " + std::to_string(n);
+  if (k <= 0) return "K must be positive, got " + std::to_string(k);
+  if (group_size <= 0 || group_size > k)
+    return "group_size must be in [1, K=" + std::to_string(k) + "], got " + std::to_string(group_size);
+  if (f == Format::kSherry && (k % kSherryBlock || group_size % kSherryBlock))
+    return "sherry needs K and group_size divisible by 4, got K=" + std::to_string(k) +
+           ", group_size=" + std::to_string(group_size);
+  return "";
+}
+
+inline uint8_t code5_at(const uint8_t* row, int64_t codes_per_row, int64_t c) {
+  const uint8_t index = (row[c >> 1] >> ((c & 1) * 4)) & 0x0F;
+  const uint8_t sign = (row[ceil_div(codes_per_row, 2) + (c >> 3)] >> (c & 7)) & 1;
+  return static_cast<uint8_t>(index | sign << 4);
+}
+
+// Lanes of a 5-bit Sherry code: bits 3-2 zero position, bit 1 / bit 0 = 2nd / 3rd non-zero differs
+// in sign from the 1st, bit 4 = the 1st non-zero is negative.
+inline void sherry_lanes(uint8_t code, int8_t out[4]) {
+  const int zero = (code >> 2) & 3;
+  const int8_t first = (code >> 4) ? -1 : 1;
+  const int8_t nonzero[3] = {first, static_cast<int8_t>((code & 2) ? -first : first),
+                             static_cast<int8_t>((code & 1) ? -first : first)};
+  for (int p = 0, j = 0; p < 4; ++p) out[p] = (p == zero) ? 0 : nonzero[j++];
+}
+
+// Lanes of a 5-bit TL2 code: v = ±index with v = 9*w0 + 3*w1 + w2. False for an invalid code
+// (index > 13, or a negative zero).
+inline bool tl2_lanes(uint8_t code, int8_t out[3]) {
+  const int index = code & 0x0F;
+  if (index > 13 || code == 16) return false;
+  int v = (code >> 4) ? -index : index;
+  for (int p = 2; p >= 0; --p) {  // balanced ternary digits, least significant last lane
+    int digit = ((v % 3) + 3) % 3;
+    if (digit == 2) digit = -1;
+    out[p] = static_cast<int8_t>(digit);
+    v = (v - digit) / 3;
+  }
+  return true;
+}
+
+// Decode one canonical packed row into K int8 values. False if the row holds an invalid code.
+inline bool decode_row(Format f, const uint8_t* row, int64_t k, int64_t group_size, int8_t* out) {
+  switch (f) {
+    case Format::kSherry: {
+      const int64_t blocks = k / kSherryBlock;
+      for (int64_t b = 0; b < blocks; ++b) sherry_lanes(code5_at(row, blocks, b), out + 4 * b);
+      return true;
+    }
+    case Format::kTL2: {
+      const int64_t triples = tl2_triples(k, group_size);
+      int64_t t = 0;
+      for (int64_t start = 0; start < k; start += group_size) {
+        const int64_t length = std::min(group_size, k - start);
+        for (int64_t i = 0; i < length; i += 3, ++t) {
+          int8_t lanes[3];
+          if (!tl2_lanes(code5_at(row, triples, t), lanes)) return false;
+          for (int64_t p = 0; p < 3; ++p) {
+            if (i + p < length) out[start + i + p] = lanes[p];
+            else if (lanes[p] != 0) return false;  // padding lanes must be zero
+          }
+        }
+      }
+      return true;
+    }
+    case Format::kI2S:
+      for (int64_t i = 0; i < k; ++i) {
+        const int code = (row[i >> 2] >> ((i & 3) * 2)) & 3;
+        if (code == 3) return false;
+        out[i] = static_cast<int8_t>(code - 1);
+      }
+      return true;
+  }
+  return false;
+}
+
+// IEEE half to float, without relying on compiler extensions.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F;
+  uint32_t mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do { ++e; mantissa <<= 1; } while (!(mantissa & 0x400));
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mantissa & 0x3FF) << 13;
+    }
+  } else if (exponent == 31) {
+    bits = sign | 0x7F800000u | mantissa << 13;
+  } else {
+    bits = sign | (exponent + 127 - 15) << 23 | mantissa << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The activation numerics (docs/formats.md, "Activations"): per row and per scale group,
+// m = max|x|, xq = rint(x * (127/m)) clamped to ±127, s = m/127; a group of zeros gets s = 0, xq = 0.
+// Writes xq[0..length) and returns s.
+inline float quantize_group(const float* x, int64_t length, int8_t* xq) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < length; ++i) amax = std::max(amax, std::fabs(x[i]));
+  if (!(amax > 0.f)) {
+    std::memset(xq, 0, static_cast<size_t>(length));
+    return 0.f;
+  }
+  const float inv = static_cast<float>(kActivationQmax) / amax;
+  for (int64_t i = 0; i < length; ++i) {
+    float q = std::nearbyint(x[i] * inv);
+    q = std::min(std::max(q, -static_cast<float>(kActivationQmax)), static_cast<float>(kActivationQmax));
+    xq[i] = static_cast<int8_t>(q);
+  }
+  return amax / static_cast<float>(kActivationQmax);
+}
+
+}  // namespace sherry
