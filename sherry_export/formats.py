@@ -78,7 +78,7 @@ def _sherry_tables() -> tuple[np.ndarray, np.ndarray]:
         zero, r2, r3, sign = code >> 2 & 3, code >> 1 & 1, code & 1, code >> 4
         first = -1 if sign else 1
         nonzero = [first, -first if r2 else first, -first if r3 else first]
-        lanes = nonzero[:zero] + [0] + nonzero[zero:]
+        lanes = [*nonzero[:zero], 0, *nonzero[zero:]]
         decode[code] = lanes
         encode[_base3_key(np.array(lanes, np.int8))] = code
     return decode, encode
@@ -232,16 +232,37 @@ FORMATS: dict[str, WeightFormat] = {
     f.name: f
     for f in (
         WeightFormat(
-            "sherry", "SherryMatMul", "3:4-sparse ternary, 5-bit code per 4 weights", 1.25,
-            SHERRY_BLOCK, SHERRY_BLOCK, _sherry_row_bytes, _sherry_encode, _sherry_decode,
+            "sherry",
+            "SherryMatMul",
+            "3:4-sparse ternary, 5-bit code per 4 weights",
+            1.25,
+            SHERRY_BLOCK,
+            SHERRY_BLOCK,
+            _sherry_row_bytes,
+            _sherry_encode,
+            _sherry_decode,
         ),
         WeightFormat(
-            "tl2", "TL2MatMul", "ternary, 5-bit code per 3 weights (bitnet.cpp TL2 style)", 5 / 3,
-            1, 1, _tl2_row_bytes, _tl2_encode, _tl2_decode,
+            "tl2",
+            "TL2MatMul",
+            "ternary, 5-bit code per 3 weights (bitnet.cpp TL2 style)",
+            5 / 3,
+            1,
+            1,
+            _tl2_row_bytes,
+            _tl2_encode,
+            _tl2_decode,
         ),
         WeightFormat(
-            "i2s", "I2SMatMul", "ternary, 2-bit code per weight (bitnet.cpp I2_S style)", 2.0,
-            1, 1, _i2s_row_bytes, _i2s_encode, _i2s_decode,
+            "i2s",
+            "I2SMatMul",
+            "ternary, 2-bit code per weight (bitnet.cpp I2_S style)",
+            2.0,
+            1,
+            1,
+            _i2s_row_bytes,
+            _i2s_encode,
+            _i2s_decode,
         ),
     )
 }
@@ -289,8 +310,10 @@ class PackedWeight:
             raise ValueError(f"packed data must be a 2-D uint8 array, got {self.data.dtype} {self.data.shape}")
         expected = (self.n, fmt.row_bytes(self.k, group_size))
         if self.data.shape != expected:
-            raise ValueError(f"packed {self.format} data for K={self.k}, group_size={group_size} must have "
-                             f"shape {expected}, got {self.data.shape}")
+            raise ValueError(
+                f"packed {self.format} data for K={self.k}, group_size={group_size} must have "
+                f"shape {expected}, got {self.data.shape}"
+            )
         scales_shape = (self.n, num_groups(self.k, group_size))
         if self.scales.dtype != SCALE_DTYPE or self.scales.shape != scales_shape:
             raise ValueError(f"scales must be float16 {scales_shape}, got {self.scales.dtype} {self.scales.shape}")
@@ -309,8 +332,10 @@ def pack(format: str, ternary: Ternary, group_size: int | None) -> PackedWeight:
     n, k = values.shape
     group_size = fmt.check_geometry(k, group_size)
     if scales.shape != (n, num_groups(k, group_size)):
-        raise ValueError(f"scales must have shape {(n, num_groups(k, group_size))} for K={k} and "
-                         f"group_size={group_size}, got {scales.shape}")
+        raise ValueError(
+            f"scales must have shape {(n, num_groups(k, group_size))} for K={k} and "
+            f"group_size={group_size}, got {scales.shape}"
+        )
     if ((values < -1) | (values > 1)).any():
         raise ValueError("ternary values must lie in {-1, 0, +1}")
     if not np.isfinite(scales).all() or (scales < 0).any():

@@ -68,7 +68,9 @@ def sherry_ternarize(weight: torch.Tensor, group_size: int | None = 128) -> Tern
     block_min, zero_pos = blocks_abs.min(dim=-1, keepdim=True)  # torch takes the first minimum on ties
     keep = (torch.arange(SHERRY_BLOCK, dtype=torch.uint8, device=w.device) != zero_pos.to(torch.uint8)).view(n, k)
     values = (1 - 2 * (w < 0).to(torch.int8)) * keep  # a kept 0.0 (or -0.0) gets +1
-    kept_abs = group_reduce(blocks_abs.view(n, k), group_size) - group_reduce(block_min.view(n, -1), group_size // SHERRY_BLOCK)
+    kept_abs = group_reduce(blocks_abs.view(n, k), group_size) - group_reduce(
+        block_min.view(n, -1), group_size // SHERRY_BLOCK
+    )
     scales = kept_abs / (group_lengths(k, group_size, w.device) * 0.75)
     return Ternary(values, scales)
 

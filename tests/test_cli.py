@@ -1,0 +1,55 @@
+"""The ``sherry`` command line: help that teaches, bad arguments that say what is wrong, the size report."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sherry_export.cli import build_parser, main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "sizes" in out and "sherry sizes smollm2" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sizes", "--group-size", "6"], "multiple of 4"),
+        (["sizes", "--group-size", "-8"], "positive integer"),
+        (["sizes", "--layers", "0"], "positive integer"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["sizes", str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["sizes", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_sizes_on_packaged_smollm2():
+    """The demo's main job end to end, in a subprocess as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sherry_export.cli", "sizes", "smollm2", "--layers", "2"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert rows["sherry"][0] == "1.25" and rows["i2s"][0] == "2"
+    assert rows["model.layers.0.self_attn.q_proj"][-1] == "yes"
