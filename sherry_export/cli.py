@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,76 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sherry_export.export import ExportOptions, export_llm
+    from sherry_export.report import markdown_table
+
+    options = ExportOptions(
+        format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
+    )
+    result = export_llm(args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True)
+    print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
+    print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
+    print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from sherry_export.generate import OnnxCausalLM
+
+    model_path = args.model_dir / "model.onnx"
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found; make one with `sherry export SOURCE -o {args.model_dir}`")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel)
+    if args.chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(args.prompt).input_ids
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+    print(args.prompt if not args.chat else "", end="", flush=True)
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    result = lm.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=stop,
+        on_token=stream,
+    )
+    print(
+        f"\n\nprefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
+        f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
+        f"({args.threads} thread{'s' if args.threads > 1 else ''})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+class GroupSizeAction(argparse.Action):
+    """Stores the group size and remembers that the user gave one (to detect a clash with the checkpoint)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.group_size_given = True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sherry", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,6 +170,77 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers", type=positive_int, default=7, help="how many layers the error table shows (default: 7)"
     )
     sizes.set_defaults(func=cmd_sizes)
+
+    from sherry_export.export.llama import LM_HEADS, PROJECTIONS
+    from sherry_export.export.projections import EXPORT_FORMATS
+    from sherry_export.runtime import KERNEL_PATHS
+
+    export = sub.add_parser(
+        "export",
+        help="export a causal LM to an ONNX decoder with a KV cache",
+        description="Export SOURCE to OUT_DIR: model.onnx with the packed weights in the chosen format, the "
+        "tokenizer, genai_config.json (onnxruntime-genai) and sherry_export.json. Linear layers of a "
+        "quantization-aware checkpoint keep their trained ternary weights; plain float layers are "
+        "projected post-training, which costs accuracy (the manifest says which).",
+        epilog="example: sherry export smollm2 -o out/smollm2-sherry --format sherry",
+    )
+    export.add_argument("source", help="'smollm2', a .gguf file, or a Hugging Face Llama-family folder")
+    export.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
+    export.add_argument(
+        "--format",
+        default="sherry",
+        choices=EXPORT_FORMATS,
+        help="weight format of the attention/MLP projections (default: sherry)",
+    )
+    export.add_argument(
+        "--group-size",
+        type=group_size_arg,
+        default=128,
+        action=GroupSizeAction,
+        help="scale group size for post-training projection; a checkpoint's config wins (default: 128)",
+    )
+    export.add_argument(
+        "--lm-head",
+        default="fp32",
+        choices=LM_HEADS,
+        help="LM head precision, kept the same across formats for fair comparisons (default: fp32)",
+    )
+    export.add_argument(
+        "--projection",
+        default="sherry",
+        choices=list(PROJECTIONS),
+        help="post-training rule for float layers: sherry (3:4) or absmean (dense, not for "
+        "--format sherry) (default: sherry)",
+    )
+    export.set_defaults(func=cmd_export, group_size_given=False)
+
+    generate = sub.add_parser(
+        "generate",
+        help="generate text with an exported model in onnxruntime",
+        description="Greedy or sampled generation with a KV cache in plain onnxruntime, "
+        "streaming the text and printing prefill and decode tokens/s.",
+        epilog="example: sherry generate out/smollm2-sherry --prompt 'The capital of France'",
+    )
+    generate.add_argument("model_dir", type=Path, help="a folder written by `sherry export`")
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads (default: 2)")
+    generate.add_argument(
+        "--kernel",
+        choices=KERNEL_PATHS,
+        default=None,
+        help="force a kernel path of the ai.sherry ops (default: the best the CPU has)",
+    )
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.set_defaults(func=cmd_generate)
+    from sherry_export import data, train
+
+    data.register(sub)
+    train.register(sub)
     return parser
 
 

@@ -1,0 +1,259 @@
+"""Llama-family causal LMs to a lean ONNX decoder with a KV cache, built node by node.
+
+The graph uses onnxruntime's fused ops: ``GroupQueryAttention`` (rotary embedding inside, past and
+present KV), ``SimplifiedLayerNormalization`` and ``SkipSimplifiedLayerNormalization`` (RMSNorm with
+the residual add fused). Q/K/V become one fused projection, and so do gate/up, so a decode step is
+4 matmul ops per layer plus the LM head. One graph serves prefill and decode.
+
+Graph inputs follow onnxruntime-genai's names: ``input_ids [batch, sequence]``,
+``attention_mask [batch, total_sequence]``, ``past_key_values.{i}.key|value
+[batch, kv_heads, past_sequence, head_dim]``; outputs ``logits [batch, sequence, vocab]`` and
+``present.{i}.key|value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from sherry_export.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from sherry_export.export.projections import (
+    EXPORT_FORMATS,
+    Projection,
+    emit_projection,
+    nbits_node,
+    quantize_float_nbits,
+)
+from sherry_export.models import SUPPORTED_ARCHITECTURES
+from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+
+LM_HEADS = ("fp32", "nbits8", "nbits4")
+LM_HEAD_BLOCK = 32
+"""Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
+PROJECTIONS = {"sherry": sherry_ternarize, "absmean": absmean_ternarize}
+"""Post-training projections for float linears; quantization-aware modules bring their own ternary."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: str = "sherry"
+    group_size: int | None = 128
+    lm_head: str = "fp32"
+    projection: str = "sherry"
+    """How plain float linears become ternary (post-training), when the model was not trained ternary."""
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        if self.lm_head not in LM_HEADS:
+            raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
+
+
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to(torch.float32).cpu().numpy()
+
+
+def linear_projection(module: torch.nn.Module, options: ExportOptions) -> Projection:
+    """The weight of one linear layer as the chosen format needs it.
+
+    A quantization-aware module (one with ``ternary()`` and ``group_size``, like ``SherryLinear``)
+    gives its trained ternary weights; a plain ``nn.Linear`` is projected post-training.
+    """
+    bias = _numpy(getattr(module, "bias", None))
+    if hasattr(module, "ternary"):
+        ternary, group_size = module.ternary(), module.group_size
+    elif options.format == "fp32":
+        return Projection(weight=_numpy(module.weight), bias=bias)
+    else:
+        ternary, group_size = PROJECTIONS[options.projection](module.weight, options.group_size), options.group_size
+    if options.format == "fp32":
+        return Projection(weight=dequantize_ternary(ternary, group_size).numpy(), bias=bias)
+    return Projection(
+        ternary=Ternary(*(t.detach().cpu() for t in ternary)),
+        group_size=group_size or ternary.values.shape[1],
+        bias=bias,
+    )
+
+
+def fuse(projections: list[Projection]) -> Projection:
+    """Stack projections that read the same input along N (rows are packed independently)."""
+    first = projections[0]
+    if any(p.group_size != first.group_size for p in projections):
+        raise ValueError("fused projections must share one group size")
+    biases = [p.bias for p in projections]
+    bias = (
+        None
+        if all(b is None for b in biases)
+        else np.concatenate(
+            [
+                b
+                if b is not None
+                else np.zeros(len(p.weight if p.weight is not None else p.ternary.values), np.float32)
+                for b, p in zip(biases, projections, strict=True)
+            ]
+        )
+    )
+    if first.ternary is None:
+        return Projection(weight=np.concatenate([p.weight for p in projections]), bias=bias)
+    values = torch.cat([p.ternary.values for p in projections])
+    scales = torch.cat([p.ternary.scales for p in projections])
+    return Projection(ternary=Ternary(values, scales), group_size=first.group_size, bias=bias)
+
+
+def rotary_caches(model: PreTrainedModel) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[max_positions, head_dim/2]`` from the model's own rotary module (rope scaling included)."""
+    rotary = model.model.rotary_emb
+    positions = torch.arange(model.config.max_position_embeddings, dtype=torch.float32)
+    angles = torch.outer(positions, rotary.inv_freq.to(torch.float32))
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    return (torch.cos(angles) * scaling).numpy(), (torch.sin(angles) * scaling).numpy()
+
+
+def check_architecture(model: PreTrainedModel) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"cannot export {name}: supported architectures are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"cannot export hidden_act={config.hidden_act!r}: the graph implements SiLU-gated MLPs")
+
+
+def build_decoder(model: PreTrainedModel, options: ExportOptions, progress: bool = False) -> GraphBuilder:
+    """The decoder graph of a Llama-family model in ``options.format``."""
+    from tqdm import tqdm
+
+    check_architecture(model)
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    eps = float(config.rms_norm_eps)
+    b = GraphBuilder("sherry_decoder")
+
+    input_ids = b.add_input("input_ids", INT64, ["batch", "sequence"])
+    mask = b.add_input("attention_mask", INT64, ["batch", "total_sequence"])
+    kv_shape = ["batch", kv_heads, "past_sequence", head_dim]
+    present_shape = ["batch", kv_heads, "total_sequence", head_dim]
+
+    # GroupQueryAttention wants int32 lengths: seqlens_k = tokens so far - 1, and the total length.
+    seqlens = b.op(
+        "Cast",
+        b.op("Sub", b.op("ReduceSum", mask, b.constant("axis1", [1]), keepdims=0), b.constant("one", [1])),
+        to=INT32,
+        name="seqlens_k",
+    )
+    total = b.op(
+        "Cast",
+        b.op("Gather", b.op("Shape", mask), b.constant("index1", [1]), axis=0),
+        to=INT32,
+        name="total_sequence_length",
+    )
+    cos, sin = rotary_caches(model)
+    cos_name, sin_name = b.initializer("cos_cache", cos), b.initializer("sin_cache", sin)
+
+    embed = model.model.embed_tokens.weight
+    hidden = b.op("Gather", b.initializer("embed_tokens", _numpy(embed)), input_ids, name="embed")
+    layers = model.model.layers
+    normed = b.op(
+        "RMSNormalization",
+        hidden,
+        b.initializer("layers.0.input_norm", _numpy(layers[0].input_layernorm.weight)),
+        axis=-1,
+        epsilon=eps,
+        name="layers.0.input_norm",
+    )
+    residual = hidden
+    for i, layer in enumerate(tqdm(layers, desc=f"export {options.format}", unit="layer", disable=not progress)):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = emit_projection(
+            b,
+            normed,
+            f"layers.{i}.qkv_proj",
+            fuse([linear_projection(m, options) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]),
+            options.format,
+        )
+        past_k = b.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape)
+        past_v = b.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)
+        present = [f"present.{i}.key", f"present.{i}.value"]
+        attn_out = b.node(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, seqlens, total, cos_name, sin_name],
+            [b.unique(f"layers.{i}.attn/out"), *present],
+            domain=MS_DOMAIN,
+            name=f"layers.{i}.attn",
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+            scale=float(head_dim**-0.5),
+        )[0]
+        for name in present:
+            b.add_output(name, FLOAT, present_shape)
+        o = emit_projection(b, attn_out, f"layers.{i}.o_proj", linear_projection(attn.o_proj, options), options.format)
+        normed, _, _, residual = b.node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, b.initializer(f"layers.{i}.post_norm", _numpy(layer.post_attention_layernorm.weight))],
+            [b.unique(f"layers.{i}.post_norm/out"), "", "", b.unique(f"layers.{i}.post_norm/sum")],
+            domain=MS_DOMAIN,
+            name=f"layers.{i}.post_norm",
+            epsilon=eps,
+        )
+        gate_up = emit_projection(
+            b,
+            normed,
+            f"layers.{i}.gate_up_proj",
+            fuse([linear_projection(m, options) for m in (mlp.gate_proj, mlp.up_proj)]),
+            options.format,
+        )
+        gate, up = b.node(
+            "Split",
+            [gate_up, b.constant(f"layers.{i}.split", [config.intermediate_size] * 2)],
+            2,
+            name=f"layers.{i}.split",
+            axis=-1,
+        )
+        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up, name=f"layers.{i}.swiglu")
+        down = emit_projection(
+            b, act, f"layers.{i}.down_proj", linear_projection(mlp.down_proj, options), options.format
+        )
+        last = i + 1 == len(layers)
+        gamma = model.model.norm.weight if last else layers[i + 1].input_layernorm.weight
+        norm_name = "final_norm" if last else f"layers.{i + 1}.input_norm"
+        normed, _, _, residual = b.node(
+            "SkipSimplifiedLayerNormalization",
+            [down, residual, b.initializer(norm_name, _numpy(gamma))],
+            [b.unique(f"{norm_name}/out"), "", "", b.unique(f"{norm_name}/sum")],
+            domain=MS_DOMAIN,
+            name=norm_name,
+            epsilon=eps,
+        )
+    emit_lm_head(b, normed, _numpy(model.lm_head.weight), options.lm_head)
+    b.add_output("logits", FLOAT, ["batch", "sequence", config.vocab_size])
+    return b
+
+
+def emit_lm_head(b: GraphBuilder, x: str, weight: np.ndarray, kind: str) -> None:
+    """The LM head, in float or MatMulNBits; identical across projection formats so comparisons stay fair."""
+    if kind == "fp32":
+        b.node("MatMul", [x, b.initializer("lm_head.weight_t", weight.T)], ["logits"], name="lm_head")
+        return
+    bits = int(kind.removeprefix("nbits"))
+    q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
+    nbits_node(b, x, "lm_head", q, scales, bits, LM_HEAD_BLOCK, None, output="logits")
+
+
+def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:
+    """The ternary weights and group size each projection is exported with (for reference models)."""
+    from sherry_export.models import quantizable_linears
+
+    ternaries = {}
+    for name, module in quantizable_linears(model).items():
+        proj = linear_projection(
+            module, replace(options, format="sherry" if options.format == "fp32" else options.format)
+        )
+        ternaries[name] = (proj.ternary, proj.group_size)
+    return ternaries

@@ -1,0 +1,137 @@
+"""How a linear layer becomes ONNX nodes in each export format.
+
+Ternary formats (``sherry``, ``tl2``, ``i2s``) become one ``ai.sherry`` op on the packed weight.
+``nbits2`` / ``nbits4`` carry the *same* ternary values and scales in onnxruntime's own
+``MatMulNBits`` (q = t + 2^(bits-1), the op's default zero point, one block per scale group), so
+they are the strongest like-for-like baseline on the same runtime. ``fp32`` keeps the float weight
+in a plain ``MatMul``. ``MatMulNBits`` also quantizes float weights, for the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sherry_export.export.graph import MS_DOMAIN, GraphBuilder
+from sherry_export.formats import FORMATS, SCALE_DTYPE, pack
+from sherry_export.onnx_ops import matmul_node
+from sherry_export.quant import Ternary
+
+NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
+EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, "fp32")
+NBITS_ACCURACY_LEVEL = 4
+"""MatMulNBits accuracy_level 4 (int8 activations per block) is its fastest CPU path."""
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear layer's weight, as the exporter sees it: float, or ternary with its group size."""
+
+    weight: np.ndarray | None = None
+    """float32 ``[N, K]`` for the fp32 format."""
+    ternary: Ternary | None = None
+    group_size: int | None = None
+    bias: np.ndarray | None = None
+
+
+def pack_nbits(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Unsigned codes ``q [N, K]`` to MatMulNBits' B ``[N, ceil(K/block), block*bits/8]`` (low bits first)."""
+    n, k = q.shape
+    blocks = -(-k // block_size)
+    zero_point = 1 << (bits - 1)
+    padded = np.full((n, blocks * block_size), zero_point, np.uint8)
+    padded[:, :k] = q
+    per_byte = 8 // bits
+    lanes = padded.reshape(n, -1, per_byte)
+    packed = np.zeros(lanes.shape[:-1], np.uint8)
+    for j in range(per_byte):
+        packed |= lanes[..., j] << (bits * j)
+    return packed.reshape(n, blocks, block_size * bits // 8)
+
+
+def check_nbits_block(block_size: int, k: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(
+            f"MatMulNBits needs a power-of-two block size >= 16, got group_size {block_size} (K={k}); "
+            "re-export with --group-size 128 or use a sherry/tl2/i2s format"
+        )
+
+
+def nbits_node(
+    builder: GraphBuilder,
+    x: str,
+    name: str,
+    q: np.ndarray,
+    scales: np.ndarray,
+    bits: int,
+    block_size: int,
+    bias: np.ndarray | None,
+    output: str | None = None,
+) -> str:
+    """A MatMulNBits node for unsigned codes ``q`` with the default zero point and float32 scales ``[N, G]``."""
+    n, k = q.shape
+    inputs = [
+        x,
+        builder.initializer(f"{name}.B", pack_nbits(q, bits, block_size)),
+        builder.initializer(f"{name}.scales", scales.astype(np.float32).reshape(-1)),
+    ]
+    if bias is not None:
+        inputs += ["", "", builder.initializer(f"{name}.bias", bias.astype(np.float32))]  # no zero_points, g_idx
+    return builder.node(
+        "MatMulNBits",
+        inputs,
+        [output] if output else 1,
+        domain=MS_DOMAIN,
+        name=name,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=NBITS_ACCURACY_LEVEL,
+    )[0]
+
+
+def quantize_float_nbits(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest of a float weight to ``bits`` per block (absmax scale), for the LM head."""
+    n, k = weight.shape
+    check_nbits_block(block_size, k)
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), np.float32)
+    padded[:, :k] = weight
+    grouped = padded.reshape(n, blocks, block_size)
+    qmax = (1 << (bits - 1)) - 1
+    scales = np.abs(grouped).max(-1) / qmax
+    safe = np.where(scales > 0, scales, 1)
+    q = np.clip(np.rint(grouped / safe[..., None]), -qmax - 1, qmax).astype(np.int16) + (1 << (bits - 1))
+    return q.reshape(n, -1)[:, :k].astype(np.uint8), scales.astype(np.float32)
+
+
+def emit_projection(builder: GraphBuilder, x: str, name: str, proj: Projection, fmt: str) -> str:
+    """Add the nodes computing ``x @ W.T (+ bias)`` in ``fmt``; returns the output name."""
+    if fmt == "fp32":
+        if proj.weight is None:
+            raise ValueError(f"{name}: the fp32 format needs the float weight")
+        y = builder.op(
+            "MatMul", x, builder.initializer(f"{name}.weight_t", proj.weight.T.astype(np.float32)), name=name
+        )
+        if proj.bias is not None:
+            y = builder.op("Add", y, builder.initializer(f"{name}.bias", proj.bias.astype(np.float32)))
+        return y
+    if proj.ternary is None or proj.group_size is None:
+        raise ValueError(f"{name}: format {fmt} needs ternary weights")
+    if fmt in NBITS_FORMATS:
+        values, scales = (np.asarray(a) for a in proj.ternary)
+        check_nbits_block(proj.group_size, values.shape[1])
+        bits = NBITS_FORMATS[fmt]
+        stored = scales.astype(SCALE_DTYPE).astype(np.float32)  # the same rounded α as the ternary formats
+        q = (values.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+        return nbits_node(builder, x, name, q, stored, bits, proj.group_size, proj.bias)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    packed = pack(fmt, proj.ternary, proj.group_size)
+    y = builder.unique(f"{name}/out")
+    node, initializers = matmul_node(packed, x, y, bias=proj.bias, name=builder.unique(name))
+    builder.add_initializers(initializers)
+    builder.nodes.append(node)
+    return y
