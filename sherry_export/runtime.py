@@ -1,0 +1,89 @@
+"""Running models with the ``ai.sherry`` ops in onnxruntime: where the op library is, and sessions.
+
+The ops live in ``libsherry_ops.so`` (``custom_ops/``), built by ``make lib`` and copied into
+``sherry_export/_lib/``; it is never committed, because it is built for the machine at hand.
+
+Which kernel a node runs (``scalar``, ``avx2``, ``avx512`` or ``auto``, the best the CPU and the
+weights allow) is chosen when the session is created. The library reads it from the session config
+entry ``sherry.kernel``, else from the environment variable ``SHERRY_KERNEL``, else ``auto``.
+:func:`make_session` sets the session config entry when given ``kernel=``, so sessions with different
+paths coexist in one process; without it, ``SHERRY_KERNEL`` still applies (handy for benchmarks). A
+forced path the CPU lacks, or that does not support a node's weights, fails session creation
+rather than silently running another kernel. ``sherry.kernel_report=1`` (or ``SHERRY_KERNEL_REPORT=1``)
+prints the path each node got to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnxruntime as ort
+
+LIBRARY_ENV = "SHERRY_OPS_LIBRARY"
+"""Environment variable naming another build of the library (``make asan`` points it at the sanitizer build)."""
+KERNEL_CONFIG_KEY = "sherry.kernel"
+KERNEL_REPORT_CONFIG_KEY = "sherry.kernel_report"
+KernelPath = Literal["auto", "scalar", "avx2", "avx512"]
+KERNEL_PATHS: tuple[str, ...] = ("auto", "scalar", "avx2", "avx512")
+
+_BUILT_LIBRARY = Path(__file__).resolve().parent / "_lib" / "libsherry_ops.so"
+
+
+def get_library_path() -> Path:
+    """Path of ``libsherry_ops.so``: ``$SHERRY_OPS_LIBRARY`` if set, else the copy ``make lib`` installs.
+
+    Raises FileNotFoundError with the fix, because a missing library otherwise surfaces later as an
+    obscure onnxruntime error about an unknown ``ai.sherry`` op.
+    """
+    override = os.environ.get(LIBRARY_ENV)
+    path = Path(override) if override else _BUILT_LIBRARY
+    if not path.is_file():
+        if override:
+            raise FileNotFoundError(f"{LIBRARY_ENV}={override} does not name a file")
+        raise FileNotFoundError(f"the ai.sherry op library is not built ({path} is missing): run `make lib`")
+    return path
+
+
+def session_options(
+    threads: int = 1, kernel: KernelPath | None = None, report_kernel: bool = False
+) -> ort.SessionOptions:
+    """SessionOptions with the op library registered, ``threads`` intra-op threads and the kernel path.
+
+    Separate from :func:`make_session` so callers can adjust other options before creating a session.
+    ``kernel=None`` leaves the choice to ``SHERRY_KERNEL`` (default ``auto``).
+    """
+    if kernel is not None and kernel not in KERNEL_PATHS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(get_library_path()))
+    options.intra_op_num_threads = threads
+    if kernel is not None:
+        options.add_session_config_entry(KERNEL_CONFIG_KEY, kernel)
+    if report_kernel:
+        options.add_session_config_entry(KERNEL_REPORT_CONFIG_KEY, "1")
+    return options
+
+
+def make_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
+    threads: int = 1,
+    kernel: KernelPath | None = None,
+    report_kernel: bool = False,
+) -> ort.InferenceSession:
+    """A CPU session for ``model`` (a ModelProto, serialized bytes or a path) with the ai.sherry ops.
+
+    ``threads`` is the intra-op pool the ops split their work over; ``kernel`` forces a kernel path
+    (see the module docstring); ``report_kernel`` prints each node's path to stderr.
+    """
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    return ort.InferenceSession(
+        model, sess_options=session_options(threads, kernel, report_kernel), providers=["CPUExecutionProvider"]
+    )

@@ -1,0 +1,373 @@
+"""The ai.sherry onnxruntime ops (libsherry_ops.so) against the numpy reference, on every kernel path.
+
+Each correctness case forces one kernel path through the session config and checks, from the
+library's own report, that the node really runs it: a SIMD path is skipped only when the library
+says this CPU lacks it or its kernel declines the geometry (as the placeholder SIMD kernels do for
+all geometries), so the same tests exercise the AVX2 and AVX-512 kernels once they land.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
+from sherry_export.onnx_ops import matmul_model
+from sherry_export.quant import absmean_ternarize, sherry_ternarize
+from sherry_export.runtime import (
+    KERNEL_CONFIG_KEY,
+    KernelPath,
+    get_library_path,
+    make_session,
+    session_options,
+)
+
+PATHS: tuple[KernelPath, ...] = ("scalar", "avx2", "avx512")
+NODE = "sherry_matmul"  # the node name matmul_model gives
+TOLERANCE = 1e-5  # of the output's scale: the kernels reproduce the int8 reference up to float rounding
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op invocation: weight geometry and the shape of A's leading dims."""
+
+    k: int
+    group_size: int
+    n: int
+    leading: tuple[int, ...]
+    bias: bool
+    threads: int
+
+    @property
+    def id(self) -> str:
+        """A readable pytest id, so a failure names its geometry."""
+        dims = "x".join(map(str, self.leading)) or "1d"
+        return f"K{self.k}-g{self.group_size}-N{self.n}-A{dims}-{'bias' if self.bias else 'nobias'}-t{self.threads}"
+
+
+# Shared by all formats: K a multiple of 4, so Sherry takes them too.
+COMMON_CASES = [
+    Case(128, 32, 48, (1,), True, 2),  # decode: one row, N split over both threads
+    Case(128, 128, 40, (7,), False, 1),  # per channel: group_size = K
+    Case(200, 64, 33, (2, 5), True, 2),  # K tail (200 = 3*64 + 8), 3-D A, odd N
+    Case(96, 96, 17, (64,), True, 2),  # batch 64, per channel
+    Case(260, 128, 70, (3, 1, 4), False, 1),  # 4-D A, K tail
+    Case(36, 8, 5, (3,), True, 2),  # tiny: one row tile, short last group
+    Case(512, 128, 256, (1,), False, 2),  # bigger decode, many row tiles
+]
+# TL2 and I2S take any K and group_size: K not a multiple of 4 (or 3), odd group sizes.
+DENSE_CASES = [
+    Case(203, 64, 29, (4,), True, 2),
+    Case(97, 97, 11, (1,), False, 1),
+    Case(30, 7, 9, (2, 3), True, 2),
+    Case(131, 130, 18, (5,), False, 2),
+]
+
+
+def format_cases() -> list[pytest.param]:
+    """Every (format, case) pair the format's geometry allows."""
+    params = []
+    for fmt in FORMATS:
+        cases = COMMON_CASES + ([] if fmt == "sherry" else DENSE_CASES)
+        params += [pytest.param(fmt, case, id=f"{fmt}-{case.id}") for case in cases]
+    return params
+
+
+def make_weight(fmt: str, k: int, n: int, group_size: int, seed: int = 0) -> PackedWeight:
+    """A random weight projected the way the format expects (3:4 for Sherry, absmean otherwise)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    ternarize = sherry_ternarize if fmt == "sherry" else absmean_ternarize
+    return pack(fmt, ternarize(w, group_size), group_size)
+
+
+def make_input(case: Case, rng: np.random.Generator) -> np.ndarray:
+    """Random activations with one all-zero scale group (its activation scale is 0)."""
+    x = rng.standard_normal((*case.leading, case.k)).astype(np.float32) * 3
+    x.reshape(-1, case.k)[0, : case.group_size] = 0
+    return x
+
+
+def open_session(model: onnx.ModelProto, kernel: KernelPath, threads: int = 1) -> ort.InferenceSession:
+    """A session on the forced path; skips when the library reports the path cannot run here."""
+    try:
+        return make_session(model, threads=threads, kernel=kernel, report_kernel=True)
+    except Exception as e:  # onnxruntime raises its own exception classes
+        reason = re.search(r"the \w+ kernel was requested .*", str(e))
+        if kernel != "scalar" and reason and ("this CPU lacks" in reason[0] or "does not support" in reason[0]):
+            pytest.skip(reason[0])
+        raise
+
+
+def check_against_reference(y: np.ndarray, expected: np.ndarray) -> None:
+    """Within float rounding of the int8 reference, measured against the output's own scale."""
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    assert y.shape == expected.shape
+    assert y.dtype == np.float32
+    err = float(np.abs(y - expected).max())
+    assert err <= TOLERANCE * scale, f"max error {err:.3g} exceeds {TOLERANCE:g} x output scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> None:
+    """Fail every test with the fix (`make lib`) when the library is not built."""
+    get_library_path()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("fmt", "case"), format_cases())
+def test_matches_int8_reference(fmt: str, case: Case, path: KernelPath, capfd: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(case.k * 1000 + case.n)
+    packed = make_weight(fmt, case.k, case.n, case.group_size)
+    bias = rng.standard_normal(case.n).astype(np.float32) if case.bias else None
+    leading_names = [f"d{i}" for i in range(len(case.leading))]
+    session = open_session(matmul_model(packed, bias, leading_names), path, case.threads)
+    assert f"node '{NODE}' (N={case.n}, K={case.k}, group_size={case.group_size}) uses the {path} kernel" in (
+        capfd.readouterr().err
+    )
+    x = make_input(case, rng)
+    y = session.run(None, {"A": x})[0]
+    check_against_reference(y, reference_matmul(x, packed, bias, activations="int8"))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_error_against_float_matmul_is_small(fmt: str, record_property: Callable[[str, object], None]) -> None:
+    """int8 activations cost little accuracy: report the error against the exact fp32 product."""
+    k, n = 512, 96
+    packed = make_weight(fmt, k, n, 128)
+    x = np.random.default_rng(1).standard_normal((8, k)).astype(np.float32)
+    y = make_session(matmul_model(packed), threads=2).run(None, {"A": x})[0]
+    exact = reference_matmul(x, packed, activations="float")
+    rel = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
+    record_property("relative_error_vs_fp32", rel)
+    print(f"{fmt}: relative error against the fp32 matmul {rel:.4%}")
+    assert rel < 0.02, f"{fmt}: relative error against the fp32 matmul is {rel:.2%}"
+
+
+def test_thread_count_does_not_change_results() -> None:
+    """Every output element is computed by one work item, so threading is bit-exact."""
+    packed = make_weight("sherry", 256, 200, 64)
+    x = np.random.default_rng(2).standard_normal((9, 256)).astype(np.float32)
+    one, two = (make_session(matmul_model(packed), threads=t).run(None, {"A": x})[0] for t in (1, 2))
+    np.testing.assert_array_equal(one, two)
+
+
+def test_concurrent_sessions_give_identical_results() -> None:
+    """Two sessions (and two runs of one session) in two Python threads at once."""
+    rng = np.random.default_rng(3)
+    models = [matmul_model(make_weight(fmt, 384, 160, 128, seed=i)) for i, fmt in enumerate(("sherry", "tl2"))]
+    sessions = [make_session(model, threads=2) for model in models]
+    x = rng.standard_normal((4, 384)).astype(np.float32)
+    expected = [s.run(None, {"A": x})[0] for s in sessions]
+
+    def hammer(index: int) -> list[np.ndarray]:
+        return [sessions[index % 2].run(None, {"A": x})[0] for _ in range(30)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(hammer, range(4)))
+    for index, outputs in enumerate(results):
+        for y in outputs:
+            np.testing.assert_array_equal(y, expected[index % 2])
+
+
+@pytest.mark.parametrize(("leading", "expected_shape"), [((0, 5), (0, 5, 24)), ((), (24,))])
+def test_empty_and_1d_inputs(leading: tuple[int, ...], expected_shape: tuple[int, ...]) -> None:
+    packed = make_weight("i2s", 64, 24, 64)
+    x = np.random.default_rng(4).standard_normal((*leading, 64)).astype(np.float32)
+    y = make_session(matmul_model(packed, leading_dims=[f"d{i}" for i in range(len(leading))])).run(None, {"A": x})[0]
+    assert y.shape == expected_shape
+    if x.size:  # the numpy reference cannot take zero rows
+        check_against_reference(y, reference_matmul(x, packed, activations="int8"))
+
+
+def test_non_constant_bias_is_read_at_run_time() -> None:
+    packed = make_weight("tl2", 64, 24, 32)
+    bias = np.arange(24, dtype=np.float32)
+    model = matmul_model(packed, bias)
+    graph_input_from_initializer(model, f"{NODE}.bias")
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    y = make_session(model).run(None, {"A": x, f"{NODE}.bias": bias})[0]
+    check_against_reference(y, reference_matmul(x, packed, bias, activations="int8"))
+
+
+def test_session_config_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = matmul_model(make_weight("sherry", 32, 8, 32))
+    monkeypatch.setenv("SHERRY_KERNEL", "bogus")
+    with pytest.raises(Exception, match=r"unknown kernel path 'bogus' \(SHERRY_KERNEL=bogus in the environment\)"):
+        make_session(model)
+    make_session(model, kernel="scalar")
+
+
+def test_unknown_kernel_in_session_config_is_rejected() -> None:
+    options = session_options()
+    options.add_session_config_entry(KERNEL_CONFIG_KEY, "avx1024")
+    model = matmul_model(make_weight("sherry", 32, 8, 32)).SerializeToString()
+    with pytest.raises(Exception, match=r"unknown kernel path 'avx1024' \(session config sherry.kernel=avx1024\)"):
+        ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+# --- malformed models --------------------------------------------------------------------------
+
+
+def graph_input_from_initializer(model: onnx.ModelProto, name: str) -> None:
+    """Turn an initializer into a graph input, i.e. a value fed at run time."""
+    init = next(i for i in model.graph.initializer if i.name == name)
+    model.graph.initializer.remove(init)
+    model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+
+
+def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Swap an initializer's value (dtype and shape included), keeping its name."""
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(array, name))
+
+
+def set_attribute(model: onnx.ModelProto, name: str, value: object) -> None:
+    """Set the node's attribute ``name`` to ``value`` (any type), or drop it when ``value`` is None."""
+    attrs = model.graph.node[0].attribute
+    for attr in attrs:
+        if attr.name == name:
+            attrs.remove(attr)
+            break
+    if value is not None:
+        attrs.append(helper.make_attribute(name, value))
+
+
+def corrupt_first_code(fmt: str, packed: PackedWeight) -> np.ndarray:
+    """B with an invalid first code: a TL2 index above 13, an I2S 2-bit code 3."""
+    data = packed.data.copy()
+    data[0, 0] = 0x0F if fmt == "tl2" else 0x03
+    return data
+
+
+K, N, GROUP = 64, 24, 32
+"""Geometry of the weight the malformed models start from (a TL2 one unless the case says otherwise)."""
+
+MALFORMED = {
+    "A float64": (
+        lambda m, p: setattr(m.graph.input[0].type.tensor_type, "elem_type", TensorProto.DOUBLE),
+        "input A must be float32, got float64",
+    ),
+    "B int8": (
+        lambda m, p: replace_initializer(m, f"{NODE}.B", p.data.view(np.int8)),
+        "input B must be uint8, got int8",
+    ),
+    "scales float32": (
+        lambda m, p: replace_initializer(m, f"{NODE}.scales", p.scales.astype(np.float32)),
+        "input scales must be float16, got float32",
+    ),
+    "bias float64": (
+        lambda m, p: replace_initializer(m, f"{NODE}.bias", np.zeros(N, np.float64)),
+        "input bias must be float32, got float64",
+    ),
+    "B one byte short": (
+        lambda m, p: replace_initializer(m, f"{NODE}.B", p.data[:, :-1].copy()),
+        "input B must have shape [N, row_bytes] for tl2 with K=64, group_size=32 = [24, 14], got [24, 13]",
+    ),
+    "B one row short": (
+        lambda m, p: replace_initializer(m, f"{NODE}.B", p.data[:-1].copy()),
+        "input B must have shape [N, row_bytes] for tl2 with K=64, group_size=32 = [24, 14], got [23, 14]",
+    ),
+    "B flattened": (
+        lambda m, p: replace_initializer(m, f"{NODE}.B", p.data.ravel()),
+        "input B must have shape [N, row_bytes] for tl2 with K=64, group_size=32 (at least K/8 bytes",
+    ),
+    "K too large for B": (lambda m, p: set_attribute(m, "K", 1 << 62), "(at least K/8 bytes per row), got [24, 14]"),
+    "K mismatches B": (
+        lambda m, p: set_attribute(m, "K", 2 * K),
+        "input B must have shape [N, row_bytes] for tl2 with K=128",
+    ),
+    "scales shape": (
+        lambda m, p: replace_initializer(m, f"{NODE}.scales", p.scales[:, :1].copy()),
+        "input scales must have shape [N, ceil(K/group_size)] = [24, 2], got [24, 1]",
+    ),
+    "bias shape": (
+        lambda m, p: replace_initializer(m, f"{NODE}.bias", np.zeros(N + 1, np.float32)),
+        "input bias must have shape [N] = [24], got [25]",
+    ),
+    "missing K": (lambda m, p: set_attribute(m, "K", None), "attribute 'K' is missing or not an int"),
+    "missing N": (lambda m, p: set_attribute(m, "N", None), "attribute 'N' is missing or not an int"),
+    "missing group_size": (
+        lambda m, p: set_attribute(m, "group_size", None),
+        "attribute 'group_size' is missing or not an int",
+    ),
+    "float group_size": (
+        lambda m, p: set_attribute(m, "group_size", 32.0),
+        "attribute 'group_size' is missing or not an int",
+    ),
+    "group_size > K": (lambda m, p: set_attribute(m, "group_size", K + 1), "group_size must be in [1, K=64], got 65"),
+    "N = 0": (lambda m, p: set_attribute(m, "N", 0), "N must be positive, got 0"),
+    "B not constant": (
+        lambda m, p: graph_input_from_initializer(m, f"{NODE}.B"),
+        "input B must be a constant initializer",
+    ),
+    "scales not constant": (
+        lambda m, p: graph_input_from_initializer(m, f"{NODE}.scales"),
+        "input scales must be a constant initializer",
+    ),
+    "corrupt tl2 code": (
+        lambda m, p: replace_initializer(m, f"{NODE}.B", corrupt_first_code("tl2", p)),
+        "corrupt tl2 weights: row 0 holds an invalid code",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(MALFORMED))
+def test_malformed_model_is_rejected(problem: str) -> None:
+    mutate, message = MALFORMED[problem]
+    packed = make_weight("tl2", K, N, GROUP)
+    model = matmul_model(packed, np.zeros(N, np.float32))
+    mutate(model, packed)
+    with pytest.raises(Exception, match=re.escape(f"TL2MatMul node '{NODE}': ") + ".*" + re.escape(message)):
+        make_session(model)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("i2s", "corrupt i2s weights: row 0 holds an invalid code"),
+        ("sherry", "sherry needs K and group_size divisible by 4, got K=64, group_size=30"),
+    ],
+)
+def test_format_specific_rejections(fmt: str, message: str) -> None:
+    packed = make_weight(fmt, K, N, GROUP)
+    model = matmul_model(packed)
+    if fmt == "i2s":
+        replace_initializer(model, f"{NODE}.B", corrupt_first_code(fmt, packed))
+    else:
+        set_attribute(model, "group_size", 30)
+    with pytest.raises(Exception, match=re.escape(message)):
+        make_session(model)
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ({"A": np.zeros((2, K - 4), np.float32)}, "input A must have shape [..., K] with K=64, got [2, 60]"),
+        ({"A": np.zeros((), np.float32)}, "input A must have shape [..., K] with K=64, got []"),
+        (
+            {"A": np.zeros((2, K), np.float32), "bias": np.zeros(N - 1, np.float32)},
+            "input bias must have shape [N] = [24], got [23]",
+        ),
+    ],
+)
+def test_bad_inputs_at_run_time_are_rejected(feeds: dict[str, np.ndarray], message: str) -> None:
+    """With A and bias of unknown shape in the graph, only the op can catch a mismatch."""
+    packed = make_weight("sherry", K, N, GROUP)
+    model = matmul_model(packed, np.zeros(N, np.float32))
+    graph_input_from_initializer(model, f"{NODE}.bias")
+    for value in model.graph.input:
+        value.type.tensor_type.ClearField("shape")
+    feeds = {f"{NODE}.bias" if k == "bias" else k: v for k, v in feeds.items()}
+    feeds.setdefault(f"{NODE}.bias", np.zeros(N, np.float32))
+    session = make_session(model)
+    with pytest.raises(Exception, match=re.escape(f"SherryMatMul node '{NODE}': {message}")):
+        session.run(None, feeds)
