@@ -1,0 +1,313 @@
+"""``sherry bench``: kernel and export benchmarks. Speed lives here, never in timed tests.
+
+``sherry bench kernels`` times one matmul node of every candidate (our three ops on each kernel path,
+onnxruntime's own MatMulNBits 2- and 4-bit at their fastest settings, fp32 MatMul) on the same
+shapes, threads and input, side by side in one run, and prints ratios. Times are per node, read
+from onnxruntime's profiler, so Python and session overhead are not in them.
+
+- hot: one node, the same weights on every call (they stay in the caches);
+- cold: a graph of many nodes with distinct copies of the weights, more bytes in all than the caches
+  hold, each node reading the same A; every node's time counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from sherry_export.export.graph import FLOAT, GraphBuilder
+from sherry_export.export.projections import NBITS_FORMATS, Projection, emit_projection
+from sherry_export.formats import FORMATS, PackedWeight, pack
+from sherry_export.onnx_ops import matmul_node
+from sherry_export.quant import dequantize_ternary, sherry_ternarize
+from sherry_export.report import markdown_table
+from sherry_export.runtime import session_options
+
+LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
+"""LLaMA-3.2-1B's linear shapes as (K, N): q/o, k/v, gate/up, down."""
+GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing to time: a weight format, and for our ops the forced kernel path."""
+
+    format: str
+    path: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.format in FORMATS:
+            return f"{FORMATS[self.format].op_type}[{self.path}]"
+        return {"nbits2": "MatMulNBits-2bit", "nbits4": "MatMulNBits-4bit", "fp32": "MatMul-fp32"}[self.format]
+
+
+@dataclass
+class Timing:
+    candidate: str
+    k: int
+    n: int
+    batch: int
+    threads: int
+    mode: str
+    median_us: float
+    weight_bytes: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.weight_bytes / (self.median_us * 1e3)
+
+
+def candidates(paths: list[str]) -> list[Candidate]:
+    ours = [Candidate(fmt, path) for path in paths for fmt in FORMATS]
+    return [*ours, Candidate("nbits2"), Candidate("nbits4"), Candidate("fp32")]
+
+
+def projection_for(fmt: str, k: int, n: int, seed: int = 0) -> Projection:
+    """Random weights, projected to Sherry once: every format carries the same ternary values."""
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    ternary = sherry_ternarize(weight, GROUP_SIZE)
+    if fmt == "fp32":
+        return Projection(weight=dequantize_ternary(ternary, GROUP_SIZE).numpy())
+    return Projection(ternary=ternary, group_size=GROUP_SIZE)
+
+
+def bench_model(
+    fmt: str, proj: Projection, packed: PackedWeight | None, copies: int, batch: int, k: int
+) -> tuple[bytes, int]:
+    """A graph of ``copies`` nodes with distinct weight copies, all reading A; and its weight bytes per node."""
+    b = GraphBuilder("bench")
+    a = b.add_input("A", FLOAT, [batch, k])
+    for c in range(copies):
+        if packed is not None:  # pack once, copy the bytes: the content does not matter to the caches
+            node, initializers = matmul_node(packed, a, f"Y{c}", name=f"node{c}")
+            b.add_initializers(initializers)
+            b.nodes.append(node)
+            y = f"Y{c}"
+        else:
+            y = emit_projection(b, a, f"node{c}", proj, fmt)
+        b.add_output(y, FLOAT, None)
+    model = b.model()
+    per_node = sum(len(t.raw_data) for t in model.graph.initializer) // copies
+    return model.SerializeToString(), per_node
+
+
+def profiled_node_times(
+    blob: bytes, nodes: int, candidate: Candidate, threads: int, a: np.ndarray, runs: int, warmup: int = 2
+) -> list[float]:
+    """Per-node kernel times (µs) over ``runs`` calls, from onnxruntime's profiler; warm-up calls dropped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads=threads, kernel=candidate.path if candidate.format in FORMATS else None)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            session.run(None, {"A": a})
+        events = _kernel_events(session.end_profiling())
+    return [float(e["dur"]) for e in events[warmup * nodes :]]
+
+
+def _kernel_events(profile_path: str) -> list[dict]:
+    with open(profile_path) as f:
+        events = json.load(f)
+    os.unlink(profile_path)
+    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+
+
+def configurations(shapes: list[tuple[int, int]], threads: list[int]) -> Iterator[tuple[int, int, int, int, str]]:
+    for k, n in shapes:
+        for t in threads:
+            yield k, n, 1, t, "hot"
+            yield k, n, 1, t, "cold"
+            yield k, n, 128, t, "hot"
+
+
+def run_kernel_bench(
+    shapes: list[tuple[int, int]],
+    threads: list[int],
+    paths: list[str],
+    cold_bytes: float,
+    hot_runs: int,
+    cold_runs: int,
+) -> list[Timing]:
+    """Time every candidate on every configuration; returns one Timing each."""
+    timings: list[Timing] = []
+    configs = list(configurations(shapes, threads))
+    todo = candidates(paths)
+    rng = np.random.default_rng(0)
+    with tqdm(total=len(configs) * len(todo), desc="bench kernels", unit="run") as bar:
+        for k, n in shapes:
+            projections = {c.format: projection_for(c.format, k, n) for c in todo}
+            packed = {f: pack(f, projections[f].ternary, GROUP_SIZE) for f in FORMATS if f in projections}
+            for k_, n_, batch, t, mode in configs:
+                if (k_, n_) != (k, n):
+                    continue
+                a = rng.standard_normal((batch, k), dtype=np.float32)
+                for cand in todo:
+                    bar.set_postfix_str(f"{cand.label} {k}->{n} b{batch} t{t} {mode}")
+                    _, per_node = bench_model(
+                        cand.format, projections[cand.format], packed.get(cand.format), 1, batch, k
+                    )
+                    copies = 1 if mode == "hot" else min(8192, int(np.ceil(cold_bytes / per_node)))
+                    blob, per_node = bench_model(
+                        cand.format, projections[cand.format], packed.get(cand.format), copies, batch, k
+                    )
+                    runs = hot_runs if mode == "hot" else cold_runs
+                    times = profiled_node_times(blob, copies, cand, t, a, runs)
+                    timings.append(Timing(cand.label, k, n, batch, t, mode, statistics.median(times), per_node))
+                    bar.update()
+    return timings
+
+
+def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list[list[object]]]:
+    """One row per configuration: each candidate's median µs, then Sherry's speed-ups on each path."""
+    labels = list(dict.fromkeys(t.candidate for t in timings))
+    by_config: dict[tuple, dict[str, Timing]] = {}
+    for t in timings:
+        by_config.setdefault((t.k, t.n, t.batch, t.threads, t.mode), {})[t.candidate] = t
+    ratio_headers = []
+    for path in paths:
+        ratio_headers += [f"nbits2/sherry[{path}]", f"i2s/sherry[{path}]", f"tl2/sherry[{path}]"]
+    headers = ["K->N", "batch", "threads", "weights", *[f"{label} µs" for label in labels], *ratio_headers]
+    rows = []
+    for (k, n, batch, threads, mode), cands in by_config.items():
+        row: list[object] = [f"{k}->{n}", batch, threads, mode, *[round(cands[c].median_us, 1) for c in labels]]
+        for path in paths:
+            sherry = cands[f"SherryMatMul[{path}]"].median_us
+            row += [
+                cands["MatMulNBits-2bit"].median_us / sherry,
+                cands[f"I2SMatMul[{path}]"].median_us / sherry,
+                cands[f"TL2MatMul[{path}]"].median_us / sherry,
+            ]
+        rows.append(row)
+    return headers, rows
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else LLAMA_1B_SHAPES
+    timings = run_kernel_bench(shapes, args.threads, args.paths, args.cold_bytes, args.hot_runs, args.cold_runs)
+    headers, rows = ratio_rows(timings, args.paths)
+    table = markdown_table(headers, rows)
+    machine = machine_description()
+    print(
+        f"\n{machine}; median µs per call, from onnxruntime's profiler; cold = more than "
+        f"{args.cold_bytes / 1e9:.1f} GB of distinct weights per candidate\n\n{table}"
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "kernels.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "cold_bytes": args.cold_bytes,
+                "timings": [asdict(t) | {"gb_per_s": t.gb_per_s} for t in timings],
+            },
+            indent=1,
+        )
+    )
+    (args.output / "kernels.md").write_text(f"Machine: {machine}\n\n{table}\n")
+    print(f"\nwrote {args.output / 'kernels.json'} and {args.output / 'kernels.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a public shape with random weights; report time, peak memory and bytes vs the accounting."""
+    from sherry_export.export import ExportOptions, export_llm
+    from sherry_export.formats import get_format
+    from sherry_export.models import SHAPE_PRESETS
+
+    start = time.perf_counter()
+    result = export_llm(f"shape:{args.shape}", args.output, ExportOptions(format=args.format), progress=True)
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    config = SHAPE_PRESETS[args.shape]
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    fmt = get_format(args.format)
+    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * i), (i, h)]  # (K, N): qkv, o, gate+up, down
+    expected = layers * sum(n * fmt.row_bytes(k, GROUP_SIZE) + 2 * n * -(-k // GROUP_SIZE) for k, n in shapes)
+    model = onnx.load(os.fspath(result.model_path), load_external_data=False)
+    stored = sum(
+        int(next(e.value for e in t.external_data if e.key == "length")) if t.external_data else len(t.raw_data)
+        for t in model.graph.initializer
+        if t.name.endswith((".B", ".scales"))
+    )
+    rows = [
+        ["export time (s)", round(seconds, 1)],
+        ["peak RSS (GB)", round(peak_gb, 2)],
+        ["model files (MB)", round(result.total_bytes / 1e6, 1)],
+        ["packed weights in file (bytes)", stored],
+        ["bits accounting (bytes)", expected],
+        ["match", "yes" if stored == expected else "NO"],
+    ]
+    print(markdown_table([f"{args.shape} as {args.format}", "value"], rows))
+    return 0 if stored == expected else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks: kernels side by side, and large exports",
+        description="Benchmarks print ratios measured side by side in one run.",
+    )
+    sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    kernels = sub.add_parser(
+        "kernels",
+        help="time SherryMatMul/I2SMatMul/TL2MatMul against MatMulNBits and fp32 MatMul",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sherry bench kernels --threads 1 2 -o results/bench",
+    )
+    kernels.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes as KxN (default: LLaMA-3.2-1B's four)")
+    kernels.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op threads (default: 1 2)")
+    kernels.add_argument(
+        "--paths",
+        nargs="+",
+        default=["avx512", "avx2"],
+        choices=["scalar", "avx2", "avx512"],
+        help="kernel paths of our ops to time (default: avx512 avx2)",
+    )
+    kernels.add_argument(
+        "--cold-bytes",
+        type=float,
+        default=1.2e9,
+        help="weight bytes cycled through in cold mode (default: 1.2e9, well above the caches)",
+    )
+    kernels.add_argument("--hot-runs", type=int, default=200, help="calls timed in hot mode (default: 200)")
+    kernels.add_argument("--cold-runs", type=int, default=3, help="passes over all nodes in cold mode (default: 3)")
+    kernels.add_argument("-o", "--output", type=Path, default=Path("results/bench"), help="where JSON/Markdown go")
+    kernels.set_defaults(func=cmd_kernels)
+    export = sub.add_parser(
+        "export",
+        help="export a public shape with random weights: time, memory, file size",
+        epilog="example: sherry bench export --shape llama-3.2-1b --format sherry -o /tmp/l1b",
+    )
+    export.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "llama-3.2-3b", "bitnet-0.7b"])
+    export.add_argument("--format", default="sherry", choices=list(FORMATS))
+    export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    export.set_defaults(func=cmd_export)
