@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from sherry_export.export.graph import FLOAT, GraphBuilder
-from sherry_export.export.projections import NBITS_FORMATS, Projection, emit_projection
+from sherry_export.export.projections import Projection, emit_projection
 from sherry_export.formats import FORMATS, PackedWeight, pack
 from sherry_export.onnx_ops import matmul_node
 from sherry_export.quant import dequantize_ternary, sherry_ternarize

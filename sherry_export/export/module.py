@@ -13,7 +13,6 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import onnx
 import onnxscript
 import torch
@@ -26,9 +25,10 @@ from sherry_export.onnx_ops import SHERRY_DOMAIN, SHERRY_OPSET_VERSION
 sherry_ops = onnxscript.values.Opset(SHERRY_DOMAIN, SHERRY_OPSET_VERSION)
 
 
-def _eager(fmt: str):  # noqa: ANN202 (returns the op's eager implementation)
-    def matmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
-               group_size: int) -> torch.Tensor:
+def _eager(fmt: str):
+    def matmul(
+        x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int, group_size: int
+    ) -> torch.Tensor:
         packed = PackedWeight(fmt, data.numpy(), scales.numpy(), k, group_size)
         y = reference_matmul(x.detach().numpy(), packed, bias.numpy(), activations="int8")
         return torch.from_numpy(y)
@@ -36,8 +36,9 @@ def _eager(fmt: str):  # noqa: ANN202 (returns the op's eager implementation)
     return matmul
 
 
-def _fake(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
-          group_size: int) -> torch.Tensor:
+def _fake(
+    x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int, group_size: int
+) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -114,8 +115,12 @@ def to_onnx(
         dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
         dynamic_shapes = [{d: dim for d, dim in dims.items() if d < x.dim() - 1} for x in example_inputs]
     program = torch.onnx.export(
-        packed, tuple(example_inputs), dynamo=True, dynamic_shapes=tuple(dynamic_shapes), optimize=True,
-        custom_translation_table={PACKED_OPS[f]._opoverload: t for f, t in TRANSLATIONS.items()},  # noqa: SLF001
+        packed,
+        tuple(example_inputs),
+        dynamo=True,
+        dynamic_shapes=tuple(dynamic_shapes),
+        optimize=True,
+        custom_translation_table={getattr(torch.ops.sherry, f"{f}_matmul").default: t for f, t in TRANSLATIONS.items()},
     )
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
