@@ -25,6 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given")
+    return ids
+
+
 def group_size_arg(text: str) -> int | None:
     """``--group-size`` accepts a positive multiple of 4, or ``channel`` for one scale per row."""
     if text == "channel":
@@ -88,27 +98,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_path = args.model_dir / "model.onnx"
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found; make one with `sherry export SOURCE -o {args.model_dir}`")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    has_tokenizer = (args.model_dir / "tokenizer_config.json").is_file()
+    if args.prompt_ids is None and not has_tokenizer:
+        raise ValueError(f"{args.model_dir} has no tokenizer (a random-weight shape export); pass --prompt-ids")
+    if args.prompt_ids is None and args.prompt is None:
+        raise ValueError("give --prompt TEXT (or --prompt-ids 1,2,3)")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir) if has_tokenizer else None
     lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel)
-    if args.chat and tokenizer.chat_template:
+    if args.prompt_ids is not None:
+        ids = args.prompt_ids
+    elif args.chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
         )
         ids = tokenizer(text, add_special_tokens=False).input_ids
     else:
         ids = tokenizer(args.prompt).input_ids
+    if max(ids) >= lm.vocab_size or min(ids) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {lm.vocab_size})")
     generated: list[int] = []
     shown = ""
 
     def stream(token: int) -> None:
         nonlocal shown
         generated.append(token)
+        if tokenizer is None:
+            print(f" {token}", end="", flush=True)
+            return
         text = tokenizer.decode(generated, skip_special_tokens=True)
         print(text[len(shown) :], end="", flush=True)
         shown = text
 
-    print(args.prompt if not args.chat else "", end="", flush=True)
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    print(args.prompt if args.prompt and not args.chat and args.prompt_ids is None else "", end="", flush=True)
+    stop = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
     result = lm.generate(
         ids,
         args.max_new_tokens,
@@ -222,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: sherry generate out/smollm2-sherry --prompt 'The capital of France'",
     )
     generate.add_argument("model_dir", type=Path, help="a folder written by `sherry export`")
-    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--prompt", help="the prompt text")
+    generate.add_argument(
+        "--prompt-ids",
+        type=token_ids,
+        help="the prompt as token ids, e.g. 1,450,3681 (for exports without a tokenizer, like random-weight shapes)",
+    )
     generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -237,10 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
-    from sherry_export import data, train
+    from sherry_export import bench, data, train
 
     data.register(sub)
     train.register(sub)
+    bench.register(sub)
     return parser
 
 

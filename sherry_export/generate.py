@@ -49,7 +49,7 @@ class OnnxCausalLM:
             raise ValueError(f"{model_path} is not a sherry-export decoder (no input_ids / past_key_values inputs)")
         self.num_layers = len(past) // 2
         _, self.kv_heads, _, self.head_dim = past[0].shape
-        self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        self.vocab_size = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
         self._outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
     def empty_cache(self, batch: int = 1) -> KVCache:

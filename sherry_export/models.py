@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+"""Same decoder structure: RMSNorm, rotary GQA attention (Qwen2 adds Q/K/V biases), SiLU-gated MLP."""
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,53 @@ def packaged_smollm2() -> ModelSource:
 
 
 SHAPE_PREFIX = "shape:"
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPE_PRESETS: dict[str, dict] = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=LLAMA3_ROPE,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=LLAMA3_ROPE,
+    ),
     # bitnet_b1_58-large's shape (the "0.7B" of the Sherry paper's speed table), as a Llama
-    "bitnet-0.7b": dict(vocab_size=32002, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
-                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                        rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "bitnet-0.7b": dict(
+        vocab_size=32002,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 """Public model shapes for speed runs with random weights (``shape:NAME``): no weights ship for them."""
 
@@ -108,9 +143,14 @@ def random_llama(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(source: ModelSource):
-    """The tokenizer that belongs to ``source``, or None for random-weight shapes (they have none)."""
-    if source.folder == Path() and source.gguf_file is None:
+    """The tokenizer that belongs to ``source``, or None when it has none (random-weight shapes, bare
+    weight folders): such exports run from token ids."""
+    has_files = any((source.folder / name).is_file() for name in TOKENIZER_FILES)
+    if source.gguf_file is None and not has_files:
         return None
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
 

@@ -43,7 +43,10 @@ def test_sizes_on_packaged_smollm2():
     """The demo's main job end to end, in a subprocess as a user runs it."""
     result = subprocess.run(
         [sys.executable, "-m", "sherry_export.cli", "sizes", "smollm2", "--layers", "2"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     rows = {
@@ -53,3 +56,22 @@ def test_sizes_on_packaged_smollm2():
     }
     assert rows["sherry"][0] == "1.25" and rows["i2s"][0] == "2"
     assert rows["model.layers.0.self_attn.q_proj"][-1] == "yes"
+
+
+def test_export_and_generate_from_a_hugging_face_folder(tmp_path, capsys):
+    """`sherry export` on a transformers folder (no tokenizer), then `sherry generate` from token ids."""
+    from sherry_export.models import tiny_llama
+
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "hf"), "-o", str(out), "--format", "tl2", "--group-size", "32"]) == 0
+    assert "post-training projection" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == 5 and "decode: 5 tokens" in captured.err
+    assert main(["generate", str(out), "--prompt", "hello"]) == 2
+    assert "pass --prompt-ids" in capsys.readouterr().err
+    assert main(["generate", str(out), "--prompt-ids", "1,999"]) == 2
+    assert "token ids must lie in [0, 256)" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1"]) == 2
+    assert "make one with `sherry export" in capsys.readouterr().err

@@ -106,6 +106,31 @@ def test_output_folder(tiny, tmp_path):
     assert manifest["provenance"] == "post-training projection"
 
 
+def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    qwen = Qwen2ForCausalLM(config).eval()
+    for name, param in qwen.named_parameters():
+        if name.endswith("proj.bias"):
+            torch.nn.init.normal_(param, std=0.5)  # biases are zero at init; make them count
+    lm, _ = export(qwen, tmp_path, format="fp32")
+    ids = np.random.default_rng(3).integers(0, 256, (1, 11))
+    np.testing.assert_allclose(lm.forward(ids)[0], torch_logits(qwen, ids), atol=1e-4)
+    lm, _ = export(qwen, tmp_path, format="sherry", group_size=32)
+    reference = kernel_reference_model(qwen, model_ternaries(qwen, ExportOptions(format="sherry", group_size=32)))
+    assert (lm.forward(ids)[0].argmax(-1) == torch_logits(reference, ids).argmax(-1)).mean() >= 0.99
+
+
 def test_unsupported_architecture(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="cannot export GPT2LMHeadModel"):

@@ -119,6 +119,8 @@ def check_architecture(model: PreTrainedModel) -> None:
     if name not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"cannot export {name}: supported architectures are {', '.join(SUPPORTED_ARCHITECTURES)}")
     config = model.config
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError("cannot export sliding-window attention yet; set use_sliding_window=False if it is unused")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"cannot export hidden_act={config.hidden_act!r}: the graph implements SiLU-gated MLPs")
 
