@@ -7,8 +7,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 DESCRIPTION = """\
 sherry-export: ternary LLMs (Sherry 1.25-bit, TL2 1.67-bit, I2_S 2-bit) from PyTorch to fast CPU
 inference with ONNX and onnxruntime.
@@ -274,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:

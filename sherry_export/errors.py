@@ -6,8 +6,12 @@ import numpy as np
 import torch
 
 
-def check_weight_matrix(weight: torch.Tensor, what: str = "weight") -> None:
-    """Reject anything that is not a finite, floating-point, 2-D ``[N, K]`` tensor."""
+def check_weight_matrix(weight: torch.Tensor, what: str = "weight", finite: bool = True) -> None:
+    """Reject anything that is not a finite, floating-point, 2-D ``[N, K]`` tensor.
+
+    ``finite=False`` skips the NaN/Inf scan: it waits for the values, which breaks ``torch.compile``
+    graphs in the QAT forward pass (where a NaN shows in the loss anyway).
+    """
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
@@ -16,7 +20,7 @@ def check_weight_matrix(weight: torch.Tensor, what: str = "weight") -> None:
         raise ValueError(f"{what} must be 2-D [N, K] (out_features, in_features), got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"{what} must be non-empty, got shape {tuple(weight.shape)}")
-    if not bool(torch.isfinite(weight).all()):
+    if finite and not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"{what} contains {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
 

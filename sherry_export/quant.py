@@ -47,15 +47,16 @@ def expand_groups(scales: torch.Tensor, k: int, group_size: int) -> torch.Tensor
     return scales.repeat_interleave(group_size, dim=1)[:, :k]
 
 
-def sherry_ternarize(weight: torch.Tensor, group_size: int | None = 128) -> Ternary:
+def sherry_ternarize(weight: torch.Tensor, group_size: int | None = 128, check_finite: bool = True) -> Ternary:
     """Sherry's 3:4 projection (AngelSlim ``NMQuant`` with N=3, M=4).
 
     In each block of 4 consecutive weights of a row, the smallest |w| becomes 0 (ties: the lowest
     index); the other three become sign(w)·α with α the mean |w| of the kept weights of the group.
     A kept weight that is exactly 0.0 gets sign +1 (AngelSlim's fake-quant would output 0 there,
     which the 5-bit code cannot hold as a second zero). ``group_size=None`` means per channel.
+    ``check_finite=False`` skips the NaN/Inf scan (for the QAT forward pass under ``torch.compile``).
     """
-    check_weight_matrix(weight)
+    check_weight_matrix(weight, finite=check_finite)
     n, k = weight.shape
     if k % SHERRY_BLOCK:
         raise ValueError(
@@ -75,13 +76,14 @@ def sherry_ternarize(weight: torch.Tensor, group_size: int | None = 128) -> Tern
     return Ternary(values, scales)
 
 
-def absmean_ternarize(weight: torch.Tensor, group_size: int | None = None) -> Ternary:
+def absmean_ternarize(weight: torch.Tensor, group_size: int | None = None, check_finite: bool = True) -> Ternary:
     """BitNet b1.58's dense ternary rule: α = mean|W| (per tensor, or per group), t = clip(round(W/α), -1, 1).
 
     Per tensor (``group_size=None``) returns scales ``[N, 1]`` holding the one α on every row, so
-    the packers treat it as per-channel with equal scales. Where α is 0, t is 0.
+    the packers treat it as per-channel with equal scales. Where α is 0, t is 0. ``check_finite`` as in
+    :func:`sherry_ternarize`.
     """
-    check_weight_matrix(weight)
+    check_weight_matrix(weight, finite=check_finite)
     n, k = weight.shape
     w = weight.detach().to(torch.float32)
     if group_size is None:

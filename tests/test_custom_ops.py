@@ -371,3 +371,22 @@ def test_bad_inputs_at_run_time_are_rejected(feeds: dict[str, np.ndarray], messa
     session = make_session(model)
     with pytest.raises(Exception, match=re.escape(f"SherryMatMul node '{NODE}': {message}")):
         session.run(None, feeds)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_non_finite_activations_give_nan_rows(fmt: str, path: KernelPath) -> None:
+    """A NaN or infinity in a row of A makes that row's outputs NaN (docs/formats.md), on every path;
+    the other rows are unaffected."""
+    packed = make_weight(fmt, 256, 40, 128)
+    x = np.random.default_rng(5).standard_normal((4, 256)).astype(np.float32)
+    x[1, 5], x[2, 200] = np.nan, np.inf
+    expected = reference_matmul(x, packed, activations="int8")
+    session = open_session(matmul_model(packed), path)
+    for rows in (x, x[1:2]):  # batched, and the decode (one row) path
+        y = session.run(None, {"A": rows})[0]
+        want = expected if rows is x else expected[1:2]
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+        finite = ~np.isnan(want)
+        np.testing.assert_allclose(y[finite], want[finite], atol=TOLERANCE * np.abs(want[finite]).max(initial=1.0))
+    assert np.isnan(expected[1]).all() and np.isnan(expected[2]).all() and np.isfinite(expected[[0, 3]]).all()

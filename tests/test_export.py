@@ -131,6 +131,23 @@ def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
     assert (lm.forward(ids)[0].argmax(-1) == torch_logits(reference, ids).argmax(-1)).mean() >= 0.99
 
 
+def test_qat_checkpoint_exports_its_trained_ternary(tmp_path):
+    from sherry_export.export.llm import export_llm
+    from sherry_export.qat import SherryConfig, quantize_, ternary_layers
+
+    model = tiny_llama(seed=4)
+    quantize_(model, SherryConfig(group_size=32))
+    model.save_pretrained(tmp_path / "qat")
+    with pytest.raises(ValueError, match="contradicts the checkpoint"):
+        export_llm(tmp_path / "qat", tmp_path / "bad", ExportOptions(group_size=64), group_size_explicit=True)
+    result = export_llm(tmp_path / "qat", tmp_path / "onnx", ExportOptions(format="sherry"))
+    assert result.provenance == "quantization-aware"
+    reference = kernel_reference_model(model, {n: (t, 32) for n, t in ternary_layers(model).items()})
+    ids = np.random.default_rng(5).integers(0, 256, (1, 24))
+    logits, _ = OnnxCausalLM(result.model_path).forward(ids)
+    assert (logits.argmax(-1) == torch_logits(reference, ids).argmax(-1)).mean() >= 0.99
+
+
 def test_unsupported_architecture(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="cannot export GPT2LMHeadModel"):

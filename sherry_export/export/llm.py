@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from sherry_export.export.graph import save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
+from sherry_export.qat import requantize_from_config
 from sherry_export.runtime import get_library_path
 
 MODEL_FILE = "model.onnx"
@@ -43,7 +44,7 @@ class ExportResult:
 
 def config_group_size(config: object) -> int | None:
     """A Sherry group size recorded in a checkpoint's config (AngelSlim-style keys), if any."""
-    for holder in (getattr(config, "quantization_config", None), config):
+    for holder in (getattr(config, "sherry_qat", None), getattr(config, "quantization_config", None), config):
         if isinstance(holder, dict):
             found = next((holder[k] for k in GROUP_SIZE_KEYS if k in holder), None)
         else:
@@ -169,6 +170,7 @@ def export_llm(
 ) -> ExportResult:
     """Load ``source`` ('smollm2', a .gguf file or a Hugging Face folder) and export it."""
     model, src = load_causal_lm(source)
+    requantize_from_config(model)  # a `sherry train` checkpoint gets its QAT modules (and trained ternary) back
     options = replace(options, group_size=resolve_group_size(model, options.group_size, group_size_explicit))
     return export_model(
         model, out_dir, options, tokenizer=load_tokenizer(src), source_label=src.label, progress=progress

@@ -1,0 +1,526 @@
+"""Quantization-aware training with the Hugging Face ``Trainer``: ``sherry train``.
+
+The Trainer brings what a research run needs without code of ours: progress bars, logging,
+checkpoints with optimizer/scheduler/RNG state (``--resume``), bf16 autocast, ``torch.compile``, and
+DDP/FSDP when the same command is launched by ``torchrun`` or ``accelerate launch``. What is ours:
+
+* the model: from scratch (``--init scratch --hidden … --layers …``) or a pretrained source
+  (``--init smollm2``), then :func:`sherry_export.qat.quantize_` (``--quant sherry|ternary|none``);
+* :class:`ArenasCallback`, which sets the shared Arenas λ from the optimizer step (so gradient
+  accumulation and resuming do not shift it) and logs it;
+* checks that turn bad hyper-parameters and corrupt or mismatched checkpoints into clear errors
+  before any work starts (the Trainer would load a mismatched checkpoint with a warning only).
+
+Checkpoints hold latent full-precision weights under the plain model's parameter names, and
+``config.json`` records the QAT recipe under ``sherry_qat`` (:func:`sherry_export.qat.load_qat_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from sherry_export.qat import (
+    CONFIG_KEY,
+    ArenasConfig,
+    ArenasSchedule,
+    QATConfig,
+    SherryConfig,
+    TernaryConfig,
+    arenas_schedule,
+    quantize_,
+)
+
+QUANT_METHODS = ("sherry", "ternary", "none")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``sherry train`` can set; :meth:`validate` rejects bad values with a reason."""
+
+    init: str = "scratch"
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    vocab: int = 8192
+    quant: str = "sherry"
+    group_size: int | str | None = None
+    arenas: bool | None = None
+    lambda_max: float = 1.0
+    warmup_ratio: float = 0.1
+    lr: float | None = None
+    lr_schedule: str = "cosine"
+    lr_warmup_ratio: float = 0.02
+    weight_decay: float = 0.0
+    steps: int = 200
+    batch: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    bf16: bool = False
+    compile: bool = False
+    threads: int | None = None
+    data: str = "corpora"
+    eval_every: int = 0
+    eval_batches: int = 16
+    log_every: int = 10
+    save_every: int = 100
+    save_limit: int = 2
+    output: Path = Path("runs/qat")
+    resume: str | None = None
+    seed: int = 0
+    cache: Path | None = None
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    """More ``TrainingArguments`` (tests use it to, e.g., silence the progress bar)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        if self.quant not in QUANT_METHODS:
+            raise ValueError(f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANT_METHODS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        positive = ("hidden", "layers", "heads", "vocab", "steps", "batch", "seq_len", "grad_accum", "eval_batches")
+        positive += ("log_every", "save_every", "save_limit")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("kv_heads", "intermediate", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.lr_warmup_ratio < 1:
+            raise ValueError(f"lr warm-up ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.init == "scratch":
+            kv_heads = self.kv_heads or self.heads
+            if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+                raise ValueError(f"hidden {self.hidden} must split into {self.heads} heads of even size (RoPE)")
+            if self.heads % kv_heads:
+                raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {kv_heads}")
+        if self.quant == "none" and self.arenas:
+            raise ValueError("--arenas needs a quantized model (--quant sherry or ternary)")
+        if self.use_arenas:
+            ArenasSchedule(ArenasConfig(self.lambda_max, self.warmup_ratio)).start(self.steps)
+        if self.quant != "none":
+            self.qat_config()
+
+    @property
+    def use_arenas(self) -> bool:
+        """Arenas defaults on for Sherry (the paper's recipe) and off for the dense-ternary baseline."""
+        return self.quant == "sherry" if self.arenas is None else self.arenas
+
+    def qat_config(self) -> QATConfig:
+        """The ``quantize_`` recipe; ``group_size`` is a number, ``channel`` (Sherry), ``tensor`` (ternary) or
+        ``None`` for the method's default (128 for Sherry, per tensor for BitNet)."""
+        arenas = ArenasConfig(self.lambda_max, self.warmup_ratio) if self.use_arenas else None
+        gs = self.group_size
+        if self.quant == "sherry":
+            if gs == "tensor":
+                raise ValueError("Sherry scales are per group or per channel, not per tensor")
+            return SherryConfig(128 if gs is None else None if gs == "channel" else gs, arenas)
+        if self.quant == "ternary":
+            if gs == "channel":
+                raise ValueError("the ternary baseline's scales are per tensor or per group, not per channel")
+            return TernaryConfig(None if gs in (None, "tensor") else gs, arenas)
+        raise ValueError("--quant none has no QAT recipe")
+
+    @property
+    def learning_rate(self) -> float:
+        """``--lr``, else 1e-3 from scratch and AngelSlim's 1e-4 when fine-tuning a pretrained model."""
+        return self.lr if self.lr is not None else 1e-3 if self.init == "scratch" else 1e-4
+
+
+def scratch_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None) -> LlamaForCausalLM:
+    """A randomly initialised Llama of ``cfg``'s shape, tied embeddings like SmolLM2.
+
+    The default FFN width is 8/3·hidden rounded up to a multiple of 128, so its rows fill whole
+    scale groups of 128.
+    """
+    intermediate = cfg.intermediate or 128 * math.ceil(8 * cfg.hidden / 3 / 128)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads or cfg.heads,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def pretrained_model(source: str) -> tuple[PreTrainedModel, Any]:
+    """A pretrained model and its tokenizer (``None`` if the source has none), rebuilt as a plain, saveable model.
+
+    ``save_pretrained`` refuses models loaded from GGUF, so the weights move into a fresh model built
+    from the same config without its ``quantization_config``.
+    """
+    from sherry_export.models import load_causal_lm, load_tokenizer
+
+    loaded, src = load_causal_lm(source)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    model = type(loaded)(type(loaded.config).from_dict(config_dict))
+    model.load_state_dict(loaded.state_dict())
+    return model, load_tokenizer(src)
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping windows of ``seq_len`` tokens of one stream; labels = inputs (the model
+    shifts them). Documents are already separated by EOS in the stream, so windows cross documents as in
+    AngelSlim's packing, without its padding."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, limit: int | None = None) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        self.count = len(tokens) // seq_len if limit is None else min(limit, len(tokens) // seq_len)
+        if self.count == 0:
+            raise ValueError(f"{len(tokens)} tokens are too few for one sequence of {seq_len}; lower --seq-len")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = index * self.seq_len
+        ids = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids}
+
+
+class ArenasCallback(TrainerCallback):
+    """Drives the model's shared Arenas schedule from the Trainer's optimizer-step count and logs λ.
+
+    Before optimizer step k (1-based) runs, λ is set to λ(k), so all micro-batches of a gradient
+    accumulation cycle share it; a resumed run picks up at its saved global step.
+    """
+
+    def __init__(self, schedule: ArenasSchedule) -> None:
+        self.schedule = schedule
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.schedule.start(state.max_steps)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.schedule.step = state.global_step + 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            # The Trainer appended this log to state.log_history before calling back: keep λ there too.
+            logs["arenas_lambda"] = state.log_history[-1]["arenas_lambda"] = self.schedule.value
+
+
+class ThroughputCallback(TrainerCallback):
+    """Logs training tokens per second (all processes together) over each logging interval."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.mark: tuple[float, int] = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark = (time.perf_counter(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, (then, step) = time.perf_counter(), self.mark
+        if state.global_step > step:
+            logs["tokens_per_s"] = state.log_history[-1]["tokens_per_s"] = round(
+                self.tokens_per_step * (state.global_step - step) / (now - then)
+            )
+        self.mark = (now, state.global_step)
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in a checkpoint's safetensors file(s), read from the headers (no tensor data)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"checkpoint index {index} is unreadable: {error}") from error
+    files = files or ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint {folder} has no {name}; it is incomplete or not a training checkpoint")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118
+        except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+            raise ValueError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): {error}") from error
+    return shapes
+
+
+def check_checkpoint(folder: Path, model: torch.nn.Module) -> None:
+    """Make sure ``folder`` is a complete checkpoint of exactly this model and recipe, or explain why not.
+
+    The Trainer itself loads weights non-strictly (missing keys are a warning) and fails late, deep in
+    ``load_state_dict``, on shape mismatches; this checks the architecture, the QAT recipe, every
+    tensor's name and shape, and that the optimizer state and trainer state are readable.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder} does not exist")
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"checkpoint {folder} lacks a readable config.json/trainer_state.json: {error}") from error
+    config = model.config.to_dict()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", CONFIG_KEY):
+        if saved.get(key) != config.get(key):
+            raise ValueError(
+                f"checkpoint {folder} was trained with {key}={saved.get(key)!r}, this run has {config.get(key)!r}; "
+                "resume with the same model and quantization flags"
+            )
+    shapes = _safetensors_shapes(folder)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected.keys() - shapes.keys() - tied)
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = sorted(key for key in expected.keys() & shapes.keys() if expected[key] != shapes[key])
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise ValueError(f"checkpoint {folder} does not match the model ({detail})")
+    optimizer = folder / "optimizer.pt"
+    try:
+        torch.load(optimizer, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises RuntimeError/EOFError/pickle errors for damaged files
+        raise ValueError(f"optimizer state {optimizer} is unreadable (truncated or corrupt?): {error}") from error
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: ``--resume`` alone means the latest under the output folder."""
+    if cfg.resume is None:
+        if cfg.output.is_dir() and get_last_checkpoint(str(cfg.output)):
+            raise ValueError(f"{cfg.output} already holds checkpoints; pass --resume or choose another --output")
+        return None
+    if cfg.resume == "last":
+        last = get_last_checkpoint(str(cfg.output)) if cfg.output.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"no checkpoint-* folder in {cfg.output} to resume from")
+        return Path(last)
+    return Path(cfg.resume)
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    """The Trainer's settings for ``cfg``."""
+    has_eval = cfg.eval_every > 0
+    cpu = not torch.cuda.is_available()  # accelerate runs CPU DDP (gloo) only when told it is on CPU
+    arguments = dict(
+        use_cpu=cpu,
+        dataloader_pin_memory=not cpu,
+        output_dir=str(cfg.output),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch,
+        per_device_eval_batch_size=cfg.batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.lr_warmup_ratio,  # a float < 1 is a ratio of max_steps
+        weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16,
+        torch_compile=cfg.compile,
+        logging_steps=cfg.log_every,
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.save_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_every if has_eval else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+    arguments.update(cfg.extra_args)
+    return TrainingArguments(**arguments)
+
+
+def train(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    streams: dict[str, np.ndarray],
+    resume_from: Path | None = None,
+) -> Trainer:
+    """Train an already built (and quantized, or not) ``model`` on token ``streams`` (``train``, optionally
+    ``heldout``). Returns the Trainer, whose ``state.log_history`` has the losses and λ."""
+    args = training_arguments(cfg)
+    eval_set = None
+    if cfg.eval_every and "heldout" in streams:
+        eval_set = TokenBlocks(streams["heldout"], cfg.seq_len, limit=cfg.eval_batches * cfg.batch)
+    callbacks: list[TrainerCallback] = [ThroughputCallback(cfg.batch * cfg.grad_accum * cfg.seq_len * args.world_size)]
+    schedule = arenas_schedule(model)
+    if schedule is not None:
+        callbacks.insert(0, ArenasCallback(schedule))
+    if resume_from is not None:
+        check_checkpoint(resume_from, model)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenBlocks(streams["train"], cfg.seq_len),
+        eval_dataset=eval_set,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    return trainer
+
+
+def prepare(cfg: TrainConfig) -> tuple[PreTrainedModel, Any, dict[str, np.ndarray]]:
+    """Tokenizer, token streams and the (quantized) model for ``cfg``."""
+    from sherry_export import data
+
+    root = cfg.cache or data.cache_dir()
+    text_file = None if cfg.data == "corpora" else Path(cfg.data)
+    if text_file is not None and not text_file.is_file():
+        raise FileNotFoundError(f"--data {cfg.data!r}: give 'corpora' (after `sherry data`) or a text file")
+    if cfg.init == "scratch":
+        tokenizer = data.bpe_tokenizer(cfg.vocab, root, text_file)
+        model = scratch_model(cfg, len(tokenizer), data.separator_id(tokenizer))
+    else:
+        model, tokenizer = pretrained_model(cfg.init)
+        if tokenizer is None:
+            raise ValueError(f"--init {cfg.init!r} has no tokenizer to turn the training text into its token ids")
+        if cfg.seq_len > model.config.max_position_embeddings:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings}")
+    streams = data.text_file_tokens(text_file, tokenizer) if text_file else data.corpus_tokens(tokenizer, root)
+    if cfg.quant != "none":
+        quantize_(model, cfg.qat_config())
+    return model, tokenizer, streams
+
+
+def run(cfg: TrainConfig) -> Trainer:
+    """``sherry train``: validate, prepare, train, save the final model and tokenizer to ``cfg.output``."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    resume_from = resolve_resume(cfg)
+    with training_arguments(cfg).main_process_first(desc="data preparation"):
+        model, tokenizer, streams = prepare(cfg)
+    trainer = train(cfg, model, streams, resume_from)
+    trainer.save_model(str(cfg.output))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(cfg.output))
+        recipe_text = json.dumps(getattr(model.config, CONFIG_KEY, None))
+        print(f"saved {cfg.output} (latent weights; recipe {recipe_text})")
+    return trainer
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def _group_size(text: str) -> int | str:
+    if text in ("channel", "tensor"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, 'channel' or 'tensor', got {text}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    names = {f for f in TrainConfig.__dataclass_fields__ if f != "extra_args"}
+    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    with torch.enable_grad():  # the CLI disables autograd globally for its inference commands
+        trainer = run(cfg)
+    final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
+    if final and trainer.is_world_process_zero():
+        print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sherry train`` to the command line."""
+    from sherry_export.cli import positive_int
+
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train",
+        help="quantization-aware training (Sherry + Arenas, the dense-ternary baseline, or full precision)",
+        description="Train a Llama-family model with Sherry or dense-ternary QAT through the Hugging Face "
+        "Trainer. Launch with torchrun or accelerate launch for DDP/FSDP. Example: "
+        "`sherry train --init scratch --hidden 256 --layers 4 --steps 200 --output runs/s256`.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--init", default=defaults.init, help="'scratch', 'smollm2', a .gguf file or an HF folder")
+    model.add_argument("--hidden", type=positive_int, default=defaults.hidden, help="scratch: hidden size")
+    model.add_argument("--layers", type=positive_int, default=defaults.layers, help="scratch: decoder layers")
+    model.add_argument("--heads", type=positive_int, default=defaults.heads, help="scratch: attention heads")
+    model.add_argument("--kv-heads", type=positive_int, help="scratch: key/value heads (default: --heads)")
+    model.add_argument("--intermediate", type=positive_int, help="scratch: FFN width (default: 8/3·hidden, to 128)")
+    model.add_argument("--vocab", type=positive_int, default=defaults.vocab, help="scratch: BPE vocabulary size")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--quant", choices=QUANT_METHODS, default=defaults.quant, help="QAT method (default: sherry)")
+    quant.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=defaults.group_size,
+        help="scale group along K: a number, 'channel' (sherry) or 'tensor' (ternary); default 128 / tensor",
+    )
+    quant.add_argument(
+        "--arenas",
+        action=argparse.BooleanOptionalAction,
+        help="Arenas residual λ·x·Wᵀ during training (default: on for sherry, off for ternary)",
+    )
+    quant.add_argument("--lambda-max", type=float, default=defaults.lambda_max, help="Arenas peak λ (default: 1)")
+    quant.add_argument(
+        "--warmup-ratio", type=float, default=defaults.warmup_ratio, help="Arenas λ warm-up share of the steps"
+    )
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 scratch, 1e-4 pretrained)")
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
+    optim.add_argument("--lr-warmup-ratio", type=float, default=defaults.lr_warmup_ratio)
+    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    optim.add_argument("--steps", type=positive_int, default=defaults.steps, help="optimizer steps")
+    optim.add_argument("--batch", type=positive_int, default=defaults.batch, help="sequences per micro-batch")
+    optim.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
+    optim.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum)
+    optim.add_argument("--seed", type=int, default=defaults.seed)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX/AVX-512 BF16 on CPU)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--threads", type=positive_int, help="intra-op threads (default: torch's)")
+    io = parser.add_argument_group("data and checkpoints")
+    io.add_argument("--data", default=defaults.data, help="'corpora' (run `sherry data` first) or a text file")
+    io.add_argument("--cache", type=Path, help="cache folder (default: $SHERRY_CACHE or ~/.cache/sherry-export)")
+    io.add_argument("--output", type=Path, default=defaults.output, help=f"run folder (default: {defaults.output})")
+    io.add_argument("--resume", nargs="?", const="last", help="resume from CHECKPOINT, or alone: the latest one")
+    io.add_argument("--log-every", type=positive_int, default=defaults.log_every)
+    io.add_argument("--save-every", type=positive_int, default=defaults.save_every)
+    io.add_argument("--save-limit", type=positive_int, default=defaults.save_limit, help="checkpoints kept")
+    io.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (0: no)")
+    io.add_argument("--eval-batches", type=positive_int, default=defaults.eval_batches)
+    parser.set_defaults(func=cmd_train)
+
