@@ -117,7 +117,12 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tu
     src = resolve_source(source)
     if str(source).startswith(SHAPE_PREFIX):
         return random_llama(str(source).removeprefix(SHAPE_PREFIX), dtype), src
-    model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
+    from sherry_export.packed_model import is_packed_model, load_packed_model
+
+    if src.gguf_file is None and is_packed_model(src.folder):
+        model = load_packed_model(src.folder).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
     architecture = type(model).__name__
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{architecture} is not supported yet; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
