@@ -160,17 +160,21 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
 
 
+TINY_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+"""A toy size of the Llama-family architecture, for tests."""
+
+
 def tiny_llama(seed: int = 0, **overrides: int) -> LlamaForCausalLM:
     """A small random Llama for tests: the real transformers architecture at toy size."""
-    config = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = dict(TINY_CONFIG)
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()

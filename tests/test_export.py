@@ -12,7 +12,7 @@ from sherry_export.export import ExportOptions, build_decoder
 from sherry_export.export.llama import model_ternaries
 from sherry_export.export.llm import export_model, resolve_group_size
 from sherry_export.generate import OnnxCausalLM
-from sherry_export.models import tiny_llama
+from sherry_export.models import TINY_CONFIG, tiny_llama
 from sherry_export.reference import kernel_reference_model
 
 TERNARY_FORMATS = ["sherry", "tl2", "i2s", "nbits2", "nbits4"]
@@ -110,15 +110,7 @@ def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = Qwen2Config(**TINY_CONFIG)
     qwen = Qwen2ForCausalLM(config).eval()
     for name, param in qwen.named_parameters():
         if name.endswith("proj.bias"):
