@@ -1,36 +1,43 @@
 // AVX2 kernels for sherry, tl2 and i2s (compiled with -mavx2 -mfma -mf16c, never AVX-512).
 //
 // Each factory repacks the canonical rows once into a private, tile-major stream: 32 weight rows
-// per tile, and inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
-// One tile is one contiguous run of bytes, so a single software-prefetch pointer covers it.
+// per tile and, inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
+// A tile is one contiguous run of bytes, so one software-prefetch pointer covers a work item.
+//   * sherry, tl2: per chunk of 8 units (blocks of 4, resp. triples) one sign vector (byte r, bit
+//     j: unit j of row r is negated) and 4 nibble vectors (byte r: the 4-bit indices of 2 units of
+//     row r), so one pshufb looks up the same unit for 32 rows. 5 bits per unit, as canonical.
+//   * i2s: per 16 weights 4 vectors of 8 rows x 16 two-bit codes (w+1), arranged so that plane t
+//     ((byte >> 2t) & 3) is 8 dwords of 4 consecutive weights.
 //
 // Activations live in a "lane space": every scale group is padded with zero lanes to a whole number
-// of kernel units (sherry: 2 blocks of 4, tl2: 4 triples of 3, i2s: 16 weights). Padded weight
-// lanes hold zero weights (or meet zero activations), so padding never changes a dot product, and
-// K tails, short last groups and group_size = K all run through the same loops.
+// of units (sherry: 2 blocks of 4, tl2: 4 triples, i2s: 16 weights). Padding units hold zero codes
+// and meet zero activations, so K tails, short last groups and group_size = K run the same loops.
 //
 // Paths (chosen per call in compute()):
-//   * GEMV, M small, sherry and tl2: activation lookup tables with pshufb, as in the Sherry paper
-//     and bitnet.cpp TL2. Per block of activations, prepare_row() builds the 16 sums
-//     S[index] = pattern[index] . x. |S| <= 381 needs int16, so S is split exactly into two int8
-//     tables, S = 31*U + V with |U| <= 12 and |V| <= 15: one pshufb each serves 32 rows, the sign
-//     bit is applied with psignb, and 8 blocks add up in int8 before one maddubs with (1, 31)
-//     widens them to int16. Exact: no lossy int8 table anywhere.
+//   * GEMV, sherry and tl2: activation lookup tables with pshufb, as in the Sherry paper and
+//     bitnet.cpp TL2. Per unit, prepare_row() builds the 16 sums S[index] = pattern[index] . x.
+//     |S| <= 381 needs int16, so S is split exactly into two int8 tables, S = 31*U + V with
+//     |U| <= 12 and |V| <= 15: one pshufb each serves 32 rows, psignb applies the unit's sign, 8
+//     units add up in int8, and one maddubs with (1, 31) widens V + 31*U to int16 (int32 every 64
+//     units). Exact: no lossy int8 table anywhere.
 //   * GEMV, i2s: 2-bit codes (w+1) with maddubs against broadcast activation dwords, 8 rows per
-//     register ("vertical", so a group ends with vertical ops, not horizontal sums), and the
-//     -sum(xq) correction per group.
-//   * GEMM, M >= kGemmMinRows, all formats: each 32-row tile is decoded once to int8 (w+1) dwords
-//     and an int8 micro-kernel (6 rows of A x 16 rows of W, maddubs + int16 accumulation) runs over
-//     all rows of A.
+//     register (so a group ends with vertical ops, not horizontal sums), and the -sum(xq)
+//     correction per group.
+//   * GEMM (from kGemmMinRows* rows of A), all formats: each group of a tile is decoded once to
+//     int8 (w+1) dwords in L1, then a maddubs micro-kernel (6 rows of A x 16 rows of W, int16
+//     accumulation) runs over all rows of A.
 // Every path computes exact int32 dot products per group and y = sum_g (alpha_g * s_g) * dot_g in
-// group order, as the scalar kernel does.
+// group order with each product rounded on its own, as the scalar kernel does, so the outputs are
+// bit-identical to it.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -48,13 +55,19 @@ constexpr int64_t kRowTile = 64;         // rows per compute() work item: 2 tile
 constexpr int64_t kChunkUnits = 8;       // LUT units sharing one sign vector and one int8 accumulation
 constexpr int64_t kSegmentUnits = 64;    // LUT units per int16 accumulation: 64 * 381 < 32767
 constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one 32-byte vector
-constexpr int64_t kI2SSegmentUnits = 8;  // i2s int16 bound: 8 units * 2 * 2032 (x4 plane) <= 32512
+constexpr int64_t kI2SSegmentUnits = 16;  // i2s int16 bound: 16 units * 4 planes * 508 <= 32512
 constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 32512
-constexpr int64_t kGemmMinRows = 6;      // from this many rows of A on, decode + GEMM beats LUT GEMVs
+// From this many rows of A on, decode + GEMM beats one GEMV per row (crossovers measured at 2048 x
+// 2048, group 128, 1 thread). The pshufb LUT GEMV of sherry costs about 13 vector uops per 32 rows
+// x 4 weights, the maddubs GEMM about 11 plus its per-group float work and the decode, so for
+// sherry the GEMM only wins from about 32 rows of A; tl2 (3 weights per lookup) from about 12.
+constexpr int64_t kGemmMinRowsSherry = 32;
+constexpr int64_t kGemmMinRowsTL2 = 12;
+constexpr int64_t kGemmMinRowsI2S = 6;
 constexpr int kGemmRows = 6;             // rows of A per micro-kernel: 12 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kAlphaBytes = kTileRows * 2;  // 32 fp16 scales per tile and group
 constexpr int64_t kPanelStepBytes = kTileRows * 4;  // one decoded k4 step of a tile: 32 rows x 4 lanes
-constexpr size_t kPrefetchAhead = 4096;  // about what keeps enough DRAM misses in flight on one core
+constexpr size_t kPrefetchAhead = 4096;  // best of 2, 4, 8, 16 KB for cold GEMVs on this machine
 
 // The LUT split S = 31*U + V: U = round(S/31) through mulhrs (1057 = round(32768/31); the error is far
 // from any rounding tie for |S| <= 384), V = S - 31*U.
@@ -92,6 +105,7 @@ inline __m256 scaled_add(__m256 y, __m256 alpha, __m256 s, __m256i dot) {
 // 64-byte aligned, zero-initialized bytes (whole cache lines, so prefetch granularity matches).
 class AlignedBytes {
  public:
+  AlignedBytes() = default;
   explicit AlignedBytes(size_t size)
       : size_(size), data_(static_cast<uint8_t*>(std::aligned_alloc(64, round_up_64(std::max<size_t>(size, 1))))) {
     if (!data_) throw std::bad_alloc();
@@ -105,23 +119,23 @@ class AlignedBytes {
   struct Free {
     void operator()(uint8_t* p) const { std::free(p); }
   };
-  size_t size_;
+  size_t size_ = 0;
   std::unique_ptr<uint8_t, Free> data_;
 };
 
-// Keeps software prefetches kPrefetchAhead bytes ahead of a forward stream of weight bytes.
+// Keeps software prefetches kPrefetchAhead bytes ahead of a forward stream of weight bytes, with
+// the cache-level hint kHint.
+template <int kHint>
 class Prefetcher {
  public:
   Prefetcher(const uint8_t* begin, const uint8_t* end)
       : next_(reinterpret_cast<uintptr_t>(begin) & ~uintptr_t{63}), end_(reinterpret_cast<uintptr_t>(end)) {}
   void ahead(const uint8_t* p) {
-    static const size_t dist = getenv("PF_DIST") ? atoi(getenv("PF_DIST")) : kPrefetchAhead;
-    static const int hint = getenv("PF_HINT") ? atoi(getenv("PF_HINT")) : 0;
-    const uintptr_t target = std::min(reinterpret_cast<uintptr_t>(p) + dist, end_);
-    if (hint == 0) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_T0);
-    else if (hint == 1) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_T1);
-    else if (hint == 2) for (; next_ < target; next_ += 64) _mm_prefetch(reinterpret_cast<const char*>(next_), _MM_HINT_NTA);
-    else next_ = target;
+    const uintptr_t target = std::min(reinterpret_cast<uintptr_t>(p) + kPrefetchAhead, end_);
+    uintptr_t next = next_;  // a local, so the loop does not store the member after every prefetch
+    for (; next < target; next += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(next), static_cast<decltype(_MM_HINT_T0)>(kHint));
+    next_ = next;
   }
 
  private:
@@ -129,19 +143,38 @@ class Prefetcher {
   uintptr_t end_;
 };
 
-// Interleaves 4 byte planes (byte r = row r of a tile) into 4 vectors of 8 rows x 4 lanes, rows in
-// natural order: out[s] holds rows 8s..8s+7, each as the dword (q0, q1, q2, q3).
+// The lookup-table kernels prefetch into L2 only: their tables live in L1, and streaming the weights
+// through L1 evicted them (measured: cold sherry 8192->2048 1.5x slower with T0). The i2s kernel,
+// which has no table, is fastest with T0.
+using LutPrefetcher = Prefetcher<_MM_HINT_T1>;
+using I2SPrefetcher = Prefetcher<_MM_HINT_T0>;
+
+// Interleaves 4 byte planes (byte r = row r of a tile) into 4 vectors of 8 rows x 4 lanes, each row
+// as the dword (q0, q1, q2, q3). The rows come in "panel order" (vector s: rows 4s..4s+3 and
+// 16+4s..16+4s+3), the unpacks' natural order; natural row order would cost 4 lane-crossing
+// permutes per call, and the few vectors of scales and outputs are cheaper to permute instead.
 inline void interleave_planes(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* out) {
   const __m256i a = _mm256_unpacklo_epi8(q0, q1), b = _mm256_unpackhi_epi8(q0, q1);
   const __m256i c = _mm256_unpacklo_epi8(q2, q3), d = _mm256_unpackhi_epi8(q2, q3);
-  const __m256i e0 = _mm256_unpacklo_epi16(a, c);  // rows 0-3 | 16-19
-  const __m256i e1 = _mm256_unpackhi_epi16(a, c);  // rows 4-7 | 20-23
-  const __m256i e2 = _mm256_unpacklo_epi16(b, d);  // rows 8-11 | 24-27
-  const __m256i e3 = _mm256_unpackhi_epi16(b, d);  // rows 12-15 | 28-31
-  store256(out + 0, _mm256_permute2x128_si256(e0, e1, 0x20));
-  store256(out + 32, _mm256_permute2x128_si256(e2, e3, 0x20));
-  store256(out + 64, _mm256_permute2x128_si256(e0, e1, 0x31));
-  store256(out + 96, _mm256_permute2x128_si256(e2, e3, 0x31));
+  store256(out + 0, _mm256_unpacklo_epi16(a, c));   // rows 0-3 | 16-19
+  store256(out + 32, _mm256_unpackhi_epi16(a, c));  // rows 4-7 | 20-23
+  store256(out + 64, _mm256_unpacklo_epi16(b, d));  // rows 8-11 | 24-27
+  store256(out + 96, _mm256_unpackhi_epi16(b, d));  // rows 12-15 | 28-31
+}
+
+// Natural row order <-> the panel order of interleave_planes, for 32 floats as 4 vectors: vector s
+// of the panel order holds rows 4s..4s+3 and 16+4s..16+4s+3.
+inline void to_panel_order(const __m256 (&natural)[4], __m256 (&panel)[4]) {
+  panel[0] = _mm256_permute2f128_ps(natural[0], natural[2], 0x20);
+  panel[1] = _mm256_permute2f128_ps(natural[0], natural[2], 0x31);
+  panel[2] = _mm256_permute2f128_ps(natural[1], natural[3], 0x20);
+  panel[3] = _mm256_permute2f128_ps(natural[1], natural[3], 0x31);
+}
+inline void to_natural_order(const __m256 (&panel)[4], __m256 (&natural)[4]) {
+  natural[0] = _mm256_permute2f128_ps(panel[0], panel[1], 0x20);
+  natural[1] = _mm256_permute2f128_ps(panel[2], panel[3], 0x20);
+  natural[2] = _mm256_permute2f128_ps(panel[0], panel[1], 0x31);
+  natural[3] = _mm256_permute2f128_ps(panel[2], panel[3], 0x31);
 }
 
 // ---- the LUT GEMV inner loop (sherry and tl2) ----------------------------------------------------
@@ -161,6 +194,9 @@ inline void lut_unit(__m256i idx, __m256i signs, const uint8_t* lut, __m256i& ac
   const __m256i s = _mm256_or_si256(_mm256_slli_epi16(signs, 7 - J), c.guard);
   acc_u = _mm256_add_epi8(acc_u, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J), idx), s));
   acc_v = _mm256_add_epi8(acc_v, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J + 16), idx), s));
+  // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
+  // spill to the stack.
+  __asm__("" : "+x"(acc_u), "+x"(acc_v));
 }
 
 template <int P>
@@ -184,8 +220,6 @@ inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i& acc_lo, __m
   acc_hi = _mm256_add_epi16(acc_hi, _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(acc_v, acc_u)));
 }
 
-// ---- the GEMM micro-kernel -------------------------------------------------------------------------
-
 class Avx2Kernel final : public MatMulKernel {
  public:
   explicit Avx2Kernel(const PackedWeights& w);
@@ -205,35 +239,35 @@ class Avx2Kernel final : public MatMulKernel {
   void repack_i2s(const PackedWeights& w);
   void build_lut(const int8_t* xq, uint8_t* lut) const;
 
-  void gemv_lut(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const;
-  void gemv_i2s(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const;
-  void decode_lut(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const;
-  void decode_i2s(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const;
-  template <int MR>
-  void gemm_dots(const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const;
-  void gemm_dots(int mr, const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const;
+  // One GEMV tile, one GEMM group decode: the lookup-table formats or i2s, by prefetcher type.
+  void gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf, float* out) const;
+  void gemv(const uint8_t* tile, const uint8_t* ws, I2SPrefetcher& pf, float* out) const;
+  void decode_group(const uint8_t* tile, int64_t g, LutPrefetcher& pf, uint8_t* panel) const;
+  void decode_group(const uint8_t* tile, int64_t g, I2SPrefetcher& pf, uint8_t* panel) const;
+  template <class Prefetch>
+  void compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
+                    float* y) const;
 
   Format format_;
   Geometry g_;
   int64_t groups_;
   int64_t unit_lanes_;               // activation lanes per unit: 4 (sherry), 3 (tl2), 16 (i2s)
-  std::vector<int64_t> units_;       // padded units per group
-  std::vector<int64_t> unit_begin_;  // first unit of each group, in the row's unit order
-  std::vector<int64_t> lane_begin_;  // first lane of each group in lane space
+  std::vector<int64_t> units_;         // padded units per group
+  std::vector<int64_t> lane_begin_;    // first lane of each group in lane space
   std::vector<int64_t> group_offset_;  // byte offset of each group inside a tile
   std::vector<int64_t> group_steps_;   // GEMM k4 steps (4 lanes each) per group
-  int64_t lanes_ = 0;                // lane-space length of a row
+  int64_t lanes_ = 0;                  // lane-space length of a row
   int64_t units_total_ = 0;
   int64_t tile_bytes_ = 0;
-  int64_t tiles_ = 0;
 
   // Workspace row: xq in lane space | int32 sum(xq) per group | float s per group | LUT (32 B/unit).
   size_t xsum_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
 
   // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
-  // build_lut), and per lane p the byte tables index -> w_p + 1 for positive and negative sign.
+  // build_lut), and the byte tables index -> the 4 lanes' w+1 as 2-bit fields (lane p at bit 2p),
+  // for the positive and the negative sign.
   __m256i lut_pattern_[2];
-  std::array<std::array<uint8_t, 16>, 4> decode_pos_{}, decode_neg_{};
+  std::array<uint8_t, 16> decode_pos_{}, decode_neg_{};
 
   AlignedBytes weights_;
 };
@@ -251,14 +285,11 @@ std::array<int8_t, 4> canonical_pattern(Format f, int index) {
   return lanes;
 }
 
-int64_t tile_count(int64_t n) { return ceil_div(n, kTileRows); }
-
 Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     : format_(w.format),
       g_(w.geometry),
       groups_(w.geometry.groups()),
-      unit_lanes_(w.format == Format::kSherry ? 4 : w.format == Format::kTL2 ? 3 : kI2SUnitLanes),
-      weights_(0) {
+      unit_lanes_(w.format == Format::kSherry ? 4 : w.format == Format::kTL2 ? 3 : kI2SUnitLanes) {
   const std::string bad = check_geometry(format_, g_.n, g_.k, g_.group_size);
   if (!bad.empty()) throw std::runtime_error(std::string("avx2 ") + format_name(format_) + " kernel: " + bad);
 
@@ -275,7 +306,6 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
     units_.push_back(units);
     group_steps_.push_back(units * unit_lanes_ / 4);
-    unit_begin_.push_back(units_total_);
     lane_begin_.push_back(units_total_ * unit_lanes_);
     group_offset_.push_back(offset);
     units_total_ += units;
@@ -283,7 +313,6 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
   }
   lanes_ = units_total_ * unit_lanes_;
   tile_bytes_ = offset;
-  tiles_ = tile_count(g_.n);
 
   // Workspace: 4 bytes of slack after xq, because a tl2 table build reads a dword at every triple.
   xsum_offset_ = round_up_64(static_cast<size_t>(lanes_) + 4);
@@ -306,13 +335,13 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     for (int index = 0; index < 16; ++index) {
       const std::array<int8_t, 4> lanes = canonical_pattern(format_, index);
       for (int p = 0; p < 4; ++p) {
-        decode_pos_[p][index] = static_cast<uint8_t>(1 + lanes[p]);
-        decode_neg_[p][index] = static_cast<uint8_t>(1 - lanes[p]);
+        decode_pos_[index] |= static_cast<uint8_t>((1 + lanes[p]) << (2 * p));
+        decode_neg_[index] |= static_cast<uint8_t>((1 - lanes[p]) << (2 * p));
       }
     }
   }
 
-  weights_ = AlignedBytes(static_cast<size_t>(tiles_ * tile_bytes_));
+  weights_ = AlignedBytes(static_cast<size_t>(ceil_div(g_.n, kTileRows) * tile_bytes_));
   if (lut_format()) repack_lut(w);
   else repack_i2s(w);
 }
@@ -353,9 +382,10 @@ void Avx2Kernel::repack_lut(const PackedWeights& w) {
   }
 }
 
-// Tile layout (i2s), per group: 32 fp16 scales, then per unit of 16 weights 4 vectors, one per 8
-// rows: byte 4*i + q of vector s holds, in bits 2t..2t+1, the code (w+1) of row 8s+i at lane
-// 4t + q of the unit. Plane t (shift 2t, mask 3) is then 8 dwords of 4 consecutive lanes.
+// Tile layout (i2s), per group: 32 fp16 scales, then per unit of 16 weights 4 vectors of 8 rows in
+// the panel order of interleave_planes (vector s: rows 4s..4s+3, 16+4s..16+4s+3): byte 4*i + q of
+// vector s holds, in bits 2t..2t+1, the code (w+1) of its row i at lane 4t + q of the unit. Plane
+// t (shift 2t, mask 3) is then 8 dwords of 4 consecutive lanes, as the GEMM panel wants them.
 void Avx2Kernel::repack_i2s(const PackedWeights& w) {
   const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
   for (int64_t n = 0; n < g_.n; ++n) {
@@ -369,9 +399,10 @@ void Avx2Kernel::repack_i2s(const PackedWeights& w) {
       for (int64_t i = 0; i < length; ++i) {
         const int64_t k = begin + i;
         const int code = (row[k >> 2] >> ((k & 3) * 2)) & 3;
-        if (code == 3) throw std::runtime_error("corrupt i2s weights: row " + std::to_string(n) + " holds an invalid code");
+        if (code == 3)
+          throw std::runtime_error("corrupt i2s weights: row " + std::to_string(n) + " holds an invalid code");
         const int64_t lane = i % kI2SUnitLanes;
-        group[kAlphaBytes + (i / kI2SUnitLanes) * 128 + 32 * (r / 8) + 4 * (r % 8) + lane % 4] |=
+        group[kAlphaBytes + (i / kI2SUnitLanes) * 128 + 32 * (r % 16 / 4) + 4 * (r / 16 * 4 + r % 4) + lane % 4] |=
             static_cast<uint8_t>(code << (2 * (lane / 4)));
       }
     }
@@ -380,30 +411,39 @@ void Avx2Kernel::repack_i2s(const PackedWeights& w) {
 
 // quantize_group, vectorized: the same float operations element by element (max |x| is exact in any
 // order, x * (127/m) is one rounding, rint in the current mode, clamp), so the bytes are identical.
-// NaN lanes become 0, as the scalar float-to-int8 conversion gives on x86. Returns s, adds sum(xq).
+// A group holding a NaN or an infinity gets s = NaN and xq = 0 (its row's outputs are then NaN).
+// Returns s and stores sum(xq).
 float quantize_group_avx2(const float* x, int64_t length, int8_t* xq, int32_t* sum) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 vmax = _mm256_setzero_ps();
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= length; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), vmax);
+  for (; i + 8 <= length; i += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+    vmax = _mm256_max_ps(v, vmax);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // |x| = inf, or NaN (unordered)
+  }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   float amax = 0.f;
   for (float v : lanes) amax = std::max(amax, v);
-  for (; i < length; ++i) amax = std::max(amax, std::fabs(x[i]));
-  if (!(amax > 0.f)) {
+  bool non_finite = _mm256_movemask_ps(bad) != 0;
+  for (; i < length; ++i) {
+    amax = std::max(amax, std::fabs(x[i]));
+    non_finite |= !std::isfinite(x[i]);
+  }
+  if (non_finite || !(amax > 0.f)) {
     std::memset(xq, 0, static_cast<size_t>(length));
     *sum = 0;
-    return 0.f;
+    return non_finite ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   }
   const float inv = static_cast<float>(kActivationQmax) / amax;
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256 lo = _mm256_set1_ps(-static_cast<float>(kActivationQmax));
   const __m256 hi = _mm256_set1_ps(static_cast<float>(kActivationQmax));
   const auto quantize8 = [&](const float* p) {
-    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vinv), _MM_FROUND_CUR_DIRECTION);
-    q = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(q, lo), hi), _mm256_cmp_ps(q, q, _CMP_ORD_Q));
-    return _mm256_cvtps_epi32(q);
+    const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vinv), _MM_FROUND_CUR_DIRECTION);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
   };
   __m256i vsum = _mm256_setzero_si256();
   i = 0;
@@ -420,7 +460,7 @@ float quantize_group_avx2(const float* x, int64_t length, int8_t* xq, int32_t* s
   for (; i < length; ++i) {
     float q = std::nearbyint(x[i] * inv);
     q = std::min(std::max(q, -static_cast<float>(kActivationQmax)), static_cast<float>(kActivationQmax));
-    xq[i] = q == q ? static_cast<int8_t>(q) : 0;
+    xq[i] = static_cast<int8_t>(q);
     total += xq[i];
   }
   *sum = total;
@@ -459,24 +499,54 @@ void Avx2Kernel::build_lut(const int8_t* xq, uint8_t* lut) const {
 
 // ---- GEMV ---------------------------------------------------------------------------------------------
 
-void Avx2Kernel::gemv_lut(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const {
+// The int32 dots of a segment's int16 accumulators (acc_lo: rows 0-7 | 16-23, acc_hi: rows 8-15 |
+// 24-31) in row order, plus `carry` from earlier segments of the group when it is given.
+inline void widen_rows(__m256i acc_lo, __m256i acc_hi, const int32_t* carry, __m256i (&dot)[4]) {
+  dot[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_lo));
+  dot[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_hi));
+  dot[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_lo, 1));
+  dot[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_hi, 1));
+  if (carry)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) dot[q] = _mm256_add_epi32(dot[q], load256(carry + 8 * q));
+}
+
+// The 32 fp16 scales of a tile and group as floats, in natural row order or in panel order.
+inline void load_alpha(const uint8_t* alpha, bool panel_order, __m256 (&a)[4]) {
+  __m256 natural[4];
+  for (int q = 0; q < 4; ++q) natural[q] = halves_to_float(alpha + 16 * q);
+  if (panel_order) to_panel_order(natural, a);
+  else for (int q = 0; q < 4; ++q) a[q] = natural[q];
+}
+
+// y[0..32) += (alpha * s) * dot for one group; y lives in memory so that the chunk loop keeps the
+// registers.
+inline void scale_rows(const __m256 (&alpha)[4], float s, const __m256i (&dot)[4], float* y) {
+  const __m256 vs = _mm256_set1_ps(s);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+    _mm256_storeu_ps(y + 8 * q, scaled_add(_mm256_loadu_ps(y + 8 * q), alpha[q], vs, dot[q]));
+}
+
+// One 32-row tile times one prepared activation row, out[r] = y of tile row r (natural order). Out of
+// line: inlined into compute(), its chunk loop lost registers to the caller.
+__attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf,
+                                                float* out) const {
   const LutConstants c;
   const uint8_t* lut = ws + lut_offset_;
   const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
-  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_setzero_ps());
+  alignas(32) int32_t carry[kTileRows];  // int32 dots of a group's earlier segments
   const uint8_t* p = tile;
   for (int64_t g = 0; g < groups_; ++g) {
     const uint8_t* alpha = p;
     p += kAlphaBytes;
-    __m256i dot[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                      _mm256_setzero_si256()};
-    for (int64_t left = units_[g]; left > 0;) {
-      const int64_t segment = std::min(left, kSegmentUnits);
-      left -= segment;
+    for (int64_t done = 0; done < units_[g];) {
+      const int64_t start = done, end = std::min(units_[g], done + kSegmentUnits);
       __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
-      for (int64_t done = 0; done < segment; done += kChunkUnits) {
+      for (; done < end; done += kChunkUnits) {
         pf.ahead(p);
-        const int64_t units = std::min(kChunkUnits, segment - done);
+        const int64_t units = std::min(kChunkUnits, end - done);
         switch (units) {
           case 8: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<4>()); break;
           case 6: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<3>()); break;
@@ -486,117 +556,156 @@ void Avx2Kernel::gemv_lut(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf
         p += 32 + 16 * units;
         lut += 32 * units;
       }
-      dot[0] = _mm256_add_epi32(dot[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_lo)));
-      dot[1] = _mm256_add_epi32(dot[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_hi)));
-      dot[2] = _mm256_add_epi32(dot[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_lo, 1)));
-      dot[3] = _mm256_add_epi32(dot[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_hi, 1)));
+      __m256i dot[4];
+      widen_rows(acc_lo, acc_hi, start > 0 ? carry : nullptr, dot);
+      if (end < units_[g]) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) store256(carry + 8 * q, dot[q]);
+      } else {
+        __m256 a[4];
+        load_alpha(alpha, false, a);
+        scale_rows(a, scale[g], dot, out);
+      }
     }
-    const __m256 s = _mm256_set1_ps(scale[g]);
-    for (int q = 0; q < 4; ++q) y[q] = scaled_add(y[q], halves_to_float(alpha + 16 * q), s, dot[q]);
   }
-  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, y[q]);
 }
 
-void Avx2Kernel::gemv_i2s(const uint8_t* tile, const uint8_t* ws, Prefetcher& pf, float* out) const {
+// The i2s twin of the lookup-table gemv; its tile rows are in panel order, put back in natural order
+// at the end.
+__attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8_t* ws, I2SPrefetcher& pf,
+                                                float* out) const {
   const auto* xq = reinterpret_cast<const int8_t*>(ws);
   const auto* xsum = reinterpret_cast<const int32_t*>(ws + xsum_offset_);
   const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
-  const __m256i mask1 = _mm256_set1_epi8(0x03), mask4 = _mm256_set1_epi8(0x0C);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i mask1 = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_setzero_ps());
+  alignas(32) int32_t carry[kTileRows];  // int32 dots of a group's earlier segments
   const uint8_t* p = tile;
   for (int64_t g = 0; g < groups_; ++g) {
     const uint8_t* alpha = p;
     p += kAlphaBytes;
     const int8_t* x = xq + lane_begin_[g];
-    __m256i dot[4];
-    for (int s = 0; s < 4; ++s) dot[s] = _mm256_set1_epi32(-xsum[g]);  // the w+1 offset's correction
-    for (int64_t left = units_[g]; left > 0;) {
-      const int64_t segment = std::min(left, kI2SSegmentUnits);
-      left -= segment;
-      // Planes t = 0, 2 (mask 3) give w+1; planes t = 1, 3 (mask 12, saving a shift) give 4(w+1),
-      // so their exact sum is divided by 4 at the end.
-      __m256i acc1[4], acc4[4];
-      for (int s = 0; s < 4; ++s) acc1[s] = acc4[s] = _mm256_setzero_si256();
-      for (int64_t u = 0; u < segment; ++u, p += 128, x += kI2SUnitLanes) {
+    for (int64_t done = 0; done < units_[g];) {
+      const int64_t start = done, end = std::min(units_[g], done + kI2SSegmentUnits);
+      // One accumulator per 8 rows: plane t of byte b is (b >> 2t) & 3 = w+1 against the broadcast
+      // activations of lanes 4t..4t+3. (A variant with planes 1 and 3 masked in place, 4(w+1), saves
+      // 2 shifts but needs 8 accumulators, which spill: it measured slower.)
+      __m256i acc[4];
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) acc[s] = _mm256_setzero_si256();
+      for (const uint8_t* stop = p + 128 * (end - done); p < stop; p += 128, x += kI2SUnitLanes) {
         pf.ahead(p);
         const __m256i x0 = broadcast32(x), x1 = broadcast32(x + 4), x2 = broadcast32(x + 8), x3 = broadcast32(x + 12);
+#pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) {
-          const __m256i v = load256(p + 32 * s), v4 = _mm256_srli_epi16(v, 4);
-          acc1[s] = _mm256_add_epi16(acc1[s], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask1), x0),
-                                                                _mm256_maddubs_epi16(_mm256_and_si256(v4, mask1), x2)));
-          acc4[s] = _mm256_add_epi16(acc4[s], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask4), x1),
-                                                                _mm256_maddubs_epi16(_mm256_and_si256(v4, mask4), x3)));
+          const __m256i v = load256(p + 32 * s);
+          const auto plane = [&](int t) { return _mm256_and_si256(_mm256_srli_epi16(v, 2 * t), mask1); };
+          const __m256i m01 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, mask1), x0), _mm256_maddubs_epi16(plane(1), x1));
+          const __m256i m23 = _mm256_add_epi16(_mm256_maddubs_epi16(plane(2), x2), _mm256_maddubs_epi16(plane(3), x3));
+          acc[s] = _mm256_add_epi16(acc[s], _mm256_add_epi16(m01, m23));
         }
       }
-      for (int s = 0; s < 4; ++s)
-        dot[s] = _mm256_add_epi32(dot[s], _mm256_add_epi32(_mm256_madd_epi16(acc1[s], ones),
-                                                          _mm256_srai_epi32(_mm256_madd_epi16(acc4[s], ones), 2)));
-    }
-    const __m256 sc = _mm256_set1_ps(scale[g]);
-    for (int s = 0; s < 4; ++s) y[s] = scaled_add(y[s], halves_to_float(alpha + 16 * s), sc, dot[s]);
-  }
-  for (int s = 0; s < 4; ++s) _mm256_storeu_ps(out + 8 * s, y[s]);
-}
-
-// ---- GEMM: decode a tile to int8 (w+1) dwords, panel[k4][32 rows][4 lanes] ------------------------
-
-void Avx2Kernel::decode_lut(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  __m256i pos[4], neg[4];
-  for (int p = 0; p < 4; ++p) {
-    pos[p] = broadcast128(decode_pos_[p].data());
-    neg[p] = broadcast128(decode_neg_[p].data());
-  }
-  const int lanes = format_ == Format::kSherry ? 4 : 3;
-  __m256i planes[12];  // tl2 gathers 4 triples (12 lanes) before it writes 3 dword steps
-  int pending = 0;
-  for (int64_t g = 0; g < groups_; ++g) {
-    const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
-    for (int64_t done = 0; done < units_[g]; done += kChunkUnits) {
-      pf.ahead(w);
-      const int64_t units = std::min(kChunkUnits, units_[g] - done);
-      const __m256i signs = load256(w);
-      for (int64_t j = 0; j < units; ++j) {
-        const __m256i v = load256(w + 32 + 32 * (j / 2));
-        const __m256i idx = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, nibble);
-        const __m256i sign = _mm256_sll_epi16(signs, _mm_cvtsi32_si128(static_cast<int>(7 - j)));
-        for (int p = 0; p < lanes; ++p)
-          planes[pending++] =
-              _mm256_blendv_epi8(_mm256_shuffle_epi8(pos[p], idx), _mm256_shuffle_epi8(neg[p], idx), sign);
-        if (pending == 12 || format_ == Format::kSherry) {
-          for (int q = 0; q < pending; q += 4, panel += kPanelStepBytes)
-            interleave_planes(planes[q], planes[q + 1], planes[q + 2], planes[q + 3], panel);
-          pending = 0;
-        }
+      done = end;
+      __m256i dot[4];
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) dot[s] = _mm256_madd_epi16(acc[s], ones);
+      if (start > 0)
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) dot[s] = _mm256_add_epi32(dot[s], load256(carry + 8 * s));
+      if (end < units_[g]) {
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) store256(carry + 8 * s, dot[s]);
+      } else {
+        const __m256i offset = _mm256_set1_epi32(xsum[g]);  // the w+1 offset's correction
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) dot[s] = _mm256_sub_epi32(dot[s], offset);
+        __m256 a[4];
+        load_alpha(alpha, true, a);
+        scale_rows(a, scale[g], dot, out);
       }
-      w += 32 + 16 * units;
     }
   }
+  __m256 panel[4], natural[4];
+  for (int q = 0; q < 4; ++q) panel[q] = _mm256_loadu_ps(out + 8 * q);
+  to_natural_order(panel, natural);
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, natural[q]);
 }
 
-void Avx2Kernel::decode_i2s(const uint8_t* tile, Prefetcher& pf, uint8_t* panel) const {
+// ---- GEMM: decode a group of a tile to int8 (w+1) dwords, panel[k4][32 rows][4 lanes] ------------
+
+// Lane planes p < kLanes (byte r: w_p + 1 of row r) of one unit of 32 rows: one pshufb per sign
+// looks up the unit's 4 lanes as 2-bit fields, blendv picks by the sign in bit 7, shifts split them.
+template <int kLanes>
+inline void decode_unit(__m256i idx, __m256i sign, __m256i pos, __m256i neg, __m256i* planes) {
   const __m256i mask = _mm256_set1_epi8(0x03);
-  for (int64_t g = 0; g < groups_; ++g) {
-    const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
-    for (int64_t u = 0; u < units_[g]; ++u, w += 128, panel += 4 * kPanelStepBytes) {
-      pf.ahead(w);
-      for (int s = 0; s < 4; ++s) {
-        const __m256i v = load256(w + 32 * s);
-        store256(panel + 0 * kPanelStepBytes + 32 * s, _mm256_and_si256(v, mask));
-        store256(panel + 1 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 2), mask));
-        store256(panel + 2 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-        store256(panel + 3 * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 6), mask));
+  const __m256i packed = _mm256_blendv_epi8(_mm256_shuffle_epi8(pos, idx), _mm256_shuffle_epi8(neg, idx), sign);
+  planes[0] = _mm256_and_si256(packed, mask);
+  planes[1] = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
+  planes[2] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+  if (kLanes == 4) planes[3] = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+}
+
+// Decodes one group of a tile (its codes start at w) to panel[k4][32 rows in panel order][4 lanes].
+// A sherry unit is one k4 step; tl2 units go by 4 (12 lanes, 3 steps), which the padding of every
+// group to 4 triples allows.
+template <int kLanes>
+void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg, LutPrefetcher& pf, uint8_t* panel) {
+  constexpr int kStep = kLanes == 4 ? 2 : 4;  // units decoded together
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t done = 0; done < units; done += kChunkUnits) {
+    pf.ahead(w);
+    const int64_t chunk = std::min(kChunkUnits, units - done);
+    const __m256i signs = load256(w);
+    for (int j = 0; j < chunk; j += kStep) {
+      __m256i planes[4 * kLanes];
+#pragma GCC unroll 2
+      for (int pair = 0; pair < kStep / 2; ++pair) {
+        const int u = j + 2 * pair;
+        const __m256i v = load256(w + 32 + 16 * u);
+        // The sign of unit u is bit u of the sign bytes; decode_unit wants it in bit 7.
+        decode_unit<kLanes>(_mm256_and_si256(v, nibble), _mm256_sll_epi16(signs, _mm_cvtsi32_si128(7 - u)), pos, neg,
+                            planes + 2 * pair * kLanes);
+        decode_unit<kLanes>(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                            _mm256_sll_epi16(signs, _mm_cvtsi32_si128(6 - u)), pos, neg,
+                            planes + (2 * pair + 1) * kLanes);
       }
+#pragma GCC unroll 3
+      for (int q = 0; q < kStep * kLanes; q += 4, panel += kPanelStepBytes)
+        interleave_planes(planes[q], planes[q + 1], planes[q + 2], planes[q + 3], panel);
+    }
+    w += 32 + 16 * chunk;
+  }
+}
+
+void Avx2Kernel::decode_group(const uint8_t* tile, int64_t g, LutPrefetcher& pf, uint8_t* panel) const {
+  const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
+  const __m256i pos = broadcast128(decode_pos_.data()), neg = broadcast128(decode_neg_.data());
+  if (format_ == Format::kSherry) decode_lut_group<4>(w, units_[g], pos, neg, pf, panel);
+  else decode_lut_group<3>(w, units_[g], pos, neg, pf, panel);
+}
+
+// i2s: plane t of a code vector is already 8 dwords of 4 lanes (w+1), in panel order.
+void Avx2Kernel::decode_group(const uint8_t* tile, int64_t g, I2SPrefetcher& pf, uint8_t* panel) const {
+  const uint8_t* w = tile + group_offset_[g] + kAlphaBytes;
+  const __m256i mask = _mm256_set1_epi8(0x03);
+  for (int64_t u = 0; u < units_[g]; ++u, w += 128, panel += 4 * kPanelStepBytes) {
+    pf.ahead(w);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const __m256i v = load256(w + 32 * s);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t)
+        store256(panel + t * kPanelStepBytes + 32 * s, _mm256_and_si256(_mm256_srli_epi16(v, 2 * t), mask));
     }
   }
 }
 
 // One segment (at most kGemmSegmentSteps k4 steps, inside one group) of MR rows of A times 16 rows
-// of a decoded tile, stored into (or added to) the int32 dots[m][16]. Per step: two weight vectors, one broadcast
-// dword per row of A and 2*MR maddubs into int16 accumulators (12 accumulators + 2 weights + 1
-// broadcast fill the 16 registers). Integer work only and out of line, so that nothing else
-// competes for the registers.
+// of a decoded tile, stored into (or added to) the int32 dots[m][16]. Per step: two weight
+// vectors, one broadcast dword per row of A and 2*MR maddubs into int16 accumulators (12
+// accumulators + 2 weights + 1 broadcast fill the 16 registers). Integer work only and out of
+// line, so that nothing else competes for the registers.
 template <int MR>
 __attribute__((noinline)) void gemm_segment(const uint8_t* w, const int8_t* const* xq, int64_t k4, int64_t steps,
                                             bool accumulate, int32_t* dots) {
@@ -631,25 +740,24 @@ __attribute__((noinline)) void gemm_segment(const uint8_t* w, const int8_t* cons
     }
 }
 
-// The int32 dots of MR rows of A with the 32 rows of a decoded tile, as dots[half][group][m][16]
-// (half 0: tile rows 0-15, half 1: rows 16-31).
+// The int32 dots of MR rows of A with the 32 rows of one decoded group, as dots[half][m][16] (half 0:
+// tile rows 0-15, half 1: rows 16-31); xq points at the group's first lane.
 template <int MR>
-void Avx2Kernel::gemm_dots(const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const {
+void gemm_dots(const uint8_t* panel, const int8_t* const* xq, int64_t steps, int32_t* dots) {
   for (int half = 0; half < 2; ++half)
-    for (int64_t g = 0; g < groups_; ++g, dots += MR * 16)
-      for (int64_t k4 = lane_begin_[g] / 4, left = group_steps_[g]; left > 0;
-           k4 += kGemmSegmentSteps, left -= kGemmSegmentSteps)
-        gemm_segment<MR>(panel + 64 * half, xq, k4, std::min(left, kGemmSegmentSteps), left != group_steps_[g], dots);
+    for (int64_t k4 = 0; k4 < steps; k4 += kGemmSegmentSteps)
+      gemm_segment<MR>(panel + 64 * half, xq, k4, std::min(steps - k4, kGemmSegmentSteps), k4 > 0,
+                       dots + half * MR * 16);
 }
 
-void Avx2Kernel::gemm_dots(int mr, const uint8_t* panel, const int8_t* const* xq, int32_t* dots) const {
+void gemm_dots(int mr, const uint8_t* panel, const int8_t* const* xq, int64_t steps, int32_t* dots) {
   switch (mr) {
-    case 6: gemm_dots<6>(panel, xq, dots); break;
-    case 5: gemm_dots<5>(panel, xq, dots); break;
-    case 4: gemm_dots<4>(panel, xq, dots); break;
-    case 3: gemm_dots<3>(panel, xq, dots); break;
-    case 2: gemm_dots<2>(panel, xq, dots); break;
-    default: gemm_dots<1>(panel, xq, dots); break;
+    case 6: gemm_dots<6>(panel, xq, steps, dots); break;
+    case 5: gemm_dots<5>(panel, xq, steps, dots); break;
+    case 4: gemm_dots<4>(panel, xq, steps, dots); break;
+    case 3: gemm_dots<3>(panel, xq, steps, dots); break;
+    case 2: gemm_dots<2>(panel, xq, steps, dots); break;
+    default: gemm_dots<1>(panel, xq, steps, dots); break;
   }
 }
 
@@ -671,59 +779,71 @@ void Avx2Kernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t 
                          float* y) const {
   n_end = std::min(n_end, g_.n);
   if (m <= 0 || n_begin >= n_end) return;
+  const uint8_t* first = tile(n_begin / kTileRows);
+  const uint8_t* end = weights_.data() + weights_.size();
+  if (lut_format()) compute_with(LutPrefetcher(first, end), ws, m, n_begin, n_end, bias, y);
+  else compute_with(I2SPrefetcher(first, end), ws, m, n_begin, n_end, bias, y);
+}
+
+template <class Prefetch>
+void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end,
+                              const float* bias, float* y) const {
   const size_t stride = row_bytes_;
   const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
-  Prefetcher pf(tile(t_begin), weights_.data() + weights_.size());
   alignas(32) float out[kTileRows];
 
-  if (m < kGemmMinRows) {
+  const int64_t gemm_min_rows =
+      format_ == Format::kSherry ? kGemmMinRowsSherry : format_ == Format::kTL2 ? kGemmMinRowsTL2 : kGemmMinRowsI2S;
+  if (m < gemm_min_rows) {
     // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
     for (int64_t t = t_begin; t < t_end; ++t)
       for (int64_t r = 0; r < m; ++r) {
-        if (lut_format()) gemv_lut(tile(t), ws + r * stride, pf, out);
-        else gemv_i2s(tile(t), ws + r * stride, pf, out);
+        gemv(tile(t), ws + r * stride, pf, out);
         store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
       }
     return;
   }
 
+  // Group by group, so that the decoded panel of a group stays in L1 while every row of A uses it;
+  // each row's outputs add up in ytile in group order.
   thread_local std::vector<uint8_t> panel;
-  thread_local std::vector<float> alpha;
-  thread_local std::vector<int32_t> dots;
-  panel.resize(static_cast<size_t>(lanes_ / 4 * kPanelStepBytes));
-  alpha.resize(static_cast<size_t>(groups_ * kTileRows));
-  dots.resize(static_cast<size_t>(2 * groups_ * kGemmRows * 16));
+  thread_local std::vector<float> ytile;
+  panel.resize(static_cast<size_t>(*std::max_element(group_steps_.begin(), group_steps_.end()) * kPanelStepBytes));
+  ytile.resize(static_cast<size_t>(m * kTileRows));
   for (int64_t t = t_begin; t < t_end; ++t) {
-    if (lut_format()) decode_lut(tile(t), pf, panel.data());
-    else decode_i2s(tile(t), pf, panel.data());
-    for (int64_t g = 0; g < groups_; ++g)
-      for (int q = 0; q < 4; ++q)
-        _mm256_storeu_ps(&alpha[g * kTileRows + 8 * q], halves_to_float(tile(t) + group_offset_[g] + 16 * q));
-    for (int64_t r0 = 0; r0 < m; r0 += kGemmRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, m - r0));
-      const int8_t* xq[kGemmRows];
-      for (int i = 0; i < mr; ++i) xq[i] = reinterpret_cast<const int8_t*>(ws + (r0 + i) * stride);
-      gemm_dots(mr, panel.data(), xq, dots.data());
-      // y = sum_g (alpha*s)*(dot - sum xq), in group order, for each row of A.
-      const int64_t half_stride = groups_ * mr * 16;  // dots[half][group][row][16]
-      for (int i = 0; i < mr; ++i) {
-        const uint8_t* row = ws + (r0 + i) * stride;
-        const auto* xsum = reinterpret_cast<const int32_t*>(row + xsum_offset_);
-        const auto* scale = reinterpret_cast<const float*>(row + scale_offset_);
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        const int32_t* d = dots.data() + i * 16;
-        const float* a = alpha.data();
-        for (int64_t g = 0; g < groups_; ++g, d += mr * 16, a += kTileRows) {
-          const __m256 s = _mm256_set1_ps(scale[g]);
-          const __m256i offset = _mm256_set1_epi32(xsum[g]);  // the w+1 offset's correction
+    std::fill(ytile.begin(), ytile.end(), 0.f);
+    for (int64_t g = 0; g < groups_; ++g) {
+      decode_group(tile(t), g, pf, panel.data());
+      __m256 a[4];
+      load_alpha(tile(t) + group_offset_[g], true, a);
+      // Blocks of near-equal size: a ragged last block of 1 or 2 rows runs far below peak.
+      const int64_t blocks = ceil_div(m, kGemmRows);
+      for (int64_t b = 0, r0 = 0; b < blocks; ++b) {
+        const int mr = static_cast<int>((m - r0) / (blocks - b));
+        const int8_t* xq[kGemmRows];
+        for (int i = 0; i < mr; ++i) xq[i] = reinterpret_cast<const int8_t*>(ws + (r0 + i) * stride) + lane_begin_[g];
+        alignas(32) int32_t dots[2 * kGemmRows * 16];  // [half][row][16]
+        gemm_dots(mr, panel.data(), xq, group_steps_[g], dots);
+        for (int i = 0; i < mr; ++i) {
+          const uint8_t* row = ws + (r0 + i) * stride;
+          const __m256 s = _mm256_set1_ps(reinterpret_cast<const float*>(row + scale_offset_)[g]);
+          const __m256i offset = _mm256_set1_epi32(reinterpret_cast<const int32_t*>(row + xsum_offset_)[g]);
+          float* yrow = ytile.data() + (r0 + i) * kTileRows;
 #pragma GCC unroll 4
-          for (int q = 0; q < 4; ++q)
-            acc[q] = scaled_add(acc[q], _mm256_loadu_ps(a + 8 * q), s,
-                                _mm256_sub_epi32(load256(d + q / 2 * half_stride + 8 * (q % 2)), offset));
+          for (int q = 0; q < 4; ++q) {
+            const __m256i dot = _mm256_sub_epi32(load256(dots + (q / 2 * mr + i) * 16 + 8 * (q % 2)), offset);
+            _mm256_storeu_ps(yrow + 8 * q, scaled_add(_mm256_loadu_ps(yrow + 8 * q), a[q], s, dot));
+          }
         }
-        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, acc[q]);
-        store_tile(out, t * kTileRows, n_begin, n_end, bias, y + (r0 + i) * g_.n);
+        r0 += mr;
       }
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      __m256 panel_order[4], natural[4];
+      for (int q = 0; q < 4; ++q) panel_order[q] = _mm256_loadu_ps(ytile.data() + r * kTileRows + 8 * q);
+      to_natural_order(panel_order, natural);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, natural[q]);
+      store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
     }
   }
 }

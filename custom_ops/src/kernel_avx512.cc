@@ -2,45 +2,60 @@
 //
 // Shared scheme, "rows in lanes": a tile is 16 output rows, one per dword lane of a zmm register,
 // and a *piece* is a run of columns of one scale group: 4 blocks of 4 (sherry, i2s; 16 columns)
-// or 4 triples (tl2; 12 columns). For one piece and tile the kernel holds a 64-byte vector whose
+// or 4 triples (tl2; 12 columns). For one piece and tile the kernels hold a 64-byte vector whose
 // byte 4r+j belongs to row r and block/triple j, so one vpdpbusd sums a row's 4 blocks into its
 // own lane: no horizontal sums anywhere, and small scale groups stay cheap. Each group ends with
 // y += float(dot)·(α·s) for 16 rows at once, in group order and without FMA contraction, exactly
 // like the scalar kernel: outputs are bit-identical to it.
 //
-// sherry and tl2 (5-bit codes: 4-bit index + sign) use activation lookup tables. For each piece,
-// prepare_row builds two 128-entry tables indexed by (block j, 5-bit code): the block's dot product
-// with the low nibbles xl = xq & 15 and with the high nibbles xh = xq >> 4 of the activations. Both
-// fit int8 (|Σ w·xl| <= 45, |Σ w·xh| <= 24, at most 3 non-zero lanes), so per piece and tile the
-// kernel does 2 vpermi2b lookups and 2 vpdpbusd (by 1 and by 16): the exact Σ w·xq, 4 weights per
-// byte. That is half the permute/dot work of decoding the codes to weight planes (which is what
-// the prefill path of i2s does) and keeps Sherry's decode well under the memory time.
+// sherry and tl2 (5-bit codes: 4-bit index + sign) multiply through activation lookup tables.
+// prepare_row builds, per piece, the dot product of every code with the piece's activations, split
+// into low nibbles xl = xq & 15 and high nibbles xh = xq >> 4 so that both fit int8 (|Σ w·xl| <=
+// 45, |Σ w·xh| <= 24: at most 3 non-zero lanes): two 128-entry tables indexed by (sign, block j,
+// 4-bit index). Per pair of pieces and tile the kernel then forms the indices (blend + ternlog),
+// does 4 vpermi2b lookups, adds the two pieces' bytes (still int8) and needs 2 vpdpbusd (by 1 and
+// by 16) for the exact Σ w·xq of 512 weights. Decoding the codes to weight planes instead (vpermb
+// per lane, then vpdpbusd per lane, as i2s does) costs 8 such ops per piece instead of ~3.5; on
+// the AMD Zen 4 this was tuned on, vpermb and vpdpbusd share execution pipes, and the plane decode
+// left Sherry compute-bound at half the memory speed.
 //
-// i2s (2-bit codes) decodes to weight planes by masking: plane p of a piece is the code byte & (3
-// << 2p), multiplied by the plane-p activation dword; one accumulator per plane, scaled back by
+// i2s (2-bit codes) decodes to weight planes by masking: plane p of a piece is the code byte &
+// (3 << 2p), multiplied by the plane-p activation dword; one accumulator per plane, scaled back by
 // 4^-p (exactly) at the group end, and the +1 offset removed via -Σxq. Prefill (batch > 4) decodes
-// each pair of tiles once per block of groups into an L1 buffer of w+1 planes and runs a 12 x 32
-// VNNI micro-kernel over all rows of A.
+// two tiles at a time, a block of groups at a time, into an L1 buffer of w+1 planes and runs a
+// 4 x 32 VNNI micro-kernel over all rows of A.
 //
-// Private weight layout (built once by the factory): tile-major, so that a tile is one forward
-// stream; for each scale group, its pieces, then the tile's 16 float16 scales of the group.
-//   sherry/tl2: pieces go in pairs of 80 bytes: 64 bytes of index nibbles (byte i = code i of
-//     piece A | code i of piece B << 4), then the 64-bit sign masks of A and B. A group with an odd
-//     number of pieces ends with a 40-byte half pair (byte i = code i | code i+32 << 4, then the
-//     sign mask).
-//   i2s: 64 bytes per piece; byte i = the canonical byte (4 two-bit codes) of row i/4, block i%4.
-// Groups are padded to whole pieces (and tiles to 16 rows); the padding meets zero activations,
-// so it never contributes.
+// Private weight layouts (built once by the factory), ordered exactly as the kernels read them, so
+// that a work item streams forward through memory:
+//   sherry/tl2: superblocks of up to 16 blocks of 8 tiles (a superblock is the op's work item,
+//     row_tile()); in a superblock, K-chunks of about 16 pieces (4 KiB of tables per row of A;
+//     a large group is split over chunks); in a chunk, block after block; in a block, per group,
+//     per pair of pieces, its tiles one after the other, 80 bytes each: 64 bytes of index nibbles
+//     (byte i = code i of piece A | code i of piece B << 4), then the 64-bit sign masks of A and B.
+//     A group with an odd number of pieces ends with a 40-byte half pair per tile (byte i = code i
+//     | code i+32 << 4, then the sign mask); then the tiles' 16 float16 scales of the group. A
+//     chunk's tables thus come from L2 once per superblock and from L1 for its other blocks: on
+//     cold weights that L2 traffic, not arithmetic, was what kept Sherry from the memory speed.
+//   i2s: tile after tile; per group, 64 bytes per piece (byte i = the canonical byte, 4 two-bit
+//     codes, of row i/4, block i%4), then the tile's 16 float16 scales.
+// Groups are padded to whole pieces and tiles to 16 rows; the padding meets zero activations, so
+// it never contributes. There is no software prefetch: on Zen 4 it measured 10-25% slower on cold
+// weights (4 KiB ahead, every line) or neutral (sparse); the hardware prefetchers keep up with
+// these forward streams, helped by huge pages (see WeightBuffer).
 
 // GCC 12's AVX-512 headers initialise their "undefined" vectors from themselves, which
 // -Wmaybe-uninitialized reports at every inlined intrinsic.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>  // madvise
+#endif
 
 #include <algorithm>
 #include <cstdlib>
-#include <array>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -53,7 +68,6 @@ namespace {
 
 constexpr int kTileRows = 16;            // output rows per tile: the dword lanes of a zmm
 constexpr size_t kAlphaBytes = 32;       // 16 float16 scales per tile and group
-static const size_t kPrefetchBytes = getenv("PFD") ? atoi(getenv("PFD")) : 2048; static const int kDT = getenv("DT") ? atoi(getenv("DT")) : 4;
 constexpr int kSmallBatch = 4;           // up to this many rows of A, weights stream through once
 
 inline size_t round_up_64(size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -63,8 +77,34 @@ inline size_t round_up_64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 struct alignas(64) Line {
   uint8_t bytes[64];
 };
-inline uint8_t* as_bytes(std::vector<Line>& v) { return reinterpret_cast<uint8_t*>(v.data()); }
-inline const uint8_t* as_bytes(const std::vector<Line>& v) { return reinterpret_cast<const uint8_t*>(v.data()); }
+
+// The private weights, 64-byte aligned. The whole 2 MiB pages inside them are marked for
+// transparent huge pages (Linux, where enabled): the cold weight stream then needs few TLB entries
+// (measured here: 5-15% faster decode on cold weights).
+class WeightBuffer {
+ public:
+  explicit WeightBuffer(size_t lines) : size_(lines * sizeof(Line)) {
+    data_.reset(static_cast<uint8_t*>(std::aligned_alloc(sizeof(Line), std::max(size_, sizeof(Line)))));
+    if (!data_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data_.get()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(data_.get()) + size_) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: failure is fine
+#endif
+  }
+  uint8_t* data() { return data_.get(); }
+  const uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const noexcept { std::free(p); }
+  };
+  size_t size_;
+  std::unique_ptr<uint8_t, Free> data_;
+};
+
 inline float* as_floats(std::vector<Line>& v) { return reinterpret_cast<float*>(v.data()); }
 
 inline __m512i broadcast_dword(const uint8_t* p) {
@@ -78,8 +118,6 @@ inline __mmask64 load_mask64(const uint8_t* p) {
   std::memcpy(&v, p, sizeof v);
   return _cvtu64_mask64(v);
 }
-
-inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
 // Float multiply and add that the compiler may not contract into an FMA: the epilogue then rounds
 // exactly like the scalar kernel (product α·s, times dot, added in group order). The all-ones
@@ -113,15 +151,18 @@ inline void dispatch(int r, Fn&& fn) {
 
 // --- activation quantization, exactly quantize_group --------------------------------------------
 
-// max|x| over a group; max_ps returns its second operand when either is NaN, so NaNs are skipped
-// like in the scalar std::max(amax, |x|).
+// max|x| over a group, or NaN when the group holds a NaN or an infinity (x·0 is NaN exactly then),
+// which quantize_group turns into s = NaN and xq = 0.
 inline float group_amax(const float* x, int64_t length) {
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  __m512 vmax = _mm512_setzero_ps();
+  __m512 vmax = _mm512_setzero_ps(), probe = _mm512_setzero_ps();
   for (int64_t i = 0; i < length; i += 16) {
     const __mmask16 k = length - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - i)) - 1);
-    vmax = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(k, x + i), abs_mask), vmax);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    vmax = _mm512_max_ps(_mm512_and_ps(v, abs_mask), vmax);
+    probe = _mm512_add_ps(probe, _mm512_mul_ps(v, _mm512_setzero_ps()));
   }
+  if (_mm512_cmp_ps_mask(probe, probe, _CMP_UNORD_Q)) return std::numeric_limits<float>::quiet_NaN();
   return _mm512_reduce_max_ps(vmax);
 }
 
@@ -173,10 +214,10 @@ struct Plan {
   const int32_t* corrections(const uint8_t* row) const {
     return reinterpret_cast<const int32_t*>(row + act_corr_offset);
   }
-  // Lanes of tile t inside [n_begin, n_end).
+  // Lanes of tile t inside [n_begin, n_end) (none when the tile is outside).
   static __mmask16 rows_of(int64_t t, int64_t n_begin, int64_t n_end) {
-    const int64_t lo = std::max<int64_t>(n_begin - t * kTileRows, 0);
-    const int64_t hi = std::min<int64_t>(n_end - t * kTileRows, kTileRows);
+    const int64_t lo = std::clamp<int64_t>(n_begin - t * kTileRows, 0, kTileRows);
+    const int64_t hi = std::clamp<int64_t>(n_end - t * kTileRows, 0, kTileRows);
     return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
   }
 };
@@ -210,6 +251,7 @@ struct TL2Codes {
   static int64_t codes_in_group(int64_t length) { return ceil_div(length, 3); }
 };
 
+constexpr int kBlockTiles = 8;         // tiles (128 rows) interleaved in one weight stream
 constexpr size_t kPairBytes = 80;      // two pieces of 64 codes
 constexpr size_t kHalfBytes = 40;      // a group's last odd piece
 constexpr size_t kTableBytes = 256;    // per piece: xl tables (2 x 64), then xh tables (2 x 64)
@@ -220,12 +262,13 @@ inline size_t code5_group_bytes(int64_t pieces) {
 
 // The constants of table building and lookups.
 struct LutConstants {
-  __m512i shuffle[4];     // per lane p: every byte of 128-bit lane j selects column (j, p) of a piece
-  __mmask64 plus[4], minus[4];  // per lane p: entries 16j + idx whose code idx has +1 / -1 there
-  __m512i to_table[2];    // (positive sums P, negated N) -> entries (j, sign, idx) of blocks 0-1 / 2-3
+  // Entry 16j + idx of the positive sums: Σ_p (x[col(j, p)] ^ flip[p]) + negatives, where
+  // shuffle[p] selects that column (or zero, 0x80, where lane p of idx is 0) and flip[p] is -1 where
+  // it is -1 (x ^ -1 = -x - 1; `negatives` adds the 1s back).
+  __m512i shuffle[4], flip[4];
+  __m512i negatives = _mm512_setzero_si512();
   __m512i low_nibble = _mm512_set1_epi8(0x0F);
-  __m512i block_bits;     // byte i: (i % 4) << 5, the block slot of code i in the table index
-  __m512i sign_bit = _mm512_set1_epi8(0x10);
+  __m512i block_bits[2];        // byte i: (i % 4) << 4 (block slot of code i), without / with the sign bit 6
   __m512i ones = _mm512_set1_epi8(1);
   __m512i sixteens = _mm512_set1_epi8(16);
 };
@@ -234,127 +277,235 @@ template <class F>
 LutConstants make_lut_constants() {
   LutConstants c;
   alignas(64) uint8_t bytes[64];
-  for (int p = 0; p < 4; ++p) {
+  alignas(64) uint8_t flips[64], negatives[64] = {};
+  for (int p = 0; p < F::kLanes; ++p) {
     for (int e = 0; e < 64; ++e) {
       const int j = e / 16;
-      bytes[e] = static_cast<uint8_t>(p < F::kLanes ? (F::kLanes == 4 ? 4 * j + p : 3 * j + p) : 0);
-    }
-    c.shuffle[p] = _mm512_load_si512(bytes);
-    uint64_t plus = 0, minus = 0;
-    for (int e = 0; e < 64 && p < F::kLanes; ++e) {
       int8_t lanes[4] = {0, 0, 0, 0};
       F::lanes(e % 16, lanes);
-      if (lanes[p] > 0) plus |= 1ull << e;
-      if (lanes[p] < 0) minus |= 1ull << e;
+      bytes[e] = static_cast<uint8_t>(lanes[p] == 0 ? 0x80 : F::kLanes == 4 ? 4 * j + p : 3 * j + p);
+      flips[e] = lanes[p] < 0 ? 0xFF : 0;
+      negatives[e] = static_cast<uint8_t>(negatives[e] + (lanes[p] < 0));
     }
-    c.plus[p] = _cvtu64_mask64(plus);
-    c.minus[p] = _cvtu64_mask64(minus);
+    c.shuffle[p] = _mm512_load_si512(bytes);
+    c.flip[p] = _mm512_load_si512(flips);
   }
-  for (int half = 0; half < 2; ++half) {
-    for (int e = 0; e < 64; ++e) {
-      const int j = 2 * half + e / 32, sign = (e / 16) % 2, idx = e % 16;
-      bytes[e] = static_cast<uint8_t>(64 * sign + 16 * j + idx);
-    }
-    c.to_table[half] = _mm512_load_si512(bytes);
+  c.negatives = _mm512_load_si512(negatives);
+  for (int sign = 0; sign < 2; ++sign) {
+    for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(sign << 6 | (i % 4) << 4);
+    c.block_bits[sign] = _mm512_load_si512(bytes);
   }
-  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>((i % 4) << 5);
-  c.block_bits = _mm512_load_si512(bytes);
   return c;
 }
 
 // The 256 table bytes of one piece from its activation nibbles (natural column order; `xl`, `xh`
-// readable for 16 bytes). Entry (j << 5 | sign << 4 | idx) = ±Σ_p lanes(idx)[p] · x[col(j, p)].
+// readable for 16 bytes). Entry (sign << 6 | j << 4 | idx) = ±Σ_p lanes(idx)[p] · x[col(j, p)]:
+// the positive sums, then their negations.
 template <class F>
 inline void build_tables(const int8_t* xl, const int8_t* xh, uint8_t* out, const LutConstants& c) {
   const int8_t* src[2] = {xl, xh};
   for (int h = 0; h < 2; ++h) {
     const __m512i x = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[h])));
-    __m512i pos = _mm512_setzero_si512();
-    for (int p = 0; p < F::kLanes; ++p) {
-      const __m512i lane = _mm512_shuffle_epi8(x, c.shuffle[p]);
-      pos = _mm512_mask_add_epi8(pos, c.plus[p], pos, lane);
-      pos = _mm512_mask_sub_epi8(pos, c.minus[p], pos, lane);
-    }
-    const __m512i neg = _mm512_sub_epi8(_mm512_setzero_si512(), pos);
-    _mm512_store_si512(out + 128 * h, _mm512_permutex2var_epi8(pos, c.to_table[0], neg));
-    _mm512_store_si512(out + 128 * h + 64, _mm512_permutex2var_epi8(pos, c.to_table[1], neg));
+    __m512i pos = c.negatives;
+    for (int p = 0; p < F::kLanes; ++p)
+      pos = _mm512_add_epi8(pos, _mm512_xor_si512(_mm512_shuffle_epi8(x, c.shuffle[p]), c.flip[p]));
+    _mm512_store_si512(out + 128 * h, pos);
+    _mm512_store_si512(out + 128 * h + 64, _mm512_sub_epi8(_mm512_setzero_si512(), pos));
   }
 }
 
-// Table index of each code of a piece: nibbles (index in bits 0-3, garbage above), sign mask.
+// Table index (sign << 6 | j << 4 | idx) of each code of a piece from its nibbles (index in bits
+// 0-3, anything above) and sign mask. Blend + ternlog: two cheap ops, no register copies.
 inline __m512i table_index(__m512i nibbles, __mmask64 sign, const LutConstants& c) {
-  const __m512i idx = _mm512_ternarylogic_epi32(nibbles, c.low_nibble, c.block_bits, 0xEA);  // (a & b) | c
-  return _mm512_mask_add_epi8(idx, sign, idx, c.sign_bit);  // bit 4 is clear: add == or
+  const __m512i high = _mm512_mask_blend_epi8(sign, c.block_bits[0], c.block_bits[1]);
+  return _mm512_ternarylogic_epi32(nibbles, c.low_nibble, high, 0xEA);  // (nibbles & 0x0F) | high
 }
 
-// Sets 5-bit code `code` at position i (= 4 r + j) of piece `piece` of a group's code bytes.
-inline void put_code5(uint8_t* group, int64_t pieces, int64_t piece, int i, uint8_t code) {
-  const uint8_t index = code & 0x0F, sign = code >> 4;
-  if (piece / 2 < pieces / 2) {  // in a full pair
-    uint8_t* pair = group + (piece / 2) * kPairBytes;
-    pair[i] |= static_cast<uint8_t>(index << (4 * (piece % 2)));
-    pair[64 + 8 * (piece % 2) + i / 8] |= static_cast<uint8_t>(sign << (i % 8));
-  } else {  // the half pair
-    uint8_t* half = group + (pieces / 2) * kPairBytes;
-    half[i % 32] |= static_cast<uint8_t>(index << (4 * (i / 32)));
-    half[32 + i / 8] |= static_cast<uint8_t>(sign << (i % 8));
+// A K-chunk of the code5 layout: whole groups [g_begin, g_end), or the pairs [pair_begin,
+// pair_end) of one large group (g_end = g_begin + 1), so that the chunk's activation tables fit L1.
+struct Chunk {
+  int64_t g_begin, g_end;
+  int64_t pair_begin, pair_end;  // for a split group; whole groups: 0 and -1
+  size_t tile_bytes;             // weight bytes per tile
+  bool split() const { return pair_end >= 0; }
+};
+
+// Blocks per superblock, which is also the work item (row_tile): a chunk's tables come from L2
+// once per superblock and from L1 for its other blocks, which decides the cold decode speed
+// (measured at 2048x8192: 16 blocks about 1.2x faster than 1); yet at least 4 work items remain.
+inline int64_t superblock_blocks(int64_t blocks) {
+  int64_t sb = 1;
+  while (sb < 16 && sb * 2 * 4 <= blocks) sb *= 2;
+  return sb;
+}
+
+// Tiles of a pass of `rows` rows of A over a block: as many as the accumulators (one zmm per row
+// and tile) and the tables or indices (see lookup_pair) leave registers for.
+constexpr int pass_tiles(int rows) { return rows == 1 ? 8 : 4; }
+
+// Calls fn(std::integral_constant<int, n>) for a runtime power of two n in [1, Max].
+template <int Max, class Fn>
+inline void dispatch_pow2(int n, Fn&& fn) {
+  if constexpr (Max > 1) {
+    if (n < Max) return dispatch_pow2<Max / 2>(n, fn);
   }
+  fn(std::integral_constant<int, Max>{});
+}
+
+// Sets code (index | sign << 4) at position i (= 4 r + j) of piece A or B of a pair, or of a half.
+inline void put_pair_code(uint8_t* pair, int piece, int i, uint8_t code) {
+  pair[i] |= static_cast<uint8_t>((code & 0x0F) << (4 * piece));
+  pair[64 + 8 * piece + i / 8] |= static_cast<uint8_t>((code >> 4) << (i % 8));
+}
+inline void put_half_code(uint8_t* half, int i, uint8_t code) {
+  half[i % 32] |= static_cast<uint8_t>((code & 0x0F) << (4 * (i / 32)));
+  half[32 + i / 8] |= static_cast<uint8_t>((code >> 4) << (i % 8));
 }
 
 template <class F>
 class Code5Kernel final : public MatMulKernel {
  public:
-  explicit Code5Kernel(const PackedWeights& w)
-      : plan_(w.geometry, F::kPieceCols, kTableBytes, false, code5_group_bytes),
-        lut_(make_lut_constants<F>()),
-        weights_(ceil_div(static_cast<int64_t>(plan_.tile_wbytes * plan_.tiles), 64)) {
-    repack(w);
-  }
+  explicit Code5Kernel(const PackedWeights& w);
 
   KernelPath path() const override { return KernelPath::kAVX512; }
-  int64_t row_tile() const override { return 4 * kTileRows; }
+  int64_t row_tile() const override { return superblock_ * kBlockTiles * kTileRows; }
   size_t activation_row_bytes() const override { return plan_.act_row_bytes; }
   void prepare_row(const float* a_row, uint8_t* ws) const override;
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
  private:
+  // Block b holds tiles [8b, 8b + block_tiles(b)); a short last block is laid out as a power of
+  // two of tiles (block_alloc), so that passes of 2^k tiles cover it.
+  int block_tiles(int64_t b) const {
+    return static_cast<int>(std::min<int64_t>(kBlockTiles, plan_.tiles - b * kBlockTiles));
+  }
+  int block_alloc(int64_t b) const {
+    int alloc = 1;
+    while (alloc < block_tiles(b)) alloc *= 2;
+    return alloc;
+  }
+  // Byte offset of chunk c of block b: superblocks, then chunks, then blocks (see the top).
+  size_t chunk_offset(int64_t b, size_t c) const;
   void repack(const PackedWeights& w);
-  const uint8_t* tile_weights(int64_t t) const { return as_bytes(weights_) + t * plan_.tile_wbytes; }
   template <int MB, int NT>
-  void lut_block(const uint8_t* ws, int64_t t0, int64_t g_begin, int64_t g_end, float* ysum, bool stream) const;
+  void lut_pass(const uint8_t* ws, int64_t block, int t_first, const Chunk& chunk, float* ysum, size_t ysum_row,
+                __m512i* carry) const;
   template <int MB, int NT>
-  void lookup_piece(__m512i (&acc)[MB][NT], const __m512i (&idx)[NT], const uint8_t* const (&tables)[MB]) const;
+  void lookup_pair(__m512i (&acc)[MB][NT], const uint8_t* const (&entries)[NT],
+                   const uint8_t* const (&tables)[MB]) const;
+  template <int MB, int NT>
+  void lookup_half(__m512i (&acc)[MB][NT], const uint8_t* const (&halves)[NT],
+                   const uint8_t* const (&tables)[MB]) const;
 
   Plan plan_;
+  int64_t blocks_;
+  int64_t superblock_;  // blocks per superblock
+  std::vector<Chunk> chunks_;
+  std::vector<size_t> chunk_prefix_;  // weight bytes per tile of the chunks before each
   LutConstants lut_;
-  std::vector<Line> weights_;
+  WeightBuffer weights_;
 };
+
+template <class F>
+Code5Kernel<F>::Code5Kernel(const PackedWeights& w)
+    : plan_(w.geometry, F::kPieceCols, kTableBytes, false, code5_group_bytes),
+      blocks_(ceil_div(plan_.tiles, kBlockTiles)),
+      superblock_(superblock_blocks(blocks_)),
+      lut_(make_lut_constants<F>()),
+      weights_(ceil_div(static_cast<int64_t>(plan_.tile_wbytes) *
+                            ((blocks_ - 1) * kBlockTiles + block_alloc(blocks_ - 1)), 64)) {
+  // Chunks of about 16 pieces (4 KiB of tables per row of A); a lone block reuses no tables, so
+  // it takes K in one chunk.
+  const int64_t kChunkPieces = superblock_ > 1 ? 16 : std::numeric_limits<int64_t>::max();
+  for (int64_t g = 0; g < plan_.groups;) {
+    const int64_t pieces = plan_.pieces(g);
+    if (pieces > kChunkPieces) {  // split a large group into runs of pairs
+      const int64_t pairs = pieces / 2;
+      for (int64_t p = 0; p < pairs || (p == 0 && pairs == 0);) {
+        const int64_t end = std::min(pairs, p + kChunkPieces / 2);
+        const bool last = end == pairs;
+        const size_t bytes = static_cast<size_t>(end - p) * kPairBytes +
+                             (last ? static_cast<size_t>(pieces % 2) * kHalfBytes + kAlphaBytes : 0);
+        chunks_.push_back({g, g + 1, p, end, bytes});
+        p = end;
+      }
+      ++g;
+      continue;
+    }
+    int64_t end = g, total = 0;
+    size_t bytes = 0;
+    while (end < plan_.groups && (end == g || total + plan_.pieces(end) <= kChunkPieces)) {
+      total += plan_.pieces(end);
+      bytes += code5_group_bytes(plan_.pieces(end)) + kAlphaBytes;
+      ++end;
+    }
+    chunks_.push_back({g, end, 0, -1, bytes});
+    g = end;
+  }
+  chunk_prefix_.push_back(0);
+  for (const Chunk& c : chunks_) chunk_prefix_.push_back(chunk_prefix_.back() + c.tile_bytes);
+  repack(w);
+}
+
+template <class F>
+size_t Code5Kernel<F>::chunk_offset(int64_t b, size_t c) const {
+  const int64_t sb = b / superblock_, first = sb * superblock_;
+  const int64_t last = std::min(blocks_, first + superblock_);
+  // Tiles laid out in this superblock: all blocks full but possibly the very last one.
+  const int64_t tiles = (last - 1 - first) * kBlockTiles + block_alloc(last - 1);
+  return static_cast<size_t>(first) * kBlockTiles * plan_.tile_wbytes + chunk_prefix_[c] * tiles +
+         chunks_[c].tile_bytes * static_cast<size_t>((b - first) * kBlockTiles);
+}
 
 template <class F>
 void Code5Kernel<F>::repack(const PackedWeights& w) {
   const Geometry& g = plan_.g;
-  uint8_t* out = as_bytes(weights_);
-  std::memset(out, 0, weights_.size() * sizeof(Line));  // code 0 pads (sherry: any code would do)
+  uint8_t* out = weights_.data();
+  std::memset(out, 0, weights_.size());  // code 0 pads (sherry: any code would do)
   const int64_t stride = row_bytes(F::kFormat, g.k, g.group_size);
   const int64_t codes_per_row = F::kFormat == Format::kSherry ? g.k / kSherryBlock : tl2_triples(g.k, g.group_size);
-  std::vector<int8_t> values(F::kFormat == Format::kTL2 ? static_cast<size_t>(g.k) : 0);
-  for (int64_t n = 0; n < g.n; ++n) {
-    const uint8_t* row = w.data + n * stride;
-    // Every sherry code is valid; tl2 rows go through the reference decoder's validation.
-    if (F::kFormat == Format::kTL2 && !decode_row(F::kFormat, row, g.k, g.group_size, values.data()))
-      throw std::runtime_error(std::string("corrupt tl2 weights: row ") + std::to_string(n) +
-                               " holds an invalid code");
-    uint8_t* tile = out + (n / kTileRows) * plan_.tile_wbytes;
-    const int r = static_cast<int>(n % kTileRows);
-    int64_t first = 0;  // the group's first canonical code
-    for (int64_t gi = 0; gi < plan_.groups; ++gi) {
-      uint8_t* group = tile + gi * plan_.group_wbytes;
-      const int64_t pieces = plan_.pieces(gi), codes = F::codes_in_group(g.group_length(gi));
-      for (int64_t c = 0; c < codes; ++c)
-        put_code5(group, pieces, c / 4, 4 * r + static_cast<int>(c % 4), code5_at(row, codes_per_row, first + c));
-      first += codes;
-      std::memcpy(group + code5_group_bytes(pieces) + 2 * r, &w.scales[n * plan_.groups + gi], 2);
+  std::vector<int8_t> values(static_cast<size_t>(g.k));
+  // Every sherry code is valid; tl2 rows go through the reference decoder's validation.
+  if (F::kFormat == Format::kTL2) {
+    for (int64_t n = 0; n < g.n; ++n)
+      if (!decode_row(F::kFormat, w.data + n * stride, g.k, g.group_size, values.data()))
+        throw std::runtime_error("corrupt tl2 weights: row " + std::to_string(n) + " holds an invalid code");
+  }
+  std::vector<int64_t> first_code(static_cast<size_t>(plan_.groups) + 1, 0);
+  for (int64_t gi = 0; gi < plan_.groups; ++gi)
+    first_code[gi + 1] = first_code[gi] + F::codes_in_group(g.group_length(gi));
+  // Walk the layout exactly as lut_pass reads it.
+  for (int64_t b = 0; b < blocks_; ++b) {
+    const int alloc = block_alloc(b);
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      const Chunk& chunk = chunks_[c];
+      uint8_t* p = out + chunk_offset(b, c);
+      for (int64_t gi = chunk.g_begin; gi < chunk.g_end; ++gi) {
+        const int64_t pieces = plan_.pieces(gi), codes = first_code[gi + 1] - first_code[gi];
+        const int64_t pair_begin = chunk.split() ? chunk.pair_begin : 0;
+        const int64_t pair_end = chunk.split() ? chunk.pair_end : pieces / 2;
+        const bool last = !chunk.split() || pair_end == pieces / 2;
+        for (int t = 0; t < block_tiles(b); ++t) {
+          for (int r = 0; r < kTileRows; ++r) {
+            const int64_t n = (b * kBlockTiles + t) * kTileRows + r;
+            if (n >= g.n) break;
+            const uint8_t* row = w.data + n * stride;
+            auto code = [&](int64_t c) { return code5_at(row, codes_per_row, first_code[gi] + c); };
+            for (int64_t c = pair_begin * 8; c < std::min(codes, pair_end * 8); ++c)
+              put_pair_code(p + ((c / 8 - pair_begin) * alloc + t) * kPairBytes, static_cast<int>(c / 4 % 2),
+                            4 * r + static_cast<int>(c % 4), code(c));
+            if (!last) continue;
+            uint8_t* tail = p + (pair_end - pair_begin) * alloc * kPairBytes;
+            for (int64_t c = pair_end * 8; c < codes; ++c)  // the half pair
+              put_half_code(tail + t * kHalfBytes, 4 * r + static_cast<int>(c % 4), code(c));
+            std::memcpy(tail + (pieces % 2) * alloc * kHalfBytes + t * kAlphaBytes + 2 * r,
+                        &w.scales[n * plan_.groups + gi], 2);
+          }
+        }
+        p += (pair_end - pair_begin) * alloc * kPairBytes;
+        if (last) p += (pieces % 2) * alloc * kHalfBytes + alloc * kAlphaBytes;
+      }
     }
   }
 }
@@ -371,7 +522,7 @@ void Code5Kernel<F>::prepare_row(const float* a_row, uint8_t* ws) const {
     const float amax = group_amax(x, length);
     if (!(amax > 0.f)) {  // xq = 0: all-zero tables
       std::memset(out, 0, static_cast<size_t>(pieces) * kTableBytes);
-      scale[gi] = 0.f;
+      scale[gi] = std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
       continue;
     }
     const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
@@ -393,75 +544,119 @@ void Code5Kernel<F>::prepare_row(const float* a_row, uint8_t* ws) const {
   }
 }
 
-// Adds one piece of NT tiles (table indices idx[t]) for MB rows of A (their tables for this piece).
+// A whole pair of pieces of NT tiles for MB rows of A: the xl sums of the two pieces are added in
+// int8 first (|sum| <= 90), and so are the xh sums (|sum| <= 48), so that one vpdpbusd each covers
+// both pieces. tables[i]: row i's tables of piece A (piece B's follow). One row keeps its 8 table
+// vectors in registers over all tiles; more rows keep every tile's two indices instead.
 template <class F>
 template <int MB, int NT>
-inline void Code5Kernel<F>::lookup_piece(__m512i (&acc)[MB][NT], const __m512i (&idx)[NT],
-                                         const uint8_t* const (&tables)[MB]) const {
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i) {
-    const __m512i lo0 = _mm512_load_si512(tables[i]), lo1 = _mm512_load_si512(tables[i] + 64);
-    const __m512i hi0 = _mm512_load_si512(tables[i] + 128), hi1 = _mm512_load_si512(tables[i] + 192);
-#pragma GCC unroll 4
+inline void Code5Kernel<F>::lookup_pair(__m512i (&acc)[MB][NT], const uint8_t* const (&entries)[NT],
+                                        const uint8_t* const (&tables)[MB]) const {
+  const LutConstants& c = lut_;
+  auto indices = [&](int t, __m512i& a, __m512i& b) {
+    const uint8_t* e = entries[t];
+    a = table_index(_mm512_loadu_si512(e), load_mask64(e + 64), c);
+    b = table_index(_mm512_srli_epi16(_mm512_loadu_si512(e), 4), load_mask64(e + 72), c);
+  };
+  auto add = [&](__m512i& acc, __m512i a, __m512i b, const __m512i (&table)[8]) {
+    const __m512i lo = _mm512_add_epi8(_mm512_permutex2var_epi8(table[0], a, table[1]),
+                                       _mm512_permutex2var_epi8(table[4], b, table[5]));
+    const __m512i hi = _mm512_add_epi8(_mm512_permutex2var_epi8(table[2], a, table[3]),
+                                       _mm512_permutex2var_epi8(table[6], b, table[7]));
+    acc = _mm512_dpbusd_epi32(acc, c.ones, lo);
+    acc = _mm512_dpbusd_epi32(acc, c.sixteens, hi);
+  };
+  if constexpr (MB == 1) {
+    __m512i table[8];
+    for (int q = 0; q < 8; ++q) table[q] = _mm512_load_si512(tables[0] + 64 * q);
+#pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
-      acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], lut_.ones, _mm512_permutex2var_epi8(lo0, idx[t], lo1));
-      acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], lut_.sixteens, _mm512_permutex2var_epi8(hi0, idx[t], hi1));
+      __m512i a, b;
+      indices(t, a, b);
+      add(acc[0][t], a, b, table);
+    }
+  } else {
+    __m512i a[NT], b[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) indices(t, a[t], b[t]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      __m512i table[8];
+      for (int q = 0; q < 8; ++q) table[q] = _mm512_load_si512(tables[i] + 64 * q);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) add(acc[i][t], a[t], b[t], table);
     }
   }
 }
 
-// Rows [0, MB) of A (prepared at `ws`) against tiles [t0, t0 + NT) over groups [g_begin, g_end):
-// adds each group's contribution to ysum[row][tile][16] in group order. `stream`: the weights come
-// from memory (decode), so prefetch ahead; in prefill they are cache-resident.
+// The half pair ending a group with an odd number of pieces, NT tiles, MB rows of A. halves[t]:
+// the tile's half pair; tables[i]: row i's tables of the piece. Runs once per group, so it simply
+// reloads the tables per tile.
 template <class F>
 template <int MB, int NT>
-void Code5Kernel<F>::lut_block(const uint8_t* ws, int64_t t0, int64_t g_begin, int64_t g_end, float* ysum,
-                               bool stream) const {
+inline void Code5Kernel<F>::lookup_half(__m512i (&acc)[MB][NT], const uint8_t* const (&halves)[NT],
+                                        const uint8_t* const (&tables)[MB]) const {
   const LutConstants& c = lut_;
-  const uint8_t* w[NT];
-  for (int t = 0; t < NT; ++t) w[t] = tile_weights(t0 + t) + g_begin * plan_.group_wbytes;
-  for (int64_t gi = g_begin; gi < g_end; ++gi) {
+  for (int t = 0; t < NT; ++t) {
+    // Codes 0-31 in the low nibbles of 32 bytes, 32-63 in the high nibbles.
+    const __m512i both =
+        _mm512_maskz_broadcast_i64x4(0xFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves[t])));
+    const __m512i idx = table_index(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), load_mask64(halves[t] + 32), c);
+    for (int i = 0; i < MB; ++i) {
+      const uint8_t* tb = tables[i];
+      acc[i][t] = _mm512_dpbusd_epi32(
+          acc[i][t], c.ones, _mm512_permutex2var_epi8(_mm512_load_si512(tb), idx, _mm512_load_si512(tb + 64)));
+      acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], c.sixteens,
+                                      _mm512_permutex2var_epi8(_mm512_load_si512(tb + 128), idx,
+                                                               _mm512_load_si512(tb + 192)));
+    }
+  }
+}
+
+// Rows [0, MB) of A (prepared at `ws`) against tiles [t_first, t_first + NT) of block `block`
+// over one chunk: adds each completed group's contribution, in group order, to
+// ysum[i * ysum_row + t] (16 floats each, t counted from t_first). A group split over chunks
+// keeps its int32 sums in carry[i * ysum_row + t] between them.
+template <class F>
+template <int MB, int NT>
+void Code5Kernel<F>::lut_pass(const uint8_t* ws, int64_t block, int t_first, const Chunk& chunk, float* ysum,
+                              size_t ysum_row, __m512i* carry) const {
+  const int alloc = block_alloc(block);
+  const uint8_t* w = weights_.data() + chunk_offset(block, &chunk - chunks_.data());
+  for (int64_t gi = chunk.g_begin; gi < chunk.g_end; ++gi) {
     const int64_t pieces = plan_.pieces(gi);
+    const int64_t pair_begin = chunk.split() ? chunk.pair_begin : 0;
+    const int64_t pair_end = chunk.split() ? chunk.pair_end : pieces / 2;
+    const bool last = !chunk.split() || pair_end == pieces / 2;
     const uint8_t* tables[MB];
-    for (int i = 0; i < MB; ++i) tables[i] = ws + i * plan_.act_row_bytes + gi * plan_.act_group_bytes;
+    for (int i = 0; i < MB; ++i)
+      tables[i] = ws + i * plan_.act_row_bytes + gi * plan_.act_group_bytes + 2 * pair_begin * kTableBytes;
     __m512i acc[MB][NT];
-    for (auto& row : acc)
-      for (auto& a : row) a = _mm512_setzero_si512();
-    for (int64_t pair = 0; pair < pieces / 2; ++pair) {
-      __m512i nibbles[NT], idx[NT];
-      for (int t = 0; t < NT; ++t) {
-        if (stream) {  // cold weights: hardware prefetch alone keeps too few misses in flight
-          prefetch(w[t] + kPrefetchBytes);
-          prefetch(w[t] + kPrefetchBytes + 64);
-        }
-        nibbles[t] = _mm512_loadu_si512(w[t]);
-        idx[t] = table_index(nibbles[t], load_mask64(w[t] + 64), c);
-      }
-      lookup_piece<MB, NT>(acc, idx, tables);
-      for (int i = 0; i < MB; ++i) tables[i] += kTableBytes;
-      for (int t = 0; t < NT; ++t) {
-        idx[t] = table_index(_mm512_srli_epi16(nibbles[t], 4), load_mask64(w[t] + 72), c);
-        w[t] += kPairBytes;
-      }
-      lookup_piece<MB, NT>(acc, idx, tables);
-      for (int i = 0; i < MB; ++i) tables[i] += kTableBytes;
+    for (int i = 0; i < MB; ++i)
+      for (int t = 0; t < NT; ++t) acc[i][t] = pair_begin > 0 ? carry[i * ysum_row + t] : _mm512_setzero_si512();
+    const uint8_t* entries[NT];
+    for (int64_t pair = pair_begin; pair < pair_end; ++pair, w += alloc * kPairBytes) {
+      for (int t = 0; t < NT; ++t) entries[t] = w + (t_first + t) * kPairBytes;
+      lookup_pair<MB, NT>(acc, entries, tables);
+      for (int i = 0; i < MB; ++i) tables[i] += 2 * kTableBytes;
+    }
+    if (!last) {
+      for (int i = 0; i < MB; ++i)
+        for (int t = 0; t < NT; ++t) carry[i * ysum_row + t] = acc[i][t];
+      continue;
     }
     if (pieces % 2) {
-      __m512i idx[NT];
-      for (int t = 0; t < NT; ++t) {
-        const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[t])));
-        idx[t] = table_index(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), load_mask64(w[t] + 32), c);
-        w[t] += kHalfBytes;
-      }
-      lookup_piece<MB, NT>(acc, idx, tables);
+      for (int t = 0; t < NT; ++t) entries[t] = w + (t_first + t) * kHalfBytes;
+      lookup_half<MB, NT>(acc, entries, tables);
+      w += alloc * kHalfBytes;
     }
     for (int t = 0; t < NT; ++t) {
-      const __m512 alpha = load_alpha(w[t]);
-      w[t] += kAlphaBytes;
+      const __m512 alpha = load_alpha(w + (t_first + t) * kAlphaBytes);
       for (int i = 0; i < MB; ++i)
-        accumulate_group(ysum + (i * NT + t) * kTileRows, acc[i][t], alpha,
+        accumulate_group(ysum + (i * ysum_row + t) * kTileRows, acc[i][t], alpha,
                          plan_.scales(ws + i * plan_.act_row_bytes)[gi]);
     }
+    w += alloc * kAlphaBytes;
   }
 }
 
@@ -470,54 +665,61 @@ struct Scratch {
   std::vector<Line> planes;  // i2s prefill: decoded weight block, [piece][plane][tile] zmm
   std::vector<Line> alpha;   // i2s prefill: [group in block][tile] 16 float scales
   std::vector<Line> y;       // [row of A][tile] 16 float partial sums
+  std::vector<Line> carry;   // code5: int32 sums of a group split over chunks
 };
 
+// Superblock after superblock of the range. Decode (M <= 4): chunk after chunk along K (their
+// tables stay in L1 while every block of the superblock runs over them), block after block, all
+// rows of A in each pass: the weights stream through once. Prefill: 3 rows of A at a time, and for
+// each, the same chunk-then-block order: like a GEMM with the superblock's weights (<= 720 KiB for
+// K = 2048) held in L2, the rows' chunk tables in L1, and only their partial sums live.
 template <class F>
 void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                              float* y) const {
   if (m <= 0 || n_begin >= n_end) return;
-  const int64_t n = plan_.g.n, t_begin = n_begin / kTileRows, t_end = ceil_div(std::min(n_end, n), kTileRows);
+  const int64_t n = plan_.g.n, rows_per_sb = superblock_ * kBlockTiles * kTileRows;
   thread_local Scratch scratch;
-  // Decode: tiles 4 at a time (sharing each table load), all groups in one pass. Prefill: 3 tiles
-  // x 4 rows of A per block (registers), groups in blocks whose tables for all rows stay in L2,
-  // the tiles' weights in L1.
-  constexpr int kDecodeTiles = 4, kPrefillTiles = 3, kPrefillRows = 4;
-  const int64_t tiles_per_pass = m <= kSmallBatch ? kDT : kPrefillTiles;
-  const int64_t block_groups =
-      m <= kSmallBatch ? plan_.groups
-                       : std::max<int64_t>(1, static_cast<int64_t>((512 * 1024) / (static_cast<size_t>(m) * plan_.act_group_bytes)));
-  for (int64_t t = t_begin; t < t_end; t += tiles_per_pass) {
-    const int nt = static_cast<int>(std::min(tiles_per_pass, t_end - t));
-    scratch.y.assign(static_cast<size_t>(m * nt), Line{});
+  constexpr int kPrefillRows = 3;
+  const int64_t rows_per_step = m <= kSmallBatch ? m : kPrefillRows;
+  for (int64_t sb = n_begin / rows_per_sb, sb_end = ceil_div(std::min(n_end, n), rows_per_sb); sb < sb_end; ++sb) {
+    const int64_t b_begin = sb * superblock_, b_end = std::min(blocks_, b_begin + superblock_);
+    const int64_t tiles = (b_end - b_begin) * kBlockTiles;  // ysum columns (padding tiles unused)
+    scratch.y.assign(static_cast<size_t>(m * tiles), Line{});
+    scratch.carry.resize(static_cast<size_t>(m * tiles));
     float* ysum = as_floats(scratch.y);
-    for (int64_t g0 = 0; g0 < plan_.groups; g0 += block_groups) {
-      const int64_t g1 = std::min(plan_.groups, g0 + block_groups);
-      if (m <= kSmallBatch) {
-        dispatch<kSmallBatch>(static_cast<int>(m), [&](auto rows) {
-          dispatch<kDecodeTiles>(nt, [&](auto tiles) {
-            lut_block<decltype(rows)::value, decltype(tiles)::value>(ws, t, g0, g1, ysum, true);
+    auto* carry = reinterpret_cast<__m512i*>(scratch.carry.data());
+    for (int64_t m0 = 0; m0 < m; m0 += rows_per_step) {
+      const int rows = static_cast<int>(std::min(rows_per_step, m - m0));
+      for (const Chunk& chunk : chunks_) {
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          const int alloc = block_alloc(b);
+          const int64_t tile0 = (b - b_begin) * kBlockTiles;
+          dispatch<kSmallBatch>(rows, [&](auto r) {
+            constexpr int MB = decltype(r)::value;
+            dispatch_pow2<pass_tiles(MB)>(std::min(alloc, pass_tiles(MB)), [&](auto nt) {
+              constexpr int NT = decltype(nt)::value;
+              for (int t = 0; t < alloc; t += NT)
+                lut_pass<MB, NT>(ws + m0 * plan_.act_row_bytes, b, t, chunk,
+                                 ysum + (m0 * tiles + tile0 + t) * kTileRows, tiles,
+                                 carry + m0 * tiles + tile0 + t);
+            });
           });
-        });
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < m; m0 += kPrefillRows) {
-        dispatch<kPrefillRows>(static_cast<int>(std::min<int64_t>(kPrefillRows, m - m0)), [&](auto rows) {
-          dispatch<kPrefillTiles>(nt, [&](auto tiles) {
-            lut_block<decltype(rows)::value, decltype(tiles)::value>(
-                ws + m0 * plan_.act_row_bytes, t, g0, g1, ysum + m0 * nt * kTileRows, false);
-          });
-        });
+        }
       }
     }
-    for (int tt = 0; tt < nt; ++tt)
-      store_tile(ysum + tt * kTileRows, static_cast<size_t>(nt) * kTileRows, m, t + tt,
-                 Plan::rows_of(t + tt, n_begin, n_end), bias, y, n);
+    for (int64_t tt = 0; tt < tiles; ++tt) {
+      const int64_t t = b_begin * kBlockTiles + tt;
+      if (t >= plan_.tiles) break;
+      const __mmask16 mask = Plan::rows_of(t, n_begin, n_end);
+      if (mask) store_tile(ysum + tt * kTileRows, static_cast<size_t>(tiles) * kTileRows, m, t, mask, bias, y, n);
+    }
   }
 }
 
 // --- i2s: 2-bit codes, weight planes ------------------------------------------------------------
 
 constexpr size_t kI2SPieceBytes = 64;
+constexpr int kPrefillTiles = 2;     // i2s prefill: tiles decoded together (one micro-kernel column each)
 constexpr size_t kI2SActPieceBytes = 16;  // planes as dwords: dword p = xq of lane p of blocks 0..3
 
 class I2SKernel final : public MatMulKernel {
@@ -538,7 +740,7 @@ class I2SKernel final : public MatMulKernel {
 
  private:
   void repack(const PackedWeights& w);
-  const uint8_t* tile_weights(int64_t t) const { return as_bytes(weights_) + t * plan_.tile_wbytes; }
+  const uint8_t* tile_weights(int64_t t) const { return weights_.data() + t * plan_.tile_wbytes; }
   template <int MB>
   void decode_tile(const uint8_t* ws, int64_t t, float* ysum) const;
   template <int NT>
@@ -547,14 +749,14 @@ class I2SKernel final : public MatMulKernel {
   void micro_kernel(const uint8_t* ws, int64_t g_begin, int64_t g_end, const Scratch& s, float* ysum) const;
 
   Plan plan_;
-  std::vector<Line> weights_;
+  WeightBuffer weights_;
 };
 
 void I2SKernel::repack(const PackedWeights& w) {
   const Geometry& g = plan_.g;
-  uint8_t* out = as_bytes(weights_);
+  uint8_t* out = weights_.data();
   // Padding gets code 1 (weight 0), so that decoded prefill planes are zero there as well.
-  std::memset(out, 0x55, weights_.size() * sizeof(Line));
+  std::memset(out, 0x55, weights_.size());
   const int64_t stride = row_bytes(Format::kI2S, g.k, g.group_size);
   std::vector<int8_t> values(static_cast<size_t>(g.k));
   for (int64_t n = 0; n < g.n; ++n) {
@@ -590,7 +792,7 @@ void I2SKernel::prepare_row(const float* a_row, uint8_t* ws) const {
     if (!(amax > 0.f)) {
       std::memset(out, 0, static_cast<size_t>(pieces) * kI2SActPieceBytes);
       corr[gi] = 0;
-      scale[gi] = 0.f;
+      scale[gi] = std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
       continue;
     }
     const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
@@ -600,7 +802,8 @@ void I2SKernel::prepare_row(const float* a_row, uint8_t* ws) const {
     for (int64_t piece = 0, c = 0; piece < pieces; piece += 4, c += 64, summed += 64) {
       __m512i bytes = _mm512_setzero_si512();
       for (int v = 0; v < 4 && c + 16 * v < length; ++v)
-        bytes = _mm512_inserti32x4(bytes, _mm512_cvtepi32_epi8(quantize16(x + c + 16 * v, length - c - 16 * v, inv)), v);
+        bytes = _mm512_mask_broadcast_i32x4(bytes, static_cast<__mmask16>(0xF << (4 * v)),  // lane v
+                                            _mm512_cvtepi32_epi8(quantize16(x + c + 16 * v, length - c - 16 * v, inv)));
       sum = _mm512_add_epi64(sum, _mm512_sad_epu8(_mm512_xor_si512(bytes, _mm512_set1_epi8(-128)), _mm512_setzero_si512()));
       const int64_t left = std::min<int64_t>(4, pieces - piece);
       const __mmask64 store = left == 4 ? ~0ull : (1ull << (16 * left)) - 1;
@@ -626,7 +829,6 @@ void I2SKernel::decode_tile(const uint8_t* ws, int64_t t, float* ysum) const {
       for (int p = 1; p < 4; ++p) acc[i][p] = _mm512_setzero_si512();
     }
     for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces; ++piece, w += kI2SPieceBytes) {
-      prefetch(w + kPrefetchBytes);  // cold weights: see Code5Kernel::lut_block
       const __m512i codes = _mm512_loadu_si512(w);
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
@@ -683,7 +885,7 @@ void I2SKernel::micro_kernel(const uint8_t* ws, int64_t g_begin, int64_t g_end, 
 
 template <int NT>
 void I2SKernel::prefill_tiles(const uint8_t* ws, int64_t m, int64_t t, float* ysum, Scratch& s) const {
-  constexpr int kRows = 12;                         // rows of A per micro-kernel call
+  constexpr int kRows = 4;                         // rows of A per micro-kernel call
   constexpr size_t kBufferBytes = 24 * 1024;        // decoded weight block target (L1)
   const size_t piece_bytes = 4 * NT * sizeof(Line);
   const int64_t block_groups = std::max<int64_t>(1, static_cast<int64_t>(kBufferBytes / (plan_.pieces_full * piece_bytes)));
@@ -730,11 +932,10 @@ void I2SKernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n
     return;
   }
   for (int64_t t = t_begin; t < t_end;) {
-    const int nt = t + 1 < t_end ? 2 : 1;  // tiles go in pairs (32 rows), an odd last one alone
+    const int nt = static_cast<int>(std::min<int64_t>(kPrefillTiles, t_end - t));
     scratch.y.assign(static_cast<size_t>(m * nt), Line{});
     float* ysum = as_floats(scratch.y);
-    if (nt == 2) prefill_tiles<2>(ws, m, t, ysum, scratch);
-    else prefill_tiles<1>(ws, m, t, ysum, scratch);
+    dispatch<kPrefillTiles>(nt, [&](auto tiles) { prefill_tiles<decltype(tiles)::value>(ws, m, t, ysum, scratch); });
     for (int tt = 0; tt < nt; ++tt)
       store_tile(ysum + tt * kTileRows, static_cast<size_t>(nt) * kTileRows, m, t + tt,
                  Plan::rows_of(t + tt, n_begin, n_end), bias, y, n);
