@@ -251,7 +251,7 @@ class Avx2Kernel final : public MatMulKernel {
   Format format_;
   Geometry g_;
   int64_t groups_;
-  int64_t unit_lanes_;               // activation lanes per unit: 4 (sherry), 3 (tl2), 16 (i2s)
+  int64_t unit_lanes_;                 // activation lanes per unit: 4 (sherry), 3 (tl2), 16 (i2s)
   std::vector<int64_t> units_;         // padded units per group
   std::vector<int64_t> lane_begin_;    // first lane of each group in lane space
   std::vector<int64_t> group_offset_;  // byte offset of each group inside a tile
