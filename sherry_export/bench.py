@@ -30,13 +30,13 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from sherry_export.export.graph import FLOAT, GraphBuilder
+from sherry_export.export.graph import FLOAT, GraphBuilder, stored_bytes
 from sherry_export.export.projections import Projection, emit_projection
 from sherry_export.formats import FORMATS, PackedWeight, pack
 from sherry_export.onnx_ops import matmul_node
 from sherry_export.quant import dequantize_ternary, sherry_ternarize
 from sherry_export.report import markdown_table
-from sherry_export.runtime import session_options
+from sherry_export.runtime import make_session
 
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
 """LLaMA-3.2-1B's linear shapes as (K, N): q/o, k/v, gate/up, down."""
@@ -112,21 +112,24 @@ def profiled_node_times(
 ) -> list[float]:
     """Per-node kernel times (µs) over ``runs`` calls, from onnxruntime's profiler; warm-up calls dropped."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads=threads, kernel=candidate.path if candidate.format in FORMATS else None)
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        kernel = candidate.path if candidate.format in FORMATS else None
+        session = make_session(blob, threads=threads, kernel=kernel, profile_prefix=os.path.join(tmp, "profile"))
         for _ in range(warmup + runs):
             session.run(None, {"A": a})
-        events = _kernel_events(session.end_profiling())
+        events = kernel_events(read_profile(session.end_profiling()))
     return [float(e["dur"]) for e in events[warmup * nodes :]]
 
 
-def _kernel_events(profile_path: str) -> list[dict]:
+def read_profile(profile_path: str) -> list[dict]:
+    """The events of an onnxruntime profile file, which is deleted once read (they pile up otherwise)."""
     with open(profile_path) as f:
         events = json.load(f)
     os.unlink(profile_path)
+    return events
+
+
+def kernel_events(events: list[dict]) -> list[dict]:
+    """The per-node kernel events of a profile (``args.op_name`` is the op type, ``dur`` the µs)."""
     return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
 
 
@@ -252,11 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     shapes = [(h, h + 2 * kv), (h, h), (h, 2 * i), (i, h)]  # (K, N): qkv, o, gate+up, down
     expected = layers * sum(n * fmt.row_bytes(k, GROUP_SIZE) + 2 * n * -(-k // GROUP_SIZE) for k, n in shapes)
     model = onnx.load(os.fspath(result.model_path), load_external_data=False)
-    stored = sum(
-        int(next(e.value for e in t.external_data if e.key == "length")) if t.external_data else len(t.raw_data)
-        for t in model.graph.initializer
-        if t.name.endswith((".B", ".scales"))
-    )
+    stored = sum(stored_bytes(t) for t in model.graph.initializer if t.name.endswith((".B", ".scales")))
     rows = [
         ["export time (s)", round(seconds, 1)],
         ["peak RSS (GB)", round(peak_gb, 2)],

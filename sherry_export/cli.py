@@ -262,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
-    from sherry_export import bench, data, train
+    from sherry_export import bench, compare, data, train
 
     data.register(sub)
     train.register(sub)
     bench.register(sub)
+    compare.register(sub)
     return parser
 
 

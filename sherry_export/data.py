@@ -299,13 +299,14 @@ def prepare_corpora(root: Path | None = None, run: Callable[..., Any] = subproce
     return root / "clean"
 
 
-def read_split(clean: Path, split: str) -> list[str]:
-    """The texts of one split, in a fixed order."""
+def read_split(clean: Path, split: str, corpus: str | None = None) -> list[str]:
+    """The texts of one split (of one corpus, if given), in a fixed order."""
     path = clean / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `sherry data` first")
     with path.open(encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle]
+        records = (json.loads(line) for line in handle)
+        return [r["text"] for r in records if corpus is None or r["corpus"] == corpus]
 
 
 # --- tokenization ---------------------------------------------------------------------------------------

@@ -42,8 +42,17 @@ class GenerationResult:
 class OnnxCausalLM:
     """An exported decoder in an onnxruntime session, with the ``ai.sherry`` ops registered."""
 
-    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1, kernel: KernelPath | None = None) -> None:
-        self.session: ort.InferenceSession = make_session(os.fspath(model_path), threads=threads, kernel=kernel)
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        threads: int = 1,
+        kernel: KernelPath | None = None,
+        profile_prefix: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``profile_prefix`` turns on onnxruntime's profiler (see :func:`sherry_export.runtime.make_session`)."""
+        self.session: ort.InferenceSession = make_session(
+            os.fspath(model_path), threads=threads, kernel=kernel, profile_prefix=profile_prefix
+        )
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         if not past or "input_ids" not in {i.name for i in self.session.get_inputs()}:
             raise ValueError(f"{model_path} is not a sherry-export decoder (no input_ids / past_key_values inputs)")

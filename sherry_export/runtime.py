@@ -74,16 +74,21 @@ def make_session(
     threads: int = 1,
     kernel: KernelPath | None = None,
     report_kernel: bool = False,
+    profile_prefix: str | os.PathLike[str] | None = None,
 ) -> ort.InferenceSession:
     """A CPU session for ``model`` (a ModelProto, serialized bytes or a path) with the ai.sherry ops.
 
     ``threads`` is the intra-op pool the ops split their work over; ``kernel`` forces a kernel path
     (see the module docstring); ``report_kernel`` prints each node's path to stderr.
+    ``profile_prefix`` turns on onnxruntime's profiler, which writes per-node times to a JSON file
+    starting with that prefix when ``session.end_profiling()`` is called (benchmarks read them).
     """
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(
-        model, sess_options=session_options(threads, kernel, report_kernel), providers=["CPUExecutionProvider"]
-    )
+    options = session_options(threads, kernel, report_kernel)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.fspath(profile_prefix)
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])

@@ -96,6 +96,16 @@ class GraphBuilder:
         return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="sherry-export")
 
 
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of an initializer's data, in the file or in external data (read from the model loaded with
+    ``load_external_data=False``, so sizing a multi-GB model does not load its weights)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int(next(e.value for e in tensor.external_data if e.key == "length"))
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return numpy_helper.to_array(tensor).nbytes
+
+
 def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 

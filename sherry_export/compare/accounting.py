@@ -1,0 +1,128 @@
+"""What an exported decoder stores and what one decode step reads, from its initializers.
+
+The numbers come from the ONNX file itself (loaded without its external data), not from the
+format's formula, so they measure what was exported: the packed projection bytes, their scales,
+the LM head, and everything else. A decode step reads every weight once, except the gathered
+tables (the embedding and the rotary caches), of which it reads one row; that is the numerator of
+the achieved-bandwidth figure (``docs/results.md``). The kernels repack weights into private
+layouts when a session starts; the accounting counts the file's canonical layout
+(``docs/formats.md``), which is what the format costs, not what a kernel chose to read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from sherry_export.export.graph import stored_bytes
+from sherry_export.export.llm import MODEL_FILE
+from sherry_export.formats import FORMATS
+
+TERNARY_OPS = frozenset(f.op_type for f in FORMATS.values())
+LM_HEAD_NODE = "lm_head"
+"""The exporter's name for the LM head node (``sherry_export.export.llama.emit_lm_head``)."""
+GATHERED_TABLE_INPUTS = {"Gather": (0,), "GroupQueryAttention": (7, 8)}
+"""Initializers a node reads one row of per token: the embedding table, the rotary cos/sin caches."""
+
+
+@dataclass
+class WeightBytes:
+    """Matmul weights of one kind (the projections, or the LM head): count and stored bytes."""
+
+    weights: int = 0
+    code_bytes: int = 0
+    scale_bytes: int = 0
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return 8 * self.code_bytes / self.weights if self.weights else math.nan
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight including the scales (fp16 in our formats, float32 in MatMulNBits)."""
+        return 8 * (self.code_bytes + self.scale_bytes) / self.weights if self.weights else math.nan
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.scale_bytes
+
+
+@dataclass
+class ModelAccounting:
+    file_bytes: int
+    """model.onnx plus its external data file."""
+    projections: WeightBytes
+    lm_head: WeightBytes
+    embedding_bytes: int
+    other_bytes: int
+    """Norm weights, biases, rotary caches, shape constants."""
+    decode_weight_bytes: int
+    """Initializer bytes one decode step reads: all of them, but one row of each gathered table."""
+    kv_bytes_per_position: int
+    """KV cache bytes a decode step reads per token already in the context (float32 K and V, all layers)."""
+
+    def achieved_gb_per_s(self, seconds_per_token: float) -> float:
+        """Weight bytes read per decoded token over the time per token, in GB/s (1e9 bytes)."""
+        return self.decode_weight_bytes / seconds_per_token / 1e9
+
+
+def _weight_count(node: onnx.NodeProto, dims: dict[str, list[int]]) -> int:
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if "K" in attrs and "N" in attrs:  # ai.sherry ops and MatMulNBits
+        return attrs["K"] * attrs["N"]
+    return math.prod(dims[node.input[1]])  # MatMul: the [K, N] weight
+
+
+def _is_matmul(node: onnx.NodeProto, initializers: dict[str, int]) -> bool:
+    if node.op_type in TERNARY_OPS or node.op_type == "MatMulNBits":
+        return True
+    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers
+
+
+def account(model_dir: str | os.PathLike[str]) -> ModelAccounting:
+    """Sizes and per-token reads of the exported decoder in ``model_dir``."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    graph = model.graph
+    sizes = {t.name: stored_bytes(t) for t in graph.initializer}
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    projections, lm_head = WeightBytes(), WeightBytes()
+    counted: set[str] = set()
+    embedding = other = decode = 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name in sizes and name not in counted]
+        counted.update(inputs)
+        gathered = {node.input[i] for i in GATHERED_TABLE_INPUTS.get(node.op_type, ()) if i < len(node.input)}
+        for name in inputs:
+            decode += sizes[name] // dims[name][0] if name in gathered else sizes[name]
+        if _is_matmul(node, sizes):
+            target = lm_head if node.name == LM_HEAD_NODE else projections
+            target.weights += _weight_count(node, dims)
+            target.code_bytes += sizes[node.input[1]]
+            scales = node.input[2] if node.op_type != "MatMul" else None
+            target.scale_bytes += sizes[scales] if scales else 0
+            other += sum(sizes[name] for name in inputs if name not in (node.input[1], scales))
+        else:
+            table = node.input[0] if node.op_type == "Gather" and node.input[0] in inputs else None
+            embedding += sizes[table] if table else 0
+            other += sum(sizes[name] for name in inputs if name != table)
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    kv_per_position = sum(
+        4 * math.prod(d.dim_value for d in i.type.tensor_type.shape.dim if d.HasField("dim_value")) for i in past
+    )
+    file_bytes = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(MODEL_FILE))
+    return ModelAccounting(
+        file_bytes=file_bytes,
+        projections=projections,
+        lm_head=lm_head,
+        embedding_bytes=embedding,
+        other_bytes=other,
+        decode_weight_bytes=decode,
+        kv_bytes_per_position=kv_per_position,
+    )

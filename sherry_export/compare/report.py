@@ -1,0 +1,410 @@
+"""The comparison report: ``report.md``, ``results.json`` and two plots, from one :class:`CompareResults`.
+
+Tables are built as rows here and printed by :func:`sherry_export.report.markdown_table`; speed-ups
+are Sherry's decode tokens/s over each baseline's, from the same repetition (see ``speed.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sherry_export.compare.accounting import TERNARY_OPS, ModelAccounting
+from sherry_export.compare.accuracy import Evaluation
+from sherry_export.compare.speed import LM_HEAD_GROUP, OUTSIDE_NODES, SpeedResults
+from sherry_export.report import markdown_table
+
+REFERENCE = "sherry"
+SPEED_TARGETS = {"i2s": 1.15, "tl2": 1.25, "nbits2": 1.3}
+"""Sherry's decode speed-up the project aims for (LLaMA-3.2-1B shape, 2 threads, the same LM head)."""
+TARGET_THREADS = 2
+BANDWIDTH_TARGET = 0.6
+"""Decode should reach this fraction of the measured memory read bandwidth."""
+MB = 1e6
+PROJECTION_OPS = TERNARY_OPS | {"MatMulNBits", "MatMul"}
+"""Op types of the projections in the profile (the LM head's node is grouped apart before this)."""
+
+
+@dataclass
+class CompareResults:
+    model: str
+    source: str
+    provenance: str
+    machine: str
+    date: str
+    settings: dict
+    formats: list[str]
+    sizes: dict[str, ModelAccounting]
+    speed: SpeedResults | None = None
+    accuracy: list[Evaluation] = field(default_factory=list)
+    eval_sizes: dict[str, int] = field(default_factory=dict)
+    """Documents per task and scored tokens per corpus actually used."""
+
+
+def size_table(results: CompareResults) -> str:
+    rows = []
+    for fmt, a in results.sizes.items():
+        rows.append(
+            [
+                fmt,
+                round(a.file_bytes / MB, 2),
+                a.projections.weights,
+                round(a.projections.code_bits_per_weight, 4),
+                round(a.projections.bits_per_weight, 4),
+                round(a.projections.total_bytes / MB, 2),
+                round(a.lm_head.bits_per_weight, 3),
+                round(a.lm_head.total_bytes / MB, 2),
+                round(a.decode_weight_bytes / MB, 2),
+            ]
+        )
+    headers = [
+        "format",
+        "file MB",
+        "projection weights",
+        "code bits/weight",
+        "bits/weight incl. scales",
+        "projections MB",
+        "LM head bits/weight",
+        "LM head MB",
+        "read per decode step MB",
+    ]
+    return markdown_table(headers, rows)
+
+
+def _baselines(results: CompareResults) -> list[str]:
+    return [f for f in results.formats if f != REFERENCE] if REFERENCE in results.formats else []
+
+
+def paper_table(results: CompareResults) -> str:
+    """Decode tokens/s per format and thread count, then Sherry's speed-up over each baseline."""
+    speed = results.speed
+    baselines = _baselines(results)
+    headers = ["threads", *[f"{f} tok/s" for f in results.formats], *[f"sherry/{b}" for b in baselines]]
+    rows = []
+    for t in speed.bandwidth_gb_per_s:
+        row: list[object] = [t, *[f"{speed.decode_tokens_per_s(f, t):.2f}" for f in results.formats]]
+        rows.append(row + [f"{speed.speedup(REFERENCE, b, t):.3f}x" for b in baselines])
+    return markdown_table(headers, rows)
+
+
+def speed_detail_table(results: CompareResults) -> str:
+    speed = results.speed
+    headers = [
+        "threads",
+        "format",
+        "prefill tok/s",
+        "decode tok/s",
+        "decode range (reps)",
+        "ms/token",
+        "weights GB/s",
+        "of measured bandwidth",
+    ]
+    rows = []
+    for t in speed.bandwidth_gb_per_s:
+        for fmt in results.formats:
+            rate = speed.decode_tokens_per_s(fmt, t)
+            low, high = speed.decode_range(fmt, t)
+            achieved = results.sizes[fmt].achieved_gb_per_s(1 / rate)
+            rows.append(
+                [
+                    t,
+                    fmt,
+                    f"{speed.prefill_tokens_per_s(fmt, t):.1f}",
+                    f"{rate:.2f}",
+                    f"{low:.2f}–{high:.2f}",
+                    f"{1000 / rate:.3f}",
+                    f"{achieved:.2f}",
+                    f"{achieved / speed.bandwidth(t):.0%}",
+                ]
+            )
+    return markdown_table(headers, rows)
+
+
+def op_share_table(results: CompareResults) -> str:
+    """Per format and thread count, the share of a profiled decode step in each part of the graph.
+
+    The projections are whichever matmul op the format uses; every op type's own time is in results.json.
+    """
+    rows = []
+    for p in results.speed.profiles:
+        step = sum(p.step_us.values())
+        projections = sum(us for op, us in p.step_us.items() if op in PROJECTION_OPS)
+        attention = p.step_us.get("GroupQueryAttention", 0.0)
+        head, outside = p.step_us.get(LM_HEAD_GROUP, 0.0), p.step_us.get(OUTSIDE_NODES, 0.0)
+        other = step - projections - attention - head - outside
+        parts = [projections, head, attention, other, outside]
+        rows.append([p.threads, p.format, f"{step / 1000:.3f}", *[f"{v / step:.1%}" for v in parts]])
+    headers = [
+        "threads",
+        "format",
+        "profiled step ms",
+        "projections",
+        LM_HEAD_GROUP,
+        "attention",
+        "other ops",
+        OUTSIDE_NODES,
+    ]
+    return markdown_table(headers, rows)
+
+
+def bandwidth_table(results: CompareResults) -> str:
+    speed = results.speed
+    rows = [
+        [t, round(max(v), 2), round(min(v), 2), len(v), f"{speed.settings.bandwidth_bytes / 1e9:.2f}"]
+        for t, v in speed.bandwidth_gb_per_s.items()
+    ]
+    return markdown_table(["threads", "best GB/s", "worst GB/s", "probes", "buffer GB"], rows)
+
+
+def target_rows(results: CompareResults) -> list[list[object]]:
+    """The project's speed targets against this run's measurements (where the formats and threads were run)."""
+    speed = results.speed
+    if speed is None or TARGET_THREADS not in speed.bandwidth_gb_per_s or REFERENCE not in results.formats:
+        return []
+    rows: list[list[object]] = []
+    for baseline, goal in SPEED_TARGETS.items():
+        if baseline in results.formats:
+            value = speed.speedup(REFERENCE, baseline, TARGET_THREADS)
+            rows.append([f"sherry/{baseline} decode tok/s", f">= {goal}", f"{value:.3f}", _met(value >= goal)])
+    rate = speed.decode_tokens_per_s(REFERENCE, TARGET_THREADS)
+    fraction = results.sizes[REFERENCE].achieved_gb_per_s(1 / rate) / speed.bandwidth(TARGET_THREADS)
+    rows.append(
+        [
+            "sherry decode, share of bandwidth",
+            f">= {BANDWIDTH_TARGET:.0%}",
+            f"{fraction:.1%}",
+            _met(fraction >= BANDWIDTH_TARGET),
+        ]
+    )
+    return rows
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _with_se(value: float, se: float) -> str:
+    return f"{value:.4f} ± {se:.4f}" if not math.isnan(se) else f"{value:.4f}"
+
+
+def accuracy_table(results: CompareResults) -> str:
+    rows_in = results.accuracy
+    corpora = list(rows_in[0].perplexity)
+    tasks = list(rows_in[0].tasks)
+    normed = [t for t in tasks if rows_in[0].tasks[t].acc_norm is not None]
+    headers = [
+        "model",
+        "backend",
+        "bits/weight",
+        *[f"ppl {c}" for c in corpora],
+        *[f"{t} acc" for t in tasks],
+        *([] if not tasks else ["mean acc"]),
+        *[f"{t} acc_norm" for t in normed],
+    ]
+    rows = []
+    for e in rows_in:
+        size = results.sizes.get(e.label) if e.backend == "onnxruntime" else None
+        rows.append(
+            [
+                e.label,
+                e.backend,
+                "" if size is None else round(size.projections.bits_per_weight, 3),
+                *[round(e.perplexity[c].value, 3) for c in corpora],
+                *[_with_se(e.tasks[t].acc, e.tasks[t].acc_stderr) for t in tasks],
+                *([] if not tasks else [round(e.mean_acc, 4)]),
+                *[_with_se(e.tasks[t].acc_norm, e.tasks[t].acc_norm_stderr) for t in normed],
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+def markdown_report(results: CompareResults) -> str:
+    s = results.settings
+    parts = [
+        f"# Comparison: {results.source}",
+        "",
+        f"- model: `{results.model}` ({results.provenance})",
+        f"- machine: {results.machine}",
+        f"- date: {results.date}",
+        f"- formats: {', '.join(results.formats)}; LM head {s['lm_head']} in all; group size {s['group_size']}",
+        "",
+        "## Size",
+        "",
+        "Projections are the attention and MLP linears; bits per weight from the packed initializers in "
+        "the file. A decode step reads every weight once and one row of the embedding and rotary tables.",
+        "",
+        size_table(results),
+    ]
+    if results.speed is not None:
+        sp = results.speed.settings
+        parts += [
+            "",
+            "## Speed",
+            "",
+            f"Prefill: a {sp.prompt_tokens}-token prompt. Decode: {sp.decode_steps} steps after it, median step. "
+            f"{sp.repetitions} repetitions, formats interleaved in rotated order; each figure is the median over "
+            "repetitions, speed-ups the median of per-repetition ratios. A fresh session and a warm-up "
+            "generation precede every measurement.",
+            "",
+            paper_table(results),
+            "",
+            speed_detail_table(results),
+            "",
+            "### Where decode time goes",
+            "",
+            f"onnxruntime profiler, {sp.profile_steps} decode steps in a separate pass; node time by op type, "
+            f"the LM head apart, and the rest of the wall-clock step ({OUTSIDE_NODES}).",
+            "",
+            op_share_table(results),
+            "",
+            "### Memory bandwidth",
+            "",
+            "Measured in the same run: a max-reduction over a buffer by as many threads as the decode runs "
+            "with; the best probe is the machine's figure. Weights GB/s above = bytes read per decode step "
+            "/ time per step (KV-cache reads not counted).",
+            "",
+            bandwidth_table(results),
+        ]
+        targets = target_rows(results)
+        if targets:
+            parts += [
+                "",
+                "### Targets",
+                "",
+                f"Defined for the LLaMA-3.2-1B shape on {TARGET_THREADS} threads with the same LM head.",
+                "",
+                markdown_table(["target", "goal", "measured", "status"], targets),
+            ]
+        parts += ["", "![decode and prefill speed vs bits per weight](latency_vs_bpw.png)"]
+    if results.accuracy:
+        sizes = ", ".join(f"{k} {v}" for k, v in results.eval_sizes.items())
+        parts += [
+            "",
+            "## Accuracy",
+            "",
+            f"Subset sizes (documents per task, scored tokens per corpus): {sizes}. Zero-shot `acc` as "
+            "lm-evaluation-harness defines it, ± standard error; perplexity on held-out text in sliding "
+            f"windows of {s['window']} tokens (stride {s['stride']}). onnxruntime rows run the exported models "
+            "(ternary formats with int8 activations, as the kernels compute; fp32 in float); PyTorch rows "
+            "run float activations (a QAT model's ternary weights included).",
+            "",
+            accuracy_table(results),
+            "",
+            "![accuracy vs bits per weight](accuracy_vs_bpw.png)",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def results_json(results: CompareResults) -> dict:
+    data = asdict(results)
+    for fmt, a in results.sizes.items():
+        for part in ("projections", "lm_head"):
+            data["sizes"][fmt][part] |= {
+                "code_bits_per_weight": getattr(a, part).code_bits_per_weight,
+                "bits_per_weight": getattr(a, part).bits_per_weight,
+            }
+    if results.speed is not None:
+        speed = results.speed
+        data["speed"]["summary"] = [
+            {
+                "format": f,
+                "threads": t,
+                "prefill_tokens_per_s": speed.prefill_tokens_per_s(f, t),
+                "decode_tokens_per_s": speed.decode_tokens_per_s(f, t),
+                "weights_gb_per_s": results.sizes[f].achieved_gb_per_s(1 / speed.decode_tokens_per_s(f, t)),
+                "bandwidth_gb_per_s": speed.bandwidth(t),
+                **{f"speedup_vs_{b}": speed.speedup(REFERENCE, b, t) for b in _baselines(results) if f == REFERENCE},
+            }
+            for t in speed.bandwidth_gb_per_s
+            for f in results.formats
+        ]
+    for row, e in zip(data["accuracy"], results.accuracy, strict=True):
+        row["mean_acc"] = e.mean_acc
+        for name, p in e.perplexity.items():
+            row["perplexity"][name]["value"] = p.value
+    return data
+
+
+def _bpw_axis(ax) -> None:
+    """A log-2 bits-per-weight axis labelled in plain numbers (1.25 … 32 spans formats unevenly)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("projection bits per weight (incl. scales)")
+    ax.grid(alpha=0.3)
+
+
+def plot_speed(results: CompareResults, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    speed = results.speed
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, what, rate in (
+        (axes[0], "decode", speed.decode_tokens_per_s),
+        (axes[1], "prefill", speed.prefill_tokens_per_s),
+    ):
+        for t in speed.bandwidth_gb_per_s:
+            xs = [results.sizes[f].projections.bits_per_weight for f in results.formats]
+            ys = [rate(f, t) for f in results.formats]
+            ax.plot(xs, ys, "o", label=f"{t} thread{'s' if t > 1 else ''}")
+            for f, x, y in zip(results.formats, xs, ys, strict=True):
+                ax.annotate(f, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _bpw_axis(ax)
+        ax.set_ylabel(f"{what} tokens/s")
+        ax.set_title(f"{what} speed")
+        ax.legend()
+    fig.suptitle(results.source, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(results: CompareResults, path: Path) -> None:
+    """Mean zero-shot acc and perplexity against bits per weight; PyTorch rows as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    onnx_rows = [e for e in results.accuracy if e.backend == "onnxruntime"]
+    other_rows = [e for e in results.accuracy if e.backend != "onnxruntime"]
+    first_corpus = next(iter(results.accuracy[0].perplexity))
+    panels = [("perplexity", lambda e: e.perplexity[first_corpus].value, f"perplexity ({first_corpus})")]
+    if results.accuracy[0].tasks:
+        panels.insert(0, ("accuracy", lambda e: e.mean_acc, "mean zero-shot acc"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, value, ylabel) in zip(axes[0], panels, strict=True):
+        xs = [results.sizes[e.label].projections.bits_per_weight for e in onnx_rows]
+        ys = [value(e) for e in onnx_rows]
+        ax.plot(xs, ys, "o")
+        for e, x, y in zip(onnx_rows, xs, ys, strict=True):
+            ax.annotate(e.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, e in enumerate(other_rows):
+            ax.axhline(value(e), linestyle="--", color=f"C{i + 1}", label=e.label)
+        _bpw_axis(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if other_rows:
+            ax.legend(fontsize=8)
+    fig.suptitle(results.source, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: CompareResults, out_dir: Path) -> list[Path]:
+    """Write report.md, results.json and the plots into ``out_dir``; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "report.md", out_dir / "results.json"]
+    files[0].write_text(markdown_report(results))
+    files[1].write_text(json.dumps(results_json(results), indent=1, default=str))
+    if results.speed is not None:
+        files.append(out_dir / "latency_vs_bpw.png")
+        plot_speed(results, files[-1])
+    if results.accuracy:
+        files.append(out_dir / "accuracy_vs_bpw.png")
+        plot_accuracy(results, files[-1])
+    return files
