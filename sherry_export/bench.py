@@ -164,13 +164,11 @@ def run_kernel_bench(
                 a = rng.standard_normal((batch, k), dtype=np.float32)
                 for cand in todo:
                     bar.set_postfix_str(f"{cand.label} {k}->{n} b{batch} t{t} {mode}")
-                    _, per_node = bench_model(
-                        cand.format, projections[cand.format], packed.get(cand.format), 1, batch, k
-                    )
+                    args = (cand.format, projections[cand.format], packed.get(cand.format))
+                    blob, per_node = bench_model(*args, 1, batch, k)  # the hot graph; sizes the cold one
                     copies = 1 if mode == "hot" else min(8192, int(np.ceil(cold_bytes / per_node)))
-                    blob, per_node = bench_model(
-                        cand.format, projections[cand.format], packed.get(cand.format), copies, batch, k
-                    )
+                    if copies > 1:
+                        blob, per_node = bench_model(*args, copies, batch, k)
                     runs = hot_runs if mode == "hot" else cold_runs
                     times = profiled_node_times(blob, copies, cand, t, a, runs)
                     timings.append(Timing(cand.label, k, n, batch, t, mode, statistics.median(times), per_node))
