@@ -114,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt).input_ids
     if max(ids) >= lm.vocab_size or min(ids) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {lm.vocab_size})")
+    lm.check_length(len(ids) + args.max_new_tokens - 1)
     generated: list[int] = []
     shown = ""
 

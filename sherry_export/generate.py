@@ -18,6 +18,8 @@ import onnxruntime as ort
 from sherry_export.runtime import KernelPath, make_session
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]
+MAX_POSITIONS_KEY = "sherry.max_positions"
+"""Model metadata the exporter writes: how many positions the rotary caches hold."""
 
 
 @dataclass
@@ -59,6 +61,9 @@ class OnnxCausalLM:
         self.num_layers = len(past) // 2
         _, self.kv_heads, _, self.head_dim = past[0].shape
         self.vocab_size = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
+        positions = self.session.get_modelmeta().custom_metadata_map.get(MAX_POSITIONS_KEY)
+        self.max_positions: int | None = int(positions) if positions is not None else None
+        """Positions the rotary caches hold (the model's max_position_embeddings); None if unrecorded."""
         self._outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
     def empty_cache(self, batch: int = 1) -> KVCache:
@@ -72,6 +77,7 @@ class OnnxCausalLM:
             raise ValueError(f"input_ids must be [batch, sequence], got shape {input_ids.shape}")
         past = past if past is not None else self.empty_cache(input_ids.shape[0])
         total = past[0][0].shape[2] + input_ids.shape[1]
+        self.check_length(total)
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids,
             "attention_mask": np.ones((input_ids.shape[0], total), np.int64),
@@ -81,6 +87,14 @@ class OnnxCausalLM:
             feeds[f"past_key_values.{i}.value"] = v
         logits, *present = self.session.run(self._outputs, feeds)
         return logits, list(zip(present[0::2], present[1::2], strict=True))
+
+    def check_length(self, positions: int) -> None:
+        """Refuse a sequence longer than the rotary caches: onnxruntime would index past their end."""
+        if self.max_positions is not None and positions > self.max_positions:
+            raise ValueError(
+                f"the sequence would reach {positions} positions, but this model holds {self.max_positions} "
+                "(its max_position_embeddings); shorten the prompt or ask for fewer new tokens"
+            )
 
     def generate(
         self,
@@ -98,6 +112,7 @@ class OnnxCausalLM:
             raise ValueError("the prompt is empty")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        self.check_length(len(prompt_ids) + max_new_tokens - 1)  # the last token needs no forward pass
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         logits, cache = self.forward(np.array([prompt_ids]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sherry_export.export import ExportOptions, build_decoder
+from sherry_export.export import ExportOptions, build_decoder, graph
 from sherry_export.export.llama import model_ternaries
 from sherry_export.export.llm import export_model, resolve_group_size
 from sherry_export.generate import OnnxCausalLM
@@ -93,6 +93,32 @@ def test_file_size_matches_bits_accounting(tiny, tmp_path):
     assert sizes["sherry"] == weights * 5 // 32 + 2 * groups
     assert sizes["i2s"] == weights // 4 + 2 * groups
     assert sizes["sherry"] < sizes["tl2"] < sizes["i2s"]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "sherry"])
+def test_external_data_export_matches_inline(tiny, tmp_path, monkeypatch, fmt):
+    """Past the threshold the weights stream to model.onnx.data as they are made; the model is the same."""
+    inline, inline_result = export(tiny, tmp_path / "inline", format=fmt, group_size=32)
+    assert {f.name for f in inline_result.files}.isdisjoint({"model.onnx.data"})
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
+    external, result = export(tiny, tmp_path / "external", format=fmt, group_size=32)
+    data = result.model_path.with_name("model.onnx.data")
+    assert data in result.files and data.stat().st_size > result.model_path.stat().st_size
+    onnx.checker.check_model(result.model_path, full_check=True)
+    ids = np.random.default_rng(3).integers(0, 256, (1, 9))
+    np.testing.assert_array_equal(external.forward(ids)[0], inline.forward(ids)[0])
+
+
+def test_sequence_past_the_rotary_caches_is_refused(tiny, tmp_path):
+    lm, _ = export(tiny, tmp_path, format="sherry", group_size=32)
+    n = lm.max_positions
+    assert n == tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"this model holds {n} "):
+        lm.generate([1, 2, 3], max_new_tokens=n - 1)
+    assert len(lm.generate([1, 2, 3], max_new_tokens=n - 2).tokens) == n - 2
+    _, cache = lm.forward(np.zeros((1, n - 4), np.int64))
+    with pytest.raises(ValueError, match=f"would reach {n + 1} positions"):
+        lm.forward(np.zeros((1, 5), np.int64), cache)
 
 
 def test_output_folder(tiny, tmp_path):

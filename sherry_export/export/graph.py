@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from sherry_export.onnx_ops import IR_VERSION, SHERRY_DOMAIN, SHERRY_OPSET_VERSION
 
@@ -21,18 +22,52 @@ DECODER_OPSET = 23
 """Opset 23 brings the standard RMSNormalization, so every default-domain node passes onnx.checker."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Models whose initializers pass 1 GiB keep them in ``<model>.data``: protobuf caps a file at 2 GiB."""
+SPILL_MIN_BYTES = 1024
+"""Initializers at least this big stream to the external-data file as they are made."""
+SPILL_ALIGNMENT = 64
+"""Offsets in the external-data file are multiples of this, so weights can be read in place, aligned."""
 
 
 class GraphBuilder:
-    """Collects nodes, initializers, inputs and outputs, and makes a checked ModelProto."""
+    """Collects nodes, initializers, inputs and outputs, and makes a checked ModelProto.
 
-    def __init__(self, name: str) -> None:
+    With ``external_data`` (a path), every initializer of at least ``SPILL_MIN_BYTES`` goes to that
+    file the moment it is added and the graph keeps only a reference: a multi-GB model is then never
+    held in memory twice (as weights and again as protobuf), which is what kept a float32 export of
+    a 1B model from fitting in 16 GB. ``save_model`` takes it from there (and inlines small models).
+    """
+
+    def __init__(self, name: str, external_data: str | os.PathLike[str] | None = None) -> None:
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
+        self.external_data = Path(external_data) if external_data is not None else None
+        if self.external_data is not None:
+            self.external_data.parent.mkdir(parents=True, exist_ok=True)
+            self.external_data.write_bytes(b"")  # a fresh file: never append to an older export's weights
+        self.spilled_bytes = 0
+        self.metadata: dict[str, str] = {}
+        """Key-value pairs for the model's ``metadata_props`` (what a runner needs to know of the graph)."""
+
+    def _keep(self, tensor: onnx.TensorProto) -> None:
+        """Add ``tensor``, moving its bytes to the external-data file when it is big enough."""
+        if self.external_data is not None and len(tensor.raw_data) >= SPILL_MIN_BYTES:
+            with open(self.external_data, "ab") as f:
+                offset = f.tell()
+                padding = -offset % SPILL_ALIGNMENT
+                f.write(b"\0" * padding)
+                f.write(tensor.raw_data)
+            length = len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.external_data.name), ("offset", offset + padding), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            self.spilled_bytes += length
+        self.initializers.append(tensor)
 
     def unique(self, name: str) -> str:
         """``name``, or ``name_2``, ``name_3``…: node and tensor names must not collide."""
@@ -45,13 +80,13 @@ class GraphBuilder:
 
     def initializer(self, name: str, array: np.ndarray) -> str:
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), self.unique(name))
-        self.initializers.append(tensor)
+        self._keep(tensor)
         return tensor.name
 
     def add_initializers(self, tensors: list[onnx.TensorProto]) -> None:
         for tensor in tensors:
             self._names.add(tensor.name)
-        self.initializers.extend(tensors)
+            self._keep(tensor)
 
     def constant(self, name: str, values: list[int], dtype: type = np.int64) -> str:
         return self.initializer(name, np.array(values, dtype))
@@ -93,7 +128,9 @@ class GraphBuilder:
             helper.make_opsetid(MS_DOMAIN, 1),
             helper.make_opsetid(SHERRY_DOMAIN, SHERRY_OPSET_VERSION),
         ]
-        return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="sherry-export")
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="sherry-export")
+        helper.set_model_props(model, self.metadata)
+        return model
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -110,10 +147,29 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
+def external_data_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where ``save_model`` keeps the weights of a big model: ``<model file name>.data`` beside it."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".data")
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
-    """Save ``model``; big ones get their weights in ``<name>.data`` beside it. Returns the files written."""
+    """Save ``model``; big ones get their weights in ``<name>.data`` beside it. Returns the files written.
+
+    A model from a ``GraphBuilder(external_data=external_data_path(path))`` already has its weights
+    there: it is saved as it is when they pass ``EXTERNAL_DATA_THRESHOLD``, and inlined otherwise.
+    """
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
+    spilled = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    if spilled:
+        locations = {e.value for t in spilled for e in t.external_data if e.key == "location"}
+        if locations != {data.name}:
+            raise ValueError(f"the model's weights are in {sorted(locations)}, but saving to {path} needs {data.name}")
+        if sum(stored_bytes(t) for t in spilled) > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(model, path)
+            return [path, data]
+        load_external_data_for_model(model, os.fspath(path.parent))
     if data.exists():
         data.unlink()  # onnx appends to an existing external-data file
     if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:

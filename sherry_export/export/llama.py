@@ -13,6 +13,7 @@ Graph inputs follow onnxruntime-genai's names: ``input_ids [batch, sequence]``,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,6 +28,7 @@ from sherry_export.export.projections import (
     nbits_node,
     quantize_float_nbits,
 )
+from sherry_export.generate import MAX_POSITIONS_KEY
 from sherry_export.models import SUPPORTED_ARCHITECTURES
 from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
 
@@ -125,8 +127,16 @@ def check_architecture(model: PreTrainedModel) -> None:
         raise ValueError(f"cannot export hidden_act={config.hidden_act!r}: the graph implements SiLU-gated MLPs")
 
 
-def build_decoder(model: PreTrainedModel, options: ExportOptions, progress: bool = False) -> GraphBuilder:
-    """The decoder graph of a Llama-family model in ``options.format``."""
+def build_decoder(
+    model: PreTrainedModel,
+    options: ExportOptions,
+    progress: bool = False,
+    external_data: str | os.PathLike[str] | None = None,
+) -> GraphBuilder:
+    """The decoder graph of a Llama-family model in ``options.format``.
+
+    ``external_data``: a file the weights stream to as they are made (see ``GraphBuilder``).
+    """
     from tqdm import tqdm
 
     check_architecture(model)
@@ -134,7 +144,7 @@ def build_decoder(model: PreTrainedModel, options: ExportOptions, progress: bool
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     eps = float(config.rms_norm_eps)
-    b = GraphBuilder("sherry_decoder")
+    b = GraphBuilder("sherry_decoder", external_data=external_data)
 
     input_ids = b.add_input("input_ids", INT64, ["batch", "sequence"])
     mask = b.add_input("attention_mask", INT64, ["batch", "total_sequence"])
@@ -156,6 +166,7 @@ def build_decoder(model: PreTrainedModel, options: ExportOptions, progress: bool
     )
     cos, sin = rotary_caches(model)
     cos_name, sin_name = b.initializer("cos_cache", cos), b.initializer("sin_cache", sin)
+    b.metadata[MAX_POSITIONS_KEY] = str(cos.shape[0])
 
     embed = model.model.embed_tokens.weight
     hidden = b.op("Gather", b.initializer("embed_tokens", _numpy(embed)), input_ids, name="embed")

@@ -14,7 +14,7 @@ import onnx
 import torch
 from transformers import PreTrainedModel
 
-from sherry_export.export.graph import save_model
+from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.qat import requantize_from_config
@@ -138,7 +138,9 @@ def export_model(
     if options.format == "fp32" and not trained:
         provenance = "float weights"
     with torch.no_grad():
-        model_proto = build_decoder(model, options, progress=progress).model()
+        builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
+        model_proto = builder.model()
+        del builder
     files = save_model(model_proto, out / MODEL_FILE)
     del model_proto
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
