@@ -1,0 +1,83 @@
+"""The TVM kernels (tvm_schedules) against the kernels' numerics reference, compiled here on the spot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sherry_export.formats import PackedWeight, pack, reference_matmul
+from sherry_export.quant import absmean_ternarize, sherry_ternarize
+from tvm_schedules.layout import Shape, activations, repack
+
+tvm = pytest.importorskip("tvm")
+from tvm_schedules.kernels import Knobs, lane_choices, scheduled_module  # noqa: E402
+
+TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
+
+
+def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    ternary = sherry_ternarize(weight, gs) if fmt == "sherry" else absmean_ternarize(weight, gs)
+    return pack(fmt, ternary, gs)
+
+
+def run(fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool) -> tuple[np.ndarray, np.ndarray]:
+    packed = packed_weight(fmt, k, n, gs)
+    shape = Shape(fmt, k, n, gs)
+    lib = tvm.compile(scheduled_module(shape, None if dynamic else m, knobs), target=tvm.target.Target(TARGET))
+    x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    x[0, :3] *= 40  # an outlier: other groups of the row keep their own scale
+    ws, scales = activations(shape, x)
+    planes, alpha = repack(packed)
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (ws, scales, *planes, alpha)), y)
+    return y.numpy(), reference_matmul(x, packed, activations="int8")
+
+
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
+@pytest.mark.parametrize(
+    ("k", "n", "gs", "m", "dynamic"),
+    [(256, 64, 128, 1, False), (320, 96, 128, 1, False), (320, 32, 64, 3, True), (512, 48, 512, 2, True)],
+)
+def test_kernel_matches_reference(fmt: str, k: int, n: int, gs: int, m: int, dynamic: bool) -> None:
+    """Exact int dots; only the float sum over groups may round differently (contraction to FMA)."""
+    knobs = Knobs(lanes=lane_choices(Shape(fmt, k, n, gs))[0], unroll=1 if fmt == "tl2" else 4)
+    y, ref = run(fmt, k, n, gs, m, knobs, dynamic)
+    bound = 4 * np.finfo(np.float32).eps * np.abs(ref).max(axis=1, keepdims=True) * (k // gs + 1)
+    assert np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
+
+
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
+def test_single_group_is_bit_exact(fmt: str) -> None:
+    """With one scale group there is no float sum to reorder: y = (α·s)·dot exactly."""
+    y, ref = run(fmt, 96, 32, 96, 2, Knobs(lanes=16, unroll=1), dynamic=True)
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_nan_row_and_zero_row() -> None:
+    packed = packed_weight("sherry", 256, 32, 128)
+    shape = Shape("sherry", 256, 32, 128)
+    lib = tvm.compile(scheduled_module(shape, None, Knobs(16, 2)), target=tvm.target.Target(TARGET))
+    x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
+    x[1, 5] = np.nan
+    x[2] = 0
+    ws, scales = activations(shape, x)
+    planes, alpha = repack(packed)
+    y = tvm.runtime.tensor(np.zeros((3, 32), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (ws, scales, *planes, alpha)), y)
+    out = y.numpy()
+    assert np.isnan(out[1]).all() and (out[2] == 0).all() and np.isfinite(out[0]).all()
+
+
+def test_repack_keeps_the_bit_width() -> None:
+    for fmt, bits in (("sherry", 1.25), ("tl2", 1.72), ("i2s", 2.0)):
+        packed = packed_weight(fmt, 2048, 128, 128)
+        planes, _ = repack(packed)
+        assert sum(p.nbytes for p in planes) * 8 / (2048 * 128) <= bits
+
+
+def test_unsupported_n() -> None:
+    assert "multiple of 16" in Shape("i2s", 64, 40, 64).supported()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        repack(packed_weight("i2s", 64, 40, 64))
