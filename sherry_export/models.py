@@ -41,6 +41,13 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+"""The trained models in the repository's ``models/`` (a source checkout or editable install)."""
+DEFAULT_MODEL = SHIPPED_MODELS / "sherry-arenas-scratch-10m"
+"""The shipped Sherry + Arenas model: the default of ``sherry demo`` and the tests."""
+DEFAULT_TERNARY_MODEL = SHIPPED_MODELS / "ternary-scratch-10m"
+"""The shipped dense-ternary model trained the same way, scored next to the Sherry one."""
+
 SHAPE_PREFIX = "shape:"
 LLAMA3_ROPE = {
     "rope_type": "llama3",

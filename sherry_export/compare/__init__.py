@@ -38,9 +38,20 @@ from sherry_export.compare.tasks import TASKS
 from sherry_export.export.llama import LM_HEADS, PROJECTIONS, ExportOptions
 from sherry_export.export.llm import MANIFEST_FILE, export_model, resolve_group_size
 from sherry_export.export.projections import EXPORT_FORMATS
-from sherry_export.models import SHAPE_PREFIX, load_causal_lm, load_tokenizer, resolve_source
+from sherry_export.models import (
+    DEFAULT_MODEL,
+    DEFAULT_TERNARY_MODEL,
+    SHAPE_PREFIX,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
 
 MODELS_DIR = "models"
+DEMO_LIMIT = 25
+"""Documents per zero-shot task in ``sherry demo``."""
+DEMO_PPL_TOKENS = 6000
+"""Scored tokens per held-out corpus in ``sherry demo``."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_config(output: Path, threads: tuple[int, ...]) -> CompareConfig:
+    """``sherry compare`` on the shipped Sherry model at a size that runs in a few minutes: every
+    format, small zero-shot subsets and perplexity samples, the shipped dense-ternary model beside it."""
+    return CompareConfig(
+        model=str(DEFAULT_MODEL),
+        output=output,
+        threads=threads,
+        group_size=None,
+        speed=SpeedSettings(prompt_tokens=64, decode_steps=32, repetitions=2, profile_steps=8, bandwidth_bytes=6e8),
+        accuracy=AccuracySettings(limit=DEMO_LIMIT, ppl_tokens=DEMO_PPL_TOKENS),
+        compare_with=(DEFAULT_TERNARY_MODEL,),
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sherry_export.compare.report import headline_table
+
+    config = demo_config(args.output, tuple(args.threads))
+    print(f"sherry demo: comparing {DEFAULT_MODEL.name} in {len(config.formats)} formats (a few minutes)\n")
+    results = run_compare(config)
+    print("\n" + headline_table(results))
+    print(
+        f"\nZero-shot on {DEMO_LIMIT} documents per task and perplexity on {DEMO_PPL_TOKENS} tokens per corpus: "
+        "a quick look, not the full run (docs/results.md).\n"
+        f"Full report: {config.output / 'report.md'} (sizes, speed with op shares, bandwidth, accuracy, plots)"
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry compare`` to the command line."""
     from sherry_export.cli import GroupSizeAction, group_size_arg, positive_int
@@ -314,3 +354,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="other checkpoints (dense-ternary, full precision) to score in PyTorch next to MODEL",
     )
     parser.set_defaults(func=cmd_compare, group_size_given=False)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="the main job on the shipped model: sherry compare in a few minutes (what `make demo` runs)",
+        description="Export the shipped Sherry + Arenas model (models/sherry-arenas-scratch-10m) to all six "
+        "formats, time decode side by side, score held-out perplexity and zero-shot accuracy on small "
+        "subsets, score the shipped dense-ternary model next to it, and print the headline table. "
+        "For full runs use `sherry compare` (docs/results.md).",
+    )
+    demo.add_argument(
+        "-o", "--output", type=Path, default=Path("results/demo"), help="results folder (default: results/demo)"
+    )
+    demo.add_argument("--threads", nargs="+", type=positive_int, default=[1], help="thread counts (default: 1)")
+    demo.set_defaults(func=cmd_demo)

@@ -220,6 +220,42 @@ def accuracy_table(results: CompareResults) -> str:
     return markdown_table(headers, rows)
 
 
+def headline_table(results: CompareResults) -> str:
+    """One row per format: size, decode speed on the most threads and Sherry's speed-up, accuracy;
+    then the PyTorch rows (the trained dense-ternary and full-precision models) that have accuracy."""
+    threads = max(results.speed.bandwidth_gb_per_s) if results.speed is not None else None
+    accuracy = {e.label: e for e in results.accuracy}
+    corpora = list(results.accuracy[0].perplexity) if results.accuracy else []
+    headers = ["model", "bits/weight incl. scales", "file MB"]
+    if threads is not None:
+        headers += [f"decode tok/s ({threads} thr)", "sherry speed-up"]
+    headers += ["mean held-out ppl", "mean zero-shot acc"] if results.accuracy else []
+
+    def accuracy_cells(e: Evaluation | None) -> list[object]:
+        if not results.accuracy:
+            return []
+        if e is None:
+            return ["", ""]
+        ppl = math.exp(sum(math.log(e.perplexity[c].value) for c in corpora) / len(corpora)) if corpora else None
+        return ["" if ppl is None else round(ppl, 2), "" if e.mean_acc is None else round(e.mean_acc, 4)]
+
+    rows = []
+    for fmt, a in results.sizes.items():
+        row: list[object] = [fmt, round(a.projections.bits_per_weight, 3), round(a.file_bytes / MB, 2)]
+        if threads is not None:
+            speedup = (
+                ""
+                if fmt == REFERENCE or REFERENCE not in results.formats
+                else (f"{results.speed.speedup(REFERENCE, fmt, threads):.3f}x")
+            )
+            row += [f"{results.speed.decode_tokens_per_s(fmt, threads):.1f}", speedup]
+        rows.append(row + accuracy_cells(accuracy.get(fmt)))
+    for e in results.accuracy:
+        if e.backend == "pytorch":
+            rows.append([e.label, "", "", *([""] * 2 if threads is not None else []), *accuracy_cells(e)])
+    return markdown_table(headers, rows)
+
+
 def markdown_report(results: CompareResults) -> str:
     s = results.settings
     parts = [
