@@ -326,9 +326,12 @@ def test_report_on_a_tiny_model(tiny_folder, tmp_path):
     for task in ("arc_easy", "winogrande"):
         assert rows["fp32"]["tasks"][task]["acc"] == rows["PyTorch float"]["tasks"][task]["acc"]
     report = (tmp_path / "report.md").read_text()
-    for heading in ("## Size", "## Speed", "### Where decode time goes", "### Memory bandwidth", "## Accuracy"):
+    headings = ("## Headline", "## Size", "## Speed", "### Where decode time goes", "### Memory bandwidth")
+    for heading in (*headings, "## Accuracy"):
         assert heading in report
     assert "sherry/i2s" in report and "arc_easy 2" in report
+    headline = report.split("## Headline")[1].split("## Size")[0]
+    assert "| PyTorch float " in headline and "| sherry " in headline and "decode tok/s (2 thr)" in headline
     for png in ("latency_vs_bpw.png", "accuracy_vs_bpw.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "models" / "sherry" / "model.onnx").is_file()
@@ -370,6 +373,17 @@ def test_bad_values_are_clear_errors(argv, message, tmp_path, capsys):
     assert main(["compare", *argv, "-o", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # rejected before any work
+
+
+def test_demo_runs_the_shipped_models(tmp_path):
+    """`make demo` = `sherry demo`: the comparison of the shipped Sherry model, the dense-ternary one beside it."""
+    from sherry_export.compare import demo_config
+    from sherry_export.models import DEFAULT_MODEL, DEFAULT_TERNARY_MODEL
+
+    config = demo_config(tmp_path, (1,))  # validates: the shipped models are there
+    assert config.model == str(DEFAULT_MODEL) and config.compare_with == (DEFAULT_TERNARY_MODEL,)
+    assert set(config.formats) == {"sherry", "tl2", "i2s", "nbits2", "nbits4", "fp32"}
+    assert config.accuracy.limit and config.accuracy.ppl_tokens  # small subsets: minutes, not hours
 
 
 def test_config_validation():

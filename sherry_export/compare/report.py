@@ -266,6 +266,13 @@ def markdown_report(results: CompareResults) -> str:
         f"- date: {results.date}",
         f"- formats: {', '.join(results.formats)}; LM head {s['lm_head']} in all; group size {s['group_size']}",
         "",
+        "## Headline",
+        "",
+        "Perplexity is the geometric mean over the held-out corpora, accuracy the mean over the zero-shot tasks; "
+        "details below.",
+        "",
+        headline_table(results),
+        "",
         "## Size",
         "",
         "Projections are the attention and MLP linears; bits per weight from the packed initializers in "
