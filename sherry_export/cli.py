@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     bench.register(sub)
     compare.register(sub)
+    from tvm_schedules import tune
+
+    tune.register(sub)
     return parser
 
 
