@@ -7,6 +7,15 @@ PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-stamp
 BUILD_DIR := build/custom_ops
 LIB := sherry_export/_lib/libsherry_ops.so
+# TVM=0 builds the library without the TVM-tuned kernels (no TVM needed); TVM_DB is the database.
+TVM ?= 1
+TVM_DB := tvm_schedules/databases
+TVM_OUT := $(CURDIR)/build/tvm_kernels
+ifeq ($(TVM),1)
+TVM_CMAKE := -DSHERRY_TVM=ON -DSHERRY_TVM_DIR=$(TVM_OUT)
+else
+TVM_CMAKE := -DSHERRY_TVM=OFF
+endif
 
 .PHONY: setup lib test demo lint asan clean
 
@@ -33,7 +42,8 @@ ASAN_BUILD_DIR := build/custom_ops-asan
 # The copy goes through a temporary name, so a process that has the old library loaded keeps a
 # valid file.
 lib: $(SETUP_STAMP)
-	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE)
+	$(if $(filter 1,$(TVM)),$(PY) -m tvm_schedules.build $(TVM_DB) $(TVM_OUT))
+	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE) $(TVM_CMAKE)
 	cmake --build $(BUILD_DIR) -j 2
 	mkdir -p sherry_export/_lib
 	cp $(BUILD_DIR)/libsherry_ops.so $(LIB).tmp && mv -f $(LIB).tmp $(LIB)
@@ -42,8 +52,9 @@ lib: $(SETUP_STAMP)
 # instrumented, so the sanitizer runtimes are preloaded; leak checking would report Python's own
 # allocations.
 asan: $(SETUP_STAMP)
+	$(if $(filter 1,$(TVM)),$(PY) -m tvm_schedules.build $(TVM_DB) $(TVM_OUT))
 	cmake -S custom_ops -B $(ASAN_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
-		-DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE)
+		-DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE) $(TVM_CMAKE)
 	cmake --build $(ASAN_BUILD_DIR) -j 2
 	SHERRY_OPS_LIBRARY=$(CURDIR)/$(ASAN_BUILD_DIR)/libsherry_ops.so \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
@@ -56,7 +67,7 @@ demo: lib
 	$(VENV)/bin/sherry demo
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check sherry_export tests
+	$(VENV)/bin/ruff check sherry_export tests tvm_schedules
 
 clean:
 	rm -rf build sherry_export/_lib

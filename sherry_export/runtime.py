@@ -3,7 +3,7 @@
 The ops live in ``libsherry_ops.so`` (``custom_ops/``), built by ``make lib`` and copied into
 ``sherry_export/_lib/``; it is never committed, because it is built for the machine at hand.
 
-Which kernel a node runs (``scalar``, ``avx2``, ``avx512`` or ``auto``, the best the CPU and the
+Which kernel a node runs (``scalar``, ``avx2``, ``avx512``, ``tvm`` or ``auto``, the best the CPU and the
 weights allow) is chosen when the session is created. The library reads it from the session config
 entry ``sherry.kernel``, else from the environment variable ``SHERRY_KERNEL``, else ``auto``.
 :func:`make_session` sets the session config entry when given ``kernel=``, so sessions with different
@@ -26,8 +26,8 @@ LIBRARY_ENV = "SHERRY_OPS_LIBRARY"
 """Environment variable naming another build of the library (``make asan`` points it at the sanitizer build)."""
 KERNEL_CONFIG_KEY = "sherry.kernel"
 KERNEL_REPORT_CONFIG_KEY = "sherry.kernel_report"
-KernelPath = Literal["auto", "scalar", "avx2", "avx512"]
-KERNEL_PATHS: tuple[str, ...] = ("auto", "scalar", "avx2", "avx512")
+KernelPath = Literal["auto", "scalar", "avx2", "avx512", "tvm"]
+KERNEL_PATHS: tuple[str, ...] = ("auto", "scalar", "avx2", "avx512", "tvm")
 
 _BUILT_LIBRARY = Path(__file__).resolve().parent / "_lib" / "libsherry_ops.so"
 

@@ -146,5 +146,6 @@ def schedule(sch: tvm.s_tir.Schedule, shape: Shape, lanes: int | Expr, unroll: i
 
 def scheduled_module(shape: Shape, m: int | None, knobs: Knobs, name: str = "main") -> tvm.IRModule:
     sch = tvm.s_tir.Schedule(tvm.IRModule({name: prim_func(shape, m, name)}))
+    sch.work_on(name)
     schedule(sch, shape, knobs.lanes, knobs.unroll)
     return sch.mod

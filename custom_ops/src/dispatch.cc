@@ -59,6 +59,7 @@ Factory factory(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return make_avx512_kernel;
     case KernelPath::kAVX2: return make_avx2_kernel;
+    case KernelPath::kTVM: return [](const PackedWeights& w) { return make_tvm_kernel(w, false); };
     case KernelPath::kScalar: break;
   }
   return make_scalar_kernel;
@@ -77,6 +78,7 @@ const std::string& missing_cpu_features(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return report.avx512;
     case KernelPath::kAVX2: return report.avx2;
+    case KernelPath::kTVM:  // each tuned kernel checks the ISA its object needs
     case KernelPath::kScalar: break;
   }
   return none;
@@ -84,10 +86,10 @@ const std::string& missing_cpu_features(KernelPath path) {
 
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin) {
   if (value == "auto") return {std::nullopt, origin};
-  for (KernelPath p : {KernelPath::kScalar, KernelPath::kAVX2, KernelPath::kAVX512})
+  for (KernelPath p : {KernelPath::kScalar, KernelPath::kAVX2, KernelPath::kAVX512, KernelPath::kTVM})
     if (value == path_name(p)) return {p, origin};
   throw std::runtime_error("unknown kernel path '" + value + "' (" + origin +
-                           "); choose one of auto, scalar, avx2, avx512");
+                           "); choose one of auto, scalar, avx2, avx512, tvm");
 }
 
 std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request) {
@@ -100,9 +102,15 @@ std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRe
     std::unique_ptr<MatMulKernel> kernel = factory(path)(w);
     if (!kernel)
       throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
-                               ") but it does not support " + describe(w) + "; use auto to fall back to scalar");
+                               ") but it does not support " + describe(w) +
+                               (path == KernelPath::kTVM
+                                    ? " (the library has no tuned TVM kernel for this shape that this CPU can run: "
+                                      "tune it with `sherry tune` and rebuild, see docs/tvm.md)"
+                                    : "") +
+                               "; use auto to fall back to scalar");
     return kernel;
   }
+  if (std::unique_ptr<MatMulKernel> kernel = make_tvm_kernel(w, /*only_if_faster=*/true)) return kernel;
   for (KernelPath path : {KernelPath::kAVX512, KernelPath::kAVX2}) {
     if (!missing_cpu_features(path).empty()) continue;
     if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w)) return kernel;

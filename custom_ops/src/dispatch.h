@@ -21,10 +21,12 @@ struct KernelRequest {
   std::string origin;  // where the request came from, for error messages (e.g. "SHERRY_KERNEL=avx2")
 };
 
-// Parses "auto" | "scalar" | "avx2" | "avx512"; throws std::runtime_error naming `origin` otherwise.
+// Parses "auto" | "scalar" | "avx2" | "avx512" | "tvm"; throws std::runtime_error naming `origin` otherwise.
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin);
 
-// Builds the kernel for `w`. Auto tries avx512, then avx2 (each only if the CPU has it), then scalar.
+// Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights when the tuning
+// database measured it faster than the hand-written one, else tries avx512, then avx2 (each only if
+// the CPU has it), then scalar.
 // A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights.
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.
 std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request);

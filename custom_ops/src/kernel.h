@@ -19,13 +19,14 @@
 
 namespace sherry {
 
-enum class KernelPath : int { kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
+enum class KernelPath : int { kScalar = 0, kAVX2 = 1, kAVX512 = 2, kTVM = 3 };
 
 inline const char* path_name(KernelPath p) {
   switch (p) {
     case KernelPath::kScalar: return "scalar";
     case KernelPath::kAVX2: return "avx2";
     case KernelPath::kAVX512: return "avx512";
+    case KernelPath::kTVM: return "tvm";
   }
   return "?";
 }
@@ -63,5 +64,9 @@ struct PackedWeights {
 std::unique_ptr<MatMulKernel> make_scalar_kernel(const PackedWeights& w);
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w);
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w);
+// The TVM-tuned kernel (kernel_tvm.cc) for these exact weights, if the library was built with one
+// this CPU can run; with only_if_faster, only if the tuning database measured it faster than the
+// hand-written kernel of its ISA.
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster);
 
 }  // namespace sherry

@@ -1,0 +1,296 @@
+// The TVM path: kernels from tvm_schedules (TensorIR, tuned with MetaSchedule per target), compiled
+// to object files by tvm_schedules/build.py and linked in, called through their C ABI
+// (__tvm_ffi_<name>) with no TVM runtime. Built only with -DSHERRY_TVM=ON (SHERRY_WITH_TVM);
+// otherwise make_tvm_kernel always declines.
+//
+// Layouts (mirrored from tvm_schedules/layout.py): weights interleaved across `lane_block` rows at
+// their packed bit width, scale groups padded to whole codes; activation rows hold the int8 values
+// group by group (each group padded) from the shared quantize_group, then the float32 group scales.
+//
+// Threads: a kernel's outer loop runs over row blocks as a TVM `parallel` loop, which calls
+// __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
+// onnxruntime's threads) are whole blocks; compute() tells the launch hook, through a thread-local,
+// which blocks to run, and the hook runs those tasks inline.
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "kernel.h"
+
+#ifdef SHERRY_WITH_TVM
+
+#include <cstdlib>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernel_tvm_table.h"
+
+extern "C" {
+// Weak data pointers the TVM objects call through (the TVM module loader normally fills them).
+__attribute__((weak)) void* __TVMBackendParallelLaunch = nullptr;
+__attribute__((weak)) void* __TVMBackendAllocWorkspace = nullptr;
+__attribute__((weak)) void* __TVMBackendFreeWorkspace = nullptr;
+}
+
+namespace sherry {
+namespace {
+
+struct ParallelGroupEnv {
+  void* sync_handle;
+  int32_t num_task;
+};
+using ParallelLambda = int (*)(int task_id, ParallelGroupEnv* penv, void* cdata);
+
+// The row blocks [first, last) of `count` that the current compute() wants; count < 0: all tasks.
+struct TaskRange {
+  int64_t first = 0, last = 0, count = -1;
+};
+thread_local TaskRange t_tasks;
+thread_local std::string t_error;
+
+int parallel_launch(ParallelLambda lambda, void* cdata, int num_task) {
+  const TaskRange range = t_tasks;
+  const int64_t count = range.count > 0 ? range.count : (num_task > 0 ? num_task : 1);
+  ParallelGroupEnv env{nullptr, static_cast<int32_t>(count)};
+  const int64_t first = range.count > 0 ? range.first : 0, last = range.count > 0 ? range.last : count;
+  for (int64_t task = first; task < last; ++task)
+    if (int rc = lambda(static_cast<int>(task), &env, cdata)) return rc;
+  return 0;
+}
+
+void* alloc_workspace(int, int, uint64_t nbytes, int, int) {
+  return std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
+}
+int free_workspace(int, int, void* ptr) {
+  std::free(ptr);
+  return 0;
+}
+
+const bool hooks_installed = [] {
+  __TVMBackendParallelLaunch = reinterpret_cast<void*>(&parallel_launch);
+  __TVMBackendAllocWorkspace = reinterpret_cast<void*>(&alloc_workspace);
+  __TVMBackendFreeWorkspace = reinterpret_cast<void*>(&free_workspace);
+  return true;
+}();
+
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+struct FreeAligned {
+  void operator()(void* p) const noexcept { std::free(p); }
+};
+template <typename T>
+using AlignedArray = std::unique_ptr<T[], FreeAligned>;
+
+template <typename T>
+AlignedArray<T> aligned_array(size_t count) {
+  const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(count, 1) * sizeof(T)), 64));
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return AlignedArray<T>(static_cast<T*>(p));
+}
+
+// Geometry of the kernel layouts (layout.py Shape).
+struct TvmLayout {
+  Format format;
+  Geometry g;
+  int64_t lanes_per_code, codes_per_group, padded_group, codes, lane_block;
+  int64_t planes, plane_bytes[2], scale_offset, row_bytes;
+
+  TvmLayout(Format f, const Geometry& geometry, int64_t lb) : format(f), g(geometry), lane_block(lb) {
+    lanes_per_code = f == Format::kTL2 ? 3 : 4;
+    codes_per_group = ceil_div(g.group_size, lanes_per_code);
+    padded_group = codes_per_group * lanes_per_code;
+    codes = g.groups() * codes_per_group;
+    planes = f == Format::kI2S ? 1 : 2;
+    plane_bytes[0] = f == Format::kI2S ? codes : ceil_div(codes, 2);
+    plane_bytes[1] = f == Format::kI2S ? 0 : ceil_div(codes, 8);
+    scale_offset = round_up(g.groups() * padded_group, 64);
+    row_bytes = scale_offset + round_up(4 * g.groups(), 64);
+  }
+};
+
+// The 5-bit code of one Sherry block (docs/formats.md); all-zero padding blocks get code 0.
+uint8_t sherry_code(const int8_t* lanes) {
+  int zero = -1;
+  int8_t nonzero[3] = {0, 0, 0};
+  for (int p = 0, j = 0; p < 4; ++p) {
+    if (lanes[p] == 0 && zero < 0) zero = p;
+    else if (j < 3) nonzero[j++] = lanes[p];
+  }
+  if (zero < 0 || nonzero[0] == 0) return 0;
+  return static_cast<uint8_t>(zero << 2 | (nonzero[1] != nonzero[0]) << 1 | (nonzero[2] != nonzero[0]) |
+                              (nonzero[0] < 0) << 4);
+}
+
+uint8_t tl2_code(const int8_t* lanes) {
+  const int v = 9 * lanes[0] + 3 * lanes[1] + lanes[2];
+  return static_cast<uint8_t>((v < 0 ? -v : v) | (v < 0) << 4);
+}
+
+DLTensor tensor(void* data, DLDataType dtype, int64_t* shape) {
+  DLTensor t{};
+  t.data = data;
+  t.device = DLDevice{kDLCPU, 0};
+  t.ndim = 2;
+  t.dtype = dtype;
+  t.shape = shape;
+  return t;
+}
+
+class TvmKernel final : public MatMulKernel {
+ public:
+  TvmKernel(const PackedWeights& w, const TvmEntry& entry)
+      : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
+    const Geometry& g = w.geometry;
+    const TvmLayout& L = layout_;
+    const int64_t blocks = g.n / L.lane_block, lb = L.lane_block;
+    for (int64_t p = 0; p < L.planes; ++p)
+      planes_[p] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[p]));
+    alpha_ = aligned_array<float>(static_cast<size_t>(g.n * g.groups()));
+    std::vector<int8_t> values(static_cast<size_t>(g.k)), padded(static_cast<size_t>(g.groups() * L.padded_group));
+    const int64_t stride = row_bytes(w.format, g.k, g.group_size);
+    for (int64_t n = 0; n < g.n; ++n) {
+      if (!decode_row(w.format, w.data + n * stride, g.k, g.group_size, values.data()))
+        throw std::runtime_error(std::string("corrupt ") + format_name(w.format) + " weights: row " +
+                                 std::to_string(n) + " holds an invalid code");
+      std::fill(padded.begin(), padded.end(), 0);
+      for (int64_t gi = 0; gi < g.groups(); ++gi)
+        std::copy_n(values.data() + g.group_begin(gi), g.group_length(gi), padded.data() + gi * L.padded_group);
+      const int64_t nb = n / lb, lane = n % lb;
+      auto at = [&](int64_t p, int64_t byte) -> uint8_t& { return planes_[p][(nb * L.plane_bytes[p] + byte) * lb + lane]; };
+      for (int64_t c = 0; c < L.codes; ++c) {
+        const int8_t* v = padded.data() + c * L.lanes_per_code;
+        if (w.format == Format::kI2S) {
+          at(0, c) = static_cast<uint8_t>((v[0] + 1) | (v[1] + 1) << 2 | (v[2] + 1) << 4 | (v[3] + 1) << 6);
+          continue;
+        }
+        const uint8_t code = w.format == Format::kSherry ? sherry_code(v) : tl2_code(v);
+        at(0, c / 2) |= static_cast<uint8_t>((code & 15) << ((c % 2) * 4));
+        at(1, c / 8) |= static_cast<uint8_t>((code >> 4) << (c % 8));
+      }
+      for (int64_t gi = 0; gi < g.groups(); ++gi)
+        alpha_[(nb * g.groups() + gi) * lb + lane] = half_to_float(w.scales[n * g.groups() + gi]);
+    }
+    // A first call on a zero row: an ABI or shape mismatch between the table and the objects
+    // surfaces here, at session creation, rather than inside a parallel section.
+    const AlignedArray<uint8_t> ws = aligned_array<uint8_t>(static_cast<size_t>(L.row_bytes));
+    const AlignedArray<float> y = aligned_array<float>(static_cast<size_t>(g.n));
+    call(entry_.m1, ws.get(), 1, y.get(), TaskRange{0, blocks, blocks});
+  }
+
+  KernelPath path() const override { return KernelPath::kTVM; }
+  int64_t row_tile() const override { return layout_.lane_block; }
+  size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
+
+  void prepare_row(const float* a_row, uint8_t* ws) const override {
+    const TvmLayout& L = layout_;
+    auto* xq = reinterpret_cast<int8_t*>(ws);
+    auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
+    std::memset(ws, 0, static_cast<size_t>(L.scale_offset));
+    for (int64_t g = 0, begin = 0; begin < L.g.k; ++g, begin += L.g.group_size)
+      scale[g] = quantize_group(a_row + begin, std::min(L.g.group_size, L.g.k - begin), xq + g * L.padded_group);
+  }
+
+  void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
+               float* y) const override {
+    const int64_t lb = layout_.lane_block, n = layout_.g.n;
+    const TaskRange range{n_begin / lb, ceil_div(n_end, lb), n / lb};
+    if (reinterpret_cast<uintptr_t>(y) % 64 == 0) {
+      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, range);
+    } else {  // TVM assumes 64-byte aligned buffers: go through an aligned copy
+      const AlignedArray<float> tmp = aligned_array<float>(static_cast<size_t>(m * n));
+      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, tmp.get(), range);
+      for (int64_t r = 0; r < m; ++r)
+        std::copy(tmp.get() + r * n + n_begin, tmp.get() + r * n + n_end, y + r * n + n_begin);
+    }
+    if (bias)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t i = n_begin; i < n_end; ++i) y[r * n + i] += bias[i];
+  }
+
+ private:
+  void call(TvmFunction fn, const uint8_t* ws, int64_t m, float* y, TaskRange range) const {
+    const TvmLayout& L = layout_;
+    const int64_t blocks = L.g.n / L.lane_block;
+    int64_t x_shape[2] = {m, L.row_bytes}, s_shape[2] = {m, L.row_bytes / 4}, y_shape[2] = {m, L.g.n};
+    int64_t plane_shape[2][3] = {{blocks, L.plane_bytes[0], L.lane_block}, {blocks, L.plane_bytes[1], L.lane_block}};
+    int64_t alpha_shape[3] = {blocks, L.g.groups(), L.lane_block};
+    const DLDataType i8{kDLInt, 8, 1}, u8{kDLUInt, 8, 1}, f32{kDLFloat, 32, 1};
+    auto* base = const_cast<uint8_t*>(ws);
+    DLTensor tensors[6];
+    int count = 0;
+    tensors[count++] = tensor(base, i8, x_shape);
+    tensors[count++] = tensor(base + L.scale_offset, f32, s_shape);
+    for (int64_t p = 0; p < L.planes; ++p) {
+      tensors[count] = tensor(planes_[p].get(), u8, plane_shape[p]);
+      tensors[count++].ndim = 3;
+    }
+    tensors[count] = tensor(alpha_.get(), f32, alpha_shape);
+    tensors[count++].ndim = 3;
+    tensors[count++] = tensor(y, f32, y_shape);
+    TVMFFIAny args[6];
+    for (int i = 0; i < count; ++i) {
+      args[i] = TVMFFIAny{};
+      args[i].type_index = kTVMFFIDLTensorPtr;
+      args[i].v_ptr = &tensors[i];
+    }
+    TVMFFIAny result{};
+    const TaskRange saved = t_tasks;
+    t_tasks = range;
+    const int32_t rc = fn(nullptr, args, count, &result);
+    t_tasks = saved;
+    if (rc != 0) {
+      std::string message = "TVM kernel (" + std::string(entry_.target) + ") failed";
+      if (!t_error.empty()) message += ": " + t_error;
+      t_error.clear();
+      throw std::runtime_error(message);
+    }
+  }
+
+  const TvmEntry& entry_;
+  TvmLayout layout_;
+  AlignedArray<uint8_t> planes_[2];
+  AlignedArray<float> alpha_;
+};
+
+// The entry for these weights that this CPU can run: AVX-512 first.
+const TvmEntry* find_entry(const PackedWeights& w) {
+  const TvmEntry* best = nullptr;
+  for (size_t i = 0; i < kTvmEntryCount; ++i) {
+    const TvmEntry& e = kTvmEntries[i];
+    if (e.format != static_cast<int>(w.format) || e.k != w.geometry.k || e.n != w.geometry.n ||
+        e.group_size != w.geometry.group_size || !e.m1)
+      continue;
+    if (!missing_cpu_features(static_cast<KernelPath>(e.isa)).empty()) continue;
+    if (!best || e.isa > best->isa) best = &e;
+  }
+  return best;
+}
+
+}  // namespace
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster) {
+  (void)hooks_installed;
+  const TvmEntry* entry = find_entry(w);
+  if (!entry || (only_if_faster && !(entry->hand_us > 0.f && entry->tvm_us < entry->hand_us))) return nullptr;
+  return std::make_unique<TvmKernel>(w, *entry);
+}
+
+}  // namespace sherry
+
+extern "C" void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts) {
+  std::string& error = sherry::t_error;
+  error = kind ? kind : "Error";
+  error += ": ";
+  for (int32_t i = 0; i < num_parts; ++i)
+    if (parts[i]) error += parts[i];
+}
+
+#else  // built without TVM kernels
+
+namespace sherry {
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, bool) { return nullptr; }
+}  // namespace sherry
+
+#endif

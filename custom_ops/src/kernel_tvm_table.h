@@ -1,0 +1,30 @@
+// The table of TVM-compiled kernels that tvm_schedules/build.py generates (tvm_table.cc) from the
+// tuning database: one entry per (format, K, N, group_size, target), each with an M = 1 function and
+// a dynamic-M function exported by the TVM objects as __tvm_ffi_<name>.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <tvm/ffi/c_api.h>
+
+namespace sherry {
+
+using TvmFunction = int32_t (*)(void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* result);
+
+struct TvmEntry {
+  int format;          // Format
+  int64_t k, n, group_size;
+  int isa;             // KernelPath of the ISA the object needs: 1 avx2, 2 avx512
+  int64_t lane_block;  // rows interleaved per weight block (layout.py)
+  TvmFunction m1;      // M = 1
+  TvmFunction mx;      // any M
+  float tvm_us;        // tuned time, M = 1, one thread
+  float hand_us;       // the hand-written kernel of the same ISA, same conditions (< 0: not measured)
+  const char* target;
+};
+
+extern const TvmEntry kTvmEntries[];
+extern const size_t kTvmEntryCount;
+
+}  // namespace sherry
