@@ -83,8 +83,9 @@ def save_packed_model(
         tensors[name] = tensor.detach().float().numpy().astype(dtype)
     save_file(tensors, out / WEIGHTS_FILE)
     config = model.config.to_dict()
-    config.pop("sherry_qat", None)  # the packed weights are final: no QAT recipe to re-apply
-    config[PACKED_KEY] = {"format": format, "group_sizes": group_sizes}
+    # The packed weights are final: no QAT recipe to re-apply, but the record says how they were trained.
+    trained_with = config.pop("sherry_qat", None)
+    config[PACKED_KEY] = {"format": format, "group_sizes": group_sizes, "trained_with": trained_with}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sherry_export.compare import qat_kind
 from sherry_export.export import ExportOptions
 from sherry_export.export.llm import export_llm
 from sherry_export.generate import OnnxCausalLM
@@ -27,6 +28,8 @@ def test_round_trip_keeps_the_ternary_weights(tmp_path, config, fmt):
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         np.testing.assert_allclose(loaded(ids).logits.numpy(), model(ids).logits.numpy(), atol=2e-3)
+    kind = "Sherry QAT" if isinstance(config, SherryConfig) else "dense-ternary QAT"
+    assert qat_kind(loaded) == f"{kind}, packed {fmt}"  # the folder remembers how it was trained
 
 
 def test_packed_model_exports_as_trained(tmp_path):

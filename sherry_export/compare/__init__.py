@@ -119,13 +119,19 @@ def export_all(
     return folders, provenance
 
 
-def qat_kind(qat_config: object | None) -> str:
-    """How a checkpoint's linears were trained, from the recipe its config records."""
-    from sherry_export.qat import SherryConfig
+def qat_kind(model) -> str:
+    """How a checkpoint's linears were trained, from the recipe its config records (a packed folder
+    keeps it under ``sherry_packed.trained_with``)."""
+    from sherry_export.packed_model import PACKED_KEY
+    from sherry_export.qat import CONFIG_KEY, SherryConfig, config_from_recipe
 
-    if qat_config is None:
-        return "full precision"
-    return "Sherry QAT" if isinstance(qat_config, SherryConfig) else "dense-ternary QAT"
+    packed = getattr(model.config, PACKED_KEY, None)
+    record = getattr(model.config, CONFIG_KEY, None) or (packed or {}).get("trained_with")
+    if record is None:
+        kind = "ternary, training unrecorded" if packed else "full precision"
+    else:
+        kind = "Sherry QAT" if isinstance(config_from_recipe(record), SherryConfig) else "dense-ternary QAT"
+    return f"{kind}, packed {packed['format']}" if packed else kind
 
 
 def check_tokenizers(config: CompareConfig, tokenizer) -> None:
@@ -153,8 +159,8 @@ def evaluations(
         label = "PyTorch float" if provenance != "quantization-aware" else "PyTorch (QAT model)"
         yield evaluate(TorchCausalLM(model), tokenizer, data, label, "pytorch")
     for path in config.compare_with:
-        other, qat_config = load_qat_model(path)
-        yield evaluate(TorchCausalLM(other), tokenizer, data, f"{Path(path).name} ({qat_kind(qat_config)})", "pytorch")
+        other, _ = load_qat_model(path)
+        yield evaluate(TorchCausalLM(other), tokenizer, data, f"{Path(path).name} ({qat_kind(other)})", "pytorch")
         del other
 
 
