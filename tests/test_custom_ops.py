@@ -8,10 +8,13 @@ all geometries), so the same tests exercise the AVX2 and AVX-512 kernels once th
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -390,3 +393,55 @@ def test_non_finite_activations_give_nan_rows(fmt: str, path: KernelPath) -> Non
         finite = ~np.isnan(want)
         np.testing.assert_allclose(y[finite], want[finite], atol=TOLERANCE * np.abs(want[finite]).max(initial=1.0))
     assert np.isnan(expected[1]).all() and np.isnan(expected[2]).all() and np.isfinite(expected[[0, 3]]).all()
+
+
+# --- the tvm path: every kernel of the committed tuning database --------------------------------
+
+TVM_DATABASE = Path(__file__).resolve().parent.parent / "tvm_schedules" / "databases"
+
+
+def tvm_database_shapes() -> list[pytest.param]:
+    """(format, K, N, group_size) of every tuned kernel in the committed database, once each."""
+    shapes = set()
+    for tuned in sorted(TVM_DATABASE.glob("*/tuned.json")):
+        shapes |= {(e["format"], e["k"], e["n"], e["group_size"]) for e in json.loads(tuned.read_text())}
+    return [pytest.param(*s, id="-".join(map(str, s))) for s in sorted(shapes)]
+
+
+def tvm_kernel_missing(fmt: str, k: int, n: int, group_size: int) -> str:
+    """Why the library may lawfully lack this database kernel: built with TVM=0, or no ISA here."""
+    if os.environ.get("SHERRY_TVM") == "0":
+        return "SHERRY_TVM=0: the library was built without the TVM kernels (make lib TVM=0)"
+    isas = {
+        e["isa"]
+        for t in TVM_DATABASE.glob("*/tuned.json")
+        for e in json.loads(t.read_text())
+        if (e["format"], e["k"], e["n"], e["group_size"]) == (fmt, k, n, group_size)
+    }
+    flags = Path("/proc/cpuinfo").read_text().split()
+    if "avx512" not in isas and "avx2" not in flags:
+        return "this CPU lacks AVX2, the least ISA the tuned kernels need"
+    return ""
+
+
+@pytest.mark.parametrize(("fmt", "k", "n", "group_size"), tvm_database_shapes())
+def test_tvm_kernels_of_the_database_match_reference(fmt: str, k: int, n: int, group_size: int) -> None:
+    """`make lib` links every database kernel; each matches the int8 reference (GEMV, GEMM, 2 threads)."""
+    if reason := tvm_kernel_missing(fmt, k, n, group_size):
+        pytest.skip(reason)
+    packed = make_weight(fmt, k, n, group_size)
+    bias = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    model = matmul_model(packed, bias=bias)
+    rng = np.random.default_rng(4)
+    for threads in (1, 2):
+        session = make_session(model, threads=threads, kernel="tvm")
+        for m in (1, 3):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[0, :group_size] = 0  # a zero group: scale 0
+            check_against_reference(session.run(None, {"A": x})[0], reference_matmul(x, packed, bias, "int8"))
+
+
+def test_tvm_forced_on_an_untuned_shape_is_a_clear_error() -> None:
+    model = matmul_model(make_weight("i2s", 96, 16, 32))
+    with pytest.raises(Exception, match=r"the tvm kernel was requested .* no tuned TVM kernel for this shape"):
+        make_session(model, kernel="tvm")
