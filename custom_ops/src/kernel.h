@@ -43,6 +43,12 @@ class MatMulKernel {
   virtual size_t activation_row_bytes() const = 0;
 
   // Quantize and lay out one row of A (K floats) into `workspace_row` (64-byte aligned).
+  // Padding contract: the op hands over the workspace uninitialised (no memset per call), with
+  // whatever earlier calls left in it. prepare_row must therefore write every byte that compute may
+  // read, padding included: zero activations (or table entries) for columns past K and for the
+  // padding of a group to whole SIMD pieces, zero correction terms, and a scale for every group.
+  // Bytes compute never reads (alignment gaps between sections) may stay as they are.
+  // tests/kernel_check.cc fills the workspace with garbage to hold every kernel to this.
   virtual void prepare_row(const float* a_row, uint8_t* workspace_row) const = 0;
 
   // Y[m, n] for m in [0, M), n in [n_begin, n_end), row stride N; bias (N floats) may be null.

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -149,16 +150,44 @@ struct FreeBytes {
 };
 using AlignedBytes = std::unique_ptr<uint8_t, FreeBytes>;
 
-// A zeroed, 64-byte aligned buffer: kernels may use aligned loads, and padding a kernel's
-// prepare_row leaves alone reads as zeros, so results never depend on stale memory.
-AlignedBytes aligned_zeroed_bytes(size_t bytes) {
+// A 64-byte aligned workspace of at least `bytes`, left as it is: prepare_row writes every byte a
+// kernel reads (the padding contract in kernel.h), so no memset. Workspaces up to kCachedWorkspace
+// (batch-1 decode, small prefill) are reused by the calling thread from call to call; larger ones
+// are allocated per call, where the call's own work dwarfs the allocation.
+constexpr size_t kCachedWorkspace = size_t{4} << 20;
+
+AlignedBytes aligned_bytes(size_t bytes) {
   const size_t rounded = std::max<size_t>(ceil_div(static_cast<int64_t>(bytes), kWorkspaceAlignment), 1) *
                          kWorkspaceAlignment;
   AlignedBytes buffer(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlignment, rounded)));
   if (!buffer) throw std::bad_alloc();
-  std::memset(buffer.get(), 0, rounded);
   return buffer;
 }
+
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes) {
+    if (bytes > kCachedWorkspace) {
+      own_ = aligned_bytes(bytes);
+      data_ = own_.get();
+      return;
+    }
+    thread_local AlignedBytes cached;
+    thread_local size_t cached_bytes = 0;
+    if (cached_bytes < bytes) {
+      cached.reset();
+      cached_bytes = 0;
+      cached = aligned_bytes(bytes);
+      cached_bytes = bytes;
+    }
+    data_ = cached.get();
+  }
+  uint8_t* data() const { return data_; }
+
+ private:
+  AlignedBytes own_;
+  uint8_t* data_ = nullptr;
+};
 
 // Runs `body`, turning any exception into an onnxruntime status whose message starts with `label`.
 template <typename Body>
@@ -274,8 +303,10 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
   const float* x = a.GetTensorData<float>();
   const MatMulKernel& kernel = *kernel_;
   const size_t stride = kernel.activation_row_bytes();
-  const AlignedBytes workspace = aligned_zeroed_bytes(static_cast<size_t>(m) * stride);
-  uint8_t* ws = workspace.get();
+  if (m > static_cast<int64_t>(std::numeric_limits<size_t>::max() / stride))
+    fail("input A has too many rows (" + std::to_string(m) + ") for one workspace");
+  const Workspace workspace(static_cast<size_t>(m) * stride);
+  uint8_t* ws = workspace.data();
 
   // 1. Quantize the rows of A into the workspace.
   const Split rows = split(m, work_items(m * g.k));
