@@ -1,0 +1,405 @@
+"""Whole-model compilation: an exported decoder (``sherry export``) to a TVM Relax VM module.
+
+``tvm.relax.frontend.onnx`` imports plain ONNX but knows none of the ops our decoder is built from
+(``ai.sherry`` SherryMatMul / TL2MatMul / I2SMatMul; onnxruntime's contrib ``GroupQueryAttention``,
+``SkipSimplifiedLayerNormalization`` and ``MatMulNBits``). The frontend has no registration hook: its
+converter table is a module function rebuilt on every lookup. :class:`DecoderImporter` subclasses the
+frontend's own importer and consults an extra table first (its two lookup methods), so nothing of
+TVM is patched and every standard op still goes through TVM's converters.
+
+The ternary converters keep the weights packed: each node's canonical packed bytes are repacked
+once at import into the TVM kernels' interleaved layout (``tvm_schedules.layout.repack``, same bit
+width) and called with ``call_tir`` on the scheduled TensorIR kernel of ``tvm_schedules.kernels``.
+Its int8 activations come from a TE function with exactly the numerics of docs/formats.md
+("Activations"): per row and scale group, m = max|x|, xq = clamp(rint(x·(127/m))), s = m/127, a
+non-finite group gives s = NaN. Shapes stay dynamic (batch, sequence, past length): one module
+serves prefill and decode.
+
+GroupQueryAttention is converted for what the exporter emits and ``OnnxCausalLM`` feeds: packed
+QKV, rotary (non-interleaved) from the cos/sin caches inside, past/present KV, causal attention over
+past + new tokens, an all-ones attention mask (positions come from the past length; a padded batch
+is not supported).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+from sherry_export.formats import PackedWeight
+from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
+from tvm_schedules.kernels import Knobs, lane_choices, prim_func, schedule, unroll_choices
+from tvm_schedules.layout import Shape, repack
+
+Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
+TERNARY_OPS = {"SherryMatMul": "sherry", "TL2MatMul": "tl2", "I2SMatMul": "i2s"}
+DATABASES = Path(__file__).resolve().parent / "databases"
+ACTIVATION_QMAX = 127.0
+
+
+def host_target(threads: int = 1) -> tvm.target.Target:
+    """LLVM for this CPU (an explicit mcpu: ``native`` silently means generic in TVM 0.27)."""
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
+
+
+# --------------------------------------------------------------------------- ternary matmuls
+
+
+def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
+    """The knobs ``sherry tune`` found for this shape on this ISA, else a fixed default that is valid for it."""
+    from tvm_schedules.tune import host_isa
+
+    path = DATABASES / (isa or host_isa()) / "tuned.json"
+    if path.exists():
+        for e in json.loads(path.read_text()):
+            if (e["format"], e["k"], e["n"], e["group_size"]) == (shape.format, shape.k, shape.n, shape.group_size):
+                return Knobs(lanes=e["lanes"], unroll=e["unroll"])
+    lanes = [v for v in lane_choices(shape) if v <= 64][-1]
+    return Knobs(lanes=lanes, unroll=[u for u in unroll_choices(shape) if u <= 4][-1])
+
+
+def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
+    """``x [M, K]`` float32 to the kernel's activation rows: int8 ``[M, row_bytes]`` (groups at
+    ``g·padded_group``, zero padded) and float32 ``[M, row_bytes/4]`` (group scales first)."""
+    rows = x.shape[0]
+    gs, pg, groups, k = shape.group_size, shape.padded_group, shape.groups, shape.k
+    f32 = "float32"
+    inf = tirx.const(float("inf"), f32)
+
+    def value(m: Any, g: Any, i: Any) -> tirx.PrimExpr:
+        col = g * gs + i
+        return tirx.if_then_else(tirx.all(i < gs, col < k), x[m, col], tirx.const(0.0, f32))
+
+    r = te.reduce_axis((0, gs), name="r")
+    # max |x| over the group; a NaN or an infinity makes it +inf, which marks the group non-finite
+    amax = te.compute(
+        (rows, groups),
+        lambda m, g: te.max(tirx.Select(tirx.isfinite(value(m, g, r)), tirx.abs(value(m, g, r)), inf), axis=r),
+        name="amax",
+    )
+
+    def finite(m: Any, g: Any) -> tirx.PrimExpr:
+        return amax[m, g] < inf
+
+    inv = te.compute(
+        (rows, groups),
+        lambda m, g: tirx.Select(
+            tirx.all(finite(m, g), amax[m, g] > 0), tirx.const(ACTIVATION_QMAX, f32) / amax[m, g], tirx.const(0.0, f32)
+        ),
+        name="inv",
+    )
+
+    def quantized(m: Any, c: Any) -> tirx.PrimExpr:
+        g, i = tirx.min(c // pg, groups - 1), c % pg  # Select reads both branches: keep g in bounds
+        q = tirx.nearbyint(value(m, g, i) * inv[m, g])
+        q = tirx.max(tirx.min(q, tirx.const(ACTIVATION_QMAX, f32)), tirx.const(-ACTIVATION_QMAX, f32))
+        keep = tirx.all(c < groups * pg, inv[m, g] > 0)
+        return tirx.Select(keep, q, tirx.const(0.0, f32)).astype("int8")
+
+    xq = te.compute((rows, shape.row_bytes), quantized, name="xq")
+    scales = te.compute(
+        (rows, shape.row_bytes // 4),
+        lambda m, j: tirx.Select(
+            j < groups,
+            tirx.Select(
+                finite(m, tirx.min(j, groups - 1)),
+                amax[m, tirx.min(j, groups - 1)] / tirx.const(ACTIVATION_QMAX, f32),
+                tirx.const(float("nan"), f32),
+            ),
+            tirx.const(0.0, f32),
+        ),
+        name="xs",
+    )
+    return xq, scales
+
+
+def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: list[relax.Expr], name: str) -> relax.Var:
+    """``emit_te``, with the PrimFunc marked scheduled so that DLight leaves it alone (its CPU
+    reduction rule fails on multi-output functions like :func:`quantize_te`)."""
+    call = bb.call_te(fn, *args, primfunc_name_hint=name)
+    gv = call.args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("tirx.is_scheduled", True))
+    return bb.emit(call)
+
+
+def kernel_func(shape: Shape, knobs: Knobs) -> tirx.PrimFunc:
+    """The scheduled TensorIR kernel for dynamic M, marked scheduled and opaque (no fusion, no re-schedule)."""
+    name = f"ternary_{shape.key}"
+    sch = tvm.s_tir.Schedule(tvm.IRModule({name: prim_func(shape, None, name)}))
+    sch.work_on(name)
+    schedule(sch, shape, knobs.lanes, knobs.unroll)
+    return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
+
+
+def emit_ternary_matmul(
+    bb: relax.BlockBuilder, x: relax.Expr, packed: PackedWeight, bias: relax.Expr | None, knobs: Knobs | None = None
+) -> relax.Expr:
+    """``x [..., K] @ Wᵀ (+ bias)`` on the packed weight: quantize (TE) then the TVM kernel (call_tir)."""
+    shape = Shape(packed.format, packed.k, packed.n, packed.group_size)
+    if problem := shape.supported():
+        raise ValueError(f"the TVM kernels cannot take {shape.key}: {problem}")
+    planes, alpha = repack(packed)
+    lead = list(x.ty.shape)[:-1]
+    rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
+    acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")
+    gv = bb.add_func(kernel_func(shape, knobs or tuned_knobs(shape)), f"ternary_{shape.key}")
+    weights = [relax.const(a) for a in (*planes, alpha)]
+    m = rows.ty.shape[0]
+    y = bb.emit(
+        relax.call_tir(
+            gv,
+            [relax.TupleGetItem(acts, 0), relax.TupleGetItem(acts, 1), *weights],
+            relax.TensorType([m, shape.n], "float32"),
+        )
+    )
+    if bias is not None:
+        y = relax.op.add(y, bias)
+    return relax.op.reshape(y, [*lead, shape.n])
+
+
+def _constant(expr: relax.Expr, what: str) -> np.ndarray:
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        raise ValueError(f"{what} must be an initializer (a constant) to be repacked at import")
+    return expr.value.numpy()
+
+
+def ternary_converter(fmt: str) -> type[frontend.OnnxOpConverter]:
+    """The converter of one ``ai.sherry`` op: inputs X, B (packed uint8), scales (float16), optional bias."""
+
+    class TernaryMatMul(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+            packed = PackedWeight(
+                fmt, _constant(inputs[1], "B"), _constant(inputs[2], "scales"), int(attr["K"]), int(attr["group_size"])
+            )
+            return emit_ternary_matmul(bb, inputs[0], packed, inputs[3])
+
+    TernaryMatMul.__name__ = f"{fmt.capitalize()}MatMul"
+    return TernaryMatMul
+
+
+# --------------------------------------------------------------------------- onnxruntime contrib ops
+
+
+class SkipSimplifiedLayerNormalization(frontend.OnnxOpConverter):
+    """com.microsoft: sum = x + skip (+ bias); out = RMSNorm(sum)·gamma. Outputs (out, -, -, sum)."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        x, skip, gamma, bias = inputs[0], inputs[1], inputs[2], inputs[3]
+        total = bb.emit(relax.op.add(x, skip))
+        if bias is not None:
+            total = bb.emit(relax.op.add(total, bias))
+        out = relax.op.nn.rms_norm(total, gamma, axes=[-1], epsilon=float(attr.get("epsilon", 1e-12)))
+        unused = relax.const(0, "float32")  # mean and inv_std_var are never read by our graphs
+        return relax.Tuple([out, unused, unused, total])
+
+
+def rotary_te(x: te.Tensor, past: te.Tensor, cos: te.Tensor, sin: te.Tensor) -> te.Tensor:
+    """Non-interleaved rotary on ``x [B, S, heads, D]``; token s sits at position past_length + s."""
+    half = x.shape[3] // 2
+    start = past.shape[2]
+
+    def rot(b: Any, s: Any, h: Any, d: Any) -> tirx.PrimExpr:
+        pos = start + s
+        low = d < half
+        j = tirx.Select(low, d, d - half)
+        partner = x[b, s, h, tirx.Select(low, d + half, d - half)]
+        signed = tirx.Select(low, -partner, partner)
+        return x[b, s, h, d] * cos[pos, j] + signed * sin[pos, j]
+
+    return te.compute(x.shape, rot, name="rotary")
+
+
+def causal_mask_te(scores: te.Tensor) -> te.Tensor:
+    """``scores [B, H, S, T]``: query s (position T - S + s) sees keys t ≤ its position."""
+    s_len, t_len = scores.shape[2], scores.shape[3]
+    lowest = tirx.const(float(np.finfo(np.float32).min), "float32")
+    return te.compute(
+        scores.shape,
+        lambda b, h, s, t: tirx.Select(t <= t_len - s_len + s, scores[b, h, s, t], lowest),
+        name="causal_mask",
+    )
+
+
+class GroupQueryAttention(frontend.OnnxOpConverter):
+    """com.microsoft GroupQueryAttention as the exporter emits it: packed QKV, do_rotary with the cos/sin
+    caches, past/present KV ``[B, kv_heads, T, D]``, causal; seqlens_k/total_sequence_length are implied by
+    the shapes (the attention mask is all ones)."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        qkv, key, value, past_k, past_v = inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]
+        cos, sin = inputs[7], inputs[8]
+        if key is not None or value is not None:
+            raise ValueError("GroupQueryAttention: only packed QKV (empty key/value inputs) is supported")
+        if attr.get("rotary_interleaved", 0) or attr.get("local_window_size", -1) != -1 or attr.get("softcap", 0.0):
+            raise ValueError("GroupQueryAttention: interleaved rotary, local windows and softcap are not supported")
+        heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
+        batch, seq, width = qkv.ty.shape
+        head_dim = int(width) // (heads + 2 * kv_heads)
+        q, k, v = bb.emit(relax.op.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=2))
+        q = bb.emit(relax.op.reshape(q, [batch, seq, heads, head_dim]))
+        k = bb.emit(relax.op.reshape(k, [batch, seq, kv_heads, head_dim]))
+        v = bb.emit(relax.op.reshape(v, [batch, seq, kv_heads, head_dim]))
+        if attr.get("do_rotary", 0):
+            q = bb.emit_te(rotary_te, q, past_k, cos, sin, primfunc_name_hint="rotary")
+            k = bb.emit_te(rotary_te, k, past_k, cos, sin, primfunc_name_hint="rotary")
+        present_k = bb.emit(relax.op.concat([past_k, relax.op.permute_dims(k, [0, 2, 1, 3])], axis=2))
+        present_v = bb.emit(relax.op.concat([past_v, relax.op.permute_dims(v, [0, 2, 1, 3])], axis=2))
+        keys, values = present_k, present_v
+        if heads != kv_heads:  # head h reads kv head h // (heads / kv_heads)
+            keys = relax.op.repeat(keys, heads // kv_heads, axis=1)
+            values = relax.op.repeat(values, heads // kv_heads, axis=1)
+        scale = float(attr.get("scale", 0.0)) or head_dim**-0.5
+        scores = relax.op.multiply(
+            relax.op.matmul(relax.op.permute_dims(q, [0, 2, 1, 3]), relax.op.permute_dims(keys, [0, 1, 3, 2])),
+            relax.const(scale, "float32"),
+        )
+        probs = relax.op.nn.softmax(bb.emit_te(causal_mask_te, bb.normalize(scores), primfunc_name_hint="mask"))
+        out = relax.op.permute_dims(relax.op.matmul(probs, values), [0, 2, 1, 3])
+        return relax.Tuple([relax.op.reshape(out, [batch, seq, heads * head_dim]), present_k, present_v])
+
+
+def converters() -> dict[str, type[frontend.OnnxOpConverter]]:
+    """Every op our decoders use that the frontend lacks, by ONNX op type."""
+    table: dict[str, type[frontend.OnnxOpConverter]] = {op: ternary_converter(f) for op, f in TERNARY_OPS.items()}
+    table["SkipSimplifiedLayerNormalization"] = SkipSimplifiedLayerNormalization
+    table["GroupQueryAttention"] = GroupQueryAttention
+    return table
+
+
+# --------------------------------------------------------------------------- import and compile
+
+
+class DecoderImporter(frontend.ONNXGraphImporter):
+    """TVM's ONNX importer with extra converters, consulted before the frontend's own table."""
+
+    def __init__(self, extra: dict[str, type[frontend.OnnxOpConverter]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+        known = set(frontend._get_convert_map()) | set(self.extra) | {"If", "Constant"}
+        missing = sorted({node.op_type for node in graph.node} - known)
+        if missing:
+            raise tvm.error.OpNotImplemented(f"no Relax converter for: {', '.join(missing)}")
+
+    def _convert_operator(self, op_name: str, inputs: list[relax.Expr], attrs: dict, opset: int) -> Any:
+        if op_name not in self.extra:
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+        sym = self.extra[op_name].get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params])
+        return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
+
+
+def import_onnx(model: onnx.ModelProto, extra: dict[str, type[frontend.OnnxOpConverter]] | None = None) -> tvm.IRModule:
+    """An ONNX model (weights loaded) to a Relax module, input dtypes and symbolic shapes as in the graph."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = DecoderImporter(converters() if extra is None else extra, shape_dict=None, dtype_dict={}, sanitize=False)
+    return importer.from_onnx(model.graph, opset)
+
+
+def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The CPU pipeline of ``tvm.compile`` plus DLight's CPU GEMV/reduction schedules for the legalized ops."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight
+
+    passes = [
+        *cpu.library_dispatch_passes(target),
+        *cpu.legalize_passes(target),
+        dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()),
+        *cpu.dataflow_lower_passes(target),
+        *cpu.finalize_passes(target),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return run
+
+
+def set_threads(threads: int) -> None:
+    """Size TVM's runtime thread pool (the kernels' ``parallel`` loops)."""
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: little cores first (no big.LITTLE here)
+
+
+@dataclass
+class CompileInfo:
+    import_seconds: float
+    compile_seconds: float
+
+
+class RelaxCausalLM(OnnxCausalLM):
+    """An exported decoder compiled by TVM and run on the Relax VM, with :class:`OnnxCausalLM`'s interface.
+
+    ``forward``, ``empty_cache`` and ``generate`` behave as onnxruntime's; the cache holds TVM tensors
+    (no copy between steps); logits come back as numpy.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1) -> None:
+        path = Path(model_path)
+        path = path / "model.onnx" if path.is_dir() else path
+        start = time.perf_counter()
+        model = onnx.load(os.fspath(path))
+        mod = import_onnx(model)
+        imported = time.perf_counter()
+        target = host_target(threads)
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+        self.info = CompileInfo(imported - start, time.perf_counter() - imported)
+        set_threads(threads)
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+        graph = model.graph
+        past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+        self.input_names = [i.name for i in graph.input]
+        self.output_names = [o.name for o in graph.output]
+        self.num_layers = len(past) // 2
+        dims = past[0].type.tensor_type.shape.dim
+        self.kv_heads, self.head_dim = dims[1].dim_value, dims[3].dim_value
+        logits = next(o for o in graph.output if o.name == "logits")
+        self.vocab_size = logits.type.tensor_type.shape.dim[-1].dim_value
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
+
+    def _tensor(self, a: Any) -> Any:
+        return tvm.runtime.tensor(np.ascontiguousarray(a), self.device) if isinstance(a, np.ndarray) else a
+
+    def empty_cache(self, batch: int = 1) -> list[tuple[Any, Any]]:
+        empty = tvm.runtime.tensor(np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32), self.device)
+        return [(empty, empty) for _ in range(self.num_layers)]
+
+    def forward(self, input_ids: np.ndarray, past: list[tuple[Any, Any]] | None = None) -> tuple[np.ndarray, Any]:
+        input_ids = np.asarray(input_ids, np.int64)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {input_ids.shape}")
+        past = past if past is not None else self.empty_cache(input_ids.shape[0])
+        total = int(past[0][0].shape[2]) + input_ids.shape[1]
+        self.check_length(total)
+        feeds = {
+            "input_ids": tvm.runtime.tensor(input_ids, self.device),
+            "attention_mask": tvm.runtime.tensor(np.ones((input_ids.shape[0], total), np.int64), self.device),
+        }
+        for i, (k, v) in enumerate(past):
+            feeds[f"past_key_values.{i}.key"] = self._tensor(k)
+            feeds[f"past_key_values.{i}.value"] = self._tensor(v)
+        outputs = dict(
+            zip(self.output_names, self.vm["main"](*(feeds[name] for name in self.input_names)), strict=True)
+        )
+        present = [(outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return outputs["logits"].numpy(), present
