@@ -400,35 +400,33 @@ def test_non_finite_activations_give_nan_rows(fmt: str, path: KernelPath) -> Non
 TVM_DATABASE = Path(__file__).resolve().parent.parent / "tvm_schedules" / "databases"
 
 
-def tvm_database_shapes() -> list[pytest.param]:
-    """(format, K, N, group_size) of every tuned kernel in the committed database, once each."""
-    shapes = set()
+def tvm_database_kernels() -> list[pytest.param]:
+    """(target, format, K, N, group_size) of every tuned kernel in the committed database."""
+    kernels = set()
     for tuned in sorted(TVM_DATABASE.glob("*/tuned.json")):
-        shapes |= {(e["format"], e["k"], e["n"], e["group_size"]) for e in json.loads(tuned.read_text())}
-    return [pytest.param(*s, id="-".join(map(str, s))) for s in sorted(shapes)]
+        kernels |= {(e["target"], e["format"], e["k"], e["n"], e["group_size"]) for e in json.loads(tuned.read_text())}
+    return [pytest.param(*s, id="-".join(map(str, s))) for s in sorted(kernels)]
 
 
-def tvm_kernel_missing(fmt: str, k: int, n: int, group_size: int) -> str:
-    """Why the library may lawfully lack this database kernel: built with TVM=0, or no ISA here."""
+def tvm_kernel_missing(target: str) -> str:
+    """Why the library may lawfully lack a database kernel: built with TVM=0, or this CPU lacks its ISA."""
     if os.environ.get("SHERRY_TVM") == "0":
         return "SHERRY_TVM=0: the library was built without the TVM kernels (make lib TVM=0)"
-    isas = {
-        e["isa"]
-        for t in TVM_DATABASE.glob("*/tuned.json")
-        for e in json.loads(t.read_text())
-        if (e["format"], e["k"], e["n"], e["group_size"]) == (fmt, k, n, group_size)
-    }
     flags = Path("/proc/cpuinfo").read_text().split()
-    if "avx512" not in isas and "avx2" not in flags:
-        return "this CPU lacks AVX2, the least ISA the tuned kernels need"
-    return ""
+    isa = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
+    needed = isa.get(target, isa["avx512"] if "avx512f" in flags else isa["avx2"])  # native: this CPU
+    missing = [f for f in needed if f not in flags]
+    return f"this CPU lacks {', '.join(missing)} for the {target} kernels" if missing else ""
 
 
-@pytest.mark.parametrize(("fmt", "k", "n", "group_size"), tvm_database_shapes())
-def test_tvm_kernels_of_the_database_match_reference(fmt: str, k: int, n: int, group_size: int) -> None:
+@pytest.mark.parametrize(("target", "fmt", "k", "n", "group_size"), tvm_database_kernels())
+def test_tvm_kernels_of_the_database_match_reference(
+    target: str, fmt: str, k: int, n: int, group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`make lib` links every database kernel; each matches the int8 reference (GEMV, GEMM, 2 threads)."""
-    if reason := tvm_kernel_missing(fmt, k, n, group_size):
+    if reason := tvm_kernel_missing(target):
         pytest.skip(reason)
+    monkeypatch.setenv("SHERRY_TVM_TARGET", target)
     packed = make_weight(fmt, k, n, group_size)
     bias = np.random.default_rng(3).standard_normal(n).astype(np.float32)
     model = matmul_model(packed, bias=bias)

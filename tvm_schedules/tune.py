@@ -179,25 +179,15 @@ def in_process_builder_runner(number: int = 20, repeat: int = 5, min_repeat_ms: 
 def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200) -> float | None:
     """Median µs of the hand-written kernel on ``isa`` (one node, M = 1, one thread, onnxruntime profiler)."""
     import torch
-    from onnx import TensorProto, helper
 
     from sherry_export.formats import pack
-    from sherry_export.onnx_ops import SHERRY_DOMAIN, matmul_node
+    from sherry_export.onnx_ops import matmul_model
     from sherry_export.quant import absmean_ternarize, sherry_ternarize
     from sherry_export.runtime import make_session
 
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
     ternary = sherry_ternarize(weight, gs) if fmt == "sherry" else absmean_ternarize(weight, gs)
-    node, inits = matmul_node(pack(fmt, ternary, gs), "A", "Y")
-    graph = helper.make_graph(
-        [node],
-        "hand",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(SHERRY_DOMAIN, 1)])
-    model.ir_version = 10
+    model = matmul_model(pack(fmt, ternary, gs), leading_dims=(1,))
     a = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
     try:
         with tempfile.TemporaryDirectory() as tmp:

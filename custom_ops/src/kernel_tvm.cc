@@ -254,11 +254,14 @@ class TvmKernel final : public MatMulKernel {
   AlignedArray<float> alpha_;
 };
 
-// The entry for these weights that this CPU can run: AVX-512 first.
+// The entry for these weights that this CPU can run: AVX-512 first. SHERRY_TVM_TARGET=<target>
+// (a database folder name, e.g. avx2) limits the choice to that target's kernels (tests, benchmarks).
 const TvmEntry* find_entry(const PackedWeights& w) {
+  const char* only = std::getenv("SHERRY_TVM_TARGET");
   const TvmEntry* best = nullptr;
   for (size_t i = 0; i < kTvmEntryCount; ++i) {
     const TvmEntry& e = kTvmEntries[i];
+    if (only && *only && std::string(only) != e.target) continue;
     if (e.format != static_cast<int>(w.format) || e.k != w.geometry.k || e.n != w.geometry.n ||
         e.group_size != w.geometry.group_size || !e.m1)
       continue;
