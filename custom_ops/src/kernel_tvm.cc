@@ -188,8 +188,11 @@ class TvmKernel final : public MatMulKernel {
     auto* xq = reinterpret_cast<int8_t*>(ws);
     auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
     std::memset(ws, 0, static_cast<size_t>(L.scale_offset));
-    for (int64_t g = 0, begin = 0; begin < L.g.k; ++g, begin += L.g.group_size)
-      scale[g] = quantize_group(a_row + begin, std::min(L.g.group_size, L.g.k - begin), xq + g * L.padded_group);
+    for (int64_t g = 0; g < L.g.groups(); ++g) {
+      const int64_t length = L.g.group_length(g);
+      if (length <= 0) break;  // never: tells the compiler the length is positive
+      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, xq + g * L.padded_group);
+    }
   }
 
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
