@@ -232,6 +232,11 @@ def tune(
     builder, runner = in_process_builder_runner()
     summary_path = tdir / "tuned.json"
     entries = {(e["format"], e["k"], e["n"], e["group_size"]): e for e in load_entries(summary_path)}
+    from sherry_export.formats import get_format
+
+    for k, _, gs in shapes:  # a ValueError naming the numbers, as everywhere else
+        for f in formats:
+            get_format(f).check_geometry(k, gs)
     todo = [Shape(f, k, n, gs) for k, n, gs in shapes for f in formats]
     with tqdm(todo, desc=f"tune {target_name}", unit="kernel") as bar:
         for shape in bar:
