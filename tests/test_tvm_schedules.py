@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +85,32 @@ def test_unsupported_n() -> None:
     assert "multiple of 16" in Shape("i2s", 64, 40, 64).supported()
     with pytest.raises(ValueError, match="multiple of 16"):
         repack(packed_weight("i2s", 64, 40, 64))
+
+
+def test_model_shapes_of_the_shipped_model() -> None:
+    from tvm_schedules.tune import model_shapes
+
+    shapes = model_shapes(Path(__file__).resolve().parent.parent / "models" / "sherry-arenas-scratch-10m")
+    assert shapes == [(320, 320, 128), (320, 896, 128), (896, 320, 128)]
+
+
+def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
+    """One database entry → an object exporting both functions, needing only the error hook."""
+    from tvm_schedules.build import build
+
+    entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2",
+             "mcpu": "x86-64-v3", "lanes": 32, "unroll": 1, "tvm_us": 9.5, "hand_us": 3.0, "trials": 1,
+             "tune_seconds": 1.0}  # fmt: skip
+    (tmp_path / "db" / "avx2").mkdir(parents=True)
+    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
+    [obj] = build(tmp_path / "db", tmp_path / "out")
+    symbols = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout.split("\n")
+    undefined = {line.split()[-1] for line in symbols if line.strip().startswith("U ")}
+    assert undefined == {"TVMFFIErrorSetRaisedFromCStrParts"}
+    table = (tmp_path / "out" / "tvm_table.cc").read_text()
+    for bucket in ("m1", "mx"):
+        name = f"__tvm_ffi_sherry_tvm_avx2_tl2_k320_n64_g128_{bucket}"
+        assert any(line.endswith(" T " + name) for line in symbols)
+        assert name in table
+    assert "{1, 320, 64, 128, 1, 64," in table  # tl2, K, N, group_size, avx2, lane block 64
+    assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
