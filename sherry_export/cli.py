@@ -269,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     bench.register(sub)
     compare.register(sub)
-    from tvm_schedules import tune
+    from tvm_schedules import relax_run, tune
 
     tune.register(sub)
+    relax_run.register(sub)
     return parser
 
 

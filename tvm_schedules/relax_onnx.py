@@ -72,6 +72,31 @@ def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
     return Knobs(lanes=lanes, unroll=[u for u in unroll_choices(shape) if u <= 4][-1])
 
 
+def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100) -> Knobs:
+    """The fastest knobs for this shape at M = 1 on this machine, timing every candidate (a few seconds):
+    a quick stand-in for ``sherry tune`` for shapes its database lacks (like the fused QKV projection)."""
+    from tvm_schedules.kernels import scheduled_module
+
+    n_blocks, lb = shape.n // shape.lane_block, shape.lane_block
+    arrays = [
+        np.zeros((1, shape.row_bytes), np.int8),
+        np.zeros((1, shape.row_bytes // 4), np.float32),
+        *(np.zeros((n_blocks, b, lb), np.uint8) for b in shape.plane_bytes),
+        np.zeros((n_blocks, shape.groups, lb), np.float32),
+        np.zeros((1, shape.n), np.float32),
+    ]
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    timings = []
+    for lanes in lane_choices(shape):
+        for unroll in unroll_choices(shape):
+            knobs = Knobs(lanes, unroll)
+            lib = tvm.compile(scheduled_module(shape, None, knobs), target=target)
+            timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
+            timings.append((min(timer(*args).results), knobs.lanes, knobs.unroll))
+    _, lanes, unroll = min(timings)
+    return Knobs(lanes, unroll)
+
+
 def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
     """``x [M, K]`` float32 to the kernel's activation rows: int8 ``[M, row_bytes]`` (groups at
     ``g·padded_group``, zero padded) and float32 ``[M, row_bytes/4]`` (group scales first)."""
@@ -177,7 +202,10 @@ def _constant(expr: relax.Expr, what: str) -> np.ndarray:
     return expr.value.numpy()
 
 
-def ternary_converter(fmt: str) -> type[frontend.OnnxOpConverter]:
+KnobChoice = Callable[[Shape], Knobs]
+
+
+def ternary_converter(fmt: str, knobs: KnobChoice) -> type[frontend.OnnxOpConverter]:
     """The converter of one ``ai.sherry`` op: inputs X, B (packed uint8), scales (float16), optional bias."""
 
     class TernaryMatMul(frontend.OnnxOpConverter):
@@ -186,7 +214,8 @@ def ternary_converter(fmt: str) -> type[frontend.OnnxOpConverter]:
             packed = PackedWeight(
                 fmt, _constant(inputs[1], "B"), _constant(inputs[2], "scales"), int(attr["K"]), int(attr["group_size"])
             )
-            return emit_ternary_matmul(bb, inputs[0], packed, inputs[3])
+            shape = Shape(fmt, packed.k, packed.n, packed.group_size)
+            return emit_ternary_matmul(bb, inputs[0], packed, inputs[3], knobs(shape))
 
     TernaryMatMul.__name__ = f"{fmt.capitalize()}MatMul"
     return TernaryMatMul
@@ -336,9 +365,12 @@ class GroupQueryAttention(frontend.OnnxOpConverter):
         return relax.Tuple([relax.op.reshape(out, [batch, seq, heads * head_dim]), present_k, present_v])
 
 
-def converters() -> dict[str, type[frontend.OnnxOpConverter]]:
-    """Every op our decoders use that the frontend lacks, by ONNX op type."""
-    table: dict[str, type[frontend.OnnxOpConverter]] = {op: ternary_converter(f) for op, f in TERNARY_OPS.items()}
+def converters(knobs: KnobChoice = tuned_knobs) -> dict[str, type[frontend.OnnxOpConverter]]:
+    """Every op our decoders use that the frontend lacks, by ONNX op type; ``knobs`` picks each ternary
+    kernel's schedule knobs."""
+    table: dict[str, type[frontend.OnnxOpConverter]] = {
+        op: ternary_converter(f, knobs) for op, f in TERNARY_OPS.items()
+    }
     table["SkipSimplifiedLayerNormalization"] = SkipSimplifiedLayerNormalization
     table["GroupQueryAttention"] = GroupQueryAttention
     table["MatMul"] = MatMul
@@ -393,17 +425,21 @@ class RelaxCausalLM(OnnxCausalLM):
     (no copy between steps); logits come back as numpy.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1, measure_knobs: bool = False) -> None:
+        """``measure_knobs``: time every kernel knob candidate per shape (:func:`measured_knobs`) instead of
+        taking the tuning database's or the default."""
         path = Path(model_path)
         path = path / "model.onnx" if path.is_dir() else path
         start = time.perf_counter()
-        model = onnx.load(os.fspath(path))
-        mod = import_onnx(model)
-        imported = time.perf_counter()
         target = host_target(threads)
-        # tvm.compile's default CPU pipeline: legalize, fuse, lower. DLight's CPU rules are not applied: on
-        # these dynamic shapes they emit per-element index divisions that made attention 15x slower.
-        executable = tvm.compile(mod, target=target)
+        model = onnx.load(os.fspath(path))
+        choice = functools.cache(functools.partial(measured_knobs, target=target)) if measure_knobs else tuned_knobs
+        mod = import_onnx(model, converters(choice))
+        imported = time.perf_counter()
+        # The CPU backend's pipeline (legalize, fuse, lower); tvm.compile's "default" for CPU does not fuse.
+        # DLight's CPU rules are not applied: on these dynamic shapes they emit per-element index
+        # divisions that made attention 15x slower.
+        executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
         self.info = CompileInfo(imported - start, time.perf_counter() - imported)
         set_threads(threads)
         self.device = tvm.cpu()
