@@ -1,0 +1,147 @@
+"""Whole-model compilation (tvm_schedules.relax_onnx): exported decoders on TVM's Relax VM against
+onnxruntime running the same export, and single ternary ops against the kernels' numerics reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sherry_export.export.llama import ExportOptions
+from sherry_export.export.llm import export_model
+from sherry_export.formats import pack, reference_matmul
+from sherry_export.generate import OnnxCausalLM
+from sherry_export.models import tiny_llama
+from sherry_export.onnx_ops import matmul_model
+from sherry_export.quant import absmean_ternarize, sherry_ternarize
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from tvm_schedules.relax_onnx import RelaxCausalLM, host_target, import_onnx  # noqa: E402
+
+PROMPT = [3, 17, 200, 45, 9, 120, 77, 31, 5]
+DECODE_STEPS = 4
+# group sizes that leave a short last group (K = 128 and 256), and for tl2 a padded last triple
+GROUP_SIZES = {"sherry": 48, "tl2": 40, "i2s": 40, "fp32": 48}
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    # 4 query heads on 2 KV heads: the GQA head mapping is exercised
+    return tiny_llama(seed=1, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+
+
+def both_backends(model: torch.nn.Module, fmt: str, out: Path) -> tuple[RelaxCausalLM, OnnxCausalLM]:
+    export_model(model, out, ExportOptions(format=fmt, group_size=GROUP_SIZES[fmt]))
+    return RelaxCausalLM(out), OnnxCausalLM(out / "model.onnx")
+
+
+def prefill_and_decode(lm: OnnxCausalLM, tokens: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Logits of the prompt, then of each decode token in turn; and the final KV cache as numpy."""
+    logits, cache = lm.forward(np.array([tokens[0]]))
+    out = [logits]
+    for token in tokens[1:]:
+        logits, cache = lm.forward(np.array([token]), cache)
+        out.append(logits)
+    return out, [np.asarray(t.numpy() if hasattr(t, "numpy") else t) for pair in cache for t in pair]
+
+
+def decode_tokens(ort: OnnxCausalLM) -> list[list[int]]:
+    """The prompt and onnxruntime's greedy continuation, so both backends see the same inputs."""
+    result = ort.generate(PROMPT, DECODE_STEPS + 1)
+    return [PROMPT] + [[t] for t in result.tokens[:DECODE_STEPS]]
+
+
+def test_fp32_export_matches_onnxruntime(model: torch.nn.Module, tmp_path: Path) -> None:
+    """No int8 rounding anywhere: prefill, decode through the KV cache and the cache itself agree to float error."""
+    lm, ort = both_backends(model, "fp32", tmp_path / "fp32")
+    tokens = decode_tokens(ort)
+    ours, our_cache = prefill_and_decode(lm, tokens)
+    theirs, their_cache = prefill_and_decode(ort, tokens)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    for a, b in zip(our_cache, their_cache, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # a batch of two different prompts in one call
+    batch = np.array([PROMPT, PROMPT[::-1]])
+    np.testing.assert_allclose(lm.forward(batch)[0], ort.forward(batch)[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
+def test_ternary_export_matches_onnxruntime(model: torch.nn.Module, fmt: str, tmp_path: Path) -> None:
+    """Both run the same int8 numerics; a float difference upstream can move one activation across a
+    rounding boundary, so: the same top-1 everywhere, and logits within a small fraction of their spread."""
+    lm, ort = both_backends(model, fmt, tmp_path / fmt)
+    tokens = decode_tokens(ort)
+    ours, _ = prefill_and_decode(lm, tokens)
+    theirs, _ = prefill_and_decode(ort, tokens)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a.argmax(-1), b.argmax(-1))
+        assert np.abs(a - b).max() <= 1e-2 * np.ptp(b), (np.abs(a - b).max(), np.ptp(b))
+    generated = lm.generate(PROMPT, DECODE_STEPS + 1).tokens
+    assert [[t] for t in generated[:DECODE_STEPS]] == tokens[1:]
+
+
+def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
+    """Bytes of the Relax module's constants, by dtype (the weights the compiled model holds)."""
+    total: dict[str, int] = {}
+    seen: list[relax.Expr] = []
+
+    def visit(expr: relax.Expr) -> None:
+        # tensor constants (not scalar immediates), each once however often it is used
+        if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):
+            if any(expr.same_as(s) for s in seen):
+                return
+            seen.append(expr)
+            array = expr.value.numpy()
+            total[str(array.dtype)] = total.get(str(array.dtype), 0) + array.nbytes
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return total
+
+
+def test_ternary_weights_stay_packed(model: torch.nn.Module, tmp_path: Path) -> None:
+    """The compiled sherry model holds its projections as packed bytes, not float32."""
+    export_model(model, tmp_path / "s", ExportOptions(format="sherry", group_size=32))
+    held = constant_bytes(import_onnx(onnx.load(tmp_path / "s" / "model.onnx")))
+    weights = sum(p.numel() for n, p in model.named_parameters() if "proj" in n)
+    assert held.get("uint8", 0) == weights * 5 // 32  # 1.25 bits per weight, repacked at the same width
+    config = model.config
+    embed_and_head = 2 * config.vocab_size * config.hidden_size * 4
+    rotary = 2 * config.max_position_embeddings * (config.hidden_size // config.num_attention_heads // 2) * 4
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
+    scales = weights // 32 * 4  # one float32 α per group
+    assert 0 <= held["float32"] - (embed_and_head + rotary + norms + scales) <= 16  # and a few scalars
+
+
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
+def test_single_op_matches_int8_reference(fmt: str) -> None:
+    """One ai.sherry node with a bias, a NaN row and an all-zero row: the converter's activation quantization
+    and the kernel reproduce reference_matmul(activations="int8") up to the order of the float group sum."""
+    k, n, gs = 200, 48, 64  # 4 groups, the last one short
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    packed = pack(fmt, (sherry_ternarize if fmt == "sherry" else absmean_ternarize)(weight, gs), gs)
+    bias = np.linspace(-1, 1, n, dtype=np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 3, k), dtype=np.float32)
+    x[0, 0, :5] *= 50
+    x[1, 1] = 0.0
+    x[1, 2, 70] = np.nan
+    target = host_target()
+    lib = tvm.compile(import_onnx(matmul_model(packed, bias, ("B", "S"))), target=target)
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = reference_matmul(x, packed, bias, activations="int8")
+    assert y.shape == (2, 3, n)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    assert np.isnan(y[1, 2]).all() and not np.isnan(y[1, 1]).any()
+    np.testing.assert_array_equal(y[1, 1], bias)
+    finite = ~np.isnan(ref)
+    bound = 4 * np.finfo(np.float32).eps * (np.nanmax(np.abs(ref)) + 1) * (k // gs + 2)
+    assert np.abs(y[finite] - ref[finite]).max() <= bound
