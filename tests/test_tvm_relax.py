@@ -26,7 +26,7 @@ from tvm_schedules.relax_onnx import RelaxCausalLM, host_target, import_onnx  # 
 PROMPT = [3, 17, 200, 45, 9, 120, 77, 31, 5]
 DECODE_STEPS = 4
 # group sizes that leave a short last group (K = 128 and 256), and for tl2 a padded last triple
-GROUP_SIZES = {"sherry": 48, "tl2": 40, "i2s": 40, "fp32": 48}
+GROUP_SIZES = {"sherry": 48, "tl2": 40, "i2s": 40, "fp32": 48, "nbits4": 32}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def model() -> torch.nn.Module:
 
 
 def both_backends(model: torch.nn.Module, fmt: str, out: Path) -> tuple[RelaxCausalLM, OnnxCausalLM]:
-    export_model(model, out, ExportOptions(format=fmt, group_size=GROUP_SIZES[fmt]))
+    head = "nbits4" if fmt == "nbits4" else "fp32"  # MatMulNBits for the projections and the LM head
+    export_model(model, out, ExportOptions(format=fmt, group_size=GROUP_SIZES[fmt], lm_head=head))
     return RelaxCausalLM(out), OnnxCausalLM(out / "model.onnx")
 
 
@@ -71,10 +72,12 @@ def test_fp32_export_matches_onnxruntime(model: torch.nn.Module, tmp_path: Path)
     np.testing.assert_allclose(lm.forward(batch)[0], ort.forward(batch)[0], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
-def test_ternary_export_matches_onnxruntime(model: torch.nn.Module, fmt: str, tmp_path: Path) -> None:
-    """Both run the same int8 numerics; a float difference upstream can move one activation across a
-    rounding boundary, so: the same top-1 everywhere, and logits within a small fraction of their spread."""
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s", "nbits4"])
+def test_quantized_export_matches_onnxruntime(model: torch.nn.Module, fmt: str, tmp_path: Path) -> None:
+    """sherry/tl2/i2s: both run the same int8 numerics, but a float difference upstream can move one
+    activation across a rounding boundary; nbits4: TVM computes MatMulNBits in float, onnxruntime with
+    int8 activations (accuracy_level 4). So: the same top-1 everywhere, and logits within a small
+    fraction of their spread."""
     lm, ort = both_backends(model, fmt, tmp_path / fmt)
     tokens = decode_tokens(ort)
     ours, _ = prefill_and_decode(lm, tokens)

@@ -41,7 +41,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 from sherry_export.formats import PackedWeight
 from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
 from tvm_schedules.kernels import Knobs, lane_choices, prim_func, schedule, unroll_choices
-from tvm_schedules.layout import Shape, repack
+from tvm_schedules.layout import Shape, lane_block, repack
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
 TERNARY_OPS = {"SherryMatMul": "sherry", "TL2MatMul": "tl2", "I2SMatMul": "i2s"}
@@ -282,6 +282,101 @@ class MatMul(frontend.OnnxOpConverter):
         return relax.op.reshape(y, [*lead, n])
 
 
+# --------------------------------------------------------------------------- MatMulNBits (onnxruntime contrib)
+
+
+@dataclass(frozen=True)
+class NBitsShape:
+    """One MatMulNBits weight: ``bits`` per weight in blocks of ``block_size`` along K, default zero point."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+    @property
+    def groups(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def lane_block(self) -> int:
+        """Rows interleaved per weight block, as the ternary kernels' layout does (what ``schedule`` reads)."""
+        return lane_block(self.n)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.groups * self.block_size * self.bits // 8
+
+
+def nbits_func(shape: NBitsShape, knobs: Knobs) -> tirx.PrimFunc:
+    """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
+    registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
+    The loop nest mirrors the ternary kernels' (blocks ``dot`` and ``Y``), so their schedule applies as is."""
+    lb, bits, bs = shape.lane_block, shape.bits, shape.block_size
+    per_byte = 8 // bits
+    rows = te.var("M", "int64")
+    x = te.placeholder((rows, shape.k), "float32", name="X")
+    w = te.placeholder((shape.n // lb, shape.row_bytes, lb), "uint8", name="W0")
+    scales = te.placeholder((shape.n // lb, shape.groups, lb), "float32", name="alpha")
+    j = te.reduce_axis((0, bs), name="j")
+    zero_point = tirx.const(float(1 << (bits - 1)), "float32")
+
+    def term(m: Any, nb: Any, g: Any, lane: Any) -> tirx.PrimExpr:
+        col = g * bs + j
+        byte = w[nb, col // per_byte, lane]
+        code = ((byte >> ((col % per_byte) * bits).astype("uint8")) & ((1 << bits) - 1)).astype("float32")
+        value = tirx.if_then_else(col < shape.k, x[m, tirx.min(col, shape.k - 1)], tirx.const(0.0, "float32"))
+        return value * (code - zero_point)
+
+    dot = te.compute(
+        (rows, shape.n // lb, shape.groups, lb),
+        lambda m, nb, g, lane: te.sum(term(m, nb, g, lane), axis=j),
+        name="dot",
+    )
+    gi = te.reduce_axis((0, shape.groups), name="gi")
+    y = te.compute(
+        (rows, shape.n),
+        lambda m, n: te.sum(scales[n // lb, gi, n % lb] * dot[m, n // lb, gi, n % lb], axis=gi),
+        name="Y",
+    )
+    name = f"nbits{bits}_k{shape.k}_n{shape.n}_b{bs}"
+    func = te.create_prim_func([x, w, scales, y]).with_attr("global_symbol", name)
+    sch = tvm.s_tir.Schedule(tvm.IRModule({name: func}))
+    sch.work_on(name)
+    schedule(sch, shape, knobs.lanes, knobs.unroll)  # type: ignore[arg-type]  # reads only .lane_block
+    return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+class MatMulNBits(frontend.OnnxOpConverter):
+    """com.microsoft MatMulNBits with the default zero point (what the exporter writes), computed in float
+    on the packed codes. onnxruntime's accuracy_level 4 rounds the activations to int8 per block first,
+    so the two agree to that rounding, not bit for bit."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        if inputs[3] is not None or inputs[4] is not None:
+            raise ValueError("MatMulNBits: explicit zero points and g_idx are not supported")
+        shape = NBitsShape(int(attr["K"]), int(attr["N"]), int(attr["bits"]), int(attr["block_size"]))
+        if shape.bits not in (2, 4, 8) or not shape.lane_block:
+            raise ValueError(f"MatMulNBits: bits={shape.bits}, N={shape.n} (need 2/4/8 bits, N a multiple of 16)")
+        lb = shape.lane_block
+        codes = _constant(inputs[1], "B").reshape(shape.n, shape.row_bytes)
+        scales = _constant(inputs[2], "scales").astype(np.float32).reshape(shape.n, shape.groups)
+        planes = [
+            relax.const(np.ascontiguousarray(a.reshape(shape.n // lb, lb, -1).transpose(0, 2, 1)))
+            for a in (codes, scales)
+        ]
+        knobs = Knobs(lanes=min(32, lb), unroll=next(u for u in (8, 4, 2, 1) if shape.block_size % u == 0))
+        x = inputs[0]
+        lead = list(x.ty.shape)[:-1]
+        rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
+        gv = bb.add_func(nbits_func(shape, knobs), f"nbits{shape.bits}_k{shape.k}_n{shape.n}")
+        y = bb.emit(relax.call_tir(gv, [rows, *planes], relax.TensorType([rows.ty.shape[0], shape.n], "float32")))
+        if inputs[5] is not None:
+            y = relax.op.add(y, inputs[5])
+        return relax.op.reshape(y, [*lead, shape.n])
+
+
 # --------------------------------------------------------------------------- onnxruntime contrib ops
 
 
@@ -374,6 +469,7 @@ def converters(knobs: KnobChoice = tuned_knobs) -> dict[str, type[frontend.OnnxO
     table["SkipSimplifiedLayerNormalization"] = SkipSimplifiedLayerNormalization
     table["GroupQueryAttention"] = GroupQueryAttention
     table["MatMul"] = MatMul
+    table["MatMulNBits"] = MatMulNBits
     return table
 
 
