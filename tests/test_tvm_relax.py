@@ -148,3 +148,31 @@ def test_single_op_matches_int8_reference(fmt: str) -> None:
     finite = ~np.isnan(ref)
     bound = 4 * np.finfo(np.float32).eps * (np.nanmax(np.abs(ref)) + 1) * (k // gs + 2)
     assert np.abs(y[finite] - ref[finite]).max() <= bound
+
+
+def test_tvm_run_command(model: torch.nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sherry tvm-run` compiles, generates, and races onnxruntime: both rows, the same greedy tokens."""
+    from sherry_export.cli import main
+
+    export_model(model, tmp_path / "s", ExportOptions(format="sherry", group_size=32))
+    ids = ",".join(str(t) for t in PROMPT)
+    assert (
+        main(
+            [
+                "tvm-run",
+                str(tmp_path / "s"),
+                "--prompt-ids",
+                ids,
+                "--max-new-tokens",
+                "4",
+                "--rounds",
+                "1",
+                "--compare-onnxruntime",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    ort_tokens = OnnxCausalLM(tmp_path / "s" / "model.onnx").generate(PROMPT, 4).tokens
+    assert f"tokens: {' '.join(map(str, ort_tokens))}" in out
+    assert "| tvm |" in out and "| onnxruntime |" in out and "differ" not in err
