@@ -15,9 +15,10 @@ from sherry_export.quant import absmean_ternarize, sherry_ternarize
 from tvm_schedules.layout import Shape, activations, repack
 
 tvm = pytest.importorskip("tvm")
-from tvm_schedules.kernels import Knobs, lane_choices, scheduled_module  # noqa: E402
+from tvm_schedules.kernels import Knobs, scheduled_module, tile_choices  # noqa: E402
+from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
-TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
+ISAS = ["avx2", "avx512"] if host_isa() == "avx512" else ["avx2"]
 
 
 def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
@@ -26,10 +27,13 @@ def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWei
     return pack(fmt, ternary, gs)
 
 
-def run(fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool) -> tuple[np.ndarray, np.ndarray]:
+def run(
+    fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool, isa: str = "avx2"
+) -> tuple[np.ndarray, np.ndarray]:
     packed = packed_weight(fmt, k, n, gs)
     shape = Shape(fmt, k, n, gs)
-    lib = tvm.compile(scheduled_module(shape, None if dynamic else m, knobs), target=tvm.target.Target(TARGET))
+    module = scheduled_module(shape, None if dynamic else m, knobs, isa=isa)
+    lib = tvm.compile(module, target=tvm.target.Target(TARGETS[isa]))
     x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
     x[0, :3] *= 40  # an outlier: other groups of the row keep their own scale
     ws, scales = activations(shape, x)
@@ -39,30 +43,32 @@ def run(fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool) 
     return y.numpy(), reference_matmul(x, packed, activations="int8")
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
 @pytest.mark.parametrize(
     ("k", "n", "gs", "m", "dynamic"),
     [(256, 64, 128, 1, False), (320, 96, 128, 1, False), (320, 32, 64, 3, True), (512, 48, 512, 2, True)],
 )
-def test_kernel_matches_reference(fmt: str, k: int, n: int, gs: int, m: int, dynamic: bool) -> None:
+def test_kernel_matches_reference(fmt: str, k: int, n: int, gs: int, m: int, dynamic: bool, isa: str) -> None:
     """Exact int dots; only the float sum over groups may round differently (contraction to FMA)."""
-    knobs = Knobs(lanes=lane_choices(Shape(fmt, k, n, gs))[0], unroll=1 if fmt == "tl2" else 4)
-    y, ref = run(fmt, k, n, gs, m, knobs, dynamic)
+    knobs = Knobs(tiles=tile_choices(Shape(fmt, k, n, gs))[-1], unroll=1 if fmt == "tl2" else 2)
+    y, ref = run(fmt, k, n, gs, m, knobs, dynamic, isa)
     bound = 4 * np.finfo(np.float32).eps * np.abs(ref).max(axis=1, keepdims=True) * (k // gs + 1)
     assert np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
-def test_single_group_is_bit_exact(fmt: str) -> None:
+def test_single_group_is_bit_exact(fmt: str, isa: str) -> None:
     """With one scale group there is no float sum to reorder: y = (α·s)·dot exactly."""
-    y, ref = run(fmt, 96, 32, 96, 2, Knobs(lanes=16, unroll=1), dynamic=True)
+    y, ref = run(fmt, 96, 32, 96, 2, Knobs(tiles=1, unroll=1), dynamic=True, isa=isa)
     np.testing.assert_array_equal(y, ref)
 
 
 def test_nan_row_and_zero_row() -> None:
     packed = packed_weight("sherry", 256, 32, 128)
     shape = Shape("sherry", 256, 32, 128)
-    lib = tvm.compile(scheduled_module(shape, None, Knobs(16, 2)), target=tvm.target.Target(TARGET))
+    lib = tvm.compile(scheduled_module(shape, None, Knobs(1, 2), isa="avx2"), target=tvm.target.Target(TARGETS["avx2"]))
     x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
     x[1, 5] = np.nan
     x[2] = 0
@@ -74,8 +80,9 @@ def test_nan_row_and_zero_row() -> None:
     assert np.isnan(out[1]).all() and (out[2] == 0).all() and np.isfinite(out[0]).all()
 
 
-def test_repack_keeps_the_bit_width() -> None:
-    for fmt, bits in (("sherry", 1.25), ("tl2", 1.72), ("i2s", 2.0)):
+def test_repack_bit_width() -> None:
+    """A code byte per code: 2 bits per weight for sherry and i2s, 2.67 for tl2 (group 128: 11 quads)."""
+    for fmt, bits in (("sherry", 2.0), ("tl2", 2.75), ("i2s", 2.0)):
         packed = packed_weight(fmt, 2048, 128, 128)
         planes, _ = repack(packed)
         assert sum(p.nbytes for p in planes) * 8 / (2048 * 128) <= bits
@@ -99,7 +106,7 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
     from tvm_schedules.build import build
 
     entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2",
-             "mcpu": "x86-64-v3", "lanes": 32, "unroll": 1, "tvm_us": 9.5, "hand_us": 3.0, "trials": 1,
+             "mcpu": "x86-64-v3", "tiles": 2, "unroll": 1, "tvm_us": 9.5, "hand_us": 3.0, "trials": 1,
              "tune_seconds": 1.0}  # fmt: skip
     (tmp_path / "db" / "avx2").mkdir(parents=True)
     (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
@@ -112,5 +119,5 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
         name = f"__tvm_ffi_sherry_tvm_avx2_tl2_k320_n64_g128_{bucket}"
         assert any(line.endswith(" T " + name) for line in symbols)
         assert name in table
-    assert "{1, 320, 64, 128, 1, 64," in table  # tl2, K, N, group_size, avx2, lane block 64
+    assert "{1, 320, 64, 128, 1, 32," in table  # tl2, K, N, group_size, avx2, rows per task 2 x 16
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()

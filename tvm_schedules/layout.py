@@ -1,23 +1,22 @@
 """The TVM kernels' private layouts, in numpy: the C++ op (``custom_ops/src/kernel_tvm.cc``) builds the
 same bytes, and the tests check the kernels through these functions.
 
-Weights stay at their packed bit width. Rows are cut into blocks of ``lane_block`` (LB) consecutive
-output rows; within a block the packed bytes of the LB rows are interleaved, byte ``b`` of every row
-side by side, so a kernel loads LB (or a slice of them) bytes that share one bit position and decodes
-them with the same shifts: ``plane[n // LB, b, n % LB]``.
-
-Every scale group is padded to ``padded_group`` weights (sherry: group_size; tl2: 3·ceil(gs/3), whole
-triples; i2s: 4·ceil(gs/4), whole bytes), so a short last group looks like a full one whose padding
-weights meet zero activations. The per-row code streams:
-
-- sherry: code ``c`` (4 weights, columns 4c…4c+3 of the padded row) as in docs/formats.md, index
-  nibble in plane 0 (byte c/2, low nibble if c is even), sign in plane 1 (byte c/8, bit c % 8);
-- tl2: code ``c = g·T + j`` for triple j of group g (T = ceil(gs/3)), the same two planes;
-- i2s: one plane, weight ``k`` of the padded row as the 2-bit code t+1 at bits 2(k%4) of byte k/4.
+Rows are cut into tiles of 16 (the int32 lanes of a zmm register, two ymm registers on AVX2). Every
+row is a stream of *code bytes*, one per code of ``lanes_per_code`` weights: sherry and tl2 their
+5-bit code (index | sign << 4), i2s the byte of 4 two-bit codes t+1. Every scale group is padded to
+a whole number of *quads* (4 codes: 16 weights for sherry/i2s, 12 for tl2), and a quad of a tile is
+64 bytes, byte ``4r + j`` = code j of the quad of row r: ``W[n // 16, quad, 4 (n % 16) + j]``. One
+byte permute (sherry, tl2) or one shift and mask (i2s) per weight position p of the codes turns the
+64 bytes into 64 weights + 1 (u8 0..2), and one VNNI dot with the activation dword of position p
+sums each row's 4 weights into its own int32 lane. So the weights cost 8 bits per code: 2 bits per
+weight for sherry and i2s, 2.67 for tl2 (the hand-written kernels keep sherry at 1.25).
 
 Activations (one workspace row per row of A, ``row_bytes`` long, 64-byte aligned): the int8 values
-group by group, each group at ``g·padded_group`` and zero-padded, then at ``scale_offset`` the
-float32 group scales. Both are produced by the op's shared ``quantize_group`` (formats.h), i.e.
+quad by quad in *dword order*: byte ``4p + j`` of a quad is column ``L·j + p`` of it (L =
+lanes_per_code), so dword p holds the 4 activations that meet position p of the quad's 4 codes; each
+group at ``g·padded_group``, zero-padded. Then at ``scale_offset`` the float32 group scales, and
+after them (at float index ``groups``) the int32 sums Σ xq of each group, which remove the +1 of the
+weights. The values come from the op's shared ``quantize_group`` (formats.h), i.e.
 :func:`sherry_export.formats.quantize_activations`.
 """
 
@@ -27,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sherry_export.formats import PackedWeight, pack_code5, quantize_activations, unpack
+from sherry_export.formats import PackedWeight, quantize_activations, unpack
 
 LANES_PER_CODE = {"sherry": 4, "tl2": 3, "i2s": 4}
-MAX_INT16_GROUP = 32767 // 127
-"""A group of at most this many weights has |dot| ≤ 32767: its int8 dot products fit int16."""
+TILE = 16
+"""Rows per tile: the int32 lanes of one zmm register."""
+CODES_PER_QUAD = 4
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -40,11 +40,6 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _round64(n: int) -> int:
     return _ceil_div(n, 64) * 64
-
-
-def lane_block(n: int) -> int:
-    """Rows interleaved per weight block: the largest of 128, 64, 32, 16 that divides N (0 if none)."""
-    return next((lb for lb in (128, 64, 32, 16) if n % lb == 0), 0)
 
 
 @dataclass(frozen=True)
@@ -65,33 +60,35 @@ class Shape:
         return LANES_PER_CODE[self.format]
 
     @property
+    def quads_per_group(self) -> int:
+        return _ceil_div(self.group_size, CODES_PER_QUAD * self.lanes_per_code)
+
+    @property
     def codes_per_group(self) -> int:
-        return _ceil_div(self.group_size, self.lanes_per_code)
+        return self.quads_per_group * CODES_PER_QUAD
 
     @property
     def padded_group(self) -> int:
         return self.codes_per_group * self.lanes_per_code
 
     @property
+    def quads(self) -> int:
+        """Quads per row."""
+        return self.groups * self.quads_per_group
+
+    @property
     def codes(self) -> int:
-        """Codes per row (i2s: bytes per row)."""
-        return self.groups * self.codes_per_group
+        """Code bytes per row."""
+        return self.quads * CODES_PER_QUAD
 
     @property
-    def lane_block(self) -> int:
-        return lane_block(self.n)
-
-    @property
-    def acc_dtype(self) -> str:
-        """int16 when a group's dot product cannot overflow it, else int32."""
-        return "int16" if self.padded_group <= MAX_INT16_GROUP else "int32"
+    def tiles(self) -> int:
+        return self.n // TILE
 
     @property
     def plane_bytes(self) -> tuple[int, ...]:
-        """Bytes per row of each weight plane."""
-        if self.format == "i2s":
-            return (self.codes,)
-        return (_ceil_div(self.codes, 2), _ceil_div(self.codes, 8))
+        """Bytes per row of each weight plane (one plane: a byte per code)."""
+        return (self.codes,)
 
     @property
     def scale_offset(self) -> int:
@@ -99,8 +96,8 @@ class Shape:
 
     @property
     def row_bytes(self) -> int:
-        """Workspace bytes per activation row (a multiple of 64)."""
-        return self.scale_offset + _round64(4 * self.groups)
+        """Workspace bytes per activation row (a multiple of 64): values, float scales, int32 sums."""
+        return self.scale_offset + _round64(8 * self.groups)
 
     @property
     def key(self) -> str:
@@ -108,14 +105,14 @@ class Shape:
 
     def supported(self) -> str:
         """Empty if the TVM kernels take this shape, else why not."""
-        if self.lane_block == 0:
-            return f"N={self.n} is not a multiple of 16"
+        if self.n % TILE:
+            return f"N={self.n} is not a multiple of {TILE}"
         return ""
 
 
 def padded_values(shape: Shape, values: np.ndarray) -> np.ndarray:
     """Ternary ``[N, K]`` to ``[N, G·padded_group]``, each group zero-padded."""
-    out = np.zeros((shape.n, shape.groups * shape.padded_group), np.int8)
+    out = np.zeros((values.shape[0], shape.groups * shape.padded_group), np.int8)
     for g in range(shape.groups):
         start = g * shape.group_size
         length = min(shape.group_size, shape.k - start)
@@ -123,38 +120,41 @@ def padded_values(shape: Shape, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _interleave(plane: np.ndarray, lb: int) -> np.ndarray:
-    """Row-major ``[N, B]`` to ``[N/LB, B, LB]``."""
-    n, b = plane.shape
-    return np.ascontiguousarray(plane.reshape(n // lb, lb, b).transpose(0, 2, 1))
+def code_bytes(shape: Shape, values: np.ndarray) -> np.ndarray:
+    """The code byte stream ``[N, codes]`` of padded ternary values ``[N, G·padded_group]``."""
+    n = values.shape[0]
+    lanes = values.reshape(n, shape.codes, shape.lanes_per_code)
+    if shape.format == "i2s":
+        c = (lanes + 1).astype(np.uint8)
+        return c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6
+    from sherry_export.formats import SHERRY_ENCODE, TL2_WEIGHTS, _base3_key
+
+    if shape.format == "sherry":
+        # padding blocks (all zero) are not valid Sherry blocks; they meet zero activations anyway
+        codes = SHERRY_ENCODE[_base3_key(lanes)]
+        codes[codes == 255] = 0
+        return codes
+    v = lanes.astype(np.int8) @ TL2_WEIGHTS
+    return np.abs(v).astype(np.uint8) | ((v < 0).astype(np.uint8) << 4)
 
 
 def repack(packed: PackedWeight) -> tuple[list[np.ndarray], np.ndarray]:
-    """The kernel's weight planes (uint8 ``[N/LB, bytes, LB]``) and float32 scales ``[N/LB, G, LB]``."""
+    """The kernel's weight plane (uint8 ``[N/16, quads, 64]``) and float32 scales ``[N/16, G, 16]``."""
     shape = Shape(packed.format, packed.k, packed.n, packed.group_size)
     if problem := shape.supported():
         raise ValueError(problem)
-    values = padded_values(shape, unpack(packed).values.numpy())
-    n = shape.n
-    if shape.format == "i2s":
-        codes = (values + 1).astype(np.uint8).reshape(n, -1, 4)
-        planes = [codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6]
-    else:
-        from sherry_export.formats import SHERRY_ENCODE, TL2_WEIGHTS, _base3_key
+    codes = code_bytes(shape, padded_values(shape, unpack(packed).values.numpy()))
+    tiles = shape.tiles
+    plane = codes.reshape(tiles, TILE, shape.quads, CODES_PER_QUAD).transpose(0, 2, 1, 3)
+    alpha = packed.scales.astype(np.float32).reshape(tiles, TILE, shape.groups).transpose(0, 2, 1)
+    return [np.ascontiguousarray(plane.reshape(tiles, shape.quads, 64))], np.ascontiguousarray(alpha)
 
-        lanes = values.reshape(n, shape.codes, shape.lanes_per_code)
-        if shape.format == "sherry":
-            # padding blocks (all zero) are not valid Sherry blocks; they meet zero activations anyway
-            codes = SHERRY_ENCODE[_base3_key(lanes)]
-            codes[codes == 255] = 0
-        else:
-            v = lanes.astype(np.int8) @ TL2_WEIGHTS
-            codes = np.abs(v).astype(np.uint8) | ((v < 0).astype(np.uint8) << 4)
-        both = pack_code5(codes)
-        half = _ceil_div(shape.codes, 2)
-        planes = [both[:, :half], both[:, half:]]
-    alpha = packed.scales.astype(np.float32)
-    return [_interleave(p, shape.lane_block) for p in planes], _interleave(alpha, shape.lane_block)
+
+def dword_order(shape: Shape, xq: np.ndarray) -> np.ndarray:
+    """Padded activations ``[M, G·padded_group]`` in the kernels' order: byte 4p + j of a quad is
+    column L·j + p of it."""
+    m, lanes = xq.shape[0], shape.lanes_per_code
+    return np.ascontiguousarray(xq.reshape(m, -1, CODES_PER_QUAD, lanes).transpose(0, 1, 3, 2)).reshape(m, -1)
 
 
 def activations(shape: Shape, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,12 +162,13 @@ def activations(shape: Shape, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starting at ``scale_offset`` (as the op passes them: two views of one buffer)."""
     m = x.shape[0]
     xq, xs = quantize_activations(np.asarray(x, np.float32), shape.group_size)
+    padded = padded_values(shape, xq)
     ws = np.zeros((m + 1, shape.row_bytes), np.uint8)  # one spare row: the scale view runs past the last
-    ws[:m, : shape.groups * shape.padded_group] = padded_values(
-        Shape(shape.format, shape.k, m, shape.group_size), xq
-    ).view(np.uint8)
+    ws[:m, : shape.groups * shape.padded_group] = dword_order(shape, padded).view(np.uint8)
     flat = ws.reshape(-1)
     scales = flat[shape.scale_offset : shape.scale_offset + m * shape.row_bytes].view(np.float32)
     scales = scales.reshape(m, shape.row_bytes // 4)
     scales[:, : shape.groups] = xs
+    sums = padded.reshape(m, shape.groups, shape.padded_group).sum(axis=-1, dtype=np.int32)
+    scales[:, shape.groups : 2 * shape.groups] = sums.view(np.float32)
     return ws[:m].view(np.int8), np.ascontiguousarray(scales)

@@ -3,12 +3,13 @@
 // (__tvm_ffi_<name>) with no TVM runtime. Built only with -DSHERRY_TVM=ON (SHERRY_WITH_TVM);
 // otherwise make_tvm_kernel always declines.
 //
-// Layouts (mirrored from tvm_schedules/layout.py): weights interleaved across `lane_block` rows at
-// their packed bit width, scale groups padded to whole codes; activation rows hold the int8 values
-// group by group (each group padded) from the shared quantize_group, then the float32 group scales.
+// Layouts (mirrored from tvm_schedules/layout.py): weights as a code byte per code, in tiles of 16
+// rows (byte 4r + j of a quad = code j of row r), scale groups padded to whole quads; activation rows
+// hold the int8 values from the shared quantize_group quad by quad in dword order (each group
+// padded), then the float32 group scales and the int32 group sums.
 //
-// Threads: a kernel's outer loop runs over row blocks as a TVM `parallel` loop, which calls
-// __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
+// Threads: a kernel's outer loop runs over row blocks (`lane_block` rows: tiles x 16) as a TVM
+// `parallel` loop, which calls __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
 // onnxruntime's threads) are whole blocks; compute() tells the launch hook, through a thread-local,
 // which blocks to run, and the hook runs those tasks inline.
 #include <memory>
@@ -90,23 +91,28 @@ AlignedArray<T> aligned_array(size_t count) {
   return AlignedArray<T>(static_cast<T*>(p));
 }
 
-// Geometry of the kernel layouts (layout.py Shape).
+// Geometry of the kernel layouts (layout.py Shape): tiles of 16 rows, a code byte per code, groups
+// padded to whole quads (4 codes); `lane_block` is the rows of one parallel task (16 x tiles knob).
+constexpr int64_t kTvmTile = 16;
+
 struct TvmLayout {
   Format format;
   Geometry g;
-  int64_t lanes_per_code, codes_per_group, padded_group, codes, lane_block;
+  int64_t lanes_per_code, quads_per_group, codes_per_group, padded_group, quads, codes, lane_block;
   int64_t planes, plane_bytes[2], scale_offset, row_bytes;
 
   TvmLayout(Format f, const Geometry& geometry, int64_t lb) : format(f), g(geometry), lane_block(lb) {
     lanes_per_code = f == Format::kTL2 ? 3 : 4;
-    codes_per_group = ceil_div(g.group_size, lanes_per_code);
+    quads_per_group = ceil_div(g.group_size, 4 * lanes_per_code);
+    codes_per_group = 4 * quads_per_group;
     padded_group = codes_per_group * lanes_per_code;
-    codes = g.groups() * codes_per_group;
-    planes = f == Format::kI2S ? 1 : 2;
-    plane_bytes[0] = f == Format::kI2S ? codes : ceil_div(codes, 2);
-    plane_bytes[1] = f == Format::kI2S ? 0 : ceil_div(codes, 8);
+    quads = g.groups() * quads_per_group;
+    codes = 4 * quads;
+    planes = 1;
+    plane_bytes[0] = codes;
+    plane_bytes[1] = 0;
     scale_offset = round_up(g.groups() * padded_group, 64);
-    row_bytes = scale_offset + round_up(4 * g.groups(), 64);
+    row_bytes = scale_offset + round_up(8 * g.groups(), 64);
   }
 };
 
@@ -144,9 +150,8 @@ class TvmKernel final : public MatMulKernel {
       : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
     const Geometry& g = w.geometry;
     const TvmLayout& L = layout_;
-    const int64_t blocks = g.n / L.lane_block, lb = L.lane_block;
-    for (int64_t p = 0; p < L.planes; ++p)
-      planes_[p] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[p]));
+    const int64_t blocks = g.n / L.lane_block;
+    planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
     alpha_ = aligned_array<float>(static_cast<size_t>(g.n * g.groups()));
     std::vector<int8_t> values(static_cast<size_t>(g.k)), padded(static_cast<size_t>(g.groups() * L.padded_group));
     const int64_t stride = row_bytes(w.format, g.k, g.group_size);
@@ -157,20 +162,19 @@ class TvmKernel final : public MatMulKernel {
       std::fill(padded.begin(), padded.end(), 0);
       for (int64_t gi = 0; gi < g.groups(); ++gi)
         std::copy_n(values.data() + g.group_begin(gi), g.group_length(gi), padded.data() + gi * L.padded_group);
-      const int64_t nb = n / lb, lane = n % lb;
-      auto at = [&](int64_t p, int64_t byte) -> uint8_t& { return planes_[p][(nb * L.plane_bytes[p] + byte) * lb + lane]; };
+      // W[tile, quad, 4 r + j]: code j of the quad, row r of the tile
+      const int64_t tile = n / kTvmTile, r = n % kTvmTile;
       for (int64_t c = 0; c < L.codes; ++c) {
         const int8_t* v = padded.data() + c * L.lanes_per_code;
-        if (w.format == Format::kI2S) {
-          at(0, c) = static_cast<uint8_t>((v[0] + 1) | (v[1] + 1) << 2 | (v[2] + 1) << 4 | (v[3] + 1) << 6);
-          continue;
-        }
-        const uint8_t code = w.format == Format::kSherry ? sherry_code(v) : tl2_code(v);
-        at(0, c / 2) |= static_cast<uint8_t>((code & 15) << ((c % 2) * 4));
-        at(1, c / 8) |= static_cast<uint8_t>((code >> 4) << (c % 8));
+        uint8_t code;
+        if (w.format == Format::kI2S)
+          code = static_cast<uint8_t>((v[0] + 1) | (v[1] + 1) << 2 | (v[2] + 1) << 4 | (v[3] + 1) << 6);
+        else
+          code = w.format == Format::kSherry ? sherry_code(v) : tl2_code(v);
+        planes_[0][(tile * L.quads + c / 4) * 64 + 4 * r + c % 4] = code;
       }
       for (int64_t gi = 0; gi < g.groups(); ++gi)
-        alpha_[(nb * g.groups() + gi) * lb + lane] = half_to_float(w.scales[n * g.groups() + gi]);
+        alpha_[(tile * g.groups() + gi) * kTvmTile + r] = half_to_float(w.scales[n * g.groups() + gi]);
     }
     // A first call on a zero row: an ABI or shape mismatch between the table and the objects
     // surfaces here, at session creation, rather than inside a parallel section.
@@ -183,15 +187,33 @@ class TvmKernel final : public MatMulKernel {
   int64_t row_tile() const override { return layout_.lane_block; }
   size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
 
+  // Values quad by quad in dword order (byte 4p + j of a quad = column L j + p of it), then the float
+  // scales, then the int32 sums of each group's values (layout.py activations).
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
     auto* xq = reinterpret_cast<int8_t*>(ws);
     auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
+    auto* sums = reinterpret_cast<int32_t*>(ws + L.scale_offset) + L.g.groups();
     std::memset(ws, 0, static_cast<size_t>(L.scale_offset));
+    const int64_t lpc = L.lanes_per_code, quad_cols = 4 * lpc;
+    thread_local std::vector<int8_t> scratch;
+    scratch.resize(static_cast<size_t>(L.padded_group));
+    int8_t* group = scratch.data();
     for (int64_t g = 0; g < L.g.groups(); ++g) {
       const int64_t length = L.g.group_length(g);
       if (length <= 0) break;  // never: tells the compiler the length is positive
-      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, xq + g * L.padded_group);
+      std::fill(group, group + L.padded_group, int8_t{0});
+      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, group);
+      int32_t sum = 0;
+      int8_t* out = xq + g * L.padded_group;
+      for (int64_t q = 0; q < L.quads_per_group; ++q)
+        for (int64_t j = 0; j < 4; ++j)
+          for (int64_t p = 0; p < lpc; ++p) {
+            const int8_t v = group[q * quad_cols + j * lpc + p];
+            out[q * quad_cols + 4 * p + j] = v;
+            sum += v;
+          }
+      sums[g] = sum;
     }
   }
 
@@ -215,10 +237,10 @@ class TvmKernel final : public MatMulKernel {
  private:
   void call(TvmFunction fn, const uint8_t* ws, int64_t m, float* y, TaskRange range) const {
     const TvmLayout& L = layout_;
-    const int64_t blocks = L.g.n / L.lane_block;
     int64_t x_shape[2] = {m, L.row_bytes}, s_shape[2] = {m, L.row_bytes / 4}, y_shape[2] = {m, L.g.n};
-    int64_t plane_shape[2][3] = {{blocks, L.plane_bytes[0], L.lane_block}, {blocks, L.plane_bytes[1], L.lane_block}};
-    int64_t alpha_shape[3] = {blocks, L.g.groups(), L.lane_block};
+    const int64_t tiles = L.g.n / kTvmTile;
+    int64_t plane_shape[1][3] = {{tiles, L.quads, 64}};
+    int64_t alpha_shape[3] = {tiles, L.g.groups(), kTvmTile};
     const DLDataType i8{kDLInt, 8, 1}, u8{kDLUInt, 8, 1}, f32{kDLFloat, 32, 1};
     auto* base = const_cast<uint8_t*>(ws);
     DLTensor tensors[6];
@@ -253,7 +275,7 @@ class TvmKernel final : public MatMulKernel {
 
   const TvmEntry& entry_;
   TvmLayout layout_;
-  AlignedArray<uint8_t> planes_[2];
+  AlignedArray<uint8_t> planes_[1];
   AlignedArray<float> alpha_;
 };
 
