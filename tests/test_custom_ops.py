@@ -439,6 +439,26 @@ def test_tvm_kernels_of_the_database_match_reference(
             check_against_reference(session.run(None, {"A": x})[0], reference_matmul(x, packed, bias, "int8"))
 
 
+def test_tune_verify_times_tvm_and_hand_written_as_nodes(tmp_path: Path) -> None:
+    """`sherry tune --verify` records both kernels as onnxruntime nodes: what auto mode compares."""
+    pytest.importorskip("tvm")
+    from tvm_schedules.tune import verify
+
+    target = "avx2"
+    if reason := tvm_kernel_missing(target):
+        pytest.skip(reason)
+    entry = min(json.loads((TVM_DATABASE / target / "tuned.json").read_text()), key=lambda e: e["k"] * e["n"])
+    timings = ("tvm_node_us", "hand_node_us", "tvm_cold_us", "hand_cold_us")
+    for key in timings:
+        entry.pop(key, None)
+    (tmp_path / target).mkdir()
+    (tmp_path / target / "tuned.json").write_text(json.dumps([entry]))
+    [verified] = verify(target, tmp_path)
+    assert all(verified[key] > 0 for key in timings)
+    assert json.loads((tmp_path / target / "tuned.json").read_text()) == [verified]
+    assert "SHERRY_TVM_TARGET" not in os.environ
+
+
 def test_tvm_forced_on_an_untuned_shape_is_a_clear_error() -> None:
     model = matmul_model(make_weight("i2s", 96, 16, 32))
     with pytest.raises(Exception, match=r"the tvm kernel was requested .* no tuned TVM kernel for this shape"):

@@ -120,4 +120,13 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
         assert any(line.endswith(" T " + name) for line in symbols)
         assert name in table
     assert "{1, 320, 64, 128, 1, 32," in table  # tl2, K, N, group_size, avx2, rows per task 2 x 16
+    assert "_mx, false," in table  # not timed as nodes (sherry tune --verify): auto mode never takes it
+    entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 9.0, "hand_cold_us": 8.0}
+    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
+    build(tmp_path / "db", tmp_path / "out2")
+    assert "_mx, false," in (tmp_path / "out2" / "tvm_table.cc").read_text()  # faster hot, slower cold
+    entry["tvm_cold_us"] = 7.0
+    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
+    build(tmp_path / "db", tmp_path / "out3")
+    assert "_mx, true," in (tmp_path / "out3" / "tvm_table.cc").read_text()
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()

@@ -92,6 +92,13 @@ class Entry:
     hand_us: float | None
     trials: int
     tune_seconds: float
+    tvm_node_us: float | None = None
+    """The TVM kernel as one onnxruntime node (M = 1, one thread, hot), from ``sherry tune --verify``."""
+    hand_node_us: float | None = None
+    """The hand-written kernel of the same ISA, timed interleaved with ``tvm_node_us`` the same way."""
+    tvm_cold_us: float | None = None
+    """As ``tvm_node_us``, with cold weights (a graph of distinct copies)."""
+    hand_cold_us: float | None = None
 
 
 def knob_space(shape: Shape) -> list[Any]:
@@ -119,10 +126,20 @@ def time_kernel(lib: Any, shape: Shape, number: int = 20, repeat: int = 7) -> li
     return [float(t) for t in timer(*(tvm.runtime.tensor(a) for a in args)).results]
 
 
-def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200) -> float | None:
-    """Median µs of the hand-written kernel on ``isa`` (one node, M = 1, one thread, onnxruntime profiler)."""
+COLD_BYTES = 3e8
+"""Weight bytes a cold verification graph cycles through: more than this machine's caches."""
+
+
+def node_us(
+    fmt: str, k: int, n: int, gs: int, kernels: tuple[str, ...], cold: bool = False, runs: int = 100
+) -> list[float] | None:
+    """Median µs of one ``fmt`` node (M = 1, one thread, onnxruntime profiler) on each kernel path of
+    ``kernels`` (e.g. ``("tvm", "avx512")``), sessions run interleaved so load hits each alike. Cold:
+    a graph of distinct weight copies (``COLD_BYTES`` in all), so every node reads from memory.
+    None when a path cannot run (the library is not built, this CPU lacks the ISA, no tuned kernel)."""
     import torch
 
+    from sherry_export.bench import cold_copies, kernel_events, replicate
     from sherry_export.formats import pack
     from sherry_export.onnx_ops import matmul_model
     from sherry_export.quant import absmean_ternarize, sherry_ternarize
@@ -130,24 +147,59 @@ def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200)
 
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
     ternary = sherry_ternarize(weight, gs) if fmt == "sherry" else absmean_ternarize(weight, gs)
-    model = matmul_model(pack(fmt, ternary, gs), leading_dims=(1,))
+    packed = pack(fmt, ternary, gs)
+    copies = cold_copies(COLD_BYTES, packed.data.nbytes + packed.scales.nbytes) if cold else 1
+    model = replicate(matmul_model(packed, leading_dims=(1,)), copies)
+    calls = max(2, runs // copies)
     a = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            session = make_session(
-                model.SerializeToString(),
-                threads=1,
-                kernel=isa,
-                profile_prefix=os.path.join(tmp, "p"),
-            )
-            for _ in range(runs + 10):
-                session.run(None, {"A": a})
-            events = json.loads(Path(session.end_profiling()).read_text())
-    except Exception as e:  # the library is not built, or this CPU lacks the ISA
-        print(f"  (hand-written {isa} not timed: {e})")
+            sessions = [
+                make_session(model, threads=1, kernel=path, profile_prefix=os.path.join(tmp, path)) for path in kernels
+            ]
+            for _ in range(calls + 1):  # the first call of each session is a warm-up
+                for session in sessions:
+                    session.run(None, {"A": a})
+            profiles = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
+    except Exception as e:  # any failure to run means: not timed, and the message says why
+        print(f"  ({fmt} K={k} N={n} on {', '.join(kernels)} not timed: {e})")
         return None
-    times = [float(e["dur"]) for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    return statistics.median(times[10:])
+    return [statistics.median(float(e["dur"]) for e in kernel_events(events)[copies:]) for events in profiles]
+
+
+def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200) -> float | None:
+    """Median µs of the hand-written kernel on ``isa`` (one node, M = 1, one thread, onnxruntime profiler)."""
+    times = node_us(fmt, k, n, gs, (isa,), runs=runs)
+    return None if times is None else times[0]
+
+
+def verified_faster(entry: dict) -> bool:
+    """Auto mode's rule: the TVM kernel beat the hand-written one as an onnxruntime node, hot and cold."""
+    pairs = [(entry.get(f"tvm_{m}_us"), entry.get(f"hand_{m}_us")) for m in ("node", "cold")]
+    return all(t is not None and h is not None and t < h for t, h in pairs)
+
+
+def verify(target_name: str, out_dir: Path) -> list[dict]:
+    """Time every database entry of ``target_name`` as an onnxruntime node, TVM against the hand-written
+    kernel of the same ISA, interleaved, with the op library as built now (``make lib`` from this
+    database first). The op's auto mode takes a TVM kernel only where this node-level comparison says
+    it is faster: the tuning times alone compare a bare function with a whole node."""
+    from tqdm import tqdm
+
+    summary_path = out_dir / target_name / "tuned.json"
+    entries = load_entries(summary_path)
+    if not entries:
+        raise FileNotFoundError(f"{summary_path} has no entries: run `sherry tune --target {target_name}` first")
+    os.environ["SHERRY_TVM_TARGET"] = target_name  # the forced tvm path runs this target's objects
+    try:
+        for e in tqdm(entries, desc=f"verify {target_name}", unit="kernel"):
+            for mode in ("node", "cold"):
+                times = node_us(e["format"], e["k"], e["n"], e["group_size"], ("tvm", e["isa"]), cold=mode == "cold")
+                e[f"tvm_{mode}_us"], e[f"hand_{mode}_us"] = (None, None) if times is None else times
+            summary_path.write_text(json.dumps(sorted(entries, key=_order), indent=1) + "\n")
+    finally:
+        del os.environ["SHERRY_TVM_TARGET"]
+    return entries
 
 
 def tune(
@@ -171,7 +223,7 @@ def tune(
     summary_path = tdir / "tuned.json"
     fields = set(Entry.__dataclass_fields__)
     entries = {  # entries of an older layout (other knobs) are dropped
-        (e["format"], e["k"], e["n"], e["group_size"]): e for e in load_entries(summary_path) if set(e) == fields
+        (e["format"], e["k"], e["n"], e["group_size"]): e for e in load_entries(summary_path) if set(e) <= fields
     }
     from sherry_export.formats import get_format
 
@@ -240,6 +292,16 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.verify:
+        entries = verify(args.target, args.output)
+        faster = [e for e in entries if verified_faster(e)]
+        for e in entries:
+            print(
+                f"  {e['format']} {e['k']}x{e['n']}: tvm {e['tvm_node_us']} / {e['tvm_cold_us']} µs, hand-written "
+                f"{e['isa']} {e['hand_node_us']} / {e['hand_cold_us']} µs (onnxruntime nodes, hot / cold)"
+            )
+        print(f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; `make lib` lets auto use those")
+        return 0
     shapes: list[tuple[int, int, int]] = []
     if args.model:
         shapes += model_shapes(args.model)
@@ -270,4 +332,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="native", choices=["native", *TARGETS], help="TVM target (default: native)")
     p.add_argument("--trials", type=int, default=12, help="knob points timed per kernel (default: 12, all)")
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after `make lib` from this database: time each tuned kernel against the hand-written one as "
+        "onnxruntime nodes, hot and cold, and record it; auto mode uses a TVM kernel only where it is faster in both",
+    )
     p.set_defaults(func=cmd_tune)

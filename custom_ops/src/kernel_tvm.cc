@@ -301,7 +301,9 @@ const TvmEntry* find_entry(const PackedWeights& w) {
 std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster) {
   (void)hooks_installed;
   const TvmEntry* entry = find_entry(w);
-  if (!entry || (only_if_faster && !(entry->hand_us > 0.f && entry->tvm_us < entry->hand_us))) return nullptr;
+  // Auto mode: only where `sherry tune --verify` timed this kernel faster than the hand-written one as
+  // onnxruntime nodes, with hot and with cold weights.
+  if (!entry || (only_if_faster && !entry->auto_use)) return nullptr;
   return std::make_unique<TvmKernel>(w, *entry);
 }
 

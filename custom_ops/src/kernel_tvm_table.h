@@ -19,8 +19,7 @@ struct TvmEntry {
   int64_t lane_block;  // rows interleaved per weight block (layout.py)
   TvmFunction m1;      // M = 1
   TvmFunction mx;      // any M
-  float tvm_us;        // tuned time, M = 1, one thread
-  float hand_us;       // the hand-written kernel of the same ISA, same conditions (< 0: not measured)
+  bool auto_use;       // `sherry tune --verify` timed it faster than the hand-written kernel, hot and cold
   const char* target;
 };
 
