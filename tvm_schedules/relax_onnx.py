@@ -7,13 +7,15 @@ converter table is a module function rebuilt on every lookup. :class:`DecoderImp
 frontend's own importer and consults an extra table first (its two lookup methods), so nothing of
 TVM is patched and every standard op still goes through TVM's converters.
 
-The ternary converters keep the weights packed: each node's canonical packed bytes are repacked
-once at import into the TVM kernels' interleaved layout (``tvm_schedules.layout.repack``, same bit
-width) and called with ``call_tir`` on the scheduled TensorIR kernel of ``tvm_schedules.kernels``.
-Its int8 activations come from a TE function with exactly the numerics of docs/formats.md
-("Activations"): per row and scale group, m = max|x|, xq = clamp(rint(x·(127/m))), s = m/127, a
-non-finite group gives s = NaN. Shapes stay dynamic (batch, sequence, past length): one module
-serves prefill and decode.
+The ternary converters keep the weights as code bytes: each node's canonical packed bytes are
+repacked once at import into the TVM kernels' tiled layout (``tvm_schedules.layout.repack``, one
+byte per code) and called with ``call_tir`` on the dynamic-M TensorIR kernel of
+``tvm_schedules.kernels`` for the host ISA (``tune.host_isa``). Its activation workspace rows come
+from a TE function with exactly the numerics of docs/formats.md ("Activations"): per row and scale
+group, m = max|x|, xq = clamp(rint(x·(127/m))), s = m/127, a non-finite group gives s = NaN and
+xq = 0; the int8 values in the kernels' dword order (``layout.dword_order``), then the float32 group
+scales and the int32 group sums Σ xq (``layout.activations``). Shapes stay dynamic (batch, sequence,
+past length): one module serves prefill and decode.
 
 GroupQueryAttention is converted for what the exporter emits and ``OnnxCausalLM`` feeds: packed
 QKV, rotary (non-interleaved) from the cos/sin caches inside, past/present KV, causal attention over
@@ -40,8 +42,8 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.formats import PackedWeight
 from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
-from tvm_schedules.kernels import Knobs, lane_choices, prim_func, schedule, unroll_choices
-from tvm_schedules.layout import Shape, lane_block, repack
+from tvm_schedules.kernels import Knobs, prim_func, tile_choices, unroll_choices
+from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
 TERNARY_OPS = {"SherryMatMul": "sherry", "TL2MatMul": "tl2", "I2SMatMul": "i2s"}
@@ -59,55 +61,66 @@ def host_target(threads: int = 1) -> tvm.target.Target:
 # --------------------------------------------------------------------------- ternary matmuls
 
 
+def default_knobs(shape: Shape) -> Knobs:
+    """Knobs valid for any shape: the largest tiles and unroll up to 2 that divide it."""
+    return Knobs(
+        tiles=[t for t in tile_choices(shape) if t <= 2][-1], unroll=[u for u in unroll_choices(shape) if u <= 2][-1]
+    )
+
+
 def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
-    """The knobs ``sherry tune`` found for this shape on this ISA, else a fixed default that is valid for it."""
+    """The knobs ``sherry tune`` found for this shape on this ISA, else :func:`default_knobs`."""
     from tvm_schedules.tune import host_isa
 
     path = DATABASES / (isa or host_isa()) / "tuned.json"
     if path.exists():
         for e in json.loads(path.read_text()):
             if (e["format"], e["k"], e["n"], e["group_size"]) == (shape.format, shape.k, shape.n, shape.group_size):
-                return Knobs(lanes=e["lanes"], unroll=e["unroll"])
-    lanes = [v for v in lane_choices(shape) if v <= 64][-1]
-    return Knobs(lanes=lanes, unroll=[u for u in unroll_choices(shape) if u <= 4][-1])
+                return Knobs(tiles=e["tiles"], unroll=e["unroll"])
+    return default_knobs(shape)
 
 
 def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100) -> Knobs:
     """The fastest knobs for this shape at M = 1 on this machine, timing every candidate (a few seconds):
     a quick stand-in for ``sherry tune`` for shapes its database lacks (like the fused QKV projection)."""
-    from tvm_schedules.kernels import scheduled_module
+    from tvm_schedules.tune import host_isa
 
-    n_blocks, lb = shape.n // shape.lane_block, shape.lane_block
+    isa = host_isa()
     arrays = [
         np.zeros((1, shape.row_bytes), np.int8),
         np.zeros((1, shape.row_bytes // 4), np.float32),
-        *(np.zeros((n_blocks, b, lb), np.uint8) for b in shape.plane_bytes),
-        np.zeros((n_blocks, shape.groups, lb), np.float32),
+        np.zeros((shape.tiles, shape.quads, 64), np.uint8),
+        np.zeros((shape.tiles, shape.groups, TILE), np.float32),
         np.zeros((1, shape.n), np.float32),
     ]
     args = [tvm.runtime.tensor(a) for a in arrays]
     timings = []
-    for lanes in lane_choices(shape):
+    for tiles in tile_choices(shape):
         for unroll in unroll_choices(shape):
-            knobs = Knobs(lanes, unroll)
-            lib = tvm.compile(scheduled_module(shape, None, knobs), target=target)
+            knobs = Knobs(tiles, unroll)
+            mod = tvm.IRModule({"main": prim_func(shape, None, knobs, isa, "main")})
+            lib = tvm.compile(mod, target=target)
             timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
-            timings.append((min(timer(*args).results), knobs.lanes, knobs.unroll))
-    _, lanes, unroll = min(timings)
-    return Knobs(lanes, unroll)
+            timings.append((min(timer(*args).results), knobs.tiles, knobs.unroll))
+    _, tiles, unroll = min(timings)
+    return Knobs(tiles, unroll)
 
 
 def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
-    """``x [M, K]`` float32 to the kernel's activation rows: int8 ``[M, row_bytes]`` (groups at
-    ``g·padded_group``, zero padded) and float32 ``[M, row_bytes/4]`` (group scales first)."""
+    """``x [M, K]`` float32 to the kernel's activation workspace rows (``layout.activations``): int8
+    ``[M, row_bytes]`` (each group at ``g·padded_group``, zero padded, quads in dword order) and the
+    float32 view ``[M, row_bytes/4]`` from ``scale_offset``: the G group scales, then the G int32 group
+    sums Σ xq (their bits), then zeros."""
     rows = x.shape[0]
-    gs, pg, groups, k = shape.group_size, shape.padded_group, shape.groups, shape.k
+    gs, pg, groups, k, lanes = shape.group_size, shape.padded_group, shape.groups, shape.k, shape.lanes_per_code
+    quad_bytes = CODES_PER_QUAD * lanes
     f32 = "float32"
     inf = tirx.const(float("inf"), f32)
 
     def value(m: Any, g: Any, i: Any) -> tirx.PrimExpr:
         col = g * gs + i
-        return tirx.if_then_else(tirx.all(i < gs, col < k), x[m, col], tirx.const(0.0, f32))
+        inside = tirx.all(i < gs, col < k)
+        return tirx.if_then_else(inside, x[m, tirx.min(col, k - 1)], tirx.const(0.0, f32))
 
     r = te.reduce_axis((0, gs), name="r")
     # max |x| over the group; a NaN or an infinity makes it +inf, which marks the group non-finite
@@ -128,27 +141,31 @@ def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
         name="inv",
     )
 
-    def quantized(m: Any, c: Any) -> tirx.PrimExpr:
-        g, i = tirx.min(c // pg, groups - 1), c % pg  # Select reads both branches: keep g in bounds
+    def quantized(m: Any, g: Any, i: Any) -> tirx.PrimExpr:
         q = tirx.nearbyint(value(m, g, i) * inv[m, g])
         q = tirx.max(tirx.min(q, tirx.const(ACTIVATION_QMAX, f32)), tirx.const(-ACTIVATION_QMAX, f32))
-        keep = tirx.all(c < groups * pg, inv[m, g] > 0)
-        return tirx.Select(keep, q, tirx.const(0.0, f32)).astype("int8")
+        return tirx.Select(inv[m, g] > 0, q, tirx.const(0.0, f32)).astype("int8")
 
-    xq = te.compute((rows, shape.row_bytes), quantized, name="xq")
-    scales = te.compute(
-        (rows, shape.row_bytes // 4),
-        lambda m, j: tirx.Select(
-            j < groups,
-            tirx.Select(
-                finite(m, tirx.min(j, groups - 1)),
-                amax[m, tirx.min(j, groups - 1)] / tirx.const(ACTIVATION_QMAX, f32),
-                tirx.const(float("nan"), f32),
-            ),
-            tirx.const(0.0, f32),
-        ),
-        name="xs",
-    )
+    qv = te.compute((rows, groups, pg), quantized, name="qv")  # padded group order
+
+    def ordered(m: Any, c: Any) -> tirx.PrimExpr:
+        # byte 4p + j of a quad is column L·j + p of it (layout.dword_order)
+        b = c % quad_bytes
+        src = (c // quad_bytes) * quad_bytes + lanes * (b % CODES_PER_QUAD) + b // CODES_PER_QUAD
+        g = tirx.min(src // pg, groups - 1)  # Select reads both branches: keep g in bounds
+        return tirx.Select(c < groups * pg, qv[m, g, src % pg], tirx.const(0, "int8"))
+
+    xq = te.compute((rows, shape.row_bytes), ordered, name="xq")
+    ri = te.reduce_axis((0, pg), name="ri")
+    sums = te.compute((rows, groups), lambda m, g: te.sum(qv[m, g, ri].astype("int32"), axis=ri), name="sums")
+
+    def scale_row(m: Any, j: Any) -> tirx.PrimExpr:
+        g = tirx.min(j, groups - 1)
+        s = tirx.Select(finite(m, g), amax[m, g] / tirx.const(ACTIVATION_QMAX, f32), tirx.const(float("nan"), f32))
+        total = tirx.reinterpret(f32, sums[m, tirx.max(tirx.min(j - groups, groups - 1), 0)])
+        return tirx.Select(j < groups, s, tirx.Select(j < 2 * groups, total, tirx.const(0.0, f32)))
+
+    scales = te.compute((rows, shape.row_bytes // 4), scale_row, name="xs")
     return xq, scales
 
 
@@ -161,13 +178,14 @@ def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: li
     return bb.emit(call)
 
 
-def kernel_func(shape: Shape, knobs: Knobs) -> tirx.PrimFunc:
-    """The scheduled TensorIR kernel for dynamic M, marked scheduled and opaque (no fusion, no re-schedule)."""
+def kernel_func(shape: Shape, knobs: Knobs, isa: str | None = None) -> tirx.PrimFunc:
+    """The TensorIR kernel for dynamic M on ``isa`` (default: this host's), marked scheduled and opaque
+    (no fusion, no re-schedule)."""
+    from tvm_schedules.tune import host_isa
+
     name = f"ternary_{shape.key}"
-    sch = tvm.s_tir.Schedule(tvm.IRModule({name: prim_func(shape, None, name)}))
-    sch.work_on(name)
-    schedule(sch, shape, knobs.lanes, knobs.unroll)
-    return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
+    func = prim_func(shape, None, knobs, isa or host_isa(), name)
+    return func.with_attr({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
 
 
 def emit_ternary_matmul(
@@ -182,7 +200,7 @@ def emit_ternary_matmul(
     rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
     acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")
     gv = bb.add_func(kernel_func(shape, knobs or tuned_knobs(shape)), f"ternary_{shape.key}")
-    weights = [relax.const(a) for a in (*planes, alpha)]
+    weights = [relax.const(a) for a in (*planes, alpha)]  # one plane: [N/16, quads, 64] code bytes
     m = rows.ty.shape[0]
     y = bb.emit(
         relax.call_tir(
@@ -300,18 +318,19 @@ class NBitsShape:
 
     @property
     def lane_block(self) -> int:
-        """Rows interleaved per weight block, as the ternary kernels' layout does (what ``schedule`` reads)."""
-        return lane_block(self.n)
+        """Rows interleaved per weight block (the vector lanes of :func:`nbits_func`); 0 if N does not allow it."""
+        return TILE if self.n % TILE == 0 else 0
 
     @property
     def row_bytes(self) -> int:
         return self.groups * self.block_size * self.bits // 8
 
 
-def nbits_func(shape: NBitsShape, knobs: Knobs) -> tirx.PrimFunc:
+def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
     registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
-    The loop nest mirrors the ternary kernels' (blocks ``dot`` and ``Y``), so their schedule applies as is."""
+    Its own small schedule: parallel over weight blocks, the LB rows of a block vectorized, codes read in
+    order (``dot``); the group sum ``Y`` stays a plain loop nest."""
     lb, bits, bs = shape.lane_block, shape.bits, shape.block_size
     per_byte = 8 // bits
     rows = te.var("M", "int64")
@@ -343,7 +362,13 @@ def nbits_func(shape: NBitsShape, knobs: Knobs) -> tirx.PrimFunc:
     func = te.create_prim_func([x, w, scales, y]).with_attr("global_symbol", name)
     sch = tvm.s_tir.Schedule(tvm.IRModule({name: func}))
     sch.work_on(name)
-    schedule(sch, shape, knobs.lanes, knobs.unroll)  # type: ignore[arg-type]  # reads only .lane_block
+    block = sch.get_sblock("dot")
+    m, nb, g, lane, jj = sch.get_loops(block)
+    sch.reorder(nb, m, g, jj, lane)
+    sch.parallel(nb)
+    sch.vectorize(lane)
+    sch.decompose_reduction(block, jj)
+    sch.vectorize(sch.get_loops(sch.get_sblock("dot_init"))[-1])
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
@@ -366,11 +391,10 @@ class MatMulNBits(frontend.OnnxOpConverter):
             relax.const(np.ascontiguousarray(a.reshape(shape.n // lb, lb, -1).transpose(0, 2, 1)))
             for a in (codes, scales)
         ]
-        knobs = Knobs(lanes=min(32, lb), unroll=next(u for u in (8, 4, 2, 1) if shape.block_size % u == 0))
         x = inputs[0]
         lead = list(x.ty.shape)[:-1]
         rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
-        gv = bb.add_func(nbits_func(shape, knobs), f"nbits{shape.bits}_k{shape.k}_n{shape.n}")
+        gv = bb.add_func(nbits_func(shape), f"nbits{shape.bits}_k{shape.k}_n{shape.n}")
         y = bb.emit(relax.call_tir(gv, [rows, *planes], relax.TensorType([rows.ty.shape[0], shape.n], "float32")))
         if inputs[5] is not None:
             y = relax.op.add(y, inputs[5])
