@@ -3,9 +3,10 @@
 The kernels (:mod:`tvm_schedules.kernels`) are TensorIR written per knob point (tiles per step x unroll
 of the quad loop, at most 12 points), so tuning compiles every point in process (~0.1 s each) and
 times them interleaved, two rounds, with TVM's time evaluator on one thread. Each target directory
-of the database holds ``tuned.json``: per shape the best knobs, the TVM kernel's time (the function
-alone, M = 1, one thread) and the hand-written kernel's time on the same ISA (onnxruntime profiler,
-one node, M = 1, one thread), which the op library's auto mode compares. Tuning stays out of CI.
+of the database holds ``tuned.json``: per shape the best knobs and the TVM kernel's time (the function
+alone, M = 1, one thread). ``sherry tune --verify`` (after ``make lib``) adds both kernels' times as
+onnxruntime nodes, hot and cold, which is what the op library's auto mode compares. Tuning stays out
+of CI.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ struct KernelRequest {
 // Parses "auto" | "scalar" | "avx2" | "avx512" | "tvm"; throws std::runtime_error naming `origin` otherwise.
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin);
 
-// Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights when the tuning
-// database measured it faster than the hand-written one, else tries avx512, then avx2 (each only if
+// Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights when
+// `sherry tune --verify` timed it faster than the hand-written one as onnxruntime nodes, hot and
+// cold; else it tries avx512, then avx2 (each only if
 // the CPU has it), then scalar.
 // A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights.
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.

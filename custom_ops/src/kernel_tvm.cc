@@ -1,4 +1,4 @@
-// The TVM path: kernels from tvm_schedules (TensorIR, tuned with MetaSchedule per target), compiled
+// The TVM path: kernels from tvm_schedules (TensorIR, knobs swept per target by `sherry tune`), compiled
 // to object files by tvm_schedules/build.py and linked in, called through their C ABI
 // (__tvm_ffi_<name>) with no TVM runtime. Built only with -DSHERRY_TVM=ON (SHERRY_WITH_TVM);
 // otherwise make_tvm_kernel always declines.
