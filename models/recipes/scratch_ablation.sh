@@ -8,7 +8,7 @@ steps=${1:-600}
 out=${2:-runs/ablation}
 common=(--init scratch --hidden 320 --layers 6 --heads 5 --vocab 8192 --steps "$steps" --batch 8 --seq-len 256
         --lr 1e-3 --lr-schedule cosine --lr-warmup-ratio 0.05 --seed 0 --bf16 --threads 1
-        --eval-every 200 --eval-batches 40 --save-every 200 --save-limit 1)
+        --eval-every 250 --eval-batches 20 --save-every 500 --save-limit 1)
 sherry data --tokenize bpe
 run() { local name=$1; shift; sherry train "${common[@]}" "$@" --output "$out/$name" > "$out/$name.log" 2>&1; }
 mkdir -p "$out"
