@@ -46,6 +46,8 @@ PREFILL_BATCH = 128
 MAX_COLD_NODES = 1024
 """Cap on a cold graph's nodes: graph building and profiling cost grows with them, and 1024 copies of
 the smallest matrix (2048->512 Sherry, 0.18 MB) still exceed the caches several times over."""
+COLD_BYTES = 3e8
+"""Weight bytes a cold graph cycles through by default: about 10x this machine's 32 MB L3."""
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kernels.add_argument(
         "--cold-bytes",
         type=float,
-        default=3e8,
+        default=COLD_BYTES,
         help="weight bytes cycled through in cold mode, per candidate (default: 3e8, about 10x this "
         f"machine's 32 MB L3; at most {MAX_COLD_NODES} nodes)",
     )

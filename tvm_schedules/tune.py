@@ -127,10 +127,6 @@ def time_kernel(lib: Any, shape: Shape, number: int = 20, repeat: int = 7) -> li
     return [float(t) for t in timer(*(tvm.runtime.tensor(a) for a in args)).results]
 
 
-COLD_BYTES = 3e8
-"""Weight bytes a cold verification graph cycles through: more than this machine's caches."""
-
-
 def node_us(
     fmt: str, k: int, n: int, gs: int, kernels: tuple[str, ...], cold: bool = False, runs: int = 100
 ) -> list[float] | None:
@@ -140,7 +136,7 @@ def node_us(
     None when a path cannot run (the library is not built, this CPU lacks the ISA, no tuned kernel)."""
     import torch
 
-    from sherry_export.bench import cold_copies, kernel_events, replicate
+    from sherry_export.bench import COLD_BYTES, cold_copies, kernel_events, read_profile, replicate
     from sherry_export.formats import pack
     from sherry_export.onnx_ops import matmul_model
     from sherry_export.quant import absmean_ternarize, sherry_ternarize
@@ -161,7 +157,7 @@ def node_us(
             for _ in range(calls + 1):  # the first call of each session is a warm-up
                 for session in sessions:
                     session.run(None, {"A": a})
-            profiles = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
+            profiles = [read_profile(session.end_profiling()) for session in sessions]
     except Exception as e:  # any failure to run means: not timed, and the message says why
         print(f"  ({fmt} K={k} N={n} on {', '.join(kernels)} not timed: {e})")
         return None

@@ -48,7 +48,6 @@ class GraphBuilder:
         if self.external_data is not None:
             self.external_data.parent.mkdir(parents=True, exist_ok=True)
             self.external_data.write_bytes(b"")  # a fresh file: never append to an older export's weights
-        self.spilled_bytes = 0
         self.metadata: dict[str, str] = {}
         """Key-value pairs for the model's ``metadata_props`` (what a runner needs to know of the graph)."""
 
@@ -66,7 +65,6 @@ class GraphBuilder:
             for key, value in (("location", self.external_data.name), ("offset", offset + padding), ("length", length)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
-            self.spilled_bytes += length
         self.initializers.append(tensor)
 
     def unique(self, name: str) -> str:
