@@ -76,7 +76,7 @@ demo: lib
 	$(VENV)/bin/sherry demo
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check sherry_export tests tvm_schedules
+	$(VENV)/bin/ruff check sherry_export tests tvm_schedules models/recipes
 
 clean:
 	rm -rf build sherry_export/_lib
