@@ -113,26 +113,29 @@ def bench_model(
 
 
 def replicate(model: onnx.ModelProto, copies: int) -> bytes:
-    """``copies`` copies of a graph's nodes, each with its own copy of the weights, all reading its inputs.
+    """``copies`` copies of a graph's nodes, each with weights of its own, all reading its inputs.
 
-    The copies hold the same bytes: the kernels repack each into private memory (and onnxruntime
-    prepacks each MatMul/MatMulNBits weight), so every node still reads its own weights.
+    Copy c > 0 permutes the rows (axis 0) of every initializer with its own seeded permutation, so no
+    two copies hold the same bytes: onnxruntime shares one prepacked buffer among initializers of
+    identical content (measured: MatMulNBits 2048->512 "cold" ran at its hot speed, 17 µs, with
+    identical copies and 27 µs with distinct ones). Whole rows stay whole, so every packed code stays
+    valid; the products change, which no timing depends on.
     """
     if copies == 1:
         return model.SerializeToString()
     graph = model.graph
     inputs = {i.name for i in graph.input}
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     nodes, initializers, outputs = [], [], []
     for c in range(copies):
 
         def rename(name: str, c: int = c) -> str:
             return name if not name or name in inputs else f"{name}#{c}"
 
-        for t in graph.initializer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            copy.name = rename(t.name)
-            initializers.append(copy)
+        rng = np.random.default_rng(c)
+        for name, array in arrays.items():
+            rows = array if c == 0 or array.ndim == 0 else array[rng.permutation(array.shape[0])]
+            initializers.append(onnx.numpy_helper.from_array(rows, rename(name)))
         for n in graph.node:
             copy = onnx.NodeProto()
             copy.CopyFrom(n)

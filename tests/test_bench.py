@@ -1,0 +1,81 @@
+"""``sherry bench``: the cold graphs really hold distinct weights, and the kernel benchmark runs end to end
+at a tiny size (its full run, minutes long, stays out of CI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from sherry_export.bench import Candidate, bench_model, candidates, projection_for, replicate
+from sherry_export.cli import main
+from sherry_export.formats import FORMATS, pack
+from sherry_export.runtime import get_library_path, make_session
+
+K, N = 256, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> None:
+    """Fail every test with the fix (`make lib`) when the library is not built."""
+    get_library_path()
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "nbits2", "nbits4", "fp32"])
+def test_replicated_copies_hold_distinct_weights_and_still_run(fmt: str) -> None:
+    proj = projection_for(fmt, K, N)
+    packed = pack(fmt, proj.ternary, proj.group_size) if fmt in FORMATS else None
+    model, per_node = bench_model(fmt, proj, packed, 1, K)
+    copies = 3
+    blob = replicate(model, copies)
+    graph = onnx.load_from_string(blob).graph
+    assert len(graph.node) == copies * len(model.graph.node)
+    by_copy: dict[str, list[bytes]] = {}
+    for t in graph.initializer:
+        by_copy.setdefault(t.name.split("#")[0], []).append(onnx.numpy_helper.to_array(t).tobytes())
+    for name, contents in by_copy.items():
+        if len(contents[0]) > 64:  # every weight-sized initializer differs between copies
+            assert len(set(contents)) == copies, name
+    assert sum(len(c[0]) for c in by_copy.values()) >= per_node // 2
+    session = make_session(blob, threads=1, kernel="scalar" if fmt in FORMATS else None)
+    outputs = session.run(None, {"A": np.ones((1, K), np.float32)})
+    assert len(outputs) == copies and all(o.shape == (1, N) and np.isfinite(o).all() for o in outputs)
+
+
+def test_kernel_benchmark_runs_and_writes_its_tables(tmp_path: Path) -> None:
+    rc = main(
+        [
+            "bench",
+            "kernels",
+            "--shapes",
+            f"{K}x{N}",
+            "--threads",
+            "1",
+            "--paths",
+            "scalar",
+            "--cold-bytes",
+            "2e5",
+            "--hot-runs",
+            "3",
+            "--cold-runs",
+            "1",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    timings = json.loads((tmp_path / "kernels.json").read_text())["timings"]
+    labels = {c.label for c in candidates(["scalar"])}
+    assert {t["candidate"] for t in timings} == labels
+    assert {(t["batch"], t["mode"]) for t in timings} == {(1, "hot"), (1, "cold"), (128, "hot")}
+    assert all(t["median_us"] > 0 and t["weight_bytes"] > 0 for t in timings)
+    table = (tmp_path / "kernels.md").read_text()
+    assert "i2s/sherry[scalar]" in table and f"{K}" in table
+
+
+def test_candidate_labels_name_the_path() -> None:
+    assert Candidate("sherry", "avx2").label == "SherryMatMul[avx2]"
+    assert Candidate("nbits2").label == "MatMulNBits-2bit"
