@@ -1,4 +1,5 @@
-"""The TVM kernels (tvm_schedules) against the kernels' numerics reference, compiled here on the spot."""
+"""The TVM kernels (tvm_schedules) against the kernels' numerics reference, compiled here on the spot, and a
+small real MetaSchedule tuning run whose database the build compiles."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sherry_export.quant import absmean_ternarize, sherry_ternarize
 from tvm_schedules.layout import Shape, activations, repack
 
 tvm = pytest.importorskip("tvm")
-from tvm_schedules.kernels import Knobs, scheduled_module, tile_choices  # noqa: E402
+from tvm_schedules.kernels import Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
 from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
 ISAS = ["avx2", "avx512"] if host_isa() == "avx512" else ["avx2"]
@@ -30,9 +31,14 @@ def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWei
 def run(
     fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool, isa: str = "avx2"
 ) -> tuple[np.ndarray, np.ndarray]:
-    packed = packed_weight(fmt, k, n, gs)
     shape = Shape(fmt, k, n, gs)
-    module = scheduled_module(shape, None if dynamic else m, knobs, isa=isa)
+    return run_module(shape, scheduled_module(shape, None if dynamic else m, knobs, isa=isa), m, isa)
+
+
+def run_module(shape: Shape, module: tvm.IRModule, m: int, isa: str) -> tuple[np.ndarray, np.ndarray]:
+    """The module's ``main`` on ``m`` random rows (one with an outlier) and the int8 reference."""
+    fmt, k, n, gs = shape.format, shape.k, shape.n, shape.group_size
+    packed = packed_weight(fmt, k, n, gs)
     lib = tvm.compile(module, target=tvm.target.Target(TARGETS[isa]))
     x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
     x[0, :3] *= 40  # an outlier: other groups of the row keep their own scale
@@ -51,8 +57,13 @@ def run(
 )
 def test_kernel_matches_reference(fmt: str, k: int, n: int, gs: int, m: int, dynamic: bool, isa: str) -> None:
     """Exact int dots; only the float sum over groups may round differently (contraction to FMA)."""
-    knobs = Knobs(tiles=tile_choices(Shape(fmt, k, n, gs))[-1], unroll=1 if fmt == "tl2" else 2)
+    order = "tile" if dynamic else "quad"  # both loop orders of the design space
+    knobs = Knobs(tiles=tile_choices(Shape(fmt, k, n, gs))[-1], unroll=1 if fmt == "tl2" else 2, order=order)
     y, ref = run(fmt, k, n, gs, m, knobs, dynamic, isa)
+    assert_matches(y, ref, k, gs)
+
+
+def assert_matches(y: np.ndarray, ref: np.ndarray, k: int, gs: int) -> None:
     bound = 4 * np.finfo(np.float32).eps * np.abs(ref).max(axis=1, keepdims=True) * (k // gs + 1)
     assert np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
 
@@ -101,16 +112,62 @@ def test_model_shapes_of_the_shipped_model() -> None:
     assert shapes == [(320, 320, 128), (320, 896, 128), (896, 320, 128)]
 
 
-def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
-    """One database entry → an object exporting both functions, needing only the error hook."""
+def test_knob_space_is_what_the_tuner_samples() -> None:
+    """Tiles per step: divisors of the tiles up to 8; unroll: divisors of the quads per group up to 4."""
+    space = knob_space(Shape("sherry", 320, 320, 128))  # 20 tiles, 8 quads per group
+    assert {kn.tiles for kn in space} == {1, 2, 4, 5} and {kn.unroll for kn in space} == {1, 2, 4}
+    assert len(space) == 4 * 3 * 2
+    assert {kn.unroll for kn in knob_space(Shape("tl2", 2048, 512, 128))} == {1}  # 11 quads per group
+    with pytest.raises(ValueError, match="do not divide"):
+        scheduled_module(Shape("i2s", 256, 64, 128), 1, Knobs(tiles=3, unroll=1))
+
+
+TUNED = Shape("tl2", 320, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database."""
+    from tvm_schedules.tune import tune
+
+    out = tmp_path_factory.mktemp("db")
+    [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",))
+    assert entry.trials == 4 and entry.tvm_us > 0 and entry.tune_seconds > 0
+    assert Knobs(entry.tiles, entry.unroll, entry.order) in knob_space(TUNED)
+    return out
+
+
+def test_tuning_writes_a_metaschedule_database(tuned_db: Path) -> None:
+    from tvm_schedules.tune import best_record, database
+
+    files = sorted(p.name for p in (tuned_db / "avx2").iterdir())
+    assert files == ["database_tuning_record.json", "database_workload.json", "tuned.json"]
+    assert len((tuned_db / "avx2" / "database_tuning_record.json").read_text().splitlines()) == 4
+    best = best_record(database(tuned_db / "avx2"), TUNED, "avx2")
+    [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
+    assert entry["tvm_us"] == round(float(np.mean([float(t) for t in best.run_secs])) * 1e6, 2)
+
+
+@pytest.mark.parametrize(("bucket", "m"), [("m1", 1), ("mx", 3)])
+def test_the_database_schedule_matches_reference(tuned_db: Path, bucket: str, m: int) -> None:
+    """The build's functions (the best trace replayed on the M = 1 and the dynamic-M workloads)."""
+    from tvm_schedules.build import tuned_functions
+    from tvm_schedules.tune import database
+
+    funcs, _ = tuned_functions(database(tuned_db / "avx2"), TUNED, "avx2", "avx2")
+    [func] = [f for name, f in funcs.items() if name.endswith(bucket)]
+    y, ref = run_module(TUNED, tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), m, "avx2")
+    assert_matches(y, ref, TUNED.k, TUNED.group_size)
+
+
+def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path: Path) -> None:
+    """The tuned database → an object exporting both functions, needing only the error hook; the
+    database is read, not changed."""
     from tvm_schedules.build import build
 
-    entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2",
-             "mcpu": "x86-64-v3", "tiles": 2, "unroll": 1, "tvm_us": 9.5, "hand_us": 3.0, "trials": 1,
-             "tune_seconds": 1.0}  # fmt: skip
-    (tmp_path / "db" / "avx2").mkdir(parents=True)
-    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
-    [obj] = build(tmp_path / "db", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tuned_db / "avx2").iterdir()}
+    [obj] = build(tuned_db, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tuned_db / "avx2").iterdir()} == before
     symbols = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout.split("\n")
     undefined = {line.split()[-1] for line in symbols if line.strip().startswith("U ")}
     assert undefined == {"TVMFFIErrorSetRaisedFromCStrParts"}
@@ -119,14 +176,30 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tmp_path: Path) -> None:
         name = f"__tvm_ffi_sherry_tvm_avx2_tl2_k320_n64_g128_{bucket}"
         assert any(line.endswith(" T " + name) for line in symbols)
         assert name in table
-    assert "{1, 320, 64, 128, 1, 32," in table  # tl2, K, N, group_size, avx2, rows per task 2 x 16
+    [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
+    assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}," in table  # tl2, K, N, group_size, avx2, rows per task
     assert "_mx, false," in table  # not timed as nodes (sherry tune --verify): auto mode never takes it
-    entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 9.0, "hand_cold_us": 8.0}
-    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
-    build(tmp_path / "db", tmp_path / "out2")
-    assert "_mx, false," in (tmp_path / "out2" / "tvm_table.cc").read_text()  # faster hot, slower cold
-    entry["tvm_cold_us"] = 7.0
-    (tmp_path / "db" / "avx2" / "tuned.json").write_text(json.dumps([entry]))
-    build(tmp_path / "db", tmp_path / "out3")
-    assert "_mx, true," in (tmp_path / "out3" / "tvm_table.cc").read_text()
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
+
+
+def test_build_without_a_record_says_to_tune(tuned_db: Path, tmp_path: Path) -> None:
+    from tvm_schedules.build import build
+
+    db = tmp_path / "db" / "avx2"
+    db.mkdir(parents=True)
+    [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
+    (db / "tuned.json").write_text(json.dumps([entry | {"n": 32}]))
+    with pytest.raises(SystemExit, match=r"no record for tl2_k320_n32_g128.*sherry tune --target avx2"):
+        build(tmp_path / "db", tmp_path / "out")
+
+
+def test_auto_flag_needs_a_win_hot_and_cold() -> None:
+    from tvm_schedules.build import table_source
+
+    entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2"}
+    names, rows = {0: ("a_m1", "a_mx")}, {0: 32}
+    assert "_mx, false," in table_source([entry], names, rows)  # not verified
+    entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 9.0, "hand_cold_us": 8.0}
+    assert "_mx, false," in table_source([entry], names, rows)  # faster hot, slower cold
+    entry["tvm_cold_us"] = 7.0
+    assert "_mx, true," in table_source([entry], names, rows)

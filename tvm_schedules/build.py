@@ -1,10 +1,13 @@
 """Compile the tuned kernels of a database into object files and the C++ table the op library links.
 
 ``python -m tvm_schedules.build DB_DIR OUT_DIR`` reads ``DB_DIR/<target>/tuned.json`` for every target
-folder, compiles each entry twice (M = 1, and dynamic M) with its tuned knobs into one object file per
-target (``OUT_DIR/tvm_<target>.o``), and writes ``OUT_DIR/tvm_table.cc``, the table kernel_tvm.cc
-searches: (format, K, N, group_size, ISA) → the two functions, the layout's lane block and both
-tuned times. The objects export ``__tvm_ffi_<name>`` and need no TVM runtime (kernel_tvm.cc supplies
+folder and, for each entry, the best record of the target's MetaSchedule database
+(``database_workload.json``, ``database_tuning_record.json``): its trace is replayed on the M = 1
+workload, and on the dynamic-M workload (the same blocks and loops with M a variable, which the
+tuner cannot time), so both functions carry the tuned decisions. Nothing is tuned here. Both go into
+one object file per target (``OUT_DIR/tvm_<target>.o``), and ``OUT_DIR/tvm_table.cc`` is the table
+kernel_tvm.cc searches: (format, K, N, group_size, ISA) → the two functions, the rows per parallel
+task and the auto flag. The objects export ``__tvm_ffi_<name>`` and need no TVM runtime (kernel_tvm.cc supplies
 the hooks); the TVM FFI headers are copied to ``OUT_DIR/include``. Nothing is rebuilt when the
 inputs have not changed.
 """
@@ -17,6 +20,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from tvm_schedules.layout import Shape
 
@@ -35,7 +39,7 @@ def database_entries(db_dir: Path) -> list[dict]:
 
 def _fingerprint(db_dir: Path) -> str:
     h = hashlib.sha256()
-    for path in [*sorted(db_dir.glob("*/tuned.json")), *SOURCES]:
+    for path in [*sorted(db_dir.glob("*/*.json")), *SOURCES]:
         h.update(path.read_bytes())
     import tvm
 
@@ -43,8 +47,8 @@ def _fingerprint(db_dir: Path) -> str:
     return h.hexdigest()
 
 
-def table_source(entries: list[dict], names: dict[int, tuple[str, str]]) -> str:
-    from tvm_schedules.kernels import Knobs, rows_per_step
+def table_source(entries: list[dict], names: dict[int, tuple[str, str]], rows: dict[int, int]) -> str:
+    """The C++ table; ``names`` holds each entry's two functions, ``rows`` its rows per parallel task."""
     from tvm_schedules.tune import verified_faster
 
     lines = [
@@ -59,11 +63,10 @@ def table_source(entries: list[dict], names: dict[int, tuple[str, str]]) -> str:
     lines += ["}", "", "namespace sherry {", "", "const TvmEntry kTvmEntries[] = {"]
     for i, e in enumerate(entries):
         m1, mx = names[i]
-        rows = rows_per_step(Knobs(e["tiles"], e["unroll"]))
         auto = "true" if verified_faster(e) else "false"  # as nodes, hot and cold (`sherry tune --verify`)
         lines.append(
             f"    {{{FORMAT_ENUM[e['format']]}, {e['k']}, {e['n']}, {e['group_size']}, {ISA_ENUM[e['isa']]}, "
-            f'{rows}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, {auto}, "{e["target"]}"}},'
+            f'{rows[i]}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, {auto}, "{e["target"]}"}},'
         )
     if not entries:
         lines.append('    {0, 0, 0, 0, 0, 0, nullptr, nullptr, false, ""},')
@@ -77,12 +80,34 @@ def table_source(entries: list[dict], names: dict[int, tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[dict[str, Any], int]:
+    """The entry's M = 1 (``_m1``) and dynamic-M (``_mx``) functions, scheduled by the database's best
+    trace for the M = 1 workload, and the rows of one parallel task that trace chose."""
+    import tvm
+
+    from tvm_schedules.kernels import function_name, knobs_of, rows_per_step, workload
+    from tvm_schedules.tune import best_record
+
+    record = best_record(db, shape, isa)
+    if record is None:
+        raise SystemExit(
+            f"the {target_name} database has no record for {shape.key} (its workload changed, or it was never "
+            f"tuned): run `sherry tune --target {target_name}` for it and commit the database"
+        )
+    funcs = {}
+    for bucket, m in (("m1", 1), ("mx", None)):
+        sch = tvm.s_tir.Schedule(workload(shape, m, isa))
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        name = function_name(shape, target_name, bucket)
+        funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+    return funcs, rows_per_step(knobs_of(record.trace))
+
+
 def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
     """Compile every database entry; returns the object files."""
     import tvm
 
-    from tvm_schedules.kernels import Knobs, function_name, scheduled_module
-    from tvm_schedules.tune import target_config
+    from tvm_schedules.tune import database, target_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = out_dir / "stamp"
@@ -96,6 +121,7 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
     entries = database_entries(db_dir)
     by_target: dict[str, list[int]] = {}
     names: dict[int, tuple[str, str]] = {}
+    rows: dict[int, int] = {}
     for i, e in enumerate(entries):
         by_target.setdefault(e["target"], []).append(i)
     objects = []
@@ -103,23 +129,21 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
         config = {"kind": "llvm", "mcpu": entries[indices[0]]["mcpu"]}
         if target_name != "native":
             config = {k: v for k, v in target_config(target_name)[0].items() if k != "num-cores"}
+        db = database(db_dir / target_name)
         funcs = {}
         for i in indices:
             e = entries[i]
-            shape = Shape(e["format"], e["k"], e["n"], e["group_size"])
-            knobs = Knobs(tiles=e["tiles"], unroll=e["unroll"])
-            pair = []
-            for bucket, m in (("m1", 1), ("mx", None)):
-                name = function_name(shape, target_name, bucket)
-                funcs[name] = scheduled_module(shape, m, knobs, name, isa=e["isa"])[name]
-                pair.append(name)
-            names[i] = (pair[0], pair[1])
+            pair, rows[i] = tuned_functions(
+                db, Shape(e["format"], e["k"], e["n"], e["group_size"]), e["isa"], target_name
+            )
+            funcs |= pair
+            names[i] = tuple(pair)  # (m1, mx)
         lib = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(config))
         obj = out_dir / f"tvm_{target_name}.o"
         lib.mod.write_to_file(str(obj))
         objects.append(obj)
         print(f"compiled {len(indices)} tuned kernels ({2 * len(indices)} functions) for {target_name} into {obj}")
-    (out_dir / "tvm_table.cc").write_text(table_source(entries, names))
+    (out_dir / "tvm_table.cc").write_text(table_source(entries, names, rows))
     include = out_dir / "include"
     if include.exists():
         shutil.rmtree(include)

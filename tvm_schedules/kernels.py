@@ -15,12 +15,14 @@ broadcast) and adds each row's 4 products into its lane: ``vpdpbusd`` on AVX-512
 + ``vpmaddwd`` on AVX2. At the end of a group, dot = lane − Σ xq of the group (the +1 of the weights),
 and y += (α·s)·float(dot).
 
-The kernel is written directly in TensorIR (TVMScript with LLVM intrinsics) per (shape, ISA, knobs):
-LLVM does not find table lookups or dot-product instructions in the arithmetic form. Knobs
-(:class:`Knobs`): ``tiles`` (tiles processed together, sharing the activation loads: the rows per
-step are 16·tiles, which is also the op's work item), ``unroll`` (of the quad loop within a group).
-The outer loop over steps is ``parallel``; the op runs its tasks on onnxruntime's threads
-(kernel_tvm.cc).
+The kernel is a TensorIR workload (TVMScript with LLVM intrinsics, :func:`workload`) of three
+sblocks; the decode and dot instructions are the body of the ``dot`` block, which no schedule
+primitive rewrites: LLVM does not find table lookups or dot-product instructions in an arithmetic
+form. The schedule (:func:`schedule`, MetaSchedule's design space :func:`design_space`) decides the
+rest (:class:`Knobs`): ``tiles`` (tiles processed together, sharing the activation loads: the rows
+per step are 16·tiles, which is also the op's work item), ``unroll`` (of the quad loop within a
+group) and ``order`` (of the quad and tile loops). The outer loop over steps is ``parallel``; the op
+runs its tasks on onnxruntime's threads (kernel_tvm.cc).
 """
 
 from __future__ import annotations
@@ -30,30 +32,44 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tvm
 from tvm import tirx
+from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from tvm_schedules.layout import TILE, Shape
 
-TILE_CHOICES = (1, 2, 4, 8)
-UNROLL_CHOICES = (1, 2, 4)
+MAX_TILES = 8
+"""Largest tiles per step: 8 tiles are 8 (AVX2: 16) accumulator registers."""
+MAX_UNROLL = 4
+ORDERS = ("quad", "tile")
+"""Loop orders inside a group: ``quad``: for each quad, every tile of the step (the tiles share the
+activation dwords); ``tile``: for each tile, its ``unroll`` quads in a row."""
 ISAS = ("avx512", "avx2")
 
 
 @dataclass(frozen=True)
 class Knobs:
+    """One point of the design space: the decisions of :func:`schedule`'s three sampling instructions."""
+
     tiles: int = 2
     unroll: int = 2
+    order: str = "quad"
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
 
 def tile_choices(shape: Shape) -> list[int]:
-    return [t for t in TILE_CHOICES if shape.tiles % t == 0]
+    """What ``sample_perfect_tile`` can pick for the tiles per step: divisors of the tiles up to 8."""
+    return [t for t in range(1, MAX_TILES + 1) if shape.tiles % t == 0]
 
 
 def unroll_choices(shape: Shape) -> list[int]:
-    return [u for u in UNROLL_CHOICES if shape.quads_per_group % u == 0]
+    return [u for u in range(1, MAX_UNROLL + 1) if shape.quads_per_group % u == 0]
+
+
+def knob_space(shape: Shape) -> list[Knobs]:
+    """Every point of the design space (at most 8 x 4 x 2 = 64; 4 x 3 x 2 = 24 for the LLaMA shapes)."""
+    return [Knobs(t, u, o) for t in tile_choices(shape) for u in unroll_choices(shape) for o in ORDERS]
 
 
 def rows_per_step(knobs: Knobs) -> int:
@@ -110,25 +126,28 @@ def _decoder(shape: Shape, isa: str) -> callable:
     return decode
 
 
-def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main") -> tirx.PrimFunc:
-    """The kernel for M = ``m`` rows of A (None: any M) with these knobs, for ``isa`` (avx512 or avx2)."""
+def workload(shape: Shape, m: int | None, isa: str = "avx512") -> tirx.PrimFunc:
+    """The unscheduled kernel for M = ``m`` rows of A (None: any M) on ``isa``: what MetaSchedule tunes.
+
+    Three sblocks, each in its own loop nest over (tile, row of A, group, ...): ``dot`` (a reduction
+    over the quads of a group into the exact int32 lanes ``acc``: decode and dot instructions, left
+    whole by the schedule), ``group`` (a reduction over the groups in order: y += (α·s)·(acc − Σ xq))
+    and ``store``. The intermediates hold whole vectors (``int32x16`` elements), so every region has
+    a block variable in every dimension, which compute-at needs. ``h`` runs over the vectors of a
+    tile (1 on AVX-512, 2 on AVX2). After :func:`schedule` places them in one nest, buffer compaction
+    shrinks ``acc`` and ``yacc`` to the tiles of one step, which LLVM keeps in registers."""
     if problem := shape.supported():
         raise ValueError(problem)
-    if shape.tiles % knobs.tiles or shape.quads_per_group % knobs.unroll:
-        raise ValueError(f"knobs {knobs} do not divide {shape.key}")
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}")
     L, Q, G = shape.lanes_per_code, shape.quads_per_group, shape.groups
-    TS, U = knobs.tiles, knobs.unroll
-    steps, RB, N, QB = shape.tiles // TS, shape.row_bytes, shape.n, 4 * L
-    plane_bytes = shape.quads
+    RB, N, QB, tiles = shape.row_bytes, shape.n, 4 * L, shape.tiles
     decode = _decoder(shape, isa)
-    # vector width in int32 lanes, halves per tile
-    VW = 16 if isa == "avx512" else 8
-    H = TILE // VW
+    VW = 16 if isa == "avx512" else 8  # vector width in int32 lanes
+    H = TILE // VW  # vectors per tile
     CB = 4 * VW  # code bytes per vector
 
-    def dot(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xw: tirx.PrimExpr) -> tirx.PrimExpr:
+    def dot(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xw: list[tirx.PrimExpr]) -> tirx.PrimExpr:
         """acc (int32 x VW) + the dots of the decoded codes with the activation dwords (int32 scalar) xw[p]."""
         if isa == "avx512":
             for p in range(L):
@@ -150,42 +169,113 @@ def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", na
     M = tirx.Var("M", "int64") if m is None else m
     i32v, f32v, u8v = f"int32x{VW}", f"float32x{VW}", f"uint8x{CB}"
 
-    @T.prim_func
+    @T.prim_func(s_tir=True)
     def kernel(
         X: T.Buffer((M, RB), "int8"),
         S: T.Buffer((M, RB // 4), "float32"),
-        W: T.Buffer((shape.tiles, plane_bytes, 64), "uint8"),
-        A: T.Buffer((shape.tiles, G, TILE), "float32"),
+        W: T.Buffer((tiles, shape.quads, 64), "uint8"),
+        A: T.Buffer((tiles, G, TILE), "float32"),
         Y: T.Buffer((M, N), "float32"),
     ):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        for step in T.parallel(steps):
-            for mi in range(M):
-                yacc = T.decl_buffer((TS * TILE,), "float32", scope="global")
-                acc = T.decl_buffer((TS * TILE,), "int32", scope="global")
-                for v in T.unroll(TS * H):
-                    yacc[v * VW : v * VW + VW] = T.Broadcast(T.float32(0), VW)
-                for g in range(G):
-                    for v in T.unroll(TS * H):
-                        acc[v * VW : v * VW + VW] = T.Broadcast(T.int32(0), VW)
-                    for qo in range(Q // U):
-                        for qi in T.unroll(U):
-                            for v in T.unroll(TS * H):
-                                acc[v * VW : v * VW + VW] = dot(
-                                    acc.vload([v * VW], i32v),
-                                    W.vload([step * TS + v // H, g * Q + qo * U + qi, (v % H) * CB], u8v),
-                                    xword(X, mi, g * Q + qo * U + qi),
-                                )
-                    for v in T.unroll(TS * H):
-                        yacc[v * VW : v * VW + VW] = yacc.vload([v * VW], f32v) + (
-                            A.vload([step * TS + v // H, g, (v % H) * VW], f32v) * T.Broadcast(S[mi, g], VW)
-                        ) * T.Cast(
-                            f32v, acc.vload([v * VW], i32v) - T.Broadcast(T.reinterpret("int32", S[mi, G + g]), VW)
-                        )
-                for v in T.unroll(TS * H):
-                    Y[mi, step * TS * TILE + v * VW : step * TS * TILE + v * VW + VW] = yacc.vload([v * VW], f32v)
+        # estimated_flops: MetaSchedule's flop counter knows no vector intrinsics (2·K·N per row of A)
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "estimated_flops": 2 * shape.k * N})
+        acc = T.alloc_buffer((M, tiles, G, H), i32v)
+        yacc = T.alloc_buffer((M, tiles, H), f32v)
+        for t, mi, g, q, h in T.grid(tiles, M, G, Q, H):
+            with T.sblock("dot"):
+                vt, vm, vg, vq, vh = T.axis.remap("SSSRS", [t, mi, g, q, h])
+                T.reads(W[vt, vg * Q + vq, vh * CB : vh * CB + CB], X[vm, (vg * Q + vq) * QB : (vg * Q + vq + 1) * QB])
+                T.writes(acc[vm, vt, vg, vh])
+                with T.init():
+                    acc[vm, vt, vg, vh] = T.Broadcast(T.int32(0), VW)
+                acc[vm, vt, vg, vh] = dot(
+                    acc[vm, vt, vg, vh], W.vload([vt, vg * Q + vq, vh * CB], u8v), xword(X, vm, vg * Q + vq)
+                )
+        for t, mi, g, h in T.grid(tiles, M, G, H):
+            with T.sblock("group"):
+                vt, vm, vg, vh = T.axis.remap("SSRS", [t, mi, g, h])
+                T.reads(A[vt, vg, vh * VW : vh * VW + VW], S[vm, vg], S[vm, G + vg], acc[vm, vt, vg, vh])
+                T.writes(yacc[vm, vt, vh])
+                with T.init():
+                    yacc[vm, vt, vh] = T.Broadcast(T.float32(0), VW)
+                yacc[vm, vt, vh] = yacc[vm, vt, vh] + (
+                    A.vload([vt, vg, vh * VW], f32v) * T.Broadcast(S[vm, vg], VW)
+                ) * T.Cast(f32v, acc[vm, vt, vg, vh] - T.Broadcast(T.reinterpret("int32", S[vm, G + vg]), VW))
+        for t, mi, h in T.grid(tiles, M, H):
+            with T.sblock("store"):
+                vt, vm, vh = T.axis.remap("SSS", [t, mi, h])
+                T.reads(yacc[vm, vt, vh])
+                T.writes(Y[vm, vt * TILE + vh * VW : vt * TILE + vh * VW + VW])
+                Y[vm, vt * TILE + vh * VW : vt * TILE + vh * VW + VW] = yacc[vm, vt, vh]
 
     return kernel
+
+
+ORDER_KEY = "sherry.order"
+"""The block annotation that records a design space's loop order in its trace."""
+
+
+def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
+    """Schedule the workload in loop order ``order``. With ``knobs`` None the two tile sizes are
+    sampled (a design space for MetaSchedule), else they are ``knobs``' (a fixed point).
+
+    - tiles per step: ``sample_perfect_tile`` of the tile loop (innermost factor ≤ 8); the outer
+      loop over steps is ``parallel`` (the op's tasks, kernel_tvm.cc);
+    - unroll: ``sample_perfect_tile`` of the quad loop (innermost ≤ 4), its inner loop unrolled;
+    - ``order``: the loops inside a group (:data:`ORDERS`).
+
+    The tiles of a step, the group and store epilogues and the accumulator initializations are
+    unrolled, so the accumulators live in registers as in the hand-written kernels."""
+    dot, group, store = (sch.get_sblock(name) for name in ("dot", "group", "store"))
+    t, mi, g, q, h = sch.get_loops(dot)
+    tiles, quads = (int(sch.get(loop).extent) for loop in (t, q))
+    tile_split = knobs and [tiles // knobs.tiles, knobs.tiles]
+    quad_split = knobs and [quads // knobs.unroll, knobs.unroll]
+    step, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
+    qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=quad_split))
+    sch.reorder(step, mi, g, qo, *((qi, ts) if order == "quad" else (ts, qi)), h)
+    sch.annotate(dot, ORDER_KEY, order)
+    # unit loops kept: the loop count must not depend on the decisions, or traces do not replay
+    sch.reverse_compute_at(group, g, preserve_unit_loops=True)
+    sch.reverse_compute_at(store, mi, preserve_unit_loops=True)
+    sch.parallel(step)
+    for loop in (qi, ts, h, *sch.get_loops(group)[3:], *sch.get_loops(store)[2:]):
+        sch.unroll(loop)
+    # the reductions' initializations out of the loops, after `parallel` (which wants whole reductions)
+    sch.decompose_reduction(dot, qo)
+    sch.decompose_reduction(group, g)
+
+
+def design_space(sch: Schedule) -> list[Schedule]:
+    """MetaSchedule's space generator (``ScheduleFn``): one design space per loop order, whose traces
+    sample the tile sizes. A loop order is a different trace, not a decision: search and mutation
+    replay a trace with new decisions and never re-run this function."""
+    spaces = []
+    for order in ORDERS:
+        space = sch.copy()
+        schedule(space, order)
+        spaces.append(space)
+    return spaces
+
+
+def knobs_of(trace: tvm.s_tir.schedule.Trace) -> Knobs:
+    """The knob point a tuned trace chose: its two perfect-tile decisions and its loop order."""
+    tiles, order = [], ORDERS[0]
+    for inst in trace.insts:
+        if inst.kind.name == "SamplePerfectTile":
+            tiles.append(int(trace.decisions[inst][-1]))
+        elif inst.kind.name == "Annotate" and str(inst.attrs[0]) == ORDER_KEY:
+            order = str(inst.inputs[1])
+    return Knobs(tiles=tiles[0], unroll=tiles[1], order=order)
+
+
+def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main") -> tirx.PrimFunc:
+    """The kernel for M = ``m`` rows of A (None: any M) scheduled at the knob point ``knobs``."""
+    if knobs not in knob_space(shape):
+        raise ValueError(f"knobs {knobs} do not divide {shape.key}")
+    sch = Schedule(workload(shape, m, isa))
+    schedule(sch, knobs.order, knobs)
+    return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def scheduled_module(

@@ -42,7 +42,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.formats import PackedWeight
 from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
-from tvm_schedules.kernels import Knobs, prim_func, tile_choices, unroll_choices
+from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
@@ -76,7 +76,7 @@ def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
     if path.exists():
         for e in json.loads(path.read_text()):
             if (e["format"], e["k"], e["n"], e["group_size"]) == (shape.format, shape.k, shape.n, shape.group_size):
-                return Knobs(tiles=e["tiles"], unroll=e["unroll"])
+                return Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
     return default_knobs(shape)
 
 
@@ -95,15 +95,12 @@ def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100) -
     ]
     args = [tvm.runtime.tensor(a) for a in arrays]
     timings = []
-    for tiles in tile_choices(shape):
-        for unroll in unroll_choices(shape):
-            knobs = Knobs(tiles, unroll)
-            mod = tvm.IRModule({"main": prim_func(shape, None, knobs, isa, "main")})
-            lib = tvm.compile(mod, target=target)
-            timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
-            timings.append((min(timer(*args).results), knobs.tiles, knobs.unroll))
-    _, tiles, unroll = min(timings)
-    return Knobs(tiles, unroll)
+    for knobs in knob_space(shape):
+        mod = tvm.IRModule({"main": prim_func(shape, None, knobs, isa, "main")})
+        lib = tvm.compile(mod, target=target)
+        timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
+        timings.append((min(timer(*args).results), knobs))
+    return min(timings, key=lambda timing: timing[0])[1]
 
 
 def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:

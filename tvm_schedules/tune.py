@@ -1,18 +1,22 @@
-"""``sherry tune``: a sweep over the kernels' knobs, per (format, shape, target), into a database.
+"""``sherry tune``: MetaSchedule tuning of the TVM kernels, per (format, shape, target), into a database.
 
-The kernels (:mod:`tvm_schedules.kernels`) are TensorIR written per knob point (tiles per step x unroll
-of the quad loop, at most 12 points), so tuning compiles every point in process (~0.1 s each) and
-times them interleaved, two rounds, with TVM's time evaluator on one thread. Each target directory
-of the database holds ``tuned.json``: per shape the best knobs and the TVM kernel's time (the function
-alone, M = 1, one thread). ``sherry tune --verify`` (after ``make lib``) adds both kernels' times as
-onnxruntime nodes, hot and cold, which is what the op library's auto mode compares. Tuning stays out
-of CI.
+Each kernel is a TensorIR workload (:func:`tvm_schedules.kernels.workload`) whose decode and dot
+instructions are fixed; its design space (:func:`tvm_schedules.kernels.design_space`) samples the
+tiles per parallel step and the quad unroll (``sample_perfect_tile``) in two loop orders. MetaSchedule's
+evolutionary search (random cost model, tile-size mutation) builds and times the candidates in this
+process on one thread (M = 1, hot), ``--trials`` per kernel, and appends every measured trace to the
+target's JSON database (``<target>/database_workload.json``, ``database_tuning_record.json``). The
+summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``make lib`` compiles
+the best traces from the database (tvm_schedules/build.py) without tuning. ``sherry tune --verify``
+(after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, which is what the
+op library's auto mode compares. Tuning stays out of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -33,6 +37,10 @@ TARGETS: dict[str, dict] = {
 }
 """Generic targets; ``native`` is the CPU LLVM detects (``llvm_get_system_cpu``). avx512 adds VBMI (vpermb)
 and VNNI (vpdpbusd), which the op's AVX-512 path requires anyway."""
+
+
+TRIALS_PER_ITER = 8
+"""Candidates per search round: MetaSchedule builds and times them as one batch, then evolves the next."""
 
 
 def host_isa() -> str:
@@ -88,10 +96,15 @@ class Entry:
     isa: str
     mcpu: str
     tiles: int
+    """The best trace's decisions (:class:`tvm_schedules.kernels.Knobs`): tiles per parallel step."""
     unroll: int
+    """Quads of a group unrolled together."""
+    order: str
+    """Loop order inside a group (``kernels.ORDERS``)."""
     tvm_us: float
     hand_us: float | None
     trials: int
+    """Candidates MetaSchedule measured for this kernel (in this run)."""
     tune_seconds: float
     tvm_node_us: float | None = None
     """The TVM kernel as one onnxruntime node (M = 1, one thread, hot), from ``sherry tune --verify``."""
@@ -100,31 +113,6 @@ class Entry:
     tvm_cold_us: float | None = None
     """As ``tvm_node_us``, with cold weights (a graph of distinct copies)."""
     hand_cold_us: float | None = None
-
-
-def knob_space(shape: Shape) -> list[Any]:
-    """Every knob point of a shape (tiles x unroll, at most 12)."""
-    from tvm_schedules.kernels import Knobs, tile_choices, unroll_choices
-
-    return [Knobs(t, u) for t in tile_choices(shape) for u in unroll_choices(shape)]
-
-
-def time_kernel(lib: Any, shape: Shape, number: int = 20, repeat: int = 7) -> list[float]:
-    """Seconds per call of ``lib['main']`` (M = 1) on random inputs, ``repeat`` medians of ``number``."""
-    import tvm
-
-    from tvm_schedules.layout import TILE
-
-    rng = np.random.default_rng(0)
-    args = [
-        rng.integers(-127, 128, size=(1, shape.row_bytes)).astype(np.int8),
-        rng.standard_normal((1, shape.row_bytes // 4)).astype(np.float32),
-        rng.integers(0, 32, size=(shape.tiles, shape.quads, 64)).astype(np.uint8),
-        rng.standard_normal((shape.tiles, shape.groups, TILE)).astype(np.float32),
-        np.zeros((1, shape.n), np.float32),
-    ]
-    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat, min_repeat_ms=10)
-    return [float(t) for t in timer(*(tvm.runtime.tensor(a) for a in args)).results]
 
 
 def node_us(
@@ -199,6 +187,120 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
     return entries
 
 
+def database(target_dir: Path) -> Any:
+    """The MetaSchedule JSON database of one target folder (workloads and tuning records, one JSON
+    line each), created empty if missing."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(
+        str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")
+    )
+
+
+def workload_module(shape: Shape, isa: str) -> Any:
+    """The M = 1 workload as MetaSchedule tunes it and the database keys it (structural hash)."""
+    import tvm
+
+    from tvm_schedules.kernels import workload
+
+    return tvm.IRModule({"main": workload(shape, 1, isa)})
+
+
+def best_record(db: Any, shape: Shape, isa: str) -> Any:
+    """The database's fastest record for this kernel, or None. Looks first, so that a miss does not
+    add the workload to the (committed) database file."""
+    mod = workload_module(shape, isa)
+    if not db.has_workload(mod):
+        return None
+    records = db.get_top_k(db.commit_workload(mod), 1)
+    return records[0] if records else None
+
+
+def in_process_builder_runner(number: int = 20, repeat: int = 5, min_repeat_ms: int = 10) -> tuple[Any, Any]:
+    """A MetaSchedule builder and runner that compile and time the candidates in this process.
+
+    MetaSchedule's LocalBuilder restarts its worker pool for every batch and exports each candidate
+    to a shared library: about 4 s per candidate on this 2-core machine, where ``tvm.compile`` of
+    one takes about 0.1 s. The runner times like :func:`verify`'s reference: one thread
+    (``TVM_NUM_THREADS=1``), hot, ``repeat`` times the mean of ``number`` calls (at least
+    ``min_repeat_ms``)."""
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    built: dict[str, Any] = {}
+
+    @derived_object
+    class InProcessBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs: list) -> list:
+            results = []
+            for item in build_inputs:
+                try:
+                    key = f"in-process:{len(built)}"
+                    built[key] = tvm.compile(item.mod, target=item.target)
+                    results.append(ms.builder.BuilderResult(key, None))
+                except Exception as e:  # a candidate that does not compile is a failed trial
+                    results.append(ms.builder.BuilderResult(None, str(e)))
+            return results
+
+    @derived_object
+    class Finished(ms.runner.PyRunnerFuture):
+        def __init__(self, result: Any) -> None:
+            super().__init__()
+            self.res = result
+
+        def done(self) -> bool:
+            return True
+
+        def result(self) -> Any:
+            return self.res
+
+    @derived_object
+    class InProcessRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs: list) -> list:
+            futures = []
+            rng = np.random.default_rng(0)
+            for item in runner_inputs:
+                try:
+                    lib = built.pop(item.artifact_path)
+                    args = []
+                    for info in item.args_info:
+                        _, dtype, shape = info.as_json()
+                        data = rng.integers(0, 4, size=[int(d) for d in shape]).astype(str(dtype))
+                        args.append(tvm.runtime.tensor(data))
+                    timer = lib.mod.time_evaluator(
+                        "main", tvm.cpu(), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+                    )
+                    futures.append(Finished(ms.runner.RunnerResult([float(t) for t in timer(*args).results], None)))
+                except Exception as e:  # a candidate that fails to run is a failed trial
+                    futures.append(Finished(ms.runner.RunnerResult(None, str(e))))
+            return futures
+
+    return InProcessBuilder(), InProcessRunner()
+
+
+def _progress_callback(bar: Any) -> Any:
+    """A measure callback that advances ``bar`` by each batch of measured candidates and shows the
+    best time so far (MetaSchedule's own progress goes to log files)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = float("inf")
+
+        def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
+            for run in runs:
+                if run.error_msg is None and run.run_secs:
+                    self.best = min(self.best, statistics.mean(float(t) for t in run.run_secs) * 1e6)
+            bar.update(len(runs))
+            bar.set_postfix_str(f"best {self.best:.1f} µs")
+
+    return Progress()
+
+
 def tune(
     shapes: list[tuple[int, int, int]],
     target_name: str,
@@ -206,17 +308,20 @@ def tune(
     out_dir: Path,
     formats: tuple[str, ...] = FORMATS,
 ) -> list[Entry]:
-    """Tune every (format, shape) for one target; writes ``out_dir/<target>/`` and returns the entries."""
+    """Tune every (format, shape) for one target with MetaSchedule; appends the measured records to
+    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
     from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
 
-    from tvm_schedules.kernels import scheduled_module
+    from tvm_schedules.kernels import design_space, knob_space, knobs_of
 
     config, isa = target_config(target_name)
     target = tvm.target.Target(config)
     tdir = out_dir / target_name
     tdir.mkdir(parents=True, exist_ok=True)
+    db = database(tdir)
     summary_path = tdir / "tuned.json"
     fields = set(Entry.__dataclass_fields__)
     entries = {  # entries of an older layout (other knobs) are dropped
@@ -228,48 +333,76 @@ def tune(
         for f in formats:
             get_format(f).check_geometry(k, gs)
     todo = [Shape(f, k, n, gs) for k, n, gs in shapes for f in formats]
-    with tqdm(todo, desc=f"tune {target_name}", unit="kernel") as bar:
-        for shape in bar:
-            bar.set_postfix_str(f"{shape.format} K={shape.k} N={shape.n}")
-            if problem := shape.supported():
-                print(f"  skip {shape.key}: {problem}")
-                continue
-            start = time.time()
-            space = knob_space(shape)
-            if trials < len(space):  # a deterministic subset, spread over the space
-                space = [space[round(i * (len(space) - 1) / max(trials - 1, 1))] for i in range(trials)]
-            libs = [tvm.compile(scheduled_module(shape, 1, kn, isa=isa), target=target) for kn in space]
-            # two interleaved rounds, so that load from other jobs hits every candidate alike
-            runs: list[list[float]] = [[] for _ in space]
-            for _ in range(2):
-                for i, lib in enumerate(libs):
-                    runs[i] += time_kernel(lib, shape)
-            times = [statistics.median(r) * 1e6 for r in runs]
-            best = min(range(len(space)), key=times.__getitem__)
-            knobs, tvm_us = space[best], times[best]
-            seconds = time.time() - start
-            hand = handwritten_us(shape.format, shape.k, shape.n, shape.group_size, isa)
-            entry = Entry(
-                shape.format,
-                shape.k,
-                shape.n,
-                shape.group_size,
-                target_name,
-                isa,
-                config["mcpu"],
-                knobs.tiles,
-                knobs.unroll,
-                round(tvm_us, 2),
-                None if hand is None else round(hand, 2),
-                len(space),
-                round(seconds, 1),
+    builder, runner = in_process_builder_runner()
+    # MetaSchedule's task set-up imports this (about 500 TVMScript functions, 25 s or more): once, here,
+    # so that the first kernel's tune_seconds does not count it
+    import tvm.s_tir.tensor_intrin
+
+    for i, shape in enumerate(todo):
+        if problem := shape.supported():
+            print(f"  skip {shape.key}: {problem}")
+            continue
+        start = time.time()
+        desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n}"
+        budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
+        # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as work:
+            ms.tune_tir(
+                workload_module(shape, isa),
+                target,
+                work,  # MetaSchedule's logs; the records go to `db`
+                max_trials_global=budget,
+                num_trials_per_iter=min(budget, TRIALS_PER_ITER),
+                space=ms.space_generator.ScheduleFn(
+                    design_space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
+                ),
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16),
+                builder=builder,
+                runner=runner,
+                database=db,
+                cost_model="random",
+                # no RemoveBuildArtifact: the in-process builder writes no files
+                measure_callbacks=[
+                    ms.measure_callback.AddToDatabase(),
+                    ms.measure_callback.UpdateCostModel(),
+                    _progress_callback(bar),
+                ],
+                task_scheduler="round-robin",
+                num_tuning_cores=1,
+                seed=0,
             )
-            entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
-            summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
-            bar.write(
-                f"  {shape.key}: tiles={knobs.tiles} unroll={knobs.unroll} tvm {tvm_us:.1f} µs, hand-written {isa} "
-                f"{hand if hand is not None else float('nan'):.1f} µs, tuned in {seconds:.0f} s"
-            )
+            measured = bar.n
+        seconds = time.time() - start
+        best = best_record(db, shape, isa)
+        if best is None:
+            print(f"  {shape.key}: no candidate built and ran")
+            continue
+        knobs = knobs_of(best.trace)
+        tvm_us = statistics.mean(float(t) for t in best.run_secs) * 1e6
+        hand = handwritten_us(shape.format, shape.k, shape.n, shape.group_size, isa)
+        entry = Entry(
+            shape.format,
+            shape.k,
+            shape.n,
+            shape.group_size,
+            target_name,
+            isa,
+            config["mcpu"],
+            knobs.tiles,
+            knobs.unroll,
+            knobs.order,
+            round(tvm_us, 2),
+            None if hand is None else round(hand, 2),
+            measured,
+            round(seconds, 1),
+        )
+        entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
+        summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
+        print(
+            f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
+            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s"
+        )
     return [Entry(**e) for e in load_entries(summary_path)]
 
 
@@ -317,7 +450,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tune",
-        help="tune the TVM kernels (knob sweep) for a CPU target into a database",
+        help="tune the TVM kernels with MetaSchedule for a CPU target into a database",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: sherry tune --shapes 2048x2048 --target native --trials 8 -o tvm_schedules/databases",
@@ -327,7 +460,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, help="scale group size of --shapes (default: 128)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="formats (default: all)")
     p.add_argument("--target", default="native", choices=["native", *TARGETS], help="TVM target (default: native)")
-    p.add_argument("--trials", type=int, default=12, help="knob points timed per kernel (default: 12, all)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=32,
+        help="MetaSchedule trials (candidates built and timed) per kernel, at most the design space's size "
+        "(at most 64 points, 24 for the LLaMA shapes, 30 for the shipped model's) (default: 32)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(
         "--verify",
