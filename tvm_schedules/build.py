@@ -27,7 +27,7 @@ from tvm_schedules.layout import Shape
 FORMAT_ENUM = {"sherry": 0, "tl2": 1, "i2s": 2}
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "kernels.py", HERE / "layout.py", Path(__file__).resolve()]
+SOURCES = [HERE / "kernels.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]
 
 
 def database_entries(db_dir: Path) -> list[dict]:

@@ -21,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +221,9 @@ def in_process_builder_runner(number: int = 20, repeat: int = 5, min_repeat_ms: 
 
     MetaSchedule's LocalBuilder restarts its worker pool for every batch and exports each candidate
     to a shared library: about 4 s per candidate on this 2-core machine, where ``tvm.compile`` of
-    one takes about 0.1 s. The runner times like :func:`verify`'s reference: one thread
-    (``TVM_NUM_THREADS=1``), hot, ``repeat`` times the mean of ``number`` calls (at least
-    ``min_repeat_ms``)."""
+    one takes about 0.1 s. The runner times as the hand-written kernel is timed: one thread
+    (``TVM_NUM_THREADS=1``), hot; ``repeat`` times the mean of ``number`` calls (at least
+    ``min_repeat_ms``), on random inputs (the kernels have no data-dependent branches)."""
     import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -323,9 +323,12 @@ def tune(
     tdir.mkdir(parents=True, exist_ok=True)
     db = database(tdir)
     summary_path = tdir / "tuned.json"
-    fields = set(Entry.__dataclass_fields__)
-    entries = {  # entries of an older layout (other knobs) are dropped
-        (e["format"], e["k"], e["n"], e["group_size"]): e for e in load_entries(summary_path) if set(e) <= fields
+    known = {f.name for f in fields(Entry)}
+    required = {f.name for f in fields(Entry) if f.default is MISSING}
+    entries = {  # entries of an older layout (other knobs, no database record) are dropped
+        (e["format"], e["k"], e["n"], e["group_size"]): e
+        for e in load_entries(summary_path)
+        if required <= set(e) <= known
     }
     from sherry_export.formats import get_format
 
@@ -465,7 +468,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=32,
         help="MetaSchedule trials (candidates built and timed) per kernel, at most the design space's size "
-        "(at most 64 points, 24 for the LLaMA shapes, 30 for the shipped model's) (default: 32)",
+        "(at most 64 points; 24 for sherry and i2s at the LLaMA shapes, 8 for tl2) (default: 32)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(
