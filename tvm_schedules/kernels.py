@@ -27,7 +27,7 @@ runs its tasks on onnxruntime's threads (kernel_tvm.cc).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -48,14 +48,12 @@ ISAS = ("avx512", "avx2")
 
 @dataclass(frozen=True)
 class Knobs:
-    """One point of the design space: the decisions of :func:`schedule`'s three sampling instructions."""
+    """One point of the design space: the decisions of :func:`schedule`'s two ``sample_perfect_tile``
+    instructions and the loop order of its design space."""
 
     tiles: int = 2
     unroll: int = 2
     order: str = "quad"
-
-    def as_dict(self) -> dict[str, int | str]:
-        return asdict(self)
 
 
 def tile_choices(shape: Shape) -> list[int]:
@@ -68,7 +66,8 @@ def unroll_choices(shape: Shape) -> list[int]:
 
 
 def knob_space(shape: Shape) -> list[Knobs]:
-    """Every point of the design space (at most 8 x 4 x 2 = 64; 4 x 3 x 2 = 24 for the LLaMA shapes)."""
+    """Every point of the design space (at most 8 x 4 x 2 = 64; 4 x 3 x 2 = 24 for sherry and i2s at the
+    LLaMA shapes)."""
     return [Knobs(t, u, o) for t in tile_choices(shape) for u in unroll_choices(shape) for o in ORDERS]
 
 
