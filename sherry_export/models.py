@@ -47,6 +47,8 @@ DEFAULT_MODEL = SHIPPED_MODELS / "sherry-arenas-scratch-10m"
 """The shipped Sherry + Arenas model: the default of ``sherry demo`` and the tests."""
 DEFAULT_TERNARY_MODEL = SHIPPED_MODELS / "ternary-scratch-10m"
 """The shipped dense-ternary model trained the same way, scored next to the Sherry one."""
+DEFAULT_FP_MODEL = SHIPPED_MODELS / "fp-scratch-10m"
+"""The shipped full-precision model trained the same way (float16 weights), scored next to the Sherry one."""
 
 SHAPE_PREFIX = "shape:"
 LLAMA3_ROPE = {

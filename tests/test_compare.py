@@ -376,16 +376,18 @@ def test_bad_values_are_clear_errors(argv, message, tmp_path, capsys):
 
 
 def test_demo_runs_the_shipped_models(tmp_path):
-    """`make demo` = `sherry demo`: the comparison of the shipped Sherry model, the dense-ternary one beside it."""
+    """`make demo` = `sherry demo`: the comparison of the shipped Sherry model, the dense-ternary and
+    full-precision ones beside it."""
     from sherry_export.compare import demo_config, qat_kind
-    from sherry_export.models import DEFAULT_MODEL, DEFAULT_TERNARY_MODEL
+    from sherry_export.models import DEFAULT_FP_MODEL, DEFAULT_MODEL, DEFAULT_TERNARY_MODEL
     from sherry_export.qat import load_qat_model
 
     config = demo_config(tmp_path, (1,))  # validates: the shipped models are there
-    assert config.model == str(DEFAULT_MODEL) and config.compare_with == (DEFAULT_TERNARY_MODEL,)
+    assert config.model == str(DEFAULT_MODEL) and config.compare_with == (DEFAULT_TERNARY_MODEL, DEFAULT_FP_MODEL)
     assert set(config.formats) == {"sherry", "tl2", "i2s", "nbits2", "nbits4", "fp32"}
     assert config.accuracy.limit and config.accuracy.ppl_tokens  # small subsets: minutes, not hours
     assert qat_kind(load_qat_model(DEFAULT_TERNARY_MODEL)[0]) == "dense-ternary QAT, packed i2s"
+    assert qat_kind(load_qat_model(DEFAULT_FP_MODEL)[0]) == "full precision"
 
 
 def test_config_validation():

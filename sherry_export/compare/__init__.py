@@ -39,6 +39,7 @@ from sherry_export.export.llama import LM_HEADS, PROJECTIONS, ExportOptions
 from sherry_export.export.llm import MANIFEST_FILE, export_model, resolve_group_size
 from sherry_export.export.projections import EXPORT_FORMATS
 from sherry_export.models import (
+    DEFAULT_FP_MODEL,
     DEFAULT_MODEL,
     DEFAULT_TERNARY_MODEL,
     SHAPE_PREFIX,
@@ -258,7 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def demo_config(output: Path, threads: tuple[int, ...]) -> CompareConfig:
     """``sherry compare`` on the shipped Sherry model at a size that runs in a few minutes: every
-    format, small zero-shot subsets and perplexity samples, the shipped dense-ternary model beside it."""
+    format, small zero-shot subsets and perplexity samples, the shipped dense-ternary and full-precision
+    models (same architecture, data and budget) beside it."""
     return CompareConfig(
         model=str(DEFAULT_MODEL),
         output=output,
@@ -266,7 +268,7 @@ def demo_config(output: Path, threads: tuple[int, ...]) -> CompareConfig:
         group_size=None,
         speed=SpeedSettings(prompt_tokens=64, decode_steps=32, repetitions=2, profile_steps=8, bandwidth_bytes=6e8),
         accuracy=AccuracySettings(limit=DEMO_LIMIT, ppl_tokens=DEMO_PPL_TOKENS),
-        compare_with=(DEFAULT_TERNARY_MODEL,),
+        compare_with=(DEFAULT_TERNARY_MODEL, DEFAULT_FP_MODEL),
     )
 
 
@@ -366,7 +368,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the main job on the shipped model: sherry compare in a few minutes (what `make demo` runs)",
         description="Export the shipped Sherry + Arenas model (models/sherry-arenas-scratch-10m) to all six "
         "formats, time decode side by side, score held-out perplexity and zero-shot accuracy on small "
-        "subsets, score the shipped dense-ternary model next to it, and print the headline table. "
+        "subsets, score the shipped dense-ternary and full-precision models next to it, and print the headline table. "
         "For full runs use `sherry compare` (docs/results.md).",
     )
     demo.add_argument(
