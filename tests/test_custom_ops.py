@@ -66,6 +66,7 @@ COMMON_CASES = [
     Case(260, 128, 70, (3, 1, 4), False, 1),  # 4-D A, K tail
     Case(36, 8, 5, (3,), True, 2),  # tiny: one row tile, short last group
     Case(512, 128, 256, (1,), False, 2),  # bigger decode, many row tiles
+    Case(1024, 128, 512, (4,), True, 2),  # 4-row decode in many items: each thread prepares A itself
 ]
 # TL2 and I2S take any K and group_size: K not a multiple of 4 (or 3), odd group sizes.
 DENSE_CASES = [
@@ -161,6 +162,19 @@ def test_thread_count_does_not_change_results() -> None:
     x = np.random.default_rng(2).standard_normal((9, 256)).astype(np.float32)
     one, two = (make_session(matmul_model(packed), threads=t).run(None, {"A": x})[0] for t in (1, 2))
     np.testing.assert_array_equal(one, two)
+
+
+def test_decode_calls_never_reuse_another_calls_rows() -> None:
+    """At decode sizes each thread prepares A itself, once per call: successive calls with new inputs,
+    alternating between two nodes' sessions, must each see their own A (2 threads, many work items)."""
+    rng = np.random.default_rng(4)
+    models = [matmul_model(make_weight(fmt, 1024, 512, 128, seed=i)) for i, fmt in enumerate(("sherry", "i2s"))]
+    parallel = [make_session(model, threads=2) for model in models]
+    serial = [make_session(model, threads=1) for model in models]
+    for step in range(12):
+        x = rng.standard_normal((1 + step % 4, 1024)).astype(np.float32)
+        i = step % 2
+        np.testing.assert_array_equal(parallel[i].run(None, {"A": x})[0], serial[i].run(None, {"A": x})[0])
 
 
 def test_concurrent_sessions_give_identical_results() -> None:

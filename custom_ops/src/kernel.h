@@ -6,6 +6,8 @@
 //   1. prepare_row(A[m], workspace + m * activation_row_bytes())  for every row m of A (in parallel);
 //   2. compute(workspace, M, n_begin, n_end, bias, Y)             for output-row tiles (in parallel),
 //      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
+// At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
+// into a workspace of its own (matmul_op.cc), so prepare_row must be callable from any thread.
 // Every kernel must give exactly the numerics of docs/formats.md ("Activations"): int8 activations
 // per row and scale group, exact int32 dot products per group, y = sum_g (alpha_g * s_g) * dot_g.
 #pragma once
