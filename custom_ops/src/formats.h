@@ -171,7 +171,7 @@ inline float quantize_group(const float* x, int64_t length, int8_t* xq) {
     probe += x[i] * 0.f;
   }
   if (!(amax > 0.f) || probe != 0.f) {
-    std::fill(xq, xq + length, int8_t{0});
+    if (length > 0) std::memset(xq, 0, static_cast<size_t>(length));  // the guard also quiets GCC's size warning
     return probe != 0.f ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   }
   const float inv = static_cast<float>(kActivationQmax) / amax;
