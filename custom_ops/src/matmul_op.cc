@@ -157,13 +157,36 @@ using AlignedBytes = std::unique_ptr<uint8_t, FreeBytes>;
 // are allocated per call, where the call's own work dwarfs the allocation.
 constexpr size_t kCachedWorkspace = size_t{4} << 20;
 
-AlignedBytes aligned_bytes(size_t bytes) {
+// At least `bytes` (rounded up to whole alignment units), 64-byte aligned; null when out of memory.
+AlignedBytes try_aligned_bytes(size_t bytes) noexcept {
   const size_t rounded = std::max<size_t>(ceil_div(static_cast<int64_t>(bytes), kWorkspaceAlignment), 1) *
                          kWorkspaceAlignment;
-  AlignedBytes buffer(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlignment, rounded)));
+  return AlignedBytes(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlignment, rounded)));
+}
+
+AlignedBytes aligned_bytes(size_t bytes) {
+  AlignedBytes buffer = try_aligned_bytes(bytes);
   if (!buffer) throw std::bad_alloc();
   return buffer;
 }
+
+// A buffer a thread keeps from call to call, grown (its contents dropped) when asked for more.
+class ThreadBuffer {
+ public:
+  // At least `bytes`, 64-byte aligned; null when out of memory.
+  uint8_t* reserve(size_t bytes) noexcept {
+    if (bytes_ < bytes) {
+      data_.reset();  // free the old one before asking for the new one
+      data_ = try_aligned_bytes(bytes);
+      bytes_ = data_ ? bytes : 0;
+    }
+    return data_.get();
+  }
+
+ private:
+  AlignedBytes data_;
+  size_t bytes_ = 0;
+};
 
 class Workspace {
  public:
@@ -173,15 +196,9 @@ class Workspace {
       data_ = own_.get();
       return;
     }
-    thread_local AlignedBytes cached;
-    thread_local size_t cached_bytes = 0;
-    if (cached_bytes < bytes) {
-      cached.reset();
-      cached_bytes = 0;
-      cached = aligned_bytes(bytes);
-      cached_bytes = bytes;
-    }
-    data_ = cached.get();
+    thread_local ThreadBuffer cached;
+    data_ = cached.reserve(bytes);
+    if (data_ == nullptr) throw std::bad_alloc();
   }
   uint8_t* data() const { return data_; }
 
@@ -206,21 +223,18 @@ std::atomic<uint64_t> g_call_counter{0};
 // allocated (no exception may leave a parallel body; the caller then falls back to shared rows).
 const uint8_t* thread_prepared_rows(const MatMulKernel& kernel, const float* x, int64_t m, int64_t k, size_t stride,
                                     uint64_t call) noexcept {
-  thread_local AlignedBytes buffer;
-  thread_local size_t buffer_bytes = 0;
+  // Its own buffer, not Workspace's: a thread that also runs some other node's Compute between two
+  // items of this call would overwrite those rows without changing prepared_call.
+  thread_local ThreadBuffer buffer;
   thread_local uint64_t prepared_call = 0;
-  const size_t bytes = static_cast<size_t>(m) * stride;  // <= kLocalRows rows: no overflow
-  if (buffer_bytes < bytes) {
-    buffer.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlignment, bytes)));  // stride % 64 == 0
-    buffer_bytes = buffer ? bytes : 0;
-    prepared_call = 0;
-    if (!buffer) return nullptr;
-  }
-  if (prepared_call != call) {
-    for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x + r * k, buffer.get() + r * stride);
+  // <= kLocalRows rows: no overflow. A call's first item on a thread is the only one that can grow
+  // the buffer, and it prepares the rows anyway.
+  uint8_t* rows = buffer.reserve(static_cast<size_t>(m) * stride);
+  if (rows != nullptr && prepared_call != call) {
+    for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x + r * k, rows + r * stride);
     prepared_call = call;
   }
-  return buffer.get();
+  return rows;
 }
 
 // Runs `body`, turning any exception into an onnxruntime status whose message starts with `label`.
