@@ -6,17 +6,19 @@ MODEL is a run folder of ``sherry train``, a packed model folder, ``smollm2`` or
 ``sherry export`` takes. Each model reads the held-out text with its own tokenizer (the scratch
 models' 8192-token BPE, SmolLM2's 49152-token one), so compare perplexities only between models that
 share a tokenizer. Non-overlapping windows of --window tokens over the first --tokens held-out tokens;
-QAT models run in eval mode (Arenas' λ = 0). ``--project`` adds, for each model without a QAT recipe,
+QAT models run in eval mode (Arenas' λ = 0). ``--project`` adds, for each full-precision model,
 a row for its post-training projection (Sherry, group 128; or BitNet absmean per tensor) with no training.
 """
 
 import argparse
+import copy
 import math
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from sherry_export.compare import qat_kind
 from sherry_export.data import bpe_tokenizer, corpus_tokens
 from sherry_export.models import load_tokenizer, resolve_source
 from sherry_export.qat import SherryConfig, TernaryConfig, load_qat_model, quantize_
@@ -48,17 +50,18 @@ def main() -> None:
         choices=sorted(PROJECTIONS),
         action="append",
         default=[],
-        help="also score the post-training projection of models without a QAT recipe",
+        help="also score the post-training projection of full-precision models",
     )
     args = parser.parse_args()
     rows = []
     for source in args.models:
         tokenizer = load_tokenizer(resolve_source(source)) or bpe_tokenizer()
         heldout = corpus_tokens(tokenizer)["heldout"][: args.tokens]
-        model, recipe = load_qat_model(source)
-        variants = [(recipe.__class__.__name__ if recipe else "full precision", model)]
-        for name in args.project if recipe is None else []:
-            projected, _ = load_qat_model(source)
+        model, _ = load_qat_model(source)
+        kind = qat_kind(model)
+        variants = [(kind, model)]
+        for name in args.project if kind == "full precision" else []:
+            projected = copy.deepcopy(model)  # quantize_ swaps the linears in place
             quantize_(projected, PROJECTIONS[name])
             variants.append((f"{name} post-training projection", projected))
         for label, variant in variants:

@@ -368,8 +368,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the main job on the shipped model: sherry compare in a few minutes (what `make demo` runs)",
         description="Export the shipped Sherry + Arenas model (models/sherry-arenas-scratch-10m) to all six "
         "formats, time decode side by side, score held-out perplexity and zero-shot accuracy on small "
-        "subsets, score the shipped dense-ternary and full-precision models next to it, and print the headline table. "
-        "For full runs use `sherry compare` (docs/results.md).",
+        "subsets, score the shipped dense-ternary and full-precision models next to it, and print the "
+        "headline table. For full runs use `sherry compare` (docs/results.md).",
     )
     demo.add_argument(
         "-o", "--output", type=Path, default=Path("results/demo"), help="results folder (default: results/demo)"
