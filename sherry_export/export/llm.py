@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.qat import requantize_from_config
+from sherry_export.formats import FORMATS
+from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
 
 MODEL_FILE = "model.onnx"
@@ -71,21 +74,26 @@ def resolve_group_size(model: PreTrainedModel, requested: int | None, explicit: 
     return recorded
 
 
-def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int) -> dict:
-    """onnxruntime-genai's config for our decoder graph, with the op library registered."""
+def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int, custom_ops: bool) -> dict:
+    """onnxruntime-genai's config for our decoder graph.
+
+    With ``custom_ops`` (a graph with ``ai.sherry`` nodes) it registers the op library by its bare
+    file name: onnxruntime-genai resolves a relative ``custom_ops_library`` against the model folder
+    (and refuses libraries outside the model folder, its execution providers' folders and the working
+    directory), so the export carries its own copy and the folder runs wherever it is moved.
+    """
     config = model.config
     heads = config.num_attention_heads
     eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", 0)
+    session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if custom_ops:
+        session_options["custom_ops_library"] = LIBRARY_NAME
     return {
         "model": {
             "bos_token_id": config.bos_token_id,
             "context_length": context_length,
             "decoder": {
-                "session_options": {
-                    "log_id": "onnxruntime-genai",
-                    "custom_ops_library": os.fspath(get_library_path()),
-                    "provider_options": [],
-                },
+                "session_options": session_options,
                 "filename": MODEL_FILE,
                 "head_size": getattr(config, "head_dim", None) or config.hidden_size // heads,
                 "hidden_size": config.hidden_size,
@@ -145,8 +153,11 @@ def export_model(
     del model_proto
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
     context = min(int(model.config.max_position_embeddings), 4096)
-    (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer, context), indent=2))
+    custom_ops = options.format in FORMATS
+    (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer, context, custom_ops), indent=2))
     files.append(out / "genai_config.json")
+    if custom_ops:  # the copy onnxruntime-genai loads (x86-64, every kernel path: it picks one at run time)
+        files.append(Path(shutil.copyfile(get_library_path(), out / LIBRARY_NAME)))
     if tokenizer is not None:
         files += [Path(f) for f in tokenizer.save_pretrained(out)]
     linears = quantizable_linears(model)
