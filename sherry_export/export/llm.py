@@ -17,9 +17,9 @@ from transformers import PreTrainedModel
 
 from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
+from sherry_export.formats import FORMATS
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.qat import requantize_from_config
-from sherry_export.formats import FORMATS
 from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
 
