@@ -126,6 +126,19 @@ def library() -> None:
     get_library_path()
 
 
+def test_registers_with_the_ecosystem_idiom() -> None:
+    """The onnxruntime-extensions idiom, exactly as users write it: get_library_path() is a str."""
+    import sherry_export
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(sherry_export.get_library_path())
+    packed = make_weight("sherry", 64, 8, 32)
+    session = ort.InferenceSession(matmul_model(packed).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    (y,) = session.run(None, {"A": x})
+    check_against_reference(y, reference_matmul(x, packed, activations="int8"))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("fmt", "case"), format_cases())
 def test_matches_int8_reference(fmt: str, case: Case, path: KernelPath, capfd: pytest.CaptureFixture[str]) -> None:
