@@ -453,8 +453,7 @@ def _group_size(text: str) -> int | str:
 def cmd_train(args: argparse.Namespace) -> int:
     names = {f for f in TrainConfig.__dataclass_fields__ if f != "extra_args"}
     cfg = TrainConfig(**{name: getattr(args, name) for name in names})
-    with torch.enable_grad():  # the CLI disables autograd globally for its inference commands
-        trainer = run(cfg)
+    trainer = run(cfg)
     final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
     if final and trainer.is_world_process_zero():
         print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")

@@ -375,9 +375,9 @@ def test_bad_values_are_clear_errors(argv, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # rejected before any work
 
 
-def test_demo_runs_the_shipped_models(tmp_path):
-    """`make demo` = `sherry demo`: the comparison of the shipped Sherry model, the dense-ternary and
-    full-precision ones beside it."""
+def test_demo_config_names_the_shipped_models(tmp_path):
+    """`make demo` = `sherry demo` compares the shipped Sherry model with the dense-ternary and
+    full-precision ones beside it (test_assets.py runs that configuration end to end)."""
     from sherry_export.compare import demo_config, qat_kind
     from sherry_export.models import DEFAULT_FP_MODEL, DEFAULT_MODEL, DEFAULT_TERNARY_MODEL
     from sherry_export.qat import load_qat_model

@@ -26,7 +26,9 @@ def test_to_onnx_matches_packed_module(fmt):
     model = to_onnx(net, (torch.randn(2, 5, 64),), format=fmt)
     nodes = [n for n in model.graph.node if n.domain == "ai.sherry"]
     assert len(nodes) == 2
-    assert all(init.data_type == onnx.TensorProto.UINT8 for init in model.graph.initializer if "data" in init.name)
+    initializers = {init.name: init for init in model.graph.initializer}
+    packed = [initializers[node.input[1]] for node in nodes]  # inputs: A, packed weights, scales[, bias]
+    assert [init.data_type for init in packed] == [onnx.TensorProto.UINT8] * len(nodes)
     session = make_session(model)
     x = torch.randn(3, 7, 64)  # other batch and sequence sizes than at export: the dims are dynamic
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

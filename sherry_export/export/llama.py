@@ -1,7 +1,7 @@
 """Llama-family causal LMs to a lean ONNX decoder with a KV cache, built node by node.
 
 The graph uses onnxruntime's fused ops: ``GroupQueryAttention`` (rotary embedding inside, past and
-present KV), ``SimplifiedLayerNormalization`` and ``SkipSimplifiedLayerNormalization`` (RMSNorm with
+present KV), ``RMSNormalization`` (opset 23) and ``SkipSimplifiedLayerNormalization`` (RMSNorm with
 the residual add fused). Q/K/V become one fused projection, and so do gate/up, so a decode step is
 4 matmul ops per layer plus the LM head. One graph serves prefill and decode.
 
