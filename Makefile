@@ -21,7 +21,7 @@ setup: $(SETUP_STAMP)
 define DECLARED_DEPENDENCIES
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print(" ".join(repr(d) for d in project["dependencies"] + project["optional-dependencies"]["dev"]))
+print(" ".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
 endef
 export DECLARED_DEPENDENCIES
 
