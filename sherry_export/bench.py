@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from sherry_export.export.graph import FLOAT, GraphBuilder
-from sherry_export.export.projections import EXPORT_FORMATS, NBITS_FORMATS, Projection, emit_projection
-from sherry_export.formats import FORMATS, PackedWeight, get_format, pack
+from sherry_export.export.projections import Projection, emit_projection
+from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, PackedWeight, get_format, pack
 from sherry_export.onnx_ops import matmul_node
 from sherry_export.quant import dequantize_ternary, sherry_ternarize
 from sherry_export.report import markdown_table
@@ -359,7 +359,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: kernels side by side, and large exports",
         description="Benchmarks print ratios measured side by side in one run.",
     )
     sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

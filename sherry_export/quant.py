@@ -8,22 +8,13 @@ every kernel follow the same rule (``docs/formats.md``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from sherry_export.errors import check_group_size, check_weight_matrix, num_groups
+from sherry_export.ternary import SHERRY_BLOCK, Ternary
 
-SHERRY_BLOCK = 4
-"""Weights per Sherry block: 4 consecutive weights of one row along K, exactly one of them zero."""
-
-
-class Ternary(NamedTuple):
-    """Ternary values (int8, {-1, 0, +1}, ``[N, K]``) and their float32 scales (``[N, G]``)."""
-
-    values: torch.Tensor
-    scales: torch.Tensor
+__all__ = ["SHERRY_BLOCK", "Ternary", "absmean_ternarize", "dequantize_ternary", "sherry_ternarize"]
 
 
 def group_reduce(x: torch.Tensor, group_size: int) -> torch.Tensor:

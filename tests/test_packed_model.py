@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sherry_export.compare import qat_kind
+from sherry_export.compare.run import qat_kind
 from sherry_export.export import ExportOptions
 from sherry_export.export.llm import export_llm
 from sherry_export.generate import OnnxCausalLM

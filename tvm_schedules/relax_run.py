@@ -76,7 +76,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "tvm-run",
-        help="compile an export with TVM (Relax VM) and generate; optionally race onnxruntime",
         description=__doc__,
         epilog="example: sherry tvm-run out/ship --prompt-ids 1,2,3,4 --compare-onnxruntime --threads 1",
     )

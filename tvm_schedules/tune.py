@@ -453,7 +453,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tune",
-        help="tune the TVM kernels with MetaSchedule for a CPU target into a database",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: sherry tune --shapes 2048x2048 --target native --trials 8 -o tvm_schedules/databases",

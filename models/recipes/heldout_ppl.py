@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sherry_export.compare import qat_kind
+from sherry_export.compare.run import qat_kind
 from sherry_export.data import bpe_tokenizer, corpus_tokens
 from sherry_export.models import load_tokenizer, resolve_source
 from sherry_export.qat import SherryConfig, TernaryConfig, load_qat_model, quantize_

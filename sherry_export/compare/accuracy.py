@@ -13,37 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from sherry_export.compare.scoring import CausalLM, Perplexity, perplexity
-from sherry_export.compare.tasks import TASKS, Question, TaskResult, evaluate_task, load_task, subset
+from sherry_export.compare.settings import AccuracySettings
+from sherry_export.compare.tasks import Question, TaskResult, evaluate_task, load_task, subset
 from sherry_export.data import READERS, cache_dir, read_split, text_file_tokens, tokenize
-
-
-@dataclass(frozen=True)
-class AccuracySettings:
-    tasks: tuple[str, ...] = TASKS
-    limit: int | None = None
-    """Documents per task (a fixed seeded subset); None for all."""
-    ppl_tokens: int | None = None
-    """Scored tokens per corpus; None for the whole held-out split."""
-    window: int = 512
-    stride: int | None = None
-    """Tokens between window ends, less than the window; default half the window."""
-    ppl_text: Path | None = None
-    """A text file to take held-out text from instead of the packaged corpora."""
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-        for name in ("limit", "ppl_tokens", "stride"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number, got {value}")
-        if self.window < 2:
-            raise ValueError(f"window must be at least 2 tokens, got {self.window}")
-        if self.stride is not None and self.stride >= self.window:
-            raise ValueError(f"stride ({self.stride}) must be less than the window ({self.window})")
-        if self.ppl_text is not None and not self.ppl_text.is_file():
-            raise FileNotFoundError(f"--ppl-text {self.ppl_text} is not a file")
 
 
 @dataclass

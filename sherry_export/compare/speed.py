@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sherry_export.bench import kernel_events, read_profile
 from sherry_export.compare.accounting import LM_HEAD_NODE
+from sherry_export.compare.settings import SpeedSettings
 from sherry_export.generate import GenerationResult, OnnxCausalLM
 
 LM_HEAD_GROUP = "LM head"
@@ -37,25 +38,6 @@ OUTSIDE_NODES = "outside nodes"
 """Decode step time not inside any node: session overhead, KV copies, Python."""
 WARM_UP_RUNS = 3
 """Session runs of the warm-up generation before each measured one."""
-
-
-@dataclass(frozen=True)
-class SpeedSettings:
-    prompt_tokens: int = 128
-    decode_steps: int = 64
-    repetitions: int = 3
-    """Timed repetitions; the profiled pass comes on top."""
-    profile_steps: int = 16
-    bandwidth_bytes: float = 1.2e9
-    """Buffer the bandwidth probe reads: well above the caches."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "decode_steps", "repetitions", "profile_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.bandwidth_bytes < 1e6:
-            raise ValueError(f"bandwidth_bytes must be at least 1e6, got {self.bandwidth_bytes:g}")
 
 
 @dataclass

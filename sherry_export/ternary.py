@@ -1,0 +1,26 @@
+"""The ternary weights every stage passes on: what a projection returns and a packer takes.
+
+A leaf module with no heavy imports, so the format registry and the command line can name these
+without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+SHERRY_BLOCK = 4
+"""Weights per Sherry block: 4 consecutive weights of one row along K, exactly one of them zero."""
+
+PROJECTION_NAMES = ("sherry", "absmean")
+"""The post-training projections of float weights (``sherry_export.quant``): Sherry's 3:4 rule and
+BitNet's dense absmean rule."""
+
+
+class Ternary(NamedTuple):
+    """Ternary values (int8, {-1, 0, +1}, ``[N, K]``) and their float32 scales (``[N, G]``)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
