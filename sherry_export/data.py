@@ -430,7 +430,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry data`` to the command line."""
-    from sherry_export.cli import positive_int
+    from sherry_export.arguments import positive_int
 
     parser = subparsers.add_parser(
         "data",

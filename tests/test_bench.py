@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sherry_export.bench import Candidate, bench_model, candidates, projection_for, replicate
+from sherry_export.bench.kernels import Candidate, bench_model, candidates, projection_for, replicate
 from sherry_export.cli import main
 from sherry_export.formats import FORMATS, pack
 from sherry_export.runtime import get_library_path, make_session

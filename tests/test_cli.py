@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from sherry_export.cli import build_parser, main
+from sherry_export.cli import COMMANDS, build_parser, main
+
+HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "transformers", "tvm")
+"""Imports that take seconds each: help and `import sherry_export` must not need them."""
 
 
 def test_help_lists_commands(capsys):
@@ -13,7 +16,36 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "sizes" in out and "sherry sizes smollm2" in out
+    assert all(name in out for name in COMMANDS) and "sherry demo" in out
+
+
+def loaded_heavy_modules(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return eval(out.strip().splitlines()[-1])
+
+
+def test_import_is_light():
+    assert loaded_heavy_modules("import sherry_export; sherry_export.get_library_path") == []
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_loads_no_heavy_module(command):
+    """`sherry --help` and `sherry CMD --help` build only what they print, so they answer at once."""
+    argv = ["--help"] if command is None else [command, "--help"]
+    code = f"from sherry_export.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    assert loaded_heavy_modules(code) == []
+
+
+def test_every_command_parses(capsys):
+    """The full parser (every command registered at once) has each command of the table."""
+    parser = build_parser()
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0
+    assert "usage: sherry" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

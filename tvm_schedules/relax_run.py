@@ -9,8 +9,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sherry_export.generate import GenerationResult, OnnxCausalLM
+if TYPE_CHECKING:  # onnxruntime loads when the command runs, not when its parser is built
+    from sherry_export.generate import GenerationResult, OnnxCausalLM
 
 
 @dataclass
@@ -57,6 +59,8 @@ def cmd_tvm_run(args: argparse.Namespace) -> int:
     )
     backends: dict[str, OnnxCausalLM] = {"tvm": tvm_lm}
     if args.compare_onnxruntime:
+        from sherry_export.generate import OnnxCausalLM
+
         backends["onnxruntime"] = OnnxCausalLM(model_path, threads=args.threads)
     tvm_lm.check_length(len(args.prompt_ids) + args.max_new_tokens - 1)
     speeds = race(backends, args.prompt_ids, args.max_new_tokens, args.rounds)
@@ -72,7 +76,7 @@ def cmd_tvm_run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sherry_export.cli import positive_int, token_ids
+    from sherry_export.arguments import positive_int, token_ids
 
     p = subparsers.add_parser(
         "tvm-run",

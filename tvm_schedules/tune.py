@@ -124,9 +124,11 @@ def node_us(
     None when a path cannot run (the library is not built, this CPU lacks the ISA, no tuned kernel)."""
     import torch
 
-    from sherry_export.bench import COLD_BYTES, cold_copies, kernel_events, read_profile, replicate
+    from sherry_export.bench import COLD_BYTES, cold_copies
+    from sherry_export.bench.kernels import replicate
     from sherry_export.formats import pack
     from sherry_export.onnx_ops import matmul_model
+    from sherry_export.profiling import kernel_events, read_profile
     from sherry_export.quant import absmean_ternarize, sherry_ternarize
     from sherry_export.runtime import make_session
 

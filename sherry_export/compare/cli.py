@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry compare`` to the command line."""
-    from sherry_export.cli import GroupSizeAction, group_size_arg, positive_int
+    from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int
 
     parser = subparsers.add_parser(
         "compare",

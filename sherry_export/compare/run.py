@@ -160,7 +160,7 @@ def check_accuracy_inputs(settings: AccuracySettings) -> None:
 def run_compare(config: CompareConfig) -> CompareResults:
     """Export, score and measure. The report is rewritten after every stage and every accuracy row,
     so a run of hours that stops early keeps what it measured."""
-    from sherry_export.bench import machine_description
+    from sherry_export.profiling import machine_description
     from sherry_export.qat import requantize_from_config
 
     shape = config.model.startswith(SHAPE_PREFIX)

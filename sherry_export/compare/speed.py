@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sherry_export.bench import kernel_events, read_profile
 from sherry_export.compare.accounting import LM_HEAD_NODE
 from sherry_export.compare.settings import SpeedSettings
 from sherry_export.generate import GenerationResult, OnnxCausalLM
+from sherry_export.profiling import kernel_events, read_profile
 
 LM_HEAD_GROUP = "LM head"
 OUTSIDE_NODES = "outside nodes"

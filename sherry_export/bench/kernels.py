@@ -1,53 +1,29 @@
-"""``sherry bench``: kernel and export benchmarks. Speed lives here, never in timed tests.
-
-``sherry bench kernels`` times one matmul node of every candidate (our three ops on each kernel path,
-onnxruntime's own MatMulNBits 2- and 4-bit at their fastest settings, fp32 MatMul) on the same
-shapes, threads and input, side by side in one run, and prints ratios. Times are per node, read
-from onnxruntime's profiler, so Python and session overhead are not in them.
-
-- hot: one node, the same weights on every call (they stay in the caches);
-- cold: a graph of many nodes with distinct copies of the weights, more bytes in all than the caches
-  hold, each node reading the same A; every node's time counts. Cold runs only at batch 1: at batch
-  128 every weight is used 128 times per call, so where it comes from hardly matters.
-"""
+"""``sherry bench kernels``: one matmul node of every candidate, hot and cold, side by side."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from sherry_export.bench import GROUP_SIZE, LLAMA_1B_SHAPES, MAX_COLD_NODES, PREFILL_BATCH, cold_copies
 from sherry_export.export.graph import FLOAT, GraphBuilder
 from sherry_export.export.projections import Projection, emit_projection
-from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, PackedWeight, get_format, pack
+from sherry_export.formats import FORMATS, PackedWeight, pack
 from sherry_export.onnx_ops import matmul_node
+from sherry_export.profiling import kernel_events, machine_description, read_profile
 from sherry_export.quant import dequantize_ternary, sherry_ternarize
 from sherry_export.report import markdown_table
 from sherry_export.runtime import make_session
-
-LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
-"""LLaMA-3.2-1B's linear shapes as (K, N): q/o, k/v, gate/up, down."""
-GROUP_SIZE = 128
-PREFILL_BATCH = 128
-MAX_COLD_NODES = 1024
-"""Cap on a cold graph's nodes: graph building and profiling cost grows with them, and 1024 copies of
-the smallest matrix (2048->512 Sherry, 0.18 MB) still exceed the caches several times over."""
-COLD_BYTES = 3e8
-"""Weight bytes a cold graph cycles through by default: about 10x this machine's 32 MB L3."""
 
 
 @dataclass(frozen=True)
@@ -169,30 +145,12 @@ def profiled_node_times(
     return [float(e["dur"]) for e in events[warmup * nodes :]]
 
 
-def read_profile(profile_path: str) -> list[dict]:
-    """The events of an onnxruntime profile file, which is deleted once read (they pile up otherwise)."""
-    with open(profile_path) as f:
-        events = json.load(f)
-    os.unlink(profile_path)
-    return events
-
-
-def kernel_events(events: list[dict]) -> list[dict]:
-    """The per-node kernel events of a profile (``args.op_name`` is the op type, ``dur`` the µs)."""
-    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-
-
 def configurations(shapes: list[tuple[int, int]], threads: list[int]) -> Iterator[tuple[int, int, int, int, str]]:
     for k, n in shapes:
         for t in threads:
             yield k, n, 1, t, "hot"
             yield k, n, 1, t, "cold"
             yield k, n, PREFILL_BATCH, t, "hot"  # no cold prefill: each weight serves 128 rows of A
-
-
-def cold_copies(cold_bytes: float, per_node: int) -> int:
-    """Nodes of a cold graph: enough distinct weights to exceed ``cold_bytes``, at most MAX_COLD_NODES."""
-    return max(2, min(MAX_COLD_NODES, int(np.ceil(cold_bytes / per_node))))
 
 
 def run_kernel_bench(
@@ -259,16 +217,6 @@ def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list
     return headers, rows
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
-
-
 def cmd_kernels(args: argparse.Namespace) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else LLAMA_1B_SHAPES
     timings = run_kernel_bench(shapes, args.threads, args.paths, args.cold_bytes, args.hot_runs, args.cold_runs)
@@ -293,115 +241,3 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     (args.output / "kernels.md").write_text(f"Machine: {machine}\n\n{table}\n")
     print(f"\nwrote {args.output / 'kernels.json'} and {args.output / 'kernels.md'}")
     return 0
-
-
-def expected_projection_bytes(fmt: str, k: int, n: int, group_size: int) -> int:
-    """Bytes a K→N projection should store in ``fmt`` (codes and scales), from the formats' bit accounting."""
-    groups = -(-k // group_size)
-    if fmt == "fp32":
-        return 4 * k * n
-    if fmt in NBITS_FORMATS:  # MatMulNBits: one block per scale group, padded to the block; float32 scales
-        return n * groups * group_size * NBITS_FORMATS[fmt] // 8 + 4 * n * groups
-    return n * get_format(fmt).row_bytes(k, group_size) + 2 * n * groups
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """Export a public shape with random weights; report time, peak memory and bytes vs the accounting."""
-    from sherry_export.compare.accounting import account
-    from sherry_export.export import ExportOptions, export_llm
-    from sherry_export.models import SHAPE_PRESETS
-
-    start = time.perf_counter()
-    result = export_llm(f"shape:{args.shape}", args.output, ExportOptions(format=args.format), progress=True)
-    seconds = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    config = SHAPE_PRESETS[args.shape]
-    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
-    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * i), (i, h)]  # (K, N): qkv, o, gate+up, down
-    expected = layers * sum(expected_projection_bytes(args.format, k, n, GROUP_SIZE) for k, n in shapes)
-    stored = account(args.output).projections.total_bytes
-    rows = [
-        ["export time (s)", round(seconds, 1)],
-        ["peak RSS (GB)", round(peak_gb, 2)],
-        ["model files (MB)", round(result.total_bytes / 1e6, 1)],
-        ["projection bytes in file", stored],
-        ["bits accounting (bytes)", expected],
-        ["match", "yes" if stored == expected else "NO"],
-    ]
-    print(markdown_table([f"{args.shape} as {args.format}", "value"], rows))
-    return 0 if stored == expected else 1
-
-
-def cmd_pack(args: argparse.Namespace) -> int:
-    """Project and pack LLaMA-3.2-1B's linear weights (random values) in every format; time each step."""
-    shapes = [(2048, 2048 + 2 * 512), (2048, 2048), (2048, 2 * 8192), (8192, 2048)] * 16  # (K, N) per layer
-    weights = sum(k * n for k, n in shapes)
-    totals = {"project": 0.0, **{f: 0.0 for f in FORMATS}}
-    generator = torch.Generator().manual_seed(0)
-    for k, n in tqdm(shapes, desc="project + pack", unit="matrix"):
-        w = torch.randn(n, k, generator=generator)
-        start = time.perf_counter()
-        ternary = sherry_ternarize(w, GROUP_SIZE)
-        totals["project"] += time.perf_counter() - start
-        for fmt in FORMATS:
-            start = time.perf_counter()
-            pack(fmt, ternary, GROUP_SIZE)
-            totals[fmt] += time.perf_counter() - start
-    rows = [[step, round(seconds, 2), round(weights / seconds / 1e6, 1)] for step, seconds in totals.items()]
-    print(
-        f"\n{weights / 1e9:.2f}e9 weights (LLaMA-3.2-1B's linears), group size {GROUP_SIZE}, {os.cpu_count()} cores\n"
-    )
-    print(markdown_table(["step", "seconds", "M weights/s"], rows))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser(
-        "bench",
-        description="Benchmarks print ratios measured side by side in one run.",
-    )
-    sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    kernels = sub.add_parser(
-        "kernels",
-        help="time SherryMatMul/I2SMatMul/TL2MatMul against MatMulNBits and fp32 MatMul",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: sherry bench kernels --threads 1 2 -o results/bench",
-    )
-    kernels.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes as KxN (default: LLaMA-3.2-1B's four)")
-    kernels.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op threads (default: 1 2)")
-    kernels.add_argument(
-        "--paths",
-        nargs="+",
-        default=["avx512", "avx2"],
-        choices=["scalar", "avx2", "avx512", "tvm"],
-        help="kernel paths of our ops to time (default: avx512 avx2; tvm: the linked tuned kernels, where tuned)",
-    )
-    kernels.add_argument(
-        "--cold-bytes",
-        type=float,
-        default=COLD_BYTES,
-        help="weight bytes cycled through in cold mode, per candidate (default: 3e8, about 10x this "
-        f"machine's 32 MB L3; at most {MAX_COLD_NODES} nodes)",
-    )
-    kernels.add_argument(
-        "--hot-runs",
-        type=int,
-        default=100,
-        help="calls timed in hot mode at batch 1 (default: 100; at batch 128, a tenth)",
-    )
-    kernels.add_argument("--cold-runs", type=int, default=2, help="passes over all nodes in cold mode (default: 2)")
-    kernels.add_argument("-o", "--output", type=Path, default=Path("results/bench"), help="where JSON/Markdown go")
-    kernels.set_defaults(func=cmd_kernels)
-    export = sub.add_parser(
-        "export",
-        help="export a public shape with random weights: time, memory, file size",
-        epilog="example: sherry bench export --shape llama-3.2-1b --format sherry -o /tmp/l1b",
-    )
-    export.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "llama-3.2-3b", "bitnet-0.7b"])
-    export.add_argument("--format", default="sherry", choices=EXPORT_FORMATS)
-    export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    export.set_defaults(func=cmd_export)
-    pack_bench = sub.add_parser("pack", help="time the Sherry projection and each packer on 1e9 weights (LLaMA-3.2-1B)")
-    pack_bench.set_defaults(func=cmd_pack)

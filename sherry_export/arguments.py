@@ -1,0 +1,53 @@
+"""argparse pieces every command shares: value types with messages that name the problem, and
+commands whose implementation loads only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given")
+    return ids
+
+
+def group_size_arg(text: str) -> int | None:
+    """``--group-size`` accepts a positive multiple of 4, or ``channel`` for one scale per row."""
+    if text == "channel":
+        return None
+    value = positive_int(text)
+    if value % 4:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4 (a Sherry block) or 'channel', got {text}")
+    return value
+
+
+class GroupSizeAction(argparse.Action):
+    """Stores the group size and remembers that the user gave one (to detect a clash with the checkpoint)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.group_size_given = True
+
+
+def lazy_command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command handler that imports ``module`` only when the command runs, so building the parser
+    (and ``--help``) never loads PyTorch or onnxruntime."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
