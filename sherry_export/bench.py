@@ -357,6 +357,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sherry_export.cli import thread_count
+
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks: kernels side by side, and large exports",
@@ -371,7 +373,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: sherry bench kernels --threads 1 2 -o results/bench",
     )
     kernels.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes as KxN (default: LLaMA-3.2-1B's four)")
-    kernels.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op threads (default: 1 2)")
+    kernels.add_argument(
+        "--threads", nargs="+", type=thread_count, default=[1, 2], help="intra-op threads (default: 1 2)"
+    )
     kernels.add_argument(
         "--paths",
         nargs="+",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from sherry_export.models import (
     load_tokenizer,
     resolve_source,
 )
+from sherry_export.verify import read_manifest
 
 MODELS_DIR = "models"
 DEMO_LIMIT = 25
@@ -109,7 +109,7 @@ def export_all(
         folder = config.output / MODELS_DIR / fmt
         manifest = folder / MANIFEST_FILE
         if config.reuse_exports and manifest.is_file():
-            recorded = json.loads(manifest.read_text())
+            recorded = read_manifest(folder)
             if recorded["source"] == label and recorded["options"] == asdict(options):
                 folders[fmt] = folder
                 provenance = provenance or recorded["provenance"]
@@ -289,7 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry compare`` to the command line."""
-    from sherry_export.cli import GroupSizeAction, group_size_arg, positive_int
+    from sherry_export.cli import GroupSizeAction, group_size_arg, positive_int, thread_count
 
     parser = subparsers.add_parser(
         "compare",
@@ -306,7 +306,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--formats", nargs="+", default=list(EXPORT_FORMATS), choices=EXPORT_FORMATS, help="formats (default: all six)"
     )
-    parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], help="thread counts (default: 1 2)")
+    parser.add_argument("--threads", nargs="+", type=thread_count, default=[1, 2], help="thread counts (default: 1 2)")
     parser.add_argument("--lm-head", default="fp32", choices=LM_HEADS, help="LM head of every format (default: fp32)")
     parser.add_argument(
         "--group-size",
@@ -374,5 +374,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "-o", "--output", type=Path, default=Path("results/demo"), help="results folder (default: results/demo)"
     )
-    demo.add_argument("--threads", nargs="+", type=positive_int, default=[1], help="thread counts (default: 1)")
+    demo.add_argument("--threads", nargs="+", type=thread_count, default=[1], help="thread counts (default: 1)")
     demo.set_defaults(func=cmd_demo)
