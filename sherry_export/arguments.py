@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable
+from typing import TypeVar
+
+from sherry_export import errors
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -13,6 +18,23 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def checked(parse: Callable[[str], T], check: Callable[[T], T]) -> Callable[[str], T]:
+    """An argparse ``type``: ``parse`` the text, then ``check`` the value (a shared check of
+    :mod:`sherry_export.errors`), so a flag is refused with the same words the library uses."""
+
+    def convert(text: str) -> T:
+        try:
+            return check(parse(text))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+thread_count = checked(int, errors.check_threads)
+"""``--threads``: positive, and at most a few per CPU (100,000 threads took minutes and gigabytes to start)."""
 
 
 def token_ids(text: str) -> list[int]:

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int, token_ids
+from sherry_export import errors
+from sherry_export.arguments import GroupSizeAction, checked, group_size_arg, positive_int, thread_count, token_ids
 
 DESCRIPTION = """\
 sherry-export: ternary LLMs (Sherry 1.25-bit, TL2 1.67-bit, I2_S 2-bit) from PyTorch to fast CPU
@@ -31,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sizes": (__name__, "project a model to Sherry, pack it in every format, print sizes and errors"),
     "export": (__name__, "export a causal LM to an ONNX decoder with a KV cache"),
     "generate": (__name__, "generate text with an exported model in onnxruntime"),
+    "verify": (
+        "sherry_export.verify",
+        "check an export folder: weight checksums, manifest, onnx.checker, an onnxruntime session",
+    ),
     "bench": ("sherry_export.bench", "benchmarks: kernels side by side, and large exports"),
     "compare": ("sherry_export.compare.cli", "size, speed and accuracy of one model in every format, side by side"),
     "demo": (
@@ -90,6 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sherry_export.export import ExportOptions, export_llm
     from sherry_export.report import markdown_table
 
+    errors.output_folder(args.output, create=False)  # refuse a bad -o before loading the model
     options = ExportOptions(
         format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
     )
@@ -101,20 +107,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from sherry_export.generate import OnnxCausalLM
+    from sherry_export.models import ModelSource, load_tokenizer
 
     model_path = args.model_dir / "model.onnx"
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found; make one with `sherry export SOURCE -o {args.model_dir}`")
-    has_tokenizer = (args.model_dir / "tokenizer_config.json").is_file()
-    if args.prompt_ids is None and not has_tokenizer:
-        raise ValueError(f"{args.model_dir} has no tokenizer (a random-weight shape export); pass --prompt-ids")
     if args.prompt_ids is None and args.prompt is None:
         raise ValueError("give --prompt TEXT (or --prompt-ids 1,2,3)")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir) if has_tokenizer else None
-    lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel)
+    tokenizer = load_tokenizer(ModelSource(args.model_dir))  # also for the output of --prompt-ids
+    if args.prompt_ids is None and tokenizer is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer (a random-weight shape export); pass --prompt-ids")
+    lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel, verify=not args.no_verify)
     if args.prompt_ids is not None:
         ids = args.prompt_ids
     elif args.chat and tokenizer.chat_template:
@@ -124,6 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(text, add_special_tokens=False).input_ids
     else:
         ids = tokenizer(args.prompt).input_ids
+    if not ids:
+        raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")
     if max(ids) >= lm.vocab_size or min(ids) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {lm.vocab_size})")
     lm.check_length(len(ids) + args.max_new_tokens - 1)
@@ -264,11 +270,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the prompt as token ids, e.g. 1,450,3681 (for exports without a tokenizer, like random-weight shapes)",
     )
     generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling")
-    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    generate.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads (default: 2)")
+    sampling = {
+        "--temperature": (float, errors.check_temperature, 0.0, "0: greedy (default), else sampling"),
+        "--top-k": (int, errors.check_top_k, 0, "sample among the k most likely tokens (default: 0, all)"),
+        "--top-p": (float, errors.check_top_p, 1.0, "nucleus sampling mass in (0, 1] (default: 1.0)"),
+    }
+    for flag, (parse, check, default, text) in sampling.items():
+        generate.add_argument(flag, type=checked(parse, check), default=default, help=text)
+    generate.add_argument("--seed", type=checked(int, errors.check_seed), default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--threads", type=thread_count, default=2, help="onnxruntime intra-op threads (default: 2)")
     generate.add_argument(
         "--kernel",
         choices=KERNEL_PATHS,
@@ -276,17 +286,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="force a kernel path of the ai.sherry ops (default: the best the CPU has)",
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the weight files against the checksums recorded at export (sherry_export.json)",
+    )
     generate.set_defaults(func=cmd_generate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input (files, flags, environment) is one line on stderr and exit status 2.
+
+    Loaders of user input raise :class:`sherry_export.errors.InputError` (a ValueError) naming the file
+    or setting; OSError covers what the standard library says about paths. Anything else is a bug and
+    keeps its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser([command] if command else []).parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"sherry {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # InputError is a ValueError
+        print(f"sherry {args.command}: error: {errors.one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from sherry_export.errors import check_seed, check_temperature, check_top_k, check_top_p
 from sherry_export.runtime import KernelPath, make_session
+from sherry_export.verify import verify_model_files
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]
 MAX_POSITIONS_KEY = "sherry.max_positions"
@@ -50,8 +52,16 @@ class OnnxCausalLM:
         threads: int = 1,
         kernel: KernelPath | None = None,
         profile_prefix: str | os.PathLike[str] | None = None,
+        verify: bool = True,
     ) -> None:
-        """``profile_prefix`` turns on onnxruntime's profiler (see :func:`sherry_export.runtime.make_session`)."""
+        """``profile_prefix`` turns on onnxruntime's profiler (see :func:`sherry_export.runtime.make_session`).
+
+        ``verify`` first checks the weight files against the checksums ``sherry export`` recorded in the
+        folder's ``sherry_export.json`` (:mod:`sherry_export.verify`): damaged weights otherwise run and
+        generate garbage. Folders without recorded checksums load unchecked.
+        """
+        if verify:
+            verify_model_files(model_path)
         self.session: ort.InferenceSession = make_session(
             os.fspath(model_path), threads=threads, kernel=kernel, profile_prefix=profile_prefix
         )
@@ -112,6 +122,7 @@ class OnnxCausalLM:
             raise ValueError("the prompt is empty")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p, seed)
         self.check_length(len(prompt_ids) + max_new_tokens - 1)  # the last token needs no forward pass
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
@@ -130,6 +141,21 @@ class OnnxCausalLM:
             logits, cache = self.forward(np.array([[token]]), cache)
             steps.append(time.perf_counter() - step_start)
         return GenerationResult(tokens, len(prompt_ids), prefill, sum(steps), steps)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
+    """Refuse sampling settings that would fail late (NaN probabilities, a negative seed) or silently mean
+    something else (a negative temperature or top-k, a top-p outside (0, 1])."""
+    for name, check, value in (
+        ("temperature", check_temperature, temperature),
+        ("top_k", check_top_k, top_k),
+        ("top_p", check_top_p, top_p),
+        ("seed", check_seed, seed),
+    ):
+        try:
+            check(value)
+        except ValueError as error:
+            raise ValueError(f"{name} {error}") from None
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from sherry_export.errors import InputError, load_json, one_line
 from sherry_export.resources import shipped_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,7 +141,20 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> tu
     if src.gguf_file is None and is_packed_model(src.folder):
         model = load_packed_model(src.folder).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
+        where = src.folder / src.gguf_file if src.gguf_file else src.folder
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=dtype)
+        except (OSError, SafetensorError, StrictDataclassError) as error:
+            # transformers' words for a missing or truncated weights file and a config that contradicts itself
+            raise InputError(
+                f"cannot load the model in {where}: {one_line(error)}; give a complete Hugging Face "
+                "folder (config.json and its weights, e.g. model.safetensors) or a .gguf file"
+            ) from error
+        except RuntimeError as error:  # transformers' word for weights whose shapes contradict config.json
+            raise InputError(
+                f"the weights in {where} do not match its config.json (shapes above; {one_line(error)}); "
+                "restore the config or the weights from the model's source"
+            ) from error
     architecture = type(model).__name__
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{architecture} is not supported yet; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -165,15 +181,32 @@ def random_llama(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""The JSON files transformers reads to build a tokenizer from a folder."""
 
 
 def load_tokenizer(source: ModelSource):
     """The tokenizer that belongs to ``source``, or None when it has none (random-weight shapes, bare
-    weight folders): such exports run from token ids."""
-    has_files = any((source.folder / name).is_file() for name in TOKENIZER_FILES)
-    if source.gguf_file is None and not has_files:
+    weight folders): such exports run from token ids.
+
+    An incomplete or damaged tokenizer is an :class:`InputError` that names the file: transformers'
+    own words for a missing ``tokenizer.json`` are about converting slow tokenizers, and for a
+    truncated one a JSON line and column without the file.
+    """
+    folder = source.folder
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if source.gguf_file is None and not present:
         return None
-    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    fix = "copy the tokenizer files from the source model, or export again with `sherry export`"
+    if source.gguf_file is None and present == ["tokenizer_config.json"]:
+        raise InputError(f"{folder} has tokenizer_config.json but no tokenizer.json (or tokenizer.model); {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as error:
+        for name in TOKENIZER_JSON_FILES:  # name the damaged file where one is
+            if (folder / name).is_file():
+                load_json(folder / name, fix)
+        raise InputError(f"cannot load the tokenizer in {folder}: {one_line(error)}; {fix}") from error
 
 
 TINY_CONFIG = dict(

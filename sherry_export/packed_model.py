@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from sherry_export.errors import InputError, load_json, one_line
 from sherry_export.formats import PackedWeight, get_format, pack, unpack
 from sherry_export.models import quantizable_linears
 from sherry_export.quant import Ternary, dequantize_ternary
@@ -93,40 +96,73 @@ def save_packed_model(
 
 
 def is_packed_model(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder``'s config.json has the packed record (its weights file may still be missing)."""
     config = Path(folder) / "config.json"
-    return (Path(folder) / WEIGHTS_FILE).is_file() and config.is_file() and PACKED_KEY in json.loads(config.read_text())
+    return config.is_file() and PACKED_KEY in read_config(Path(folder))
+
+
+def read_config(folder: Path) -> dict:
+    config = load_json(folder / "config.json", "restore it from the model's source")
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'} is not a JSON object; restore it from the model's source")
+    return config
 
 
 def load_packed_model(folder: str | os.PathLike[str]) -> PreTrainedModel:
-    """Rebuild a transformers model from a packed folder (float32 compute, frozen ternary projections)."""
+    """Rebuild a transformers model from a packed folder (float32 compute, frozen ternary projections).
+
+    A missing or truncated weights file, or a config that contradicts itself or the weights, is an
+    :class:`InputError` naming the file.
+    """
     folder = Path(folder)
-    record = json.loads((folder / "config.json").read_text())[PACKED_KEY]
-    config = AutoConfig.from_pretrained(folder)
-    tensors = load_file(folder / WEIGHTS_FILE)
+    record = read_config(folder)[PACKED_KEY]
+    if not isinstance(record, dict) or not {"format", "group_sizes"} <= record.keys():
+        raise InputError(f"{folder / 'config.json'} has a damaged {PACKED_KEY} record; restore it")
+    weights = folder / WEIGHTS_FILE
+    damaged = f"{folder} is a packed model folder (config.json, {WEIGHTS_FILE}, tokenizer)"
+    if not weights.is_file():
+        raise InputError(f"{weights} is missing: {damaged}; restore the file from the model's source")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, StrictDataclassError) as error:
+        raise InputError(
+            f"{folder / 'config.json'} is inconsistent: {one_line(error)}; restore it from the model's source"
+        ) from error
+    try:
+        tensors = load_file(weights)
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"cannot read {weights} ({error}): the file is damaged or truncated; restore it") from error
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu")
     modules = dict(model.named_modules())
     for name, group_size in record["group_sizes"].items():
-        if f"{name}.packed" not in tensors:
+        if f"{name}.packed" not in tensors or f"{name}.scales" not in tensors:
             raise ValueError(f"{folder / WEIGHTS_FILE} lacks the packed weights of {name}: the file is damaged")
-        linear = modules[name]
-        packed = PackedWeight(
-            record["format"],
-            tensors.pop(f"{name}.packed"),
-            tensors.pop(f"{name}.scales"),
-            linear.in_features,
-            group_size,
-        )
+        if not isinstance(modules.get(name), nn.Linear):
+            raise InputError(
+                f"{folder / 'config.json'} is inconsistent: its {PACKED_KEY} record packs {name}, which the "
+                "architecture it describes lacks; restore the file from the model's source"
+            )
+        data, scales = tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scales")
+        try:
+            ternary = unpack(PackedWeight(record["format"], data, scales, modules[name].in_features, group_size))
+        except ValueError as error:
+            raise InputError(
+                f"the packed weights of {name} in {weights} do not match {folder / 'config.json'} ({error})"
+            ) from error
         bias = tensors.pop(f"{name}.bias", None)
         parent, _, child = name.rpartition(".")
         setattr(
             modules[parent],
             child,
-            FrozenTernaryLinear(unpack(packed), group_size, None if bias is None else torch.from_numpy(bias)),
+            FrozenTernaryLinear(ternary, group_size, None if bias is None else torch.from_numpy(bias)),
         )
     state = {name: torch.from_numpy(array.astype(np.float32)) for name, array in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # torch's word for tensors whose shapes contradict the config
+        raise InputError(f"{weights} does not match {folder / 'config.json'}: {one_line(error)}") from error
     missing = [
         m
         for m in missing

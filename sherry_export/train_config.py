@@ -152,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry train`` to the command line."""
-    from sherry_export.arguments import positive_int
+    from sherry_export.arguments import positive_int, thread_count
 
     defaults = TrainConfig()
     parser = subparsers.add_parser(
@@ -199,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed = parser.add_argument_group("speed")
     speed.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX/AVX-512 BF16 on CPU)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--threads", type=positive_int, help="intra-op threads (default: torch's)")
+    speed.add_argument("--threads", type=thread_count, help="intra-op threads (default: torch's)")
     io = parser.add_argument_group("data and checkpoints")
     io.add_argument("--data", default=defaults.data, help="'corpora' (run `sherry data` first) or a text file")
     io.add_argument("--cache", type=Path, help="cache folder (default: $SHERRY_CACHE or ~/.cache/sherry-export)")

@@ -42,6 +42,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.formats import PackedWeight
 from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
+from sherry_export.verify import verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
 
@@ -542,11 +543,16 @@ class RelaxCausalLM(OnnxCausalLM):
     (no copy between steps); logits come back as numpy.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], threads: int = 1, measure_knobs: bool = False) -> None:
+    def __init__(
+        self, model_path: str | os.PathLike[str], threads: int = 1, measure_knobs: bool = False, verify: bool = True
+    ) -> None:
         """``measure_knobs``: time every kernel knob candidate per shape (:func:`measured_knobs`) instead of
-        taking the tuning database's or the default."""
+        taking the tuning database's or the default. ``verify``: check the weights' recorded checksums first,
+        as :class:`OnnxCausalLM` does."""
         path = Path(model_path)
         path = path / "model.onnx" if path.is_dir() else path
+        if verify:
+            verify_model_files(path)
         start = time.perf_counter()
         target = host_target(threads)
         model = onnx.load(os.fspath(path))

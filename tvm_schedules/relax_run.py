@@ -76,7 +76,7 @@ def cmd_tvm_run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sherry_export.arguments import positive_int, token_ids
+    from sherry_export.arguments import positive_int, thread_count, token_ids
 
     p = subparsers.add_parser(
         "tvm-run",
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", type=Path, help="a folder written by `sherry export` (sherry, tl2, i2s or fp32)")
     p.add_argument("--prompt-ids", type=token_ids, required=True, help="the prompt as token ids, e.g. 1,450,3681")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
-    p.add_argument("--threads", type=positive_int, default=1, help="threads for both backends (default: 1)")
+    p.add_argument("--threads", type=thread_count, default=1, help="threads for both backends (default: 1)")
     p.add_argument("--rounds", type=positive_int, default=5, help="timed generations per backend (default: 5)")
     p.add_argument("--compare-onnxruntime", action="store_true", help="time onnxruntime on the same export too")
     p.add_argument(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sherry_export.arguments import lazy_command
+from sherry_export.arguments import lazy_command, thread_count
 from sherry_export.formats import EXPORT_FORMATS
 
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: sherry bench kernels --threads 1 2 -o results/bench",
     )
     kernels.add_argument("--shapes", nargs="+", metavar="KxN", help="shapes as KxN (default: LLaMA-3.2-1B's four)")
-    kernels.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op threads (default: 1 2)")
+    kernels.add_argument(
+        "--threads", nargs="+", type=thread_count, default=[1, 2], help="intra-op threads (default: 1 2)"
+    )
     kernels.add_argument(
         "--paths",
         nargs="+",

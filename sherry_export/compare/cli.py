@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry compare`` to the command line."""
-    from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int
+    from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int, thread_count
 
     parser = subparsers.add_parser(
         "compare",
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--formats", nargs="+", default=list(EXPORT_FORMATS), choices=EXPORT_FORMATS, help="formats (default: all six)"
     )
-    parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], help="thread counts (default: 1 2)")
+    parser.add_argument("--threads", nargs="+", type=thread_count, default=[1, 2], help="thread counts (default: 1 2)")
     parser.add_argument("--lm-head", default="fp32", choices=LM_HEADS, help="LM head of every format (default: fp32)")
     parser.add_argument(
         "--group-size",
@@ -163,5 +163,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "-o", "--output", type=Path, default=Path("results/demo"), help="results folder (default: results/demo)"
     )
-    demo.add_argument("--threads", nargs="+", type=positive_int, default=[1], help="thread counts (default: 1)")
+    demo.add_argument("--threads", nargs="+", type=thread_count, default=[1], help="thread counts (default: 1)")
     demo.set_defaults(func=cmd_demo)

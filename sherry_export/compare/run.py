@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from sherry_export.models import (
     load_tokenizer,
     resolve_source,
 )
+from sherry_export.verify import read_manifest
 
 MODELS_DIR = "models"
 
@@ -88,7 +88,7 @@ def export_all(
         folder = config.output / MODELS_DIR / fmt
         manifest = folder / MANIFEST_FILE
         if config.reuse_exports and manifest.is_file():
-            recorded = json.loads(manifest.read_text())
+            recorded = read_manifest(folder)
             if recorded["source"] == label and recorded["options"] == asdict(options):
                 folders[fmt] = folder
                 provenance = provenance or recorded["provenance"]

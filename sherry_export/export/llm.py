@@ -15,6 +15,7 @@ import onnx
 import torch
 from transformers import PreTrainedModel
 
+from sherry_export.errors import output_folder
 from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.formats import FORMATS
@@ -22,9 +23,8 @@ from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_lin
 from sherry_export.qat import requantize_from_config
 from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
+from sherry_export.verify import CHECKSUMS_KEY, MANIFEST_FILE, MODEL_FILE, weight_checksums
 
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "sherry_export.json"
 GROUP_SIZE_KEYS = ("group_size", "w_group_size", "weight_group_size")
 
 
@@ -139,8 +139,7 @@ def export_model(
     progress: bool = False,
 ) -> ExportResult:
     """Export an in-memory model (float or quantization-aware) to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     trained = any(hasattr(m, "ternary") for m in model.modules())
     provenance = "quantization-aware" if trained else "post-training projection"
     if options.format == "fp32" and not trained:
@@ -169,6 +168,7 @@ def export_model(
         "quantized_weights": sum(m.weight.numel() for m in linears.values()),
         "model_bytes": sum(f.stat().st_size for f in files if f.name.startswith(MODEL_FILE)),
     }
+    manifest[CHECKSUMS_KEY] = weight_checksums(files)  # checked on load: damaged weights still run
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     files.append(out / MANIFEST_FILE)
     return ExportResult(out, files, options, provenance)
