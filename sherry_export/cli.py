@@ -81,7 +81,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
     )
-    result = export_llm(args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True)
+    result = export_llm(
+        args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True, qat=args.qat
+    )
     print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
@@ -157,6 +159,32 @@ class GroupSizeAction(argparse.Action):
         namespace.group_size_given = True
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--group-size`` and ``--qat``: what a source checkpoint is, shared by the commands that export one."""
+    from sherry_export.provenance import QAT_METHODS
+
+    parser.add_argument(
+        "--group-size",
+        type=group_size_arg,
+        default=128,
+        action=GroupSizeAction,
+        help="weights per scale group along K, a multiple of 4, or 'channel'. Post-training projection: the "
+        "group to project with (default: 128). Latent weights (--qat): the group they were trained with; when "
+        "neither this flag nor the checkpoint says, 128 for sherry (per tensor for ternary) is assumed, with a "
+        "note on stderr. A group size the checkpoint records (sherry train, packed, quantization_config) wins, "
+        "and a value that contradicts it is an error",
+    )
+    parser.add_argument(
+        "--qat",
+        choices=QAT_METHODS,
+        help="SOURCE holds the latent float weights of a quantization-aware run with this rule (an AngelSlim "
+        "Sherry checkpoint: --qat sherry): every format, fp32 included, carries their ternary projection. "
+        "Checkpoints from `sherry train`, packed ones, and configs with quantization_config.quant_method say "
+        "so themselves",
+    )
+    parser.set_defaults(group_size_given=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sherry", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a causal LM to an ONNX decoder with a KV cache",
         description="Export SOURCE to OUT_DIR: model.onnx with the packed weights in the chosen format, the "
         "tokenizer, genai_config.json (onnxruntime-genai) and sherry_export.json. Linear layers of a "
-        "quantization-aware checkpoint keep their trained ternary weights; plain float layers are "
-        "projected post-training, which costs accuracy (the manifest says which).",
-        epilog="example: sherry export smollm2 -o out/smollm2-sherry --format sherry",
+        "quantization-aware checkpoint keep their trained ternary weights (a folder of latent float weights, "
+        "like AngelSlim's, needs --qat); plain float layers are projected post-training, which costs accuracy "
+        "(the manifest's provenance says which).",
+        epilog="examples:\n  sherry export smollm2 -o out/smollm2-sherry --format sherry\n"
+        "  sherry export angelslim-ckpt --qat sherry --group-size 128 -o out/angelslim-sherry",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("source", help="'smollm2', a .gguf file, or a Hugging Face Llama-family folder")
     export.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
@@ -213,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=EXPORT_FORMATS,
         help="weight format of the attention/MLP projections (default: sherry)",
     )
-    export.add_argument(
-        "--group-size",
-        type=group_size_arg,
-        default=128,
-        action=GroupSizeAction,
-        help="scale group size for post-training projection; a checkpoint's config wins (default: 128)",
-    )
+    add_checkpoint_args(export)
     export.add_argument(
         "--lm-head",
         default="fp32",
@@ -233,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-training rule for float layers: sherry (3:4) or absmean (dense, not for "
         "--format sherry) (default: sherry)",
     )
-    export.set_defaults(func=cmd_export, group_size_given=False)
+    export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser(
         "generate",
