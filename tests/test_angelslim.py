@@ -139,6 +139,20 @@ def test_every_format_is_the_trained_sherry_model(checkpoints, references, tmp_p
     assert lm.generate(PROMPT, 32).tokens == tokens
 
 
+def test_onnxruntime_genai_generates_the_reference_tokens(checkpoints, references, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    result = export_llm(checkpoints[128], tmp_path, ExportOptions(format="sherry", group_size=128), True, qat="sherry")
+    params = og.GeneratorParams(model := og.Model(str(result.out_dir)))
+    params.set_search_options(max_length=len(PROMPT) + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == references[128][1]
+
+
 def sherry_logit_error(folder, out, argv: list[str], reference: LlamaForCausalLM) -> float:
     assert main(["export", str(folder), "-o", str(out), "--format", "sherry", "--qat", "sherry", *argv]) == 0
     ids = eval_ids()
