@@ -65,6 +65,32 @@ class GroupSizeAction(argparse.Action):
         namespace.group_size_given = True
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--group-size`` and ``--qat``: what a source checkpoint is, shared by the commands that export one."""
+    from sherry_export.ternary import QAT_METHODS
+
+    parser.add_argument(
+        "--group-size",
+        type=group_size_arg,
+        default=128,
+        action=GroupSizeAction,
+        help="weights per scale group along K, a multiple of 4, or 'channel'. Post-training projection: the "
+        "group to project with (default: 128). Latent weights (--qat): the group they were trained with; when "
+        "neither this flag nor the checkpoint says, 128 for sherry (per tensor for ternary) is assumed, with a "
+        "note on stderr. A group size the checkpoint records (sherry train, packed, quantization_config) wins, "
+        "and a value that contradicts it is an error",
+    )
+    parser.add_argument(
+        "--qat",
+        choices=QAT_METHODS,
+        help="SOURCE holds the latent float weights of a quantization-aware run with this rule (an AngelSlim "
+        "Sherry checkpoint: --qat sherry): every format, fp32 included, carries their ternary projection. "
+        "Checkpoints from `sherry train`, packed ones, and configs with quantization_config.quant_method say "
+        "so themselves",
+    )
+    parser.set_defaults(group_size_given=False)
+
+
 def lazy_command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     """A command handler that imports ``module`` only when the command runs, so building the parser
     (and ``--help``) never loads PyTorch or onnxruntime."""

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sherry_export import errors
-from sherry_export.arguments import GroupSizeAction, checked, group_size_arg, positive_int, thread_count, token_ids
+from sherry_export.arguments import add_checkpoint_args, checked, group_size_arg, positive_int, thread_count, token_ids
 
 DESCRIPTION = """\
 sherry-export: ternary LLMs (Sherry 1.25-bit, TL2 1.67-bit, I2_S 2-bit) from PyTorch to fast CPU
@@ -99,7 +99,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
     )
-    result = export_llm(args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True)
+    result = export_llm(
+        args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True, qat=args.qat
+    )
     print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
@@ -222,11 +224,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         description="Export SOURCE to OUT_DIR: model.onnx with the packed weights in the chosen format, the "
         "tokenizer, genai_config.json (onnxruntime-genai) and sherry_export.json. Linear layers of a "
-        "quantization-aware checkpoint keep their trained ternary weights; plain float layers are "
-        "projected post-training, which costs accuracy (the manifest says which).",
-        epilog="example: sherry export smollm2 -o out/smollm2-sherry --format sherry",
+        "quantization-aware checkpoint keep their trained ternary weights (a folder of latent float weights, "
+        "like AngelSlim's, needs --qat); plain float layers are projected post-training, which destroys a "
+        "pretrained LLM (the manifest's provenance says which).",
+        epilog="examples:\n  sherry export sherry-arenas-scratch-10m -o out/ship\n"
+        "  sherry export angelslim-ckpt --qat sherry --group-size 128 -o out/angelslim-sherry\n"
+        "  sherry export smollm2 -o out/smollm2-sherry --format sherry   (post-training: sizes and speed only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("source", help="'smollm2', a .gguf file, or a Hugging Face Llama-family folder")
+    export.add_argument(
+        "source",
+        help="a shipped model (sherry-arenas-scratch-10m, ...), 'smollm2', a .gguf file, or a Hugging Face "
+        "Llama-family folder",
+    )
     export.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     export.add_argument(
         "--format",
@@ -234,13 +244,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=EXPORT_FORMATS,
         help="weight format of the attention/MLP projections (default: sherry)",
     )
-    export.add_argument(
-        "--group-size",
-        type=group_size_arg,
-        default=128,
-        action=GroupSizeAction,
-        help="scale group size for post-training projection; a checkpoint's config wins (default: 128)",
-    )
+    add_checkpoint_args(export)
     export.add_argument(
         "--lm-head",
         default="fp32",
@@ -254,7 +258,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="post-training rule for float layers: sherry (3:4) or absmean (dense, not for "
         "--format sherry) (default: sherry)",
     )
-    export.set_defaults(func=cmd_export, group_size_given=False)
+    export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser(
         "generate",

@@ -30,6 +30,7 @@ from torch import nn
 from sherry_export.errors import check_group_size
 from sherry_export.models import quantizable_linears
 from sherry_export.quant import SHERRY_BLOCK, Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.ternary import QAT_METHODS
 
 CONFIG_KEY = "sherry_qat"
 """Attribute of ``model.config`` (so also a key of a saved ``config.json``) recording the QAT recipe."""
@@ -211,7 +212,9 @@ class TernaryConfig:
 
 
 QATConfig = SherryConfig | TernaryConfig
-CONFIGS: dict[str, type[SherryConfig] | type[TernaryConfig]] = {"sherry": SherryConfig, "ternary": TernaryConfig}
+CONFIGS: dict[str, type[SherryConfig] | type[TernaryConfig]] = dict(
+    zip(QAT_METHODS, (SherryConfig, TernaryConfig), strict=True)
+)
 
 
 def _check_layer(name: str, linear: nn.Linear, config: QATConfig) -> None:

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 SHERRY_BLOCK = 4
 """Weights per Sherry block: 4 consecutive weights of one row along K, exactly one of them zero."""
 
+QAT_METHODS = ("sherry", "ternary")
+"""Quantization-aware training rules (``sherry_export.qat.CONFIGS``): Sherry's 3:4 and dense ternary."""
+
 PROJECTION_NAMES = ("sherry", "absmean")
 """The post-training projections of float weights (``sherry_export.quant``): Sherry's 3:4 rule and
 BitNet's dense absmean rule."""

@@ -12,9 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from sherry_export.export import ExportOptions, build_decoder, graph
 from sherry_export.export.llama import model_ternaries
-from sherry_export.export.llm import export_model, resolve_group_size
+from sherry_export.export.llm import export_model
 from sherry_export.generate import OnnxCausalLM
 from sherry_export.models import TINY_CONFIG, tiny_llama
+from sherry_export.provenance import resolve_group_size
 from sherry_export.reference import kernel_reference_model
 
 TERNARY_FORMATS = ["sherry", "tl2", "i2s", "nbits2", "nbits4"]
@@ -133,6 +134,7 @@ def test_output_folder(tiny, tmp_path):
     assert config["model"]["decoder"]["num_key_value_heads"] == 2
     manifest = json.loads((result.out_dir / "sherry_export.json").read_text())
     assert manifest["provenance"] == "post-training projection"
+    assert (manifest["group_size"], manifest["group_size_origin"]) == (32, "export options")
 
 
 def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
@@ -162,7 +164,8 @@ def test_qat_checkpoint_exports_its_trained_ternary(tmp_path):
     with pytest.raises(ValueError, match="contradicts the checkpoint"):
         export_llm(tmp_path / "qat", tmp_path / "bad", ExportOptions(group_size=64), group_size_explicit=True)
     result = export_llm(tmp_path / "qat", tmp_path / "onnx", ExportOptions(format="sherry"))
-    assert result.provenance == "quantization-aware"
+    assert result.provenance == "quantization-aware (sherry train checkpoint)"
+    assert result.options.group_size == 32  # the trained group size, not ExportOptions' default of 128
     reference = kernel_reference_model(model, {n: (t, 32) for n, t in ternary_layers(model).items()})
     ids = np.random.default_rng(5).integers(0, 256, (1, 24))
     logits, _ = OnnxCausalLM(result.model_path).forward(ids)
@@ -266,7 +269,7 @@ def test_shipped_sherry_model_matches_kernel_reference(tmp_path):
     folder = "models/sherry-arenas-scratch-10m"
     model, _ = load_causal_lm(folder)
     result = export_llm(folder, tmp_path / "ship", ExportOptions(format="sherry"))
-    assert result.provenance == "quantization-aware"
+    assert result.provenance == "quantization-aware (packed checkpoint)"
     ids = np.array([load_tokenizer(resolve_source(folder))(HELD_OUT * 2).input_ids[:200]])
     logits, _ = OnnxCausalLM(result.model_path).forward(ids)
     reference = kernel_reference_model(

@@ -37,9 +37,31 @@ def test_packed_model_exports_as_trained(tmp_path):
     quantize_(model, SherryConfig(group_size=32))
     save_packed_model(model.eval(), tmp_path / "m", "sherry")
     result = export_llm(tmp_path / "m", tmp_path / "onnx", ExportOptions(format="tl2"))
-    assert result.provenance == "quantization-aware"
+    assert result.provenance == "quantization-aware (packed checkpoint)"
     lm = OnnxCausalLM(result.model_path)
     assert len(lm.generate([1, 2, 3], 8).tokens) == 8
+
+
+def test_packed_group_size_wins_and_a_clash_is_an_error(tmp_path, capsys):
+    """The packed weights' group size is what the export holds and records; a contradicting
+    ``--group-size`` stops the export (exit 2) instead of writing a manifest that disagrees with them."""
+    import json
+
+    from sherry_export.cli import main
+
+    model = tiny_llama(seed=7)
+    quantize_(model, SherryConfig(group_size=32))
+    save_packed_model(model.eval(), tmp_path / "m", "sherry")
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "m"), "-o", str(out), "--group-size", "64"]) == 2
+    assert "--group-size 64 contradicts the checkpoint, whose weights hold group size 32" in capsys.readouterr().err
+    assert not (out / "sherry_export.json").exists()
+    for argv in ([], ["--group-size", "32"]):
+        assert main(["export", str(tmp_path / "m"), "-o", str(out), "--format", "nbits2", *argv]) == 0
+        manifest = json.loads((out / "sherry_export.json").read_text())
+        assert (manifest["group_size"], manifest["options"]["group_size"]) == (32, 32)
+        assert manifest["group_size_origin"] == "checkpoint"
+        assert manifest["provenance"] == "quantization-aware (packed checkpoint)"
 
 
 def test_damaged_packed_model_is_a_clear_error(tmp_path):

@@ -24,6 +24,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lm_head=args.lm_head,
         group_size=args.group_size,
         group_size_explicit=args.group_size_given,
+        qat=args.qat,
         projection=args.projection,
         run_speed=not args.accuracy_only,
         run_accuracy=not args.speed_only,
@@ -80,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry compare`` to the command line."""
-    from sherry_export.arguments import GroupSizeAction, group_size_arg, positive_int, thread_count
+    from sherry_export.arguments import add_checkpoint_args, positive_int, thread_count
 
     parser = subparsers.add_parser(
         "compare",
@@ -98,13 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--threads", nargs="+", type=thread_count, default=[1, 2], help="thread counts (default: 1 2)")
     parser.add_argument("--lm-head", default="fp32", choices=LM_HEADS, help="LM head of every format (default: fp32)")
-    parser.add_argument(
-        "--group-size",
-        type=group_size_arg,
-        default=128,
-        action=GroupSizeAction,
-        help="scale group for post-training projection; a checkpoint's config wins (default: 128)",
-    )
+    add_checkpoint_args(parser)
     parser.add_argument(
         "--projection", default="sherry", choices=PROJECTION_NAMES, help="post-training projection (default: sherry)"
     )
@@ -151,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="other checkpoints (dense-ternary, full precision) to score in PyTorch next to MODEL",
     )
-    parser.set_defaults(func=cmd_compare, group_size_given=False)
+    parser.set_defaults(func=cmd_compare)
 
     demo = subparsers.add_parser(
         "demo",

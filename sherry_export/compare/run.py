@@ -18,7 +18,7 @@ from sherry_export.compare.scoring import TorchCausalLM
 from sherry_export.compare.settings import DEMO_LIMIT, DEMO_PPL_TOKENS, AccuracySettings, SpeedSettings
 from sherry_export.compare.speed import measure_speed
 from sherry_export.export.llama import ExportOptions
-from sherry_export.export.llm import MANIFEST_FILE, export_model, resolve_group_size
+from sherry_export.export.llm import MANIFEST_FILE, export_model
 from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
 from sherry_export.models import (
     DEFAULT_FP_MODEL,
@@ -28,6 +28,13 @@ from sherry_export.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_source,
+)
+from sherry_export.provenance import (
+    QAT_METHODS,
+    PreparedSource,
+    is_quantization_aware,
+    manifest_group_size,
+    prepare_checkpoint,
 )
 from sherry_export.verify import read_manifest
 
@@ -45,6 +52,8 @@ class CompareConfig:
     lm_head: str = "fp32"
     group_size: int | None = 128
     group_size_explicit: bool = False
+    qat: str | None = None
+    """The QAT method whose latent weights MODEL holds (``--qat``), for checkpoints that do not say so."""
     projection: str = "sherry"
     run_speed: bool = True
     run_accuracy: bool = True
@@ -66,6 +75,8 @@ class CompareConfig:
             raise ValueError(f"threads must be distinct positive counts, got {list(self.threads)}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+        if self.qat is not None and self.qat not in QAT_METHODS:
+            raise ValueError(f"unknown QAT method {self.qat!r}; choose one of {', '.join(QAT_METHODS)}")
         if not (self.run_speed or self.run_accuracy):
             raise ValueError("--speed-only and --accuracy-only exclude each other")
         resolve_source(self.model)  # a missing model is an error now, not after minutes of work
@@ -78,13 +89,15 @@ class CompareConfig:
 
 
 def export_all(
-    model, tokenizer, label: str, config: CompareConfig, group_size: int | None
+    model, tokenizer, label: str, config: CompareConfig, source: PreparedSource
 ) -> tuple[dict[str, Path], str]:
     """Export ``model`` in every format (or reuse matching exports); returns their folders and the provenance."""
     folders: dict[str, Path] = {}
     provenance = ""
     for fmt in tqdm(config.formats, desc="export", unit="format"):
-        options = ExportOptions(format=fmt, group_size=group_size, lm_head=config.lm_head, projection=config.projection)
+        options = ExportOptions(
+            format=fmt, group_size=source.options_group_size, lm_head=config.lm_head, projection=config.projection
+        )
         folder = config.output / MODELS_DIR / fmt
         manifest = folder / MANIFEST_FILE
         if config.reuse_exports and manifest.is_file():
@@ -93,7 +106,9 @@ def export_all(
                 folders[fmt] = folder
                 provenance = provenance or recorded["provenance"]
                 continue
-        result = export_model(model, folder, options, tokenizer=tokenizer, source_label=label, progress=True)
+        result = export_model(
+            model, folder, options, tokenizer=tokenizer, source_label=label, progress=True, source=source
+        )
         folders[fmt] = folder
         provenance = provenance or result.provenance
     return folders, provenance
@@ -136,7 +151,7 @@ def evaluations(
         yield evaluate(OnnxCausalLM(folder / "model.onnx", threads=threads), tokenizer, data, fmt, "onnxruntime")
     torch.set_num_threads(threads)
     if config.torch_baseline:
-        label = "PyTorch float" if provenance != "quantization-aware" else "PyTorch (QAT model)"
+        label = "PyTorch (QAT model)" if is_quantization_aware(provenance) else "PyTorch float"
         yield evaluate(TorchCausalLM(model), tokenizer, data, label, "pytorch")
     for path in config.compare_with:
         other, _ = load_qat_model(path)
@@ -161,24 +176,22 @@ def run_compare(config: CompareConfig) -> CompareResults:
     """Export, score and measure. The report is rewritten after every stage and every accuracy row,
     so a run of hours that stops early keeps what it measured."""
     from sherry_export.profiling import machine_description
-    from sherry_export.qat import requantize_from_config
 
     shape = config.model.startswith(SHAPE_PREFIX)
     # random shape weights only feed speed runs: bf16 halves the memory a 3B export needs
     model, src = load_causal_lm(config.model, dtype=torch.bfloat16 if shape else torch.float32)
-    requantize_from_config(model)
+    source = prepare_checkpoint(model, config.qat, config.group_size, config.group_size_explicit, label=src.label)
     model.eval()
-    group_size = resolve_group_size(model, config.group_size, config.group_size_explicit)
     tokenizer = load_tokenizer(src)
     if config.run_accuracy:
         if tokenizer is None:
             raise ValueError(f"{config.model} has no tokenizer; pass --speed-only")
         check_tokenizers(config, tokenizer)
         check_accuracy_inputs(config.accuracy)
-    folders, provenance = export_all(model, tokenizer, src.label, config, group_size)
+    folders, provenance = export_all(model, tokenizer, src.label, config, source)
     settings = {
         "lm_head": config.lm_head,
-        "group_size": group_size,
+        "group_size": manifest_group_size(source.group_size),
         "threads": list(config.threads),
         "projection": config.projection,
         "speed": asdict(config.speed) if config.run_speed else None,

@@ -20,12 +20,19 @@ from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.formats import FORMATS
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
-from sherry_export.qat import requantize_from_config
+from sherry_export.provenance import (
+    ORIGIN_CHECKPOINT,
+    ORIGIN_OPTIONS,
+    PreparedSource,
+    Provenance,
+    checkpoint_provenance,
+    held_group_size,
+    manifest_group_size,
+    prepare_checkpoint,
+)
 from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
 from sherry_export.verify import CHECKSUMS_KEY, MANIFEST_FILE, MODEL_FILE, weight_checksums
-
-GROUP_SIZE_KEYS = ("group_size", "w_group_size", "weight_group_size")
 
 
 @dataclass
@@ -34,7 +41,8 @@ class ExportResult:
     files: list[Path]
     options: ExportOptions
     provenance: str
-    """"quantization-aware" or "post-training projection": whether the ternary weights were trained."""
+    """Where the weights come from (``sherry_export.provenance``): a label starting with "quantization-aware"
+    for trained ternary weights, else "post-training projection" or "float weights"."""
 
     @property
     def model_path(self) -> Path:
@@ -43,35 +51,6 @@ class ExportResult:
     @property
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files if f.name.startswith(MODEL_FILE))
-
-
-def config_group_size(config: object) -> int | None:
-    """A Sherry group size recorded in a checkpoint's config (AngelSlim-style keys), if any."""
-    for holder in (getattr(config, "sherry_qat", None), getattr(config, "quantization_config", None), config):
-        if isinstance(holder, dict):
-            found = next((holder[k] for k in GROUP_SIZE_KEYS if k in holder), None)
-        else:
-            found = next((getattr(holder, k) for k in GROUP_SIZE_KEYS if getattr(holder, k, None) is not None), None)
-        if found is not None:
-            return int(found)
-    return None
-
-
-def resolve_group_size(model: PreTrainedModel, requested: int | None, explicit: bool) -> int | None:
-    """The group size to project with: the config's, unless the command line says otherwise.
-
-    A command-line value that contradicts the checkpoint's config is an error, not a silent choice:
-    projecting a Sherry checkpoint with another group size than it was trained with loses accuracy.
-    """
-    recorded = config_group_size(model.config)
-    if recorded is None:
-        return requested
-    if explicit and requested != recorded:
-        raise ValueError(
-            f"--group-size {requested} contradicts the checkpoint's config (group size {recorded}); "
-            f"drop --group-size or pass --group-size {recorded}"
-        )
-    return recorded
 
 
 def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int, custom_ops: bool) -> dict:
@@ -137,13 +116,23 @@ def export_model(
     tokenizer: object | None = None,
     source_label: str = "",
     progress: bool = False,
+    source: PreparedSource | None = None,
 ) -> ExportResult:
-    """Export an in-memory model (float or quantization-aware) to ``out_dir``."""
+    """Export an in-memory model (float or quantization-aware) to ``out_dir``.
+
+    ``source``: what :func:`~sherry_export.provenance.prepare_checkpoint` made of a loaded checkpoint;
+    without it, the model's own projections say what it is.
+    """
     out = output_folder(out_dir)
-    trained = any(hasattr(m, "ternary") for m in model.modules())
-    provenance = "quantization-aware" if trained else "post-training projection"
-    if options.format == "fp32" and not trained:
-        provenance = "float weights"
+    if source is None:
+        trained = any(hasattr(m, "ternary") for m in model.modules())
+        provenance = checkpoint_provenance(model) if trained else Provenance("float")
+        group_size = held_group_size(model) if trained else options.group_size
+        source = PreparedSource(provenance, group_size, ORIGIN_CHECKPOINT if trained else ORIGIN_OPTIONS)
+    if source.provenance.trained:  # the weights' own group size, not a flag's, goes into the manifest
+        options = replace(options, group_size=source.options_group_size)
+    provenance = source.provenance.label(options.format)
+    carries_groups = source.provenance.trained or options.format != "fp32"
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
         model_proto = builder.model()
@@ -163,6 +152,8 @@ def export_model(
     manifest = {
         "source": source_label,
         "provenance": provenance,
+        "group_size": manifest_group_size(source.group_size) if carries_groups else None,
+        "group_size_origin": source.group_size_origin if carries_groups else None,
         "options": asdict(options),
         "architecture": type(model).__name__,
         "quantized_weights": sum(m.weight.numel() for m in linears.values()),
@@ -180,11 +171,22 @@ def export_llm(
     options: ExportOptions,
     group_size_explicit: bool = False,
     progress: bool = False,
+    qat: str | None = None,
 ) -> ExportResult:
-    """Load ``source`` ('smollm2', a .gguf file or a Hugging Face folder) and export it."""
+    """Load ``source`` ('smollm2', a .gguf file or a Hugging Face folder) and export it.
+
+    ``qat``: the QAT method (``sherry``/``ternary``) whose latent weights ``source`` holds, for checkpoints
+    that do not say so themselves (AngelSlim's); see :func:`~sherry_export.provenance.prepare_checkpoint`.
+    """
     model, src = load_causal_lm(source)
-    requantize_from_config(model)  # a `sherry train` checkpoint gets its QAT modules (and trained ternary) back
-    options = replace(options, group_size=resolve_group_size(model, options.group_size, group_size_explicit))
+    prepared = prepare_checkpoint(model, qat, options.group_size, group_size_explicit, label=src.label)
+    options = replace(options, group_size=prepared.options_group_size)
     return export_model(
-        model, out_dir, options, tokenizer=load_tokenizer(src), source_label=src.label, progress=progress
+        model,
+        out_dir,
+        options,
+        tokenizer=load_tokenizer(src),
+        source_label=src.label,
+        progress=progress,
+        source=prepared,
     )
