@@ -93,6 +93,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sherry_export.export import ExportOptions, export_llm
+    from sherry_export.provenance import post_training_warning
     from sherry_export.report import markdown_table
 
     errors.output_folder(args.output, create=False)  # refuse a bad -o before loading the model
@@ -103,6 +104,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True, qat=args.qat
     )
     print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
+    if warning := post_training_warning(result.provenance, args.format, str(result.out_dir)):
+        print(warning, file=sys.stderr)
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
     return 0
@@ -111,6 +114,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from sherry_export.generate import OnnxCausalLM
     from sherry_export.models import ModelSource, load_tokenizer
+    from sherry_export.provenance import post_training_warning
+    from sherry_export.verify import MANIFEST_FILE, read_manifest
 
     model_path = args.model_dir / "model.onnx"
     if not model_path.is_file():
@@ -121,6 +126,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt_ids is None and tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer (a random-weight shape export); pass --prompt-ids")
     lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel, verify=not args.no_verify)
+    manifest = read_manifest(args.model_dir) if (args.model_dir / MANIFEST_FILE).is_file() else {}
+    fmt = manifest.get("options", {}).get("format", "")
+    if warning := post_training_warning(manifest.get("provenance", ""), fmt, str(args.model_dir)):
+        print(warning, file=sys.stderr)
     if args.prompt_ids is not None:
         ids = args.prompt_ids
     elif args.chat and tokenizer.chat_template:

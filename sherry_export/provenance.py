@@ -56,6 +56,18 @@ ORIGIN_OPTIONS = "export options"
 Kind = Literal["sherry-train", "latent", "packed", "trained", "float"]
 
 
+def post_training_warning(provenance: str, fmt: str, where: str) -> str | None:
+    """The one line ``sherry export`` and ``sherry generate`` print for a ternary export whose weights
+    were projected from a float model without training; None for trained or float exports."""
+    if provenance != POST_TRAINING or fmt == "fp32":
+        return None
+    return (
+        f"note: {where} holds a post-training projection of float weights to {fmt}: without quantization-aware "
+        "training this destroys a pretrained LLM (text turns to 'some some the the'); train it with `sherry "
+        "train`, or export a trained checkpoint (`--qat` for AngelSlim's latent weights)"
+    )
+
+
 def is_quantization_aware(provenance: str) -> bool:
     """Whether a provenance label names ternary weights that were trained (not projected after training)."""
     return provenance.startswith(QUANTIZATION_AWARE)

@@ -97,13 +97,30 @@ def test_export_and_generate_from_a_hugging_face_folder(tmp_path, capsys):
     tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "hf")
     out = tmp_path / "onnx"
     assert main(["export", str(tmp_path / "hf"), "-o", str(out), "--format", "tl2", "--group-size", "32"]) == 0
-    assert "post-training projection" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "post-training projection" in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert len(warning) == 1 and "destroys a pretrained LLM" in warning[0]  # one line, and why
     assert main(["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--threads", "1"]) == 0
     captured = capsys.readouterr()
     assert len(captured.out.split()) == 5 and "decode: 5 tokens" in captured.err
+    assert sum(line.startswith("note:") and "post-training" in line for line in captured.err.splitlines()) == 1
     assert main(["generate", str(out), "--prompt", "hello"]) == 2
     assert "pass --prompt-ids" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt-ids", "1,999"]) == 2
     assert "token ids must lie in [0, 256)" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1"]) == 2
     assert "make one with `sherry export" in capsys.readouterr().err
+
+
+def test_trained_and_float_exports_carry_no_post_training_note(tmp_path, capsys):
+    """The note is for projected ternary weights only: the shipped trained model and a float export say nothing."""
+    from sherry_export.models import tiny_llama
+
+    assert main(["export", "sherry-arenas-scratch-10m", "-o", str(tmp_path / "ship")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "ship"), "--prompt", "Once", "--max-new-tokens", "2", "--threads", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "hf")
+    assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "fp32"), "--format", "fp32"]) == 0
+    assert "note:" not in capsys.readouterr().err
