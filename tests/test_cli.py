@@ -119,7 +119,8 @@ def test_trained_and_float_exports_carry_no_post_training_note(tmp_path, capsys)
 
     assert main(["export", "sherry-arenas-scratch-10m", "-o", str(tmp_path / "ship")]) == 0
     assert "note:" not in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "ship"), "--prompt", "Once", "--max-new-tokens", "2", "--threads", "1"]) == 0
+    generate = ["generate", str(tmp_path / "ship"), "--prompt", "Once", "--max-new-tokens", "2", "--threads", "1"]
+    assert main(generate) == 0
     assert "note:" not in capsys.readouterr().err
     tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path / "hf")
     assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "fp32"), "--format", "fp32"]) == 0
