@@ -9,8 +9,16 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sherry_export.export import ExportOptions, build_decoder, graph
-from sherry_export.export.llama import model_ternaries
+from sherry_export.export.llama import LM_HEAD_BLOCK, model_ternaries
 from sherry_export.export.llm import export_model, resolve_group_size
+from sherry_export.export.projections import (
+    dequantize_nbits,
+    gather_nbits,
+    nbits_matmul,
+    nbits_weight,
+    pack_nbits,
+    quantize_float_nbits,
+)
 from sherry_export.generate import OnnxCausalLM
 from sherry_export.models import TINY_CONFIG, tiny_llama
 from sherry_export.reference import kernel_reference_model
@@ -107,6 +115,38 @@ def test_external_data_export_matches_inline(tiny, tmp_path, monkeypatch, fmt):
     onnx.checker.check_model(result.model_path, full_check=True)
     ids = np.random.default_rng(3).integers(0, 256, (1, 9))
     np.testing.assert_array_equal(external.forward(ids)[0], inline.forward(ids)[0])
+
+
+@pytest.mark.parametrize(("bits", "k"), [(4, 96), (8, 96), (4, 80)])
+def test_gathered_rows_are_the_dequantized_matmulnbits_weight(bits, k):
+    """GatherBlockQuantized on MatMulNBits' own B and scales gives exactly the rows numpy dequantizes (also when
+    the last block is padded), and those are the weight MatMulNBits multiplies by."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(bits + k)
+    n = 48
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
+    b = graph.GraphBuilder("gather")
+    ids = b.add_input("ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    x = b.add_input("x", onnx.TensorProto.FLOAT, ["m", k])
+    stored = nbits_weight(b, "table", q, scales, bits, LM_HEAD_BLOCK)
+    b.node("Identity", [gather_nbits(b, ids, "embed", stored)], ["rows"])
+    nbits_matmul(b, x, "head", stored, output="y")
+    b.add_output("rows", onnx.TensorProto.FLOAT, ["batch", "sequence", k])
+    b.add_output("y", onnx.TensorProto.FLOAT, ["m", n])
+    session = ort.InferenceSession(b.model().SerializeToString())
+    table = dequantize_nbits(pack_nbits(q, bits, LM_HEAD_BLOCK), scales, bits, LM_HEAD_BLOCK, k)
+    grouped = np.zeros((n, -(-k // LM_HEAD_BLOCK) * LM_HEAD_BLOCK), np.float32)
+    grouped[:, :k] = q.astype(np.float32) - (1 << (bits - 1))
+    expected = (grouped.reshape(n, -1, LM_HEAD_BLOCK) * scales[..., None]).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(table, expected)
+    index = rng.integers(0, n, (3, 5))
+    activations = rng.standard_normal((4, k)).astype(np.float32)
+    rows, y = session.run(None, {"ids": index, "x": activations})
+    np.testing.assert_array_equal(rows, table[index])
+    # MatMulNBits rounds the activations to int8 per block (accuracy_level 4): equal to that rounding
+    np.testing.assert_allclose(y, activations @ table.T, atol=2e-2 * np.abs(activations @ table.T).max())
 
 
 def test_sequence_past_the_rotary_caches_is_refused(tiny, tmp_path):
