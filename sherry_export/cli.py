@@ -76,6 +76,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sherry_export.export import ExportOptions, export_llm
+    from sherry_export.export.sizes import split_rows
     from sherry_export.report import markdown_table
 
     options = ExportOptions(
@@ -84,6 +85,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_llm(args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True)
     print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
+    print(f"\nweights by part (LM head {result.options.lm_head}):\n")
+    print(markdown_table(["part", "MB", "share"], split_rows(result.size_split)))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
     return 0
 

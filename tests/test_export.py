@@ -149,6 +149,36 @@ def test_gathered_rows_are_the_dequantized_matmulnbits_weight(bits, k):
     np.testing.assert_allclose(y, activations @ table.T, atol=2e-2 * np.abs(activations @ table.T).max())
 
 
+@pytest.fixture(scope="module")
+def tied():
+    """SmolLM2's case: the LM head is the input embedding's table (tie_word_embeddings)."""
+    return tiny_llama(
+        seed=1, vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=True
+    )
+
+
+def test_export_summary_prints_the_size_split(tied, tmp_path, capsys):
+    from sherry_export.cli import main
+
+    tied.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "hf"), "-o", str(out), "--group-size", "32", "--lm-head", "nbits4"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "sherry_export.json").read_text())
+    split = manifest["size_split"]
+    assert set(split) == {"projections", "embedding", "lm_head", "other"}
+    assert "LM head nbits4" in printed
+    rows = {
+        cells[0]: cells[1:]
+        for line in printed.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert float(rows["LM head"][0]) == pytest.approx(split["lm_head"] / 1e6, rel=1e-3)
+    assert float(rows["projections"][0]) == pytest.approx(split["projections"] / 1e6, rel=1e-3)
+    stored = onnx.load(out / "model.onnx", load_external_data=False).graph.initializer
+    assert sum(split.values()) == sum(graph.stored_bytes(t) for t in stored)
+
+
 def test_sequence_past_the_rotary_caches_is_refused(tiny, tmp_path):
     lm, _ = export(tiny, tmp_path, format="sherry", group_size=32)
     n = lm.max_positions

@@ -35,6 +35,9 @@ from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, 
 LM_HEADS = ("fp32", "nbits8", "nbits4")
 LM_HEAD_BLOCK = 32
 """Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
+EMBED_NODE = "embed"
+LM_HEAD_NODE = "lm_head"
+"""Node names of the embedding lookup and the LM head (``sherry_export.export.sizes`` reads them)."""
 PROJECTIONS = {"sherry": sherry_ternarize, "absmean": absmean_ternarize}
 """Post-training projections for float linears; quantization-aware modules bring their own ternary."""
 
@@ -169,7 +172,7 @@ def build_decoder(
     b.metadata[MAX_POSITIONS_KEY] = str(cos.shape[0])
 
     embed = model.model.embed_tokens.weight
-    hidden = b.op("Gather", b.initializer("embed_tokens", _numpy(embed)), input_ids, name="embed")
+    hidden = b.op("Gather", b.initializer("embed_tokens", _numpy(embed)), input_ids, name=EMBED_NODE)
     layers = model.model.layers
     normed = b.op(
         "RMSNormalization",
@@ -252,11 +255,11 @@ def build_decoder(
 def emit_lm_head(b: GraphBuilder, x: str, weight: np.ndarray, kind: str) -> None:
     """The LM head, in float or MatMulNBits; identical across projection formats so comparisons stay fair."""
     if kind == "fp32":
-        b.node("MatMul", [x, b.initializer("lm_head.weight_t", weight.T)], ["logits"], name="lm_head")
+        b.node("MatMul", [x, b.initializer("lm_head.weight_t", weight.T)], ["logits"], name=LM_HEAD_NODE)
         return
     bits = int(kind.removeprefix("nbits"))
     q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
-    nbits_node(b, x, "lm_head", q, scales, bits, LM_HEAD_BLOCK, None, output="logits")
+    nbits_node(b, x, LM_HEAD_NODE, q, scales, bits, LM_HEAD_BLOCK, None, output="logits")
 
 
 def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
+from sherry_export.export.sizes import size_split
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.qat import requantize_from_config
 from sherry_export.runtime import get_library_path
@@ -32,6 +33,8 @@ class ExportResult:
     options: ExportOptions
     provenance: str
     """"quantization-aware" or "post-training projection": whether the ternary weights were trained."""
+    size_split: dict[str, int] = field(default_factory=dict)
+    """Stored bytes of the projections, the embedding, the LM head and the rest (``export.sizes``)."""
 
     @property
     def model_path(self) -> Path:
@@ -141,6 +144,7 @@ def export_model(
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
         model_proto = builder.model()
         del builder
+    split = size_split(model_proto)
     files = save_model(model_proto, out / MODEL_FILE)
     del model_proto
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
@@ -157,10 +161,11 @@ def export_model(
         "architecture": type(model).__name__,
         "quantized_weights": sum(m.weight.numel() for m in linears.values()),
         "model_bytes": sum(f.stat().st_size for f in files if f.name.startswith(MODEL_FILE)),
+        "size_split": split,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     files.append(out / MANIFEST_FILE)
-    return ExportResult(out, files, options, provenance)
+    return ExportResult(out, files, options, provenance, split)
 
 
 def export_llm(
