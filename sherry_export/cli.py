@@ -80,12 +80,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sherry_export.report import markdown_table
 
     options = ExportOptions(
-        format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
+        format=args.format,
+        group_size=args.group_size,
+        lm_head=args.lm_head,
+        embedding=args.embedding,
+        projection=args.projection,
     )
     result = export_llm(args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True)
     print(f"\nexported {args.source} as {args.format} ({result.provenance}) to {result.out_dir}\n")
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
-    print(f"\nweights by part (LM head {result.options.lm_head}):\n")
+    print(f"\nweights by part (embedding {result.options.embedding}, LM head {result.options.lm_head}):\n")
     print(markdown_table(["part", "MB", "share"], split_rows(result.size_split)))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
     return 0
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sizes.set_defaults(func=cmd_sizes)
 
-    from sherry_export.export.llama import LM_HEADS, PROJECTIONS
+    from sherry_export.export.llama import EMBEDDINGS, LM_HEADS, PROJECTIONS
     from sherry_export.export.projections import EXPORT_FORMATS
     from sherry_export.runtime import KERNEL_PATHS
 
@@ -228,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         choices=LM_HEADS,
         help="LM head precision, kept the same across formats for fair comparisons (default: fp32)",
+    )
+    export.add_argument(
+        "--embedding",
+        default="auto",
+        choices=EMBEDDINGS,
+        help="input embedding precision; nbits8/nbits4 use onnxruntime's GatherBlockQuantized. auto: a tied "
+        "embedding (tie_word_embeddings) takes the LM head's precision and shares its one stored table, "
+        "an untied one stays fp32 (default: auto)",
     )
     export.add_argument(
         "--projection",

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from sherry_export.export.graph import external_data_path, save_model
-from sherry_export.export.llama import ExportOptions, build_decoder
+from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
 from sherry_export.export.sizes import size_split
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.qat import requantize_from_config
@@ -140,6 +140,7 @@ def export_model(
     provenance = "quantization-aware" if trained else "post-training projection"
     if options.format == "fp32" and not trained:
         provenance = "float weights"
+    options = resolve_embedding(options, tied_embedding(model))  # the manifest records what was exported
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
         model_proto = builder.model()
