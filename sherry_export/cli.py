@@ -93,12 +93,17 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sherry_export.export import ExportOptions, export_llm
+    from sherry_export.export.sizes import split_rows
     from sherry_export.provenance import post_training_warning
     from sherry_export.report import markdown_table
 
     errors.output_folder(args.output, create=False)  # refuse a bad -o before loading the model
     options = ExportOptions(
-        format=args.format, group_size=args.group_size, lm_head=args.lm_head, projection=args.projection
+        format=args.format,
+        group_size=args.group_size,
+        lm_head=args.lm_head,
+        embedding=args.embedding,
+        projection=args.projection,
     )
     result = export_llm(
         args.source, args.output, options, group_size_explicit=args.group_size_given, progress=True, qat=args.qat
@@ -107,6 +112,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if warning := post_training_warning(result.provenance, args.format, str(result.out_dir)):
         print(warning, file=sys.stderr)
     print(markdown_table(["file", "MB"], [[f.name, f.stat().st_size / 1e6] for f in result.files]))
+    print(f"\nweights by part (embedding {result.options.embedding}, LM head {result.options.lm_head}):\n")
+    print(markdown_table(["part", "MB", "share"], split_rows(result.size_split)))
     print(f"\nrun it: sherry generate {result.out_dir} --prompt 'Once upon a time'")
     return 0
 
@@ -225,7 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sizes.set_defaults(func=cmd_sizes)
 
-    from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
+    from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, LM_HEADS
     from sherry_export.runtime import KERNEL_PATHS
     from sherry_export.ternary import PROJECTION_NAMES
 
@@ -259,6 +266,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="fp32",
         choices=LM_HEADS,
         help="LM head precision, kept the same across formats for fair comparisons (default: fp32)",
+    )
+    export.add_argument(
+        "--embedding",
+        default="auto",
+        choices=EMBEDDINGS,
+        help="input embedding precision; nbits8/nbits4 use onnxruntime's GatherBlockQuantized. auto: a tied "
+        "embedding (tie_word_embeddings) takes the LM head's precision and shares its one stored table, "
+        "an untied one stays fp32 (default: auto)",
     )
     export.add_argument(
         "--projection",

@@ -273,7 +273,10 @@ NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
 EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, "fp32")
 """Every projection format an export can use: ours, ``MatMulNBits``, and dense float32."""
 LM_HEADS = ("fp32", "nbits8", "nbits4")
-"""LM head precisions: float32 ``MatMul`` or ``MatMulNBits`` at 8 or 4 bits, the same for every format."""
+"""LM head precisions: float32 or ``MatMulNBits`` at 8 or 4 bits, the same for every format."""
+EMBEDDINGS = ("auto", *LM_HEADS)
+"""Input embedding precisions. ``auto``: a tied embedding takes the LM head's precision (and shares its
+stored table, read by ``GatherBlockQuantized``); an untied one stays fp32."""
 
 
 def get_format(name: str) -> WeightFormat:

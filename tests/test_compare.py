@@ -256,6 +256,30 @@ def test_accounting_matches_the_formats(tiny_model, tmp_path, fmt, code_bpw, bpw
     assert a.achieved_gb_per_s(0.01) == pytest.approx(a.decode_weight_bytes / 1e7)
 
 
+@pytest.mark.parametrize(("head", "embedding"), [("fp32", "auto"), ("nbits4", "auto"), ("fp32", "nbits8")])
+def test_accounting_of_tied_and_quantized_embeddings(tmp_path, head, embedding):
+    """A tied table stored once is the LM head's weight, read whole each step (the embedding stores nothing of
+    its own); a table only gathered, quantized or not, is the embedding's, read one row per token."""
+    tied = tiny_llama(seed=0, tie_word_embeddings=True)
+    result = export_model(
+        tied, tmp_path, ExportOptions(format="sherry", group_size=32, lm_head=head, embedding=embedding)
+    )
+    a = account(tmp_path)
+    config = tied.config
+    v, h = config.vocab_size, config.hidden_size
+    head_bits = {"fp32": 32, "nbits4": 4 + 32 / 32}[head]  # nbits: a float32 scale per block of 32
+    assert a.lm_head.weights == v * h and a.lm_head.bits_per_weight == head_bits
+    shared = result.options.embedding == head
+    table = 0 if shared else v * h + 4 * v * h // 32  # nbits8 codes and float32 scales
+    assert a.embedding_bytes == table == result.size_split["embedding"]
+    assert a.lm_head.total_bytes == result.size_split["lm_head"]
+    assert a.projections.total_bytes == result.size_split["projections"]
+    stored = sum(len(t.raw_data) for t in onnx.load(tmp_path / "model.onnx").graph.initializer)
+    rotary = 2 * config.max_position_embeddings * (h // config.num_attention_heads // 2) * 4
+    rows = 2 * 4 * (h // config.num_attention_heads // 2) + (0 if shared else h + 4 * h // 32)
+    assert a.decode_weight_bytes == stored - table - rotary + rows
+
+
 def test_speedups_pair_repetitions():
     results = SpeedResults(SpeedSettings(prompt_tokens=100))
     for rep, (ours, theirs) in enumerate([(0.010, 0.012), (0.020, 0.026), (0.010, 0.011)], start=1):

@@ -2,17 +2,27 @@
 
 import json
 import shutil
+from copy import deepcopy as copy_module
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sherry_export.export import ExportOptions, build_decoder, graph
-from sherry_export.export.llama import model_ternaries
+from sherry_export.export.llama import LM_HEAD_BLOCK, model_ternaries
 from sherry_export.export.llm import export_model
+from sherry_export.export.projections import (
+    dequantize_nbits,
+    gather_nbits,
+    nbits_matmul,
+    nbits_weight,
+    pack_nbits,
+    quantize_float_nbits,
+)
 from sherry_export.generate import OnnxCausalLM
 from sherry_export.models import TINY_CONFIG, tiny_llama
 from sherry_export.provenance import resolve_group_size
@@ -110,6 +120,152 @@ def test_external_data_export_matches_inline(tiny, tmp_path, monkeypatch, fmt):
     onnx.checker.check_model(result.model_path, full_check=True)
     ids = np.random.default_rng(3).integers(0, 256, (1, 9))
     np.testing.assert_array_equal(external.forward(ids)[0], inline.forward(ids)[0])
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """SmolLM2's case: the LM head is the input embedding's table (tie_word_embeddings)."""
+    return tiny_llama(
+        seed=1, vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=True
+    )
+
+
+def untied_copy(model, embedding: np.ndarray | None = None):
+    """``model`` with its own LM head weight (same values), and optionally another embedding table."""
+    copy = copy_module(model)
+    copy.config.tie_word_embeddings = False
+    copy.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    if embedding is not None:
+        copy.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(embedding))
+    assert copy.lm_head.weight is not copy.model.embed_tokens.weight
+    return copy
+
+
+def initializer_bytes(result, dims: list[int] | None = None) -> dict[str, int]:
+    """Stored bytes of each initializer (of the shape ``dims`` only, if given)."""
+    initializers = onnx.load(result.model_path).graph.initializer
+    return {t.name: len(t.raw_data) for t in initializers if dims is None or list(t.dims) == dims}
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "sherry"])
+def test_tied_embedding_is_stored_once(tied, tmp_path, fmt):
+    """One float32 [V, H] table serves the Gather and the LM head (FusedMatMul, transB=1); the logits are
+    those of the untied export, which stores the table twice."""
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    v, h = tied.config.vocab_size, tied.config.hidden_size
+    lm, result = export(tied, tmp_path / "tied", format=fmt, group_size=32)
+    untied_lm, untied = export(untied_copy(tied), tmp_path / "untied", format=fmt, group_size=32)
+    stored, untied_stored = initializer_bytes(result), initializer_bytes(untied)
+    assert initializer_bytes(result, [v, h]) == {"embed_tokens.weight": 4 * v * h}
+    assert initializer_bytes(untied, [v, h]) == {"embed_tokens.weight": 4 * v * h, "lm_head.weight": 4 * v * h}
+    assert sum(untied_stored.values()) - sum(stored.values()) == 4 * v * h
+    assert result.size_split["embedding"] == 0 and result.size_split["lm_head"] == 4 * v * h
+    assert untied.size_split["embedding"] == untied.size_split["lm_head"] == 4 * v * h
+    assert sum(result.size_split.values()) == sum(stored.values())
+    ids = np.random.default_rng(6).integers(0, v, (2, 13))
+    logits = lm.forward(ids)[0]
+    np.testing.assert_allclose(logits, untied_lm.forward(ids)[0], atol=1e-5 * np.abs(logits).max())
+    if fmt == "fp32":
+        np.testing.assert_allclose(logits, torch_logits(tied, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_tied_embedding_shares_the_heads_bytes(tied, tmp_path, bits):
+    """--lm-head nbits with the default --embedding auto: GatherBlockQuantized reads the head's MatMulNBits
+    bytes, so there is no float table at all; the logits equal those of an export whose float embedding
+    is the table dequantized in numpy."""
+    v, h = tied.config.vocab_size, tied.config.hidden_size
+    lm, result = export(tied, tmp_path / "shared", format="sherry", group_size=32, lm_head=f"nbits{bits}")
+    assert result.options.embedding == f"nbits{bits}"
+    model = onnx.load(result.model_path)
+    stored = {t.name: t for t in model.graph.initializer}
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [v, h] for t in stored.values())
+    ops = {n.name: n for n in model.graph.node}
+    codes, scales = ops["lm_head"].input[1:3]
+    assert ops["embed"].op_type == "GatherBlockQuantized" and ops["embed"].input[0] == codes
+    assert ops["embed.scales"].input[0] == scales
+    blocks = h // LM_HEAD_BLOCK
+    assert result.size_split["lm_head"] == v * h * bits // 8 + 4 * v * blocks
+    assert result.size_split["embedding"] == 0
+
+    table = dequantize_nbits(
+        numpy_helper.to_array(stored[codes]), numpy_helper.to_array(stored[scales]), bits, LM_HEAD_BLOCK, h
+    )
+    options = {"format": "sherry", "group_size": 32, "lm_head": f"nbits{bits}", "embedding": "fp32"}
+    reference, _ = export(untied_copy(tied, embedding=table), tmp_path / "reference", **options)
+    ids = np.random.default_rng(7).integers(0, v, (1, 21))
+    np.testing.assert_array_equal(lm.forward(ids)[0], reference.forward(ids)[0])
+
+
+def test_quantized_embedding_of_an_untied_model(tiny, tmp_path):
+    """--embedding nbits4 with a float head: the table is quantized for the gather only (scales stored in the
+    [V, blocks, 1] shape it reads); the logits equal a float embedding of the dequantized table."""
+    v, h = tiny.config.vocab_size, tiny.config.hidden_size
+    lm, result = export(tiny, tmp_path / "q", format="fp32", embedding="nbits4")
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(result.model_path).graph.initializer}
+    assert stored["embed_tokens.scales"].shape == (v, h // LM_HEAD_BLOCK, 1)
+    assert result.size_split["embedding"] == v * h // 2 + 4 * v * h // LM_HEAD_BLOCK
+    table = dequantize_nbits(stored["embed_tokens.B"], stored["embed_tokens.scales"], 4, LM_HEAD_BLOCK, h)
+    assert np.abs(table - tiny.model.embed_tokens.weight.detach().numpy()).max() > 0  # it was quantized
+    reference = copy_module(tiny)
+    reference.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(table))
+    ids = np.random.default_rng(8).integers(0, v, (2, 9))
+    np.testing.assert_allclose(lm.forward(ids)[0], torch_logits(reference, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize(("bits", "k"), [(4, 96), (8, 96), (4, 80)])
+def test_gathered_rows_are_the_dequantized_matmulnbits_weight(bits, k):
+    """GatherBlockQuantized on MatMulNBits' own B and scales gives exactly the rows numpy dequantizes (also when
+    the last block is padded), and those are the weight MatMulNBits multiplies by."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(bits + k)
+    n = 48
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
+    b = graph.GraphBuilder("gather")
+    ids = b.add_input("ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    x = b.add_input("x", onnx.TensorProto.FLOAT, ["m", k])
+    stored = nbits_weight(b, "table", q, scales, bits, LM_HEAD_BLOCK)
+    b.node("Identity", [gather_nbits(b, ids, "embed", stored)], ["rows"])
+    nbits_matmul(b, x, "head", stored, output="y")
+    b.add_output("rows", onnx.TensorProto.FLOAT, ["batch", "sequence", k])
+    b.add_output("y", onnx.TensorProto.FLOAT, ["m", n])
+    session = ort.InferenceSession(b.model().SerializeToString())
+    table = dequantize_nbits(pack_nbits(q, bits, LM_HEAD_BLOCK), scales, bits, LM_HEAD_BLOCK, k)
+    grouped = np.zeros((n, -(-k // LM_HEAD_BLOCK) * LM_HEAD_BLOCK), np.float32)
+    grouped[:, :k] = q.astype(np.float32) - (1 << (bits - 1))
+    expected = (grouped.reshape(n, -1, LM_HEAD_BLOCK) * scales[..., None]).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(table, expected)
+    index = rng.integers(0, n, (3, 5))
+    activations = rng.standard_normal((4, k)).astype(np.float32)
+    rows, y = session.run(None, {"ids": index, "x": activations})
+    np.testing.assert_array_equal(rows, table[index])
+    # MatMulNBits rounds the activations to int8 per block (accuracy_level 4): equal to that rounding
+    np.testing.assert_allclose(y, activations @ table.T, atol=2e-2 * np.abs(activations @ table.T).max())
+
+
+def test_export_summary_prints_the_size_split(tied, tmp_path, capsys):
+    from sherry_export.cli import main
+
+    tied.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "hf"), "-o", str(out), "--group-size", "32", "--lm-head", "nbits4"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "sherry_export.json").read_text())
+    split = manifest["size_split"]
+    assert set(split) == {"projections", "embedding", "lm_head", "other"}
+    assert manifest["options"]["embedding"] == "nbits4"
+    assert "embedding nbits4, LM head nbits4" in printed
+    rows = {
+        cells[0]: cells[1:]
+        for line in printed.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert float(rows["LM head"][0]) == pytest.approx(split["lm_head"] / 1e6, rel=1e-3)
+    assert float(rows["projections"][0]) == pytest.approx(split["projections"] / 1e6, rel=1e-3)
+    stored = onnx.load(out / "model.onnx", load_external_data=False).graph.initializer
+    assert sum(split.values()) == sum(graph.stored_bytes(t) for t in stored)
 
 
 def test_sequence_past_the_rotary_caches_is_refused(tiny, tmp_path):

@@ -90,6 +90,27 @@ def test_quantized_export_matches_onnxruntime(model: torch.nn.Module, fmt: str, 
     assert [[t] for t in generated[:DECODE_STEPS]] == tokens[1:]
 
 
+@pytest.mark.parametrize("head", ["fp32", "nbits4"])
+def test_tied_embedding_matches_onnxruntime(head: str, tmp_path: Path) -> None:
+    """A tied table stored once: the float LM head as FusedMatMul (transB=1) on the embedding's table, or
+    the quantized embedding as GatherBlockQuantized on the head's MatMulNBits bytes."""
+    tied = tiny_llama(seed=2, hidden_size=128, intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=True)
+    out = tmp_path / head
+    export_model(tied, out, ExportOptions(format="fp32", lm_head=head))
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert {"fp32": "FusedMatMul", "nbits4": "GatherBlockQuantized"}[head] in ops
+    lm, ort = RelaxCausalLM(out), OnnxCausalLM(out / "model.onnx")
+    tokens = decode_tokens(ort)
+    ours, _ = prefill_and_decode(lm, tokens)
+    theirs, _ = prefill_and_decode(ort, tokens)
+    for a, b in zip(ours, theirs, strict=True):
+        if head == "fp32":
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+        else:  # TVM computes MatMulNBits in float, onnxruntime with int8 activations; the embedding is exact
+            np.testing.assert_array_equal(a.argmax(-1), b.argmax(-1))
+            assert np.abs(a - b).max() <= 1e-2 * np.ptp(b)
+
+
 def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
     """Bytes of the Relax module's constants, by dtype (the weights the compiled model holds)."""
     total: dict[str, int] = {}

@@ -40,6 +40,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
+from sherry_export.export.projections import dequantize_nbits
 from sherry_export.formats import PackedWeight
 from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
 from sherry_export.verify import verify_model_files
@@ -281,6 +282,17 @@ def dense_func(k: int, n: int) -> tirx.PrimFunc:
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
+def emit_dense(bb: relax.BlockBuilder, x: relax.Expr, w: np.ndarray) -> relax.Expr:
+    """``x [..., K] @ w [K, N]`` through the scheduled :func:`dense_func`."""
+    k, n = w.shape
+    lead = list(x.ty.shape)[:-1]
+    rows = bb.normalize(relax.op.reshape(x, [-1, k]))
+    gv = bb.add_func(dense_func(k, n), f"dense_k{k}_n{n}")
+    weight = relax.const(dense_weight(w))
+    y = bb.emit(relax.call_tir(gv, [rows, weight], relax.TensorType([rows.ty.shape[0], n], "float32")))
+    return relax.op.reshape(y, [*lead, n])
+
+
 class MatMul(frontend.OnnxOpConverter):
     """ONNX MatMul: on a constant 2-D weight, the scheduled :func:`dense_func`; otherwise the frontend's."""
 
@@ -289,13 +301,42 @@ class MatMul(frontend.OnnxOpConverter):
         x, w = inputs[0], inputs[1]
         if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 2 or x.ty.dtype != "float32":
             return frontend.MatMul.get_converter(13)(bb, inputs, attr, params)
-        k, n = (int(d) for d in w.ty.shape)
-        lead = list(x.ty.shape)[:-1]
-        rows = bb.normalize(relax.op.reshape(x, [-1, k]))
-        gv = bb.add_func(dense_func(k, n), f"dense_k{k}_n{n}")
-        weight = relax.const(dense_weight(w.value.numpy()))
-        y = bb.emit(relax.call_tir(gv, [rows, weight], relax.TensorType([rows.ty.shape[0], n], "float32")))
-        return relax.op.reshape(y, [*lead, n])
+        return emit_dense(bb, x, w.value.numpy())
+
+
+class FusedMatMul(frontend.OnnxOpConverter):
+    """com.microsoft FusedMatMul as the exporter writes the float LM head: ``x @ Wᵀ`` on the constant
+    ``[vocab, hidden]`` table (transB=1), through the same scheduled :func:`dense_func` as MatMul."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        if attr.get("transA", 0) or attr.get("transBatchA", 0) or attr.get("transBatchB", 0):
+            raise ValueError("FusedMatMul: only transB is supported (the exporter's LM head)")
+        if float(attr.get("alpha", 1.0)) != 1.0:
+            raise ValueError(f"FusedMatMul: alpha={attr['alpha']} is not supported (the exporter writes 1)")
+        w = _constant(inputs[1], "FusedMatMul's B").astype(np.float32)
+        return emit_dense(bb, inputs[0], w.T if attr.get("transB", 0) else w)
+
+
+class GatherBlockQuantized(frontend.OnnxOpConverter):
+    """com.microsoft GatherBlockQuantized on uint8 codes with the default zero point (the exporter's quantized
+    embedding, possibly sharing MatMulNBits' bytes): the constant table is dequantized once at import,
+    exactly as onnxruntime does per row, and rows are taken from it."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        data = _constant(inputs[0], "GatherBlockQuantized's data")
+        scales = _constant(inputs[2], "GatherBlockQuantized's scales")
+        bits, block = int(attr.get("bits", 4)), int(attr.get("block_size", 128))
+        if len(inputs) > 3 and inputs[3] is not None:
+            raise ValueError("GatherBlockQuantized: explicit zero points are not supported")
+        last_axis = int(attr.get("quantize_axis", 1)) % data.ndim == data.ndim - 1
+        if data.dtype != np.uint8 or int(attr.get("gather_axis", 0)) != 0 or not last_axis:
+            raise ValueError("GatherBlockQuantized: need uint8 data, gather_axis 0 and the last axis quantized")
+        k = data.shape[-1] * (8 // bits)
+        rows = dequantize_nbits(data.reshape(-1, data.shape[-1]), scales, bits, block, k)
+        table = relax.const(rows.reshape(*data.shape[:-1], k))
+        return relax.op.take(table, inputs[1], axis=0)
 
 
 # --------------------------------------------------------------------------- MatMulNBits (onnxruntime contrib)
@@ -491,7 +532,9 @@ def converters(knobs: KnobChoice = tuned_knobs) -> dict[str, type[frontend.OnnxO
     table["SkipSimplifiedLayerNormalization"] = SkipSimplifiedLayerNormalization
     table["GroupQueryAttention"] = GroupQueryAttention
     table["MatMul"] = MatMul
+    table["FusedMatMul"] = FusedMatMul
     table["MatMulNBits"] = MatMulNBits
+    table["GatherBlockQuantized"] = GatherBlockQuantized
     return table
 
 

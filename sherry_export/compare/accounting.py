@@ -19,14 +19,14 @@ from pathlib import Path
 import onnx
 
 from sherry_export.export.graph import stored_bytes
+from sherry_export.export.llama import LM_HEAD_NODE
 from sherry_export.export.llm import MODEL_FILE
-from sherry_export.formats import FORMATS
+from sherry_export.export.sizes import TERNARY_OPS, initializer_parts, matmul_weights
 
-TERNARY_OPS = frozenset(f.op_type for f in FORMATS.values())
-LM_HEAD_NODE = "lm_head"
-"""The exporter's name for the LM head node (``sherry_export.export.llama.emit_lm_head``)."""
-GATHERED_TABLE_INPUTS = {"Gather": (0,), "GroupQueryAttention": (7, 8)}
-"""Initializers a node reads one row of per token: the embedding table, the rotary cos/sin caches."""
+__all__ = ["LM_HEAD_NODE", "TERNARY_OPS", "ModelAccounting", "WeightBytes", "account"]
+GATHERED_TABLE_INPUTS = {"Gather": (0,), "GatherBlockQuantized": (0, 2), "GroupQueryAttention": (7, 8)}
+"""Initializers a node reads one row of per token: the embedding table (float or quantized codes and
+scales), the rotary cos/sin caches."""
 
 
 @dataclass
@@ -58,6 +58,7 @@ class ModelAccounting:
     projections: WeightBytes
     lm_head: WeightBytes
     embedding_bytes: int
+    """The embedding table when the LM head does not share it (0 for a tied table: it is the head's)."""
     other_bytes: int
     """Norm weights, biases, rotary caches, shape constants."""
     decode_weight_bytes: int
@@ -74,17 +75,15 @@ def _weight_count(node: onnx.NodeProto, dims: dict[str, list[int]]) -> int:
     attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
     if "K" in attrs and "N" in attrs:  # ai.sherry ops and MatMulNBits
         return attrs["K"] * attrs["N"]
-    return math.prod(dims[node.input[1]])  # MatMul: the [K, N] weight
-
-
-def _is_matmul(node: onnx.NodeProto, initializers: dict[str, int]) -> bool:
-    if node.op_type in TERNARY_OPS or node.op_type == "MatMulNBits":
-        return True
-    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers
+    return math.prod(dims[node.input[1]])  # MatMul [K, N] or FusedMatMul [N, K]: the float weight
 
 
 def account(model_dir: str | os.PathLike[str]) -> ModelAccounting:
-    """Sizes and per-token reads of the exported decoder in ``model_dir``."""
+    """Sizes and per-token reads of the exported decoder in ``model_dir``.
+
+    A table the embedding and the LM head share (a tied embedding) is the head's weight, read whole every
+    step; the embedding then stores nothing of its own (``sherry_export.export.sizes``).
+    """
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -93,25 +92,25 @@ def account(model_dir: str | os.PathLike[str]) -> ModelAccounting:
     sizes = {t.name: stored_bytes(t) for t in graph.initializer}
     dims = {t.name: list(t.dims) for t in graph.initializer}
     projections, lm_head = WeightBytes(), WeightBytes()
-    counted: set[str] = set()
-    embedding = other = decode = 0
+    read_whole: set[str] = set()
+    read_rows: set[str] = set()
     for node in graph.node:
-        inputs = [name for name in node.input if name in sizes and name not in counted]
-        counted.update(inputs)
         gathered = {node.input[i] for i in GATHERED_TABLE_INPUTS.get(node.op_type, ()) if i < len(node.input)}
-        for name in inputs:
-            decode += sizes[name] // dims[name][0] if name in gathered else sizes[name]
-        if _is_matmul(node, sizes):
+        for name in node.input:
+            if name in sizes:
+                (read_rows if name in gathered else read_whole).add(name)
+        weights = matmul_weights(node, sizes)
+        if weights:
             target = lm_head if node.name == LM_HEAD_NODE else projections
             target.weights += _weight_count(node, dims)
-            target.code_bytes += sizes[node.input[1]]
-            scales = node.input[2] if node.op_type != "MatMul" else None
-            target.scale_bytes += sizes[scales] if scales else 0
-            other += sum(sizes[name] for name in inputs if name not in (node.input[1], scales))
-        else:
-            table = node.input[0] if node.op_type == "Gather" and node.input[0] in inputs else None
-            embedding += sizes[table] if table else 0
-            other += sum(sizes[name] for name in inputs if name != table)
+            target.code_bytes += sizes[weights[0]]
+            target.scale_bytes += sum(sizes[name] for name in weights[1:])
+    parts = initializer_parts(graph)
+    embedding = sum(sizes[name] for name, part in parts.items() if part == "embedding")
+    other = sum(sizes[name] for name, part in parts.items() if part == "other")
+    decode = sum(sizes[name] for name in read_whole) + sum(
+        sizes[name] // dims[name][0] for name in read_rows - read_whole
+    )
     past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     kv_per_position = sum(
         4 * math.prod(d.dim_value for d in i.type.tensor_type.shape.dim if d.HasField("dim_value")) for i in past

@@ -21,15 +21,27 @@ import torch
 from transformers import PreTrainedModel
 
 from sherry_export.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from sherry_export.export.projections import Projection, emit_projection, nbits_node, quantize_float_nbits
-from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
+from sherry_export.export.projections import (
+    NBitsWeight,
+    Projection,
+    emit_projection,
+    gather_nbits,
+    nbits_matmul,
+    nbits_weight,
+    quantize_float_nbits,
+)
+from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, LM_HEADS
 from sherry_export.generate import MAX_POSITIONS_KEY
 from sherry_export.models import SUPPORTED_ARCHITECTURES
 from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
 from sherry_export.ternary import PROJECTION_NAMES
 
 LM_HEAD_BLOCK = 32
-"""Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
+"""Block size when the LM head or the embedding is quantized: small blocks, because the head's error goes
+straight into the logits; one block size for both, so a tied table is stored once."""
+EMBED_NODE = "embed"
+LM_HEAD_NODE = "lm_head"
+"""Node names of the embedding lookup and the LM head (``sherry_export.export.sizes`` reads them)."""
 PROJECTIONS = dict(zip(PROJECTION_NAMES, (sherry_ternarize, absmean_ternarize), strict=True))
 """Post-training projections for float linears; quantization-aware modules bring their own ternary."""
 
@@ -39,6 +51,8 @@ class ExportOptions:
     format: str = "sherry"
     group_size: int | None = 128
     lm_head: str = "fp32"
+    embedding: str = "auto"
+    """Precision of the input embedding table; see ``EMBEDDINGS``."""
     projection: str = "sherry"
     """How plain float linears become ternary (post-training), when the model was not trained ternary."""
 
@@ -47,6 +61,8 @@ class ExportOptions:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
 
@@ -163,8 +179,12 @@ def build_decoder(
     cos_name, sin_name = b.initializer("cos_cache", cos), b.initializer("sin_cache", sin)
     b.metadata[MAX_POSITIONS_KEY] = str(cos.shape[0])
 
-    embed = model.model.embed_tokens.weight
-    hidden = b.op("Gather", b.initializer("embed_tokens", _numpy(embed)), input_ids, name="embed")
+    tied = tied_embedding(model)
+    options = resolve_embedding(options, tied)
+    shared = tied and options.embedding == options.lm_head
+    embed = _numpy(model.model.embed_tokens.weight)
+    embed_table = store_table(b, "embed_tokens", embed, options.embedding, gather_only=not shared)
+    hidden = emit_embedding(b, input_ids, embed_table)
     layers = model.model.layers
     normed = b.op(
         "RMSNormalization",
@@ -239,19 +259,58 @@ def build_decoder(
             name=norm_name,
             epsilon=eps,
         )
-    emit_lm_head(b, normed, _numpy(model.lm_head.weight), options.lm_head)
+    head_table = embed_table if shared else store_table(b, "lm_head", _numpy(model.lm_head.weight), options.lm_head)
+    emit_lm_head(b, normed, head_table)
     b.add_output("logits", FLOAT, ["batch", "sequence", config.vocab_size])
     return b
 
 
-def emit_lm_head(b: GraphBuilder, x: str, weight: np.ndarray, kind: str) -> None:
-    """The LM head, in float or MatMulNBits; identical across projection formats so comparisons stay fair."""
+def tied_embedding(model: PreTrainedModel) -> bool:
+    """Whether the LM head is the input embedding's table, one tensor (``tie_word_embeddings``, as in SmolLM2)."""
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    return embed is head or (embed.shape == head.shape and embed.data_ptr() == head.data_ptr())
+
+
+def resolve_embedding(options: ExportOptions, tied: bool) -> ExportOptions:
+    """``options`` with ``embedding="auto"`` made concrete: the head's precision when tied, else fp32."""
+    if options.embedding != "auto":
+        return options
+    return replace(options, embedding=options.lm_head if tied else "fp32")
+
+
+Table = str | NBitsWeight
+"""A ``[vocab, hidden]`` table in the graph: a float32 initializer's name, or a block-quantized MatMulNBits weight."""
+
+
+def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gather_only: bool = False) -> Table:
+    """Store ``weight [V, H]`` once, in float32 or block-quantized (``LM_HEAD_BLOCK``); the embedding lookup and
+    the LM head both read this form, so a tied table serves both (``gather_only``: no matmul reads it)."""
     if kind == "fp32":
-        b.node("MatMul", [x, b.initializer("lm_head.weight_t", weight.T)], ["logits"], name="lm_head")
-        return
+        return b.initializer(f"{name}.weight", weight)
     bits = int(kind.removeprefix("nbits"))
     q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
-    nbits_node(b, x, "lm_head", q, scales, bits, LM_HEAD_BLOCK, None, output="logits")
+    return nbits_weight(b, name, q, scales, bits, LM_HEAD_BLOCK, gather_only=gather_only)
+
+
+def emit_embedding(b: GraphBuilder, ids: str, table: Table) -> str:
+    """Rows ``ids`` of the table: ``Gather`` on float32, ``GatherBlockQuantized`` on the quantized bytes."""
+    if isinstance(table, NBitsWeight):
+        return gather_nbits(b, ids, EMBED_NODE, table)
+    return b.op("Gather", table, ids, name=EMBED_NODE)
+
+
+def emit_lm_head(b: GraphBuilder, x: str, table: Table) -> None:
+    """The LM head ``logits = x @ W.T`` on the ``[V, H]`` table as stored; identical across projection formats
+    so comparisons stay fair.
+
+    Float32 uses ``FusedMatMul`` with ``transB=1`` on the table itself rather than a transposed copy, so a
+    tied table is stored once: onnxruntime packs the transposed weight once at load, as it does for a
+    plain ``MatMul`` (equal decode time, measured in docs/export.md), and no node copies it per step.
+    """
+    if isinstance(table, NBitsWeight):
+        nbits_matmul(b, x, LM_HEAD_NODE, table, output="logits")
+        return
+    b.node("FusedMatMul", [x, table], ["logits"], domain=MS_DOMAIN, name=LM_HEAD_NODE, transB=1)
 
 
 def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:

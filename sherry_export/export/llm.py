@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -17,7 +17,8 @@ from transformers import PreTrainedModel
 
 from sherry_export.errors import output_folder
 from sherry_export.export.graph import external_data_path, save_model
-from sherry_export.export.llama import ExportOptions, build_decoder
+from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
+from sherry_export.export.sizes import size_split
 from sherry_export.formats import FORMATS
 from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
 from sherry_export.provenance import (
@@ -43,6 +44,8 @@ class ExportResult:
     provenance: str
     """Where the weights come from (``sherry_export.provenance``): a label starting with "quantization-aware"
     for trained ternary weights, else "post-training projection" or "float weights"."""
+    size_split: dict[str, int] = field(default_factory=dict)
+    """Stored bytes of the projections, the embedding, the LM head and the rest (``export.sizes``)."""
 
     @property
     def model_path(self) -> Path:
@@ -133,10 +136,12 @@ def export_model(
         options = replace(options, group_size=source.options_group_size)
     provenance = source.provenance.label(options.format)
     carries_groups = source.provenance.trained or options.format != "fp32"
+    options = resolve_embedding(options, tied_embedding(model))  # the manifest records what was exported
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
         model_proto = builder.model()
         del builder
+    split = size_split(model_proto)
     files = save_model(model_proto, out / MODEL_FILE)
     del model_proto
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
@@ -158,11 +163,12 @@ def export_model(
         "architecture": type(model).__name__,
         "quantized_weights": sum(m.weight.numel() for m in linears.values()),
         "model_bytes": sum(f.stat().st_size for f in files if f.name.startswith(MODEL_FILE)),
+        "size_split": split,
     }
     manifest[CHECKSUMS_KEY] = weight_checksums(files)  # checked on load: damaged weights still run
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     files.append(out / MANIFEST_FILE)
-    return ExportResult(out, files, options, provenance)
+    return ExportResult(out, files, options, provenance, split)
 
 
 def export_llm(

@@ -56,6 +56,77 @@ def check_nbits_block(block_size: int, k: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class NBitsWeight:
+    """A weight stored as MatMulNBits reads it: the initializer names of its packed codes
+    ``B [N, blocks, block*bits/8]`` and float32 ``scales [N, blocks]``, with its geometry."""
+
+    b: str
+    scales: str
+    n: int
+    k: int
+    bits: int
+    block_size: int
+    gather_only: bool = False
+    """Scales stored as ``[N, blocks, 1]``, the shape GatherBlockQuantized reads, for a table no matmul uses."""
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+
+def nbits_weight(
+    builder: GraphBuilder,
+    name: str,
+    q: np.ndarray,
+    scales: np.ndarray,
+    bits: int,
+    block_size: int,
+    gather_only: bool = False,
+) -> NBitsWeight:
+    """Store unsigned codes ``q [N, K]`` (default zero point) and their scales ``[N, blocks]`` as ``{name}.B``
+    and ``{name}.scales``."""
+    n, k = q.shape
+    scales = scales.astype(np.float32).reshape(n, -1, 1) if gather_only else scales.astype(np.float32).reshape(n, -1)
+    return NBitsWeight(
+        b=builder.initializer(f"{name}.B", pack_nbits(q, bits, block_size)),
+        scales=builder.initializer(f"{name}.scales", scales),
+        n=n,
+        k=k,
+        bits=bits,
+        block_size=block_size,
+        gather_only=gather_only,
+    )
+
+
+def nbits_matmul(
+    builder: GraphBuilder,
+    x: str,
+    name: str,
+    weight: NBitsWeight,
+    bias: np.ndarray | None = None,
+    output: str | None = None,
+) -> str:
+    """A MatMulNBits node computing ``x @ W.T (+ bias)`` on a stored weight."""
+    if weight.gather_only:
+        raise ValueError(f"{name}: {weight.b} is stored for GatherBlockQuantized only; MatMulNBits needs 2-D scales")
+    inputs = [x, weight.b, weight.scales]
+    if bias is not None:
+        inputs += ["", "", builder.initializer(f"{name}.bias", bias.astype(np.float32))]  # no zero_points, g_idx
+    return builder.node(
+        "MatMulNBits",
+        inputs,
+        [output] if output else 1,
+        domain=MS_DOMAIN,
+        name=name,
+        K=weight.k,
+        N=weight.n,
+        bits=weight.bits,
+        block_size=weight.block_size,
+        accuracy_level=NBITS_ACCURACY_LEVEL,
+    )[0]
+
+
 def nbits_node(
     builder: GraphBuilder,
     x: str,
@@ -68,26 +139,69 @@ def nbits_node(
     output: str | None = None,
 ) -> str:
     """A MatMulNBits node for unsigned codes ``q`` with the default zero point and float32 scales ``[N, G]``."""
-    n, k = q.shape
-    inputs = [
-        x,
-        builder.initializer(f"{name}.B", pack_nbits(q, bits, block_size)),
-        builder.initializer(f"{name}.scales", scales.astype(np.float32).reshape(-1)),
-    ]
-    if bias is not None:
-        inputs += ["", "", builder.initializer(f"{name}.bias", bias.astype(np.float32))]  # no zero_points, g_idx
-    return builder.node(
-        "MatMulNBits",
-        inputs,
-        [output] if output else 1,
+    return nbits_matmul(builder, x, name, nbits_weight(builder, name, q, scales, bits, block_size), bias, output)
+
+
+def gather_nbits(builder: GraphBuilder, ids: str, name: str, weight: NBitsWeight) -> str:
+    """Rows ``ids [batch, sequence]`` of a MatMulNBits weight, dequantized: ``[batch, sequence, K]`` float32.
+
+    onnxruntime's ``GatherBlockQuantized`` reads MatMulNBits' bytes as they are: uint8 data with the
+    quantized axis last, ``bits`` codes per byte low bits first, the default zero point 2^(bits-1).
+    Seen as ``[N, blocks, block*bits/8]`` (B's own shape, quantize_axis 2), each block is one scale
+    group, so the scales only need the shape ``[N, blocks, 1]``: stored so for a table only gathered,
+    a Reshape of MatMulNBits' ``[N, blocks]`` scales (folded once at load) for a table both read. The
+    result comes out as ``[batch, sequence, blocks, block]`` and is flattened, and cut to K when the last
+    block is padded.
+    """
+    scales = weight.scales
+    if not weight.gather_only:
+        scales = builder.op(
+            "Reshape",
+            scales,
+            builder.constant(f"{name}.scales_shape", [weight.n, weight.blocks, 1]),
+            name=f"{name}.scales",
+        )
+    blocks = builder.op(
+        "GatherBlockQuantized",
+        weight.b,
+        ids,
+        scales,
         domain=MS_DOMAIN,
         name=name,
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=block_size,
-        accuracy_level=NBITS_ACCURACY_LEVEL,
-    )[0]
+        gather_axis=0,
+        quantize_axis=2,
+        block_size=weight.block_size,
+        bits=weight.bits,
+    )
+    rows = builder.op("Reshape", blocks, builder.constant(f"{name}.rows_shape", [0, 0, -1]), name=f"{name}.rows")
+    if weight.blocks * weight.block_size == weight.k:
+        return rows
+    return builder.op(
+        "Slice",
+        rows,
+        builder.constant(f"{name}.start", [0]),
+        builder.constant(f"{name}.end", [weight.k]),
+        builder.constant(f"{name}.axis", [-1]),
+        name=f"{name}.unpad",
+    )
+
+
+def unpack_nbits(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """MatMulNBits' B ``[N, blocks, block*bits/8]`` back to the unsigned codes ``[N, K]`` (inverse of pack_nbits)."""
+    per_byte = 8 // bits
+    flat = packed.reshape(len(packed), -1)
+    lanes = np.stack([(flat >> (bits * j)) & ((1 << bits) - 1) for j in range(per_byte)], axis=-1)
+    return lanes.reshape(len(packed), -1)[:, :k].astype(np.uint8)
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, bits: int, block_size: int, k: int) -> np.ndarray:
+    """The float32 ``[N, K]`` weight a MatMulNBits B and its scales (default zero point) stand for."""
+    q = unpack_nbits(packed, bits, k).astype(np.float32) - (1 << (bits - 1))
+    n = len(q)
+    padded = np.zeros((n, scales.size // n * block_size), np.float32)
+    padded[:, :k] = q
+    grouped = padded.reshape(n, -1, block_size) * scales.reshape(n, -1, 1).astype(np.float32)
+    return grouped.reshape(n, -1)[:, :k]
 
 
 def quantize_float_nbits(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
