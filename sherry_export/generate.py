@@ -11,7 +11,8 @@ Two ways to run it:
   does that) and batches work. Each call copies the whole cache into the present.
 - :meth:`OnnxCausalLM.generate` runs a :class:`SharedKVDecoder`: past and present are one
   preallocated buffer per layer that ``GroupQueryAttention`` writes into in place, so a decode step
-  copies no cache and allocates no tensor. Its logits equal ``forward``'s bit for bit.
+  copies no cache and allocates no tensor. Its logits equal ``forward``'s bit for bit. Subclasses
+  that run the graph on another backend generate with a :class:`ForwardDecoder` (through ``forward``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -112,11 +114,12 @@ class OnnxCausalLM:
         logits, *present = self.session.run(self._outputs, feeds)
         return logits, list(zip(present[0::2], present[1::2], strict=True))
 
-    def decoder(self, positions: int) -> SharedKVDecoder:
-        """A :class:`SharedKVDecoder` that holds at least ``positions`` positions.
+    def decoder(self, positions: int) -> Decoder:
+        """What :meth:`generate` decodes with: a :class:`SharedKVDecoder` that holds at least ``positions`` positions.
 
         The decoder and its buffers are kept and reused by later calls that fit in them (a warm-up
-        generation and the timed one share them); a longer request replaces them.
+        generation and the timed one share them); a longer request replaces them. Subclasses that run
+        the graph elsewhere (TVM's Relax VM) return a :class:`ForwardDecoder` instead.
         """
         self.check_length(positions)
         if self._decoder is None or self._decoder.capacity < positions:
@@ -167,6 +170,40 @@ class OnnxCausalLM:
             logits = decoder.step(token)
             steps.append(time.perf_counter() - step_start)
         return GenerationResult(tokens, len(prompt_ids), prefill, sum(steps), steps)
+
+
+class Decoder(Protocol):
+    """Prefill a prompt, then feed one token at a time; the logits of the last position each time."""
+
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[1, len(prompt_ids), vocab]``."""
+        ...
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits ``[vocab]``, valid until the next step."""
+        ...
+
+
+class ForwardDecoder:
+    """A :class:`Decoder` on :meth:`OnnxCausalLM.forward`, the cache handed from call to call.
+
+    For backends whose ``forward`` keeps the cache where it is between calls (the Relax VM's tensors);
+    in onnxruntime it would copy the whole cache every step, which :class:`SharedKVDecoder` avoids.
+    """
+
+    def __init__(self, lm: OnnxCausalLM) -> None:
+        self.lm = lm
+        self.cache: KVCache | None = None
+
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        logits, self.cache = self.lm.forward(np.array([prompt_ids]))
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        if self.cache is None:
+            raise RuntimeError("prefill a prompt before the first decode step")
+        logits, self.cache = self.lm.forward(np.array([[token]]), self.cache)
+        return logits[0, -1]
 
 
 class SharedKVDecoder:

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from sherry_export.export import ExportOptions, build_decoder, graph
 from sherry_export.export.llama import model_ternaries
 from sherry_export.export.llm import export_model
-from sherry_export.generate import OnnxCausalLM
+from sherry_export.generate import ForwardDecoder, OnnxCausalLM
 from sherry_export.models import TINY_CONFIG, tiny_llama
 from sherry_export.provenance import resolve_group_size
 from sherry_export.reference import kernel_reference_model
@@ -103,6 +103,13 @@ def test_shared_kv_decoder_is_reused_and_bounded(tiny, tmp_path):
     decoder.prefill([5, 17, 99])
     assert np.shares_memory(decoder.step(greedy[0]), decoder.step(greedy[1]))
     assert lm.generate([5, 17, 99], 11).tokens[:10] == greedy and lm.decoder(12) is not decoder
+
+    plain = ForwardDecoder(lm)  # what backends with their own cache (TVM) generate with
+    with pytest.raises(RuntimeError, match="prefill"):
+        plain.step(1)
+    np.testing.assert_array_equal(plain.prefill([5, 17, 99]), decoder.prefill([5, 17, 99]))
+    for token in greedy[:4]:
+        np.testing.assert_array_equal(plain.step(token), decoder.step(token))
 
 
 @pytest.mark.parametrize("fmt", TERNARY_FORMATS)
