@@ -12,14 +12,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sherry_export.bandwidth import read_bandwidth
 from sherry_export.cli import build_parser, main
-from sherry_export.compare.accounting import account
+from sherry_export.compare.accounting import ModelAccounting, WeightBytes, account
+from sherry_export.compare.report import CompareResults, decode_bandwidth, target_rows
 from sherry_export.compare.run import CompareConfig
 from sherry_export.compare.scoring import TorchCausalLM, continuation_logprobs, perplexity, window_plan
 from sherry_export.compare.settings import AccuracySettings
 from sherry_export.compare.speed import (
     LM_HEAD_GROUP,
     OUTSIDE_NODES,
+    Profile,
     SpeedResults,
     SpeedSettings,
     Timing,
@@ -290,6 +293,57 @@ def test_speedups_pair_repetitions():
     assert results.decode_range("sherry", 2) == pytest.approx((50.0, 100.0))
 
 
+def test_decode_bandwidth_shares_and_thread_scaling():
+    """Step bytes = weights + KV at the middle timed step's context; the projections' and head's rates come
+    from their profiled node time; the 2-thread scaling pairs repetitions; all against the best probe."""
+    settings = SpeedSettings(prompt_tokens=100, decode_steps=9)  # middle step attends over 105 positions
+    speed = SpeedResults(settings, bandwidth_gb_per_s={1: [8.0, 10.0], 2: [20.0, 16.0]})
+    for rep, (one, two) in enumerate([(0.010, 0.006), (0.012, 0.006), (0.010, 0.004)], start=1):
+        speed.timings += [Timing("sherry", 1, rep, 1.0, [one] * 3), Timing("sherry", 2, rep, 1.0, [two] * 3)]
+    speed.profiles += [
+        Profile("sherry", 1, {"SherryMatMul": 2000.0, LM_HEAD_GROUP: 4000.0, "GroupQueryAttention": 500.0}),
+        Profile("sherry", 2, {"SherryMatMul": 1000.0, OUTSIDE_NODES: 100.0}),
+    ]
+    size = ModelAccounting(
+        file_bytes=0,
+        projections=WeightBytes(weights=10**8, code_bytes=15_000_000, scale_bytes=1_000_000),
+        lm_head=WeightBytes(weights=10**7, code_bytes=30_000_000, scale_bytes=2_000_000),
+        embedding_bytes=0,
+        other_bytes=0,
+        decode_weight_bytes=48_950_000,
+        kv_bytes_per_position=10_000,
+    )
+    results = CompareResults("m", "m", "p", "cpu", "today", {}, ["sherry"], {"sherry": size}, speed)
+    one = decode_bandwidth(results, "sherry", 1)
+    assert one.step_bytes == 50_000_000  # 48.95 MB of weights + 105 positions of 10 kB
+    assert one.step_gb_per_s == pytest.approx(5.0)  # 50 MB per median step of 10 ms
+    assert one.step_fraction == pytest.approx(0.5)  # of the best 1-thread probe, 10 GB/s
+    assert one.projections_gb_per_s == pytest.approx(8.0) and one.projections_fraction == pytest.approx(0.8)
+    assert one.lm_head_gb_per_s == pytest.approx(8.0) and one.scaling is None
+    two = decode_bandwidth(results, "sherry", 2)
+    assert two.step_fraction == pytest.approx(50e6 / 0.006 / 1e9 / 20)
+    assert two.projections_fraction == pytest.approx(16.0 / 20) and two.lm_head_gb_per_s is None
+    assert two.scaling == pytest.approx(2.0)  # median of 10/6, 12/6, 10/4
+    targets = {row[0]: row[2:] for row in target_rows(results)}
+    assert targets["sherry decode step, share of the probed bandwidth (1 thread)"] == ["50.0%", "NOT met"]
+    assert targets["sherry decode tok/s, 2 threads / 1 thread"] == ["2.00", "met"]
+
+
+def test_bandwidth_probe_pins_only_its_own_threads():
+    """The probe reads with pinned threads of its own; the caller's affinity (which onnxruntime's threads
+    would inherit) is untouched, and impossible requests are refused."""
+    import os
+
+    before = os.sched_getaffinity(0)
+    for threads in (1, 2, len(before) + 1):
+        assert 0 < read_bandwidth(threads, nbytes=4e6, passes=2) < math.inf
+    assert os.sched_getaffinity(0) == before
+    with pytest.raises(ValueError, match="at least 1"):
+        read_bandwidth(0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        read_bandwidth(4, nbytes=16)
+
+
 def test_profile_events_grouped_per_decode_step():
     def run(ts):
         return {"cat": "Session", "name": "model_run", "ts": ts}
@@ -340,6 +394,10 @@ def test_report_on_a_tiny_model(tiny_folder, tmp_path):
     summary = {(s["format"], s["threads"]): s for s in data["speed"]["summary"]}
     assert {"speedup_vs_i2s", "speedup_vs_fp32"} <= set(summary["sherry", 2])
     assert all(s["decode_tokens_per_s"] > 0 and s["prefill_tokens_per_s"] > 0 for s in summary.values())
+    for (fmt, threads), s in summary.items():  # every format and thread count was profiled
+        assert s["step_bytes"] > data["sizes"][fmt]["decode_weight_bytes"] and s["step_fraction"] > 0  # + the KV
+        assert s["projections_fraction"] > 0 and s["lm_head_fraction"] > 0
+        assert (s["scaling"] is None) == (threads == 1)
     rows = {row["label"]: row for row in data["accuracy"]}
     assert list(rows) == ["sherry", "i2s", "fp32", "PyTorch float", f"{tiny_folder.name} (full precision)"]
     assert rows["PyTorch float"]["tasks"] == rows[f"{tiny_folder.name} (full precision)"]["tasks"]
@@ -354,6 +412,9 @@ def test_report_on_a_tiny_model(tiny_folder, tmp_path):
     for heading in (*headings, "## Accuracy"):
         assert heading in report
     assert "sherry/i2s" in report and "arc_easy 2" in report
+    for column in ("× 1-thread decode", "step % of probe", "projections % of probe", "LM head % of probe"):
+        assert column in report
+    assert "sherry decode tok/s, 2 threads / 1 thread" in report
     headline = report.split("## Headline")[1].split("## Size")[0]
     assert "| PyTorch float " in headline and "| sherry " in headline and "decode tok/s (2 thr)" in headline
     for png in ("latency_vs_bpw.png", "accuracy_vs_bpw.png"):

@@ -1,6 +1,7 @@
 """The LLM exporter: graphs that pass onnx.checker and match the PyTorch model they came from."""
 
 import json
+import re
 import shutil
 from copy import deepcopy as copy_module
 from pathlib import Path
@@ -23,7 +24,7 @@ from sherry_export.export.projections import (
     pack_nbits,
     quantize_float_nbits,
 )
-from sherry_export.generate import OnnxCausalLM
+from sherry_export.generate import ForwardDecoder, OnnxCausalLM
 from sherry_export.models import TINY_CONFIG, tiny_llama
 from sherry_export.provenance import resolve_group_size
 from sherry_export.reference import kernel_reference_model
@@ -71,6 +72,54 @@ def test_kv_cache_matches_full_forward(tiny, tmp_path, fmt):
     else:  # attention's float rounding differs between prefill and decode; int8 rounding can amplify it by a step
         np.testing.assert_allclose(stepped, full, atol=1e-2 * np.abs(full).max())
         assert (stepped.argmax(-1) == full.argmax(-1)).mean() >= 0.95
+
+
+def assert_shared_decode_equals_forward(lm: OnnxCausalLM, runs: list[tuple[list[int], int]]) -> None:
+    """Prefill and decode in one shared KV buffer give ``forward``'s logits bit for bit, and the buffer ends up
+    holding ``forward``'s present. The runs reuse one buffer, shorter after longer, so a stale position
+    read would show."""
+    decoder = lm.decoder(max(len(ids) for ids, _ in runs))
+    for ids, prompt in runs:
+        expected, cache = lm.forward(np.array([ids[:prompt]]))
+        np.testing.assert_array_equal(decoder.prefill(ids[:prompt]), expected)
+        for t in range(prompt, len(ids)):
+            expected, cache = lm.forward(np.array([ids[t : t + 1]]), cache)
+            np.testing.assert_array_equal(decoder.step(ids[t]), expected[0, 0])
+        assert decoder.length == len(ids)
+        for i, (k, v) in enumerate(cache):
+            np.testing.assert_array_equal(decoder.cache[i, 0, :, :, : len(ids)], k)
+            np.testing.assert_array_equal(decoder.cache[i, 1, :, :, : len(ids)], v)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", *TERNARY_FORMATS])
+def test_shared_kv_decode_equals_copying_forward(tiny, tmp_path, fmt):
+    lm, _ = export(tiny, tmp_path, format=fmt, group_size=32)
+    rng = np.random.default_rng(2)
+    runs = [(rng.integers(0, 256, 24).tolist(), 9), (rng.integers(0, 256, 10).tolist(), 4)]
+    assert_shared_decode_equals_forward(lm, runs)
+
+
+def test_shared_kv_decoder_is_reused_and_bounded(tiny, tmp_path):
+    """Generation reuses a decoder that fits (its logits buffer is the same memory step after step) and
+    replaces one that does not; stepping before a prefill or past the capacity is refused."""
+    lm, _ = export(tiny, tmp_path, format="sherry", group_size=32)
+    decoder = lm.decoder(12)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step(1)
+    greedy = lm.generate([5, 17, 99], 10).tokens
+    assert lm.decoder(12) is decoder and decoder.length == 12
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(greedy[-1])
+    decoder.prefill([5, 17, 99])
+    assert np.shares_memory(decoder.step(greedy[0]), decoder.step(greedy[1]))
+    assert lm.generate([5, 17, 99], 11).tokens[:10] == greedy and lm.decoder(12) is not decoder
+
+    plain = ForwardDecoder(lm)  # what backends with their own cache (TVM) generate with
+    with pytest.raises(RuntimeError, match="prefill"):
+        plain.step(1)
+    np.testing.assert_array_equal(plain.prefill([5, 17, 99]), decoder.prefill([5, 17, 99]))
+    for token in greedy[:4]:
+        np.testing.assert_array_equal(plain.step(token), decoder.step(token))
 
 
 @pytest.mark.parametrize("fmt", TERNARY_FORMATS)
@@ -357,7 +406,8 @@ def test_group_size_from_config_and_mismatch():
 def test_onnxruntime_genai_runs_the_export(tiny, tmp_path, monkeypatch):
     """onnxruntime-genai loads the folder, registers our op library from genai_config.json, and
     generates the same greedy tokens as our own runner, after the folder was moved away from where
-    it was exported and with a working directory that holds no library (nothing points back)."""
+    it was exported and with a working directory that holds no library (nothing points back). It
+    decodes in one shared KV buffer (``past_present_share_buffer``), as its log of the inputs shows."""
     og = pytest.importorskip("onnxruntime_genai")
     lm, result = export(tiny, tmp_path / "exported", format="sherry", group_size=32)
     moved = Path(shutil.move(result.out_dir, tmp_path / "elsewhere" / "model"))
@@ -368,13 +418,24 @@ def test_onnxruntime_genai_runs_the_export(tiny, tmp_path, monkeypatch):
     model = og.Model(str(moved))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    log: list[str] = []
+    og.set_log_callback(log.append)
+    og.set_log_options(enabled=True, model_input_values=True)
+    try:
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+    finally:
+        og.set_log_options(enabled=False, model_input_values=False)
+        og.set_log_callback(None)
     assert tokens == lm.generate(prompt, 16).tokens
+    # past_present_share_buffer: every run, prefill and decode, gets the whole max_length buffer as its past
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(log))  # the log's colours
+    past_shapes = re.findall(r"Name: past_key_values\.0\.key ShapeDims\[ 4\]Shape\[ ([0-9 ]+) \]", text)
+    assert past_shapes == [f"1 2 {len(prompt) + 16} 32"] * 16
 
 
 HELD_OUT = (
@@ -432,3 +493,22 @@ def test_shipped_sherry_model_matches_kernel_reference(tmp_path):
         model, {n: (m.ternary(), m.group_size) for n, m in model.named_modules() if hasattr(m, "ternary")}
     )
     assert (logits.argmax(-1) == torch_logits(reference, ids).argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("fmt", ["fp32", *TERNARY_FORMATS])
+def test_shipped_model_decodes_in_the_shared_buffer_as_forward(tmp_path, fmt):
+    """The shipped Sherry model in every format, on real text: generation's shared-buffer decode gives the
+    functional forward's logits bit for bit, and the same greedy tokens."""
+    from sherry_export.export.llm import export_llm
+    from sherry_export.models import load_tokenizer, resolve_source
+
+    folder = "models/sherry-arenas-scratch-10m"
+    lm = OnnxCausalLM(export_llm(folder, tmp_path / fmt, ExportOptions(format=fmt)).model_path, threads=2)
+    ids = load_tokenizer(resolve_source(folder))(HELD_OUT).input_ids[:48]
+    assert_shared_decode_equals_forward(lm, [(ids, 32)])
+    prompt, greedy = ids[:16], []
+    logits, cache = lm.forward(np.array([prompt]))
+    for _ in range(12):
+        greedy.append(int(logits[0, -1].argmax()))
+        logits, cache = lm.forward(np.array([greedy[-1:]]), cache)
+    assert lm.generate(prompt, 12).tokens == greedy

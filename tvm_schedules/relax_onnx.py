@@ -42,7 +42,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.export.projections import dequantize_nbits
 from sherry_export.formats import PackedWeight
-from sherry_export.generate import MAX_POSITIONS_KEY, OnnxCausalLM
+from sherry_export.generate import MAX_POSITIONS_KEY, ForwardDecoder, OnnxCausalLM
 from sherry_export.verify import verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
@@ -621,6 +621,11 @@ class RelaxCausalLM(OnnxCausalLM):
         self.vocab_size = logits.type.tensor_type.shape.dim[-1].dim_value
         meta = {p.key: p.value for p in model.metadata_props}
         self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
+
+    def decoder(self, positions: int) -> ForwardDecoder:
+        """Generation runs through ``forward``: the VM's cache stays on its tensors between steps, uncopied."""
+        self.check_length(positions)
+        return ForwardDecoder(self)
 
     def _tensor(self, a: Any) -> Any:
         return tvm.runtime.tensor(np.ascontiguousarray(a), self.device) if isinstance(a, np.ndarray) else a

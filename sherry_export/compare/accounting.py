@@ -70,6 +70,11 @@ class ModelAccounting:
         """Weight bytes read per decoded token over the time per token, in GB/s (1e9 bytes)."""
         return self.decode_weight_bytes / seconds_per_token / 1e9
 
+    def step_bytes(self, context: float) -> float:
+        """Bytes a decode step reads when it attends over ``context`` positions: every weight it reads
+        (``decode_weight_bytes``: the LM head and one embedding row included) and the KV cache."""
+        return self.decode_weight_bytes + self.kv_bytes_per_position * context
+
 
 def _weight_count(node: onnx.NodeProto, dims: dict[str, list[int]]) -> int:
     attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}

@@ -127,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--bandwidth-bytes",
         type=float,
         default=defaults.bandwidth_bytes,
-        help="bandwidth probe buffer (default: 1.2e9)",
+        help="bytes the bandwidth probe reads per pass (default: 2**30)",
     )
     accuracy = parser.add_argument_group("accuracy")
     accuracy.add_argument(

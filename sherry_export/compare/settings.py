@@ -23,8 +23,8 @@ class SpeedSettings:
     repetitions: int = 3
     """Timed repetitions; the profiled pass comes on top."""
     profile_steps: int = 16
-    bandwidth_bytes: float = 1.2e9
-    """Buffer the bandwidth probe reads: well above the caches."""
+    bandwidth_bytes: float = 2.0**30
+    """Bytes the bandwidth probe reads per pass (``sherry_export.bandwidth``): well above the caches."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -33,6 +33,11 @@ class SpeedSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.bandwidth_bytes < 1e6:
             raise ValueError(f"bandwidth_bytes must be at least 1e6, got {self.bandwidth_bytes:g}")
+
+    def decode_context(self, steps: int) -> float:
+        """Positions the middle one of ``steps`` decode steps after the prompt attends over (its own
+        included): step s attends over ``prompt_tokens + s``, so this is their mean and median."""
+        return self.prompt_tokens + (steps + 1) / 2
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ memory at a time) and one warm-up generation before the timed one.
 
 Repetition 0 is the profiled pass: onnxruntime's profiler records every node of a few decode steps,
 grouped by op type (the LM head apart), and its times are not used for speed. The machine's memory
-read bandwidth is measured in the same loop, with the same thread counts, so the achieved fraction
-compares like with like.
+read bandwidth is probed in the same loop (``sherry_export.bandwidth``), with the same thread counts,
+so the fractions of it that the decode step and its projections reach compare like with like.
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import bisect
 import os
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from sherry_export.bandwidth import read_bandwidth
 from sherry_export.compare.accounting import LM_HEAD_NODE
 from sherry_export.compare.settings import SpeedSettings
 from sherry_export.generate import GenerationResult, OnnxCausalLM
@@ -35,7 +34,7 @@ from sherry_export.profiling import kernel_events, read_profile
 
 LM_HEAD_GROUP = "LM head"
 OUTSIDE_NODES = "outside nodes"
-"""Decode step time not inside any node: session overhead, KV copies, Python."""
+"""Decode step time not inside any node: session overhead, input binding, sampling, Python."""
 WARM_UP_RUNS = 3
 """Session runs of the warm-up generation before each measured one."""
 
@@ -88,39 +87,33 @@ class SpeedResults:
         rates = [1.0 / t.median_step_seconds for t in self._of(fmt, threads)]
         return min(rates), max(rates)
 
+    def _paired_ratio(self, ours: list[Timing], theirs: list[Timing]) -> float:
+        """Median over repetitions of our decode tokens/s over theirs, both from that repetition."""
+        mine = {t.repetition: t.median_step_seconds for t in ours}
+        other = {t.repetition: t.median_step_seconds for t in theirs}
+        return statistics.median(other[r] / mine[r] for r in mine)
+
     def speedup(self, fmt: str, baseline: str, threads: int) -> float:
         """Median over repetitions of fmt's decode tokens/s over baseline's, both from that repetition."""
-        ours = {t.repetition: t.median_step_seconds for t in self._of(fmt, threads)}
-        theirs = {t.repetition: t.median_step_seconds for t in self._of(baseline, threads)}
-        return statistics.median(theirs[r] / ours[r] for r in ours)
+        return self._paired_ratio(self._of(fmt, threads), self._of(baseline, threads))
 
     def bandwidth(self, threads: int) -> float:
         return max(self.bandwidth_gb_per_s[threads])
 
+    def thread_scaling(self, fmt: str, threads: int, base: int = 1) -> float:
+        """Median over repetitions of fmt's decode tokens/s on ``threads`` over that on ``base`` threads."""
+        return self._paired_ratio(self._of(fmt, threads), self._of(fmt, base))
 
-class BandwidthProbe:
-    """Memory read bandwidth: ``threads`` threads each take the max of their slice of a large buffer.
-
-    A max reduction streams the data with SIMD and no other work, and numpy releases the GIL inside
-    it, so the threads read in parallel; a sum is slower (pairwise summation is compute-bound on
-    one core).
-    """
-
-    def __init__(self, nbytes: float) -> None:
-        self.buffer = np.ones(int(nbytes) // 4, np.float32)  # written once, so every page is mapped
-
-    def measure(self, threads: int) -> float:
-        """GB/s (1e9 bytes) of one pass over the buffer."""
-        chunks = np.array_split(self.buffer, threads)
-        with ThreadPoolExecutor(threads) as pool:
-            start = time.perf_counter()
-            list(pool.map(np.max, chunks))
-            seconds = time.perf_counter() - start
-        return self.buffer.nbytes / seconds / 1e9
+    def profile(self, fmt: str, threads: int) -> Profile | None:
+        return next((p for p in self.profiles if p.format == fmt and p.threads == threads), None)
 
 
 def run_generation(lm: OnnxCausalLM, prompt: list[int], steps: int) -> GenerationResult:
-    """A warm-up generation (allocations, first touches), then the timed one: prefill plus ``steps`` steps."""
+    """A warm-up generation (allocations, first touches), then the timed one: prefill plus ``steps`` steps.
+
+    Both decode in the same preallocated KV buffer, sized for the timed one.
+    """
+    lm.decoder(len(prompt) + steps)
     lm.generate(prompt, WARM_UP_RUNS)  # n tokens = a prefill and n - 1 decode runs
     return lm.generate(prompt, steps + 1)
 
@@ -168,13 +161,12 @@ def measure_speed(
     rng = np.random.default_rng(settings.seed)
     prompt = rng.integers(0, vocab_size, settings.prompt_tokens).tolist()
     results = SpeedResults(settings)
-    probe = BandwidthProbe(settings.bandwidth_bytes)
     formats = list(models)
     total = (settings.repetitions + 1) * len(threads) * len(formats)
     with tqdm(total=total, desc="speed", unit="run") as bar:
         for rep in range(settings.repetitions + 1):
             for t in threads:
-                results.bandwidth_gb_per_s.setdefault(t, []).append(probe.measure(t))
+                results.bandwidth_gb_per_s.setdefault(t, []).append(read_bandwidth(t, settings.bandwidth_bytes))
                 for fmt in rotated(formats, rep):
                     bar.set_postfix_str(f"{'profile' if rep == 0 else f'rep {rep}'} {fmt} t{t}")
                     if rep == 0:

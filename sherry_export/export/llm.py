@@ -63,6 +63,13 @@ def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int,
     file name: onnxruntime-genai resolves a relative ``custom_ops_library`` against the model folder
     (and refuses libraries outside the model folder, its execution providers' folders and the working
     directory), so the export carries its own copy and the folder runs wherever it is moved.
+
+    ``past_present_share_buffer``: onnxruntime-genai keeps one KV buffer of ``max_length`` positions per
+    layer and binds it as both past and present, so ``GroupQueryAttention`` writes each step in place
+    instead of copying the cache into a new present every step. The graph needs nothing for it: it
+    takes ``seqlens_k`` and ``total_sequence_length`` from the attention mask, which genai grows by one
+    position per step whatever the buffer's size (``sherry generate`` decodes the same way, see
+    :class:`sherry_export.generate.SharedKVDecoder`).
     """
     config = model.config
     heads = config.num_attention_heads
@@ -104,7 +111,7 @@ def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int,
             "max_length": context_length,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
