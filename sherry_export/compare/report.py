@@ -17,8 +17,9 @@ from sherry_export.compare.speed import LM_HEAD_GROUP, OUTSIDE_NODES, SpeedResul
 from sherry_export.report import markdown_table
 
 REFERENCE = "sherry"
-SPEED_TARGETS = {"i2s": 1.15, "tl2": 1.25, "nbits2": 1.3}
-"""Sherry's decode speed-up the project aims for (LLaMA-3.2-1B shape, 2 threads, the same LM head)."""
+SPEED_TARGETS = {"i2s": 1.2, "tl2": 1.15, "nbits2": 1.5}
+"""Sherry's decode speed-up the project aims for (LLaMA-3.2-1B shape, 2 threads, the same LM head): the
+decode targets of the AVX2 work, which the AVX-512 path must meet too."""
 TARGET_THREADS = 2
 BANDWIDTH_TARGET = 0.75
 """Sherry's decode step should read at this fraction of the probed memory read bandwidth, on 1 and 2 threads."""
