@@ -25,8 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from sherry_export.errors import InputError, load_json, one_line
 from sherry_export.formats import PackedWeight, get_format, pack, unpack
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import Ternary, dequantize_ternary
+from sherry_export.quant import Ternary, dequantize_ternary, quantizable_linears
 
 PACKED_KEY = "sherry_packed"
 WEIGHTS_FILE = "weights.safetensors"

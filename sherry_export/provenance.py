@@ -28,9 +28,9 @@ from typing import Literal
 
 from torch import nn
 
-from sherry_export.models import quantizable_linears
 from sherry_export.packed_model import PACKED_KEY
 from sherry_export.qat import CONFIG_KEY, CONFIGS, config_from_recipe, quantize_, requantize_from_config
+from sherry_export.quant import quantizable_linears
 from sherry_export.ternary import QAT_METHODS
 
 """Values of ``--qat``: the rule a latent-weight checkpoint was trained with (``sherry``: 3:4 sparse

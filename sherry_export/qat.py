@@ -1,7 +1,7 @@
 """Quantization-aware training: Sherry (3:4-sparse ternary) and BitNet b1.58 (dense ternary) linears.
 
 ``quantize_(model, SherryConfig(...))`` swaps every attention/MLP projection of a Llama-family model
-(:func:`sherry_export.models.quantizable_linears`) for a QAT linear that keeps the latent
+(:func:`sherry_export.quant.quantizable_linears`) for a QAT linear that keeps the latent
 full-precision weight and, in its forward, uses the projected ternary weight Q(W) with a
 straight-through estimator. Embeddings, norms and the LM head stay full precision, as in AngelSlim.
 
@@ -28,8 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sherry_export.errors import check_group_size
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import SHERRY_BLOCK, Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.quant import (
+    SHERRY_BLOCK,
+    Ternary,
+    absmean_ternarize,
+    dequantize_ternary,
+    quantizable_linears,
+    sherry_ternarize,
+)
 from sherry_export.ternary import QAT_METHODS
 
 CONFIG_KEY = "sherry_qat"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from sherry_export.models import quantizable_linears, tiny_llama
+from sherry_export.models import tiny_llama
 from sherry_export.qat import (
     ArenasConfig,
     ArenasSchedule,
@@ -26,7 +26,7 @@ from sherry_export.qat import (
     requantize_from_config,
     ternary_layers,
 )
-from sherry_export.quant import absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.quant import absmean_ternarize, dequantize_ternary, quantizable_linears, sherry_ternarize
 
 
 def linear(n: int, k: int, seed: int, bias: bool = True) -> nn.Linear:

@@ -23,10 +23,10 @@ from transformers import PreTrainedModel
 from sherry_export.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from sherry_export.export.projections import Projection, emit_projection, nbits_node, quantize_float_nbits
 from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
-from sherry_export.generate import MAX_POSITIONS_KEY
 from sherry_export.models import SUPPORTED_ARCHITECTURES
 from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
 from sherry_export.ternary import PROJECTION_NAMES
+from sherry_export.verify import MAX_POSITIONS_KEY
 
 LM_HEAD_BLOCK = 32
 """Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
@@ -256,7 +256,7 @@ def emit_lm_head(b: GraphBuilder, x: str, weight: np.ndarray, kind: str) -> None
 
 def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:
     """The ternary weights and group size each projection is exported with (for reference models)."""
-    from sherry_export.models import quantizable_linears
+    from sherry_export.quant import quantizable_linears
 
     ternaries = {}
     for name, module in quantizable_linears(model).items():

@@ -19,7 +19,7 @@ from sherry_export.errors import output_folder
 from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder
 from sherry_export.formats import FORMATS
-from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
+from sherry_export.models import load_causal_lm, load_tokenizer
 from sherry_export.provenance import (
     ORIGIN_CHECKPOINT,
     ORIGIN_OPTIONS,
@@ -30,6 +30,7 @@ from sherry_export.provenance import (
     manifest_group_size,
     prepare_checkpoint,
 )
+from sherry_export.quant import quantizable_linears
 from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
 from sherry_export.verify import CHECKSUMS_KEY, MANIFEST_FILE, MODEL_FILE, weight_checksums
