@@ -24,14 +24,13 @@ from sherry_export.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuil
 from sherry_export.export.projections import Projection, emit_projection, nbits_node, quantize_float_nbits
 from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
 from sherry_export.models import SUPPORTED_ARCHITECTURES
-from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.qat import PTQConfig, quantized_linear
+from sherry_export.quant import Ternary, dequantize_ternary
 from sherry_export.ternary import PROJECTION_NAMES
 from sherry_export.verify import MAX_POSITIONS_KEY
 
 LM_HEAD_BLOCK = 32
 """Block size when the LM head is quantized: small blocks, because the head's error goes straight into the logits."""
-PROJECTIONS = dict(zip(PROJECTION_NAMES, (sherry_ternarize, absmean_ternarize), strict=True))
-"""Post-training projections for float linears; quantization-aware modules bring their own ternary."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ class ExportOptions:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
+        if self.projection not in PROJECTION_NAMES:
+            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTION_NAMES)}")
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
@@ -58,16 +57,17 @@ def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
 def linear_projection(module: torch.nn.Module, options: ExportOptions) -> Projection:
     """The weight of one linear layer as the chosen format needs it.
 
-    A quantization-aware module (one with ``ternary()`` and ``group_size``, like ``SherryLinear``)
-    gives its trained ternary weights; a plain ``nn.Linear`` is projected post-training.
+    A ternary module (one with ``ternary()`` and ``group_size``: QAT, packed, or ``quantize_``d with
+    ``PTQConfig``) gives its own ternary weights; a plain ``nn.Linear`` is projected post-training by
+    ``quantize_``'s own module for ``PTQConfig(options.projection, options.group_size)``, made for this
+    layer alone so the caller's model stays float (``sherry compare`` exports it to fp32 too).
     """
     bias = _numpy(getattr(module, "bias", None))
-    if hasattr(module, "ternary"):
-        ternary, group_size = module.ternary(), module.group_size
-    elif options.format == "fp32":
-        return Projection(weight=_numpy(module.weight), bias=bias)
-    else:
-        ternary, group_size = PROJECTIONS[options.projection](module.weight, options.group_size), options.group_size
+    if not hasattr(module, "ternary"):
+        if options.format == "fp32":
+            return Projection(weight=_numpy(module.weight), bias=bias)
+        module = quantized_linear(module, PTQConfig(options.projection, options.group_size))
+    ternary, group_size = module.ternary(), module.group_size
     if options.format == "fp32":
         return Projection(weight=dequantize_ternary(ternary, group_size).numpy(), bias=bias)
     return Projection(

@@ -130,10 +130,10 @@ def export_model(
         provenance = checkpoint_provenance(model) if trained else Provenance("float")
         group_size = held_group_size(model) if trained else options.group_size
         source = PreparedSource(provenance, group_size, ORIGIN_CHECKPOINT if trained else ORIGIN_OPTIONS)
-    if source.provenance.trained:  # the weights' own group size, not a flag's, goes into the manifest
+    if source.provenance.holds_ternary:  # the weights' own group size, not a flag's, goes into the manifest
         options = replace(options, group_size=source.options_group_size)
     provenance = source.provenance.label(options.format)
-    carries_groups = source.provenance.trained or options.format != "fp32"
+    carries_groups = source.provenance.holds_ternary or options.format != "fp32"
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
         model_proto = builder.model()
