@@ -20,7 +20,7 @@ PACKAGES = ("sherry_export", "tvm_schedules")
 
 STAGES: dict[str, tuple[str, ...]] = {
     "quantize": ("sherry_export.quant", "sherry_export.qat"),
-    "pack": ("sherry_export.formats", "sherry_export.packed_model", "sherry_export.provenance"),
+    "pack": ("sherry_export.formats", "sherry_export.packed_model", "sherry_export.provenance", "sherry_export.pack"),
     "export": ("sherry_export.export", "sherry_export.onnx_ops"),
     "run": ("sherry_export.generate",),
     "measure": ("sherry_export.compare", "sherry_export.bench"),
