@@ -69,7 +69,6 @@ ORIGIN_OPTIONS = "export options"
 Kind = Literal["sherry-train", "latent", "packed", "projected", "trained", "float"]
 
 
-
 def post_training_warning(provenance: str, fmt: str, where: str) -> str | None:
     """The one line ``sherry export``, ``sherry pack`` and ``sherry generate`` print for weights projected
     to ternary from a float model without training; None for trained or float exports (a float model's

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sherry_export.cli import main
+from sherry_export.compare.run import qat_kind
 from sherry_export.generate import OnnxCausalLM
-from sherry_export.models import tiny_llama
+from sherry_export.models import load_causal_lm, tiny_llama
 from sherry_export.pack import pack_checkpoint
 from sherry_export.packed_model import PACKED_KEY, read_config
 from sherry_export.qat import SherryConfig, quantize_, recipe
@@ -85,6 +86,7 @@ def test_post_training_packs_say_so_in_every_format(tmp_path, capsys):
     per_tensor = ["--group-size", "channel", "--projection", "absmean"]
     assert main(["pack", hf, "-o", packed, "--format", "i2s", *per_tensor]) == 0
     assert record(packed)["projected_with"] == {"projection": "absmean", "group_size": None}
+    assert qat_kind(load_causal_lm(packed)[0]) == "absmean post-training projection, packed i2s"
     capsys.readouterr()
     assert main(["export", packed, "-o", str(tmp_path / "fp32"), "--format", "fp32"]) == 0
     assert manifest(tmp_path / "fp32")["provenance"] == "post-training projection"  # not "float weights"
