@@ -9,7 +9,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sherry_export import errors
-from sherry_export.arguments import add_checkpoint_args, checked, group_size_arg, positive_int, thread_count, token_ids
+from sherry_export.arguments import (
+    add_checkpoint_args,
+    checked,
+    group_size_arg,
+    lazy_command,
+    positive_int,
+    thread_count,
+    token_ids,
+)
 
 DESCRIPTION = """\
 sherry-export: ternary LLMs (Sherry 1.25-bit, TL2 1.67-bit, I2_S 2-bit) from PyTorch to fast CPU
@@ -30,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quantization-aware training (Sherry + Arenas, the dense-ternary baseline, or full precision)",
     ),
     "sizes": (__name__, "project a model to Sherry, pack it in every format, print sizes and errors"),
+    "pack": (__name__, "pack a checkpoint's ternary weights into a packed model folder (what models/ ships)"),
     "export": (__name__, "export a causal LM to an ONNX decoder with a KV cache"),
     "generate": (__name__, "generate text with an exported model in onnxruntime"),
     "verify": (
@@ -203,7 +212,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``sherry sizes``, ``sherry export`` and ``sherry generate``."""
+    """Add ``sherry sizes``, ``sherry pack``, ``sherry export`` and ``sherry generate``."""
     sizes = sub.add_parser(
         "sizes",
         description="Project every attention/MLP projection of MODEL to Sherry's 3:4 ternary "
@@ -232,9 +241,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sizes.set_defaults(func=cmd_sizes)
 
-    from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, LM_HEADS
+    from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, FORMATS, LM_HEADS
     from sherry_export.runtime import KERNEL_PATHS
     from sherry_export.ternary import PROJECTION_NAMES
+
+    projection_help = (
+        "post-training rule for float layers: sherry (3:4) or absmean (dense, not for --format sherry) (default: "
+        "sherry)"
+    )
+    packer = sub.add_parser(
+        "pack",
+        description="Pack SOURCE into OUT_DIR: config.json (with the sherry_packed record of how the weights were "
+        "made), weights.safetensors (each projection's packed codes and float16 scales, embeddings in float16) "
+        "and the tokenizer; the folder the shipped models are, which `sherry export` and `sherry compare` take. "
+        "A trained checkpoint packs its trained ternary weights; a float model is projected post-training first "
+        "(quantize_ with PTQConfig), which destroys a pretrained LLM, and the record says so.",
+        epilog="examples:\n  sherry pack runs/arenas -o models/sherry-arenas-scratch-10m --format sherry\n"
+        "  sherry pack angelslim-ckpt --qat sherry --group-size 128 -o out/angelslim-packed --format tl2\n"
+        "  sherry pack smollm2 -o out/smollm2-packed --format i2s   (post-training: sizes and speed only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    packer.add_argument(
+        "source",
+        help="a `sherry train` run folder, a packed folder (shipped or not), 'smollm2', a .gguf file, or a Hugging "
+        "Face Llama-family folder",
+    )
+    packer.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
+    packer.add_argument("--format", required=True, choices=FORMATS, help="how the projections are packed")
+    add_checkpoint_args(packer)
+    packer.add_argument("--projection", default="sherry", choices=PROJECTION_NAMES, help=projection_help)
+    packer.set_defaults(func=lazy_command("sherry_export.pack", "cmd_pack"))
 
     export = sub.add_parser(
         "export",
@@ -275,13 +311,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embedding (tie_word_embeddings) takes the LM head's precision and shares its one stored table, "
         "an untied one stays fp32 (default: auto)",
     )
-    export.add_argument(
-        "--projection",
-        default="sherry",
-        choices=PROJECTION_NAMES,
-        help="post-training rule for float layers: sherry (3:4) or absmean (dense, not for "
-        "--format sherry) (default: sherry)",
-    )
+    export.add_argument("--projection", default="sherry", choices=PROJECTION_NAMES, help=projection_help)
     export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser(

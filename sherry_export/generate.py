@@ -28,11 +28,9 @@ import onnxruntime as ort
 
 from sherry_export.errors import check_seed, check_temperature, check_top_k, check_top_p
 from sherry_export.runtime import KernelPath, make_session
-from sherry_export.verify import verify_model_files
+from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]
-MAX_POSITIONS_KEY = "sherry.max_positions"
-"""Model metadata the exporter writes: how many positions the rotary caches hold."""
 
 
 @dataclass

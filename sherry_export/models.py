@@ -227,13 +227,3 @@ def tiny_llama(seed: int = 0, **overrides: int) -> LlamaForCausalLM:
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
-
-
-def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The attention and MLP projections that ternary QAT replaces (not embeddings, norms or the LM head)."""
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
-    }

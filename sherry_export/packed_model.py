@@ -1,4 +1,4 @@
-"""Trained ternary models in packed form: a few MB on disk, loadable without any network.
+"""Ternary models in packed form, the pack stage's artifact: a few MB on disk, loadable without any network.
 
 A packed model folder holds ``config.json`` (the transformers config plus a ``sherry_packed``
 record), the tokenizer files, and ``weights.safetensors``: every quantized projection as its packed
@@ -6,6 +6,10 @@ codes (uint8) and float16 scales in one of the formats of ``docs/formats.md``, a
 weights (embeddings in float16, norms in float32). Loading gives a transformers model whose
 projections are :class:`FrozenTernaryLinear`: they compute with the stored ternary weights and hand
 exactly those to the exporter, so a shipped model exports bit for bit as it was trained.
+
+The record says how the ternary weights were made: ``trained_with`` (the QAT recipe) or
+``projected_with`` (a post-training projection, :class:`sherry_export.qat.PTQConfig`), kept through
+re-packing. ``sherry pack`` (:mod:`sherry_export.pack`) writes these folders from any source.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from sherry_export.errors import InputError, load_json, one_line
 from sherry_export.formats import PackedWeight, get_format, pack, unpack
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import Ternary, dequantize_ternary
+from sherry_export.quant import Ternary, dequantize_ternary, quantizable_linears
+from sherry_export.ternary import CONFIG_KEY, PTQ_KEY
 
 PACKED_KEY = "sherry_packed"
+TRAINED_WITH = "trained_with"
+"""Key of the packed record holding the QAT recipe the weights were trained with (``None``: unrecorded)."""
+PROJECTED_WITH = "projected_with"
+"""Key of the packed record holding the post-training projection the weights are (absent when trained)."""
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -58,7 +66,11 @@ class FrozenTernaryLinear(nn.Linear):
 def save_packed_model(
     model: PreTrainedModel, folder: str | os.PathLike[str], format: str, tokenizer: object | None = None
 ) -> Path:
-    """Write ``model`` (whose projections have ``ternary()``, e.g. after QAT) in packed form."""
+    """Write ``model`` (whose projections have ``ternary()``: after ``quantize_``, or loaded packed) in packed form.
+
+    The output is a function of the weights and the config alone: ``config.json`` is transformers' own
+    diff form (no local paths) with sorted keys, so packing a packed folder again gives the same bytes.
+    """
     get_format(format)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,11 +97,16 @@ def save_packed_model(
         dtype = np.float16 if tensor.dim() == 2 else np.float32  # embeddings and untied heads in half
         tensors[name] = tensor.detach().float().numpy().astype(dtype)
     save_file(tensors, out / WEIGHTS_FILE)
-    config = model.config.to_dict()
-    # The packed weights are final: no QAT recipe to re-apply, but the record says how they were trained.
-    trained_with = config.pop("sherry_qat", None)
-    config[PACKED_KEY] = {"format": format, "group_sizes": group_sizes, "trained_with": trained_with}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    config = model.config.to_diff_dict()
+    # The packed weights are final: no recipe to re-apply, but the record says how they were made.
+    previous = config.pop(PACKED_KEY, None) or {}
+    record = {"format": format, "group_sizes": group_sizes}
+    record[TRAINED_WITH] = config.pop(CONFIG_KEY, None) or previous.get(TRAINED_WITH)
+    projected_with = config.pop(PTQ_KEY, None) or previous.get(PROJECTED_WITH)
+    if projected_with is not None:
+        record[PROJECTED_WITH] = projected_with
+    config[PACKED_KEY] = record
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

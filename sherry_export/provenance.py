@@ -1,6 +1,7 @@
 """What a source checkpoint is (its provenance) and which scale group size its ternary weights hold.
 
-Sources reach the exporter in five kinds (:class:`Provenance`), each with its label in ``sherry_export.json``:
+Sources reach the exporter (and ``sherry pack``) in six kinds (:class:`Provenance`), each with its label in
+``sherry_export.json``:
 
 - ``sherry-train``: ``config.json`` has ``sherry_qat`` (``sherry train``); the projections export their
   trained ternary. ``quantization-aware (sherry train checkpoint)``.
@@ -8,9 +9,13 @@ Sources reach the exporter in five kinds (:class:`Provenance`), each with its la
   projections export METHOD's projection of the latent float weights, in every format, fp32 included.
   ``quantization-aware (latent weights, AngelSlim layout)``.
 - ``packed``: ``config.json`` has ``sherry_packed``; the stored ternary. ``quantization-aware (packed
-  checkpoint)``, or ``packed checkpoint (training unrecorded)`` when the folder does not say how it was made.
+  checkpoint)`` when its record says how it was trained (``trained_with``), or ``packed checkpoint
+  (training unrecorded)`` when the folder does not say how it was made.
+- ``projected``: the projections hold a post-training projection of float weights: ``quantize_(model,
+  PTQConfig(...))`` (``config.sherry_ptq``), or a packed folder whose record has ``projected_with``
+  (``sherry pack`` of a float model). ``post-training projection`` in every format, fp32 included.
 - ``trained``: an in-memory model whose projections have ``ternary()``. ``quantization-aware``.
-- ``float``: anything else; a post-training projection (the float weights in fp32).
+- ``float``: anything else; exported as a post-training projection (the float weights in fp32).
   ``post-training projection``, or ``float weights`` for fp32.
 
 AngelSlim (Sherry's training code) saves QAT checkpoints as a plain Hugging Face folder of latent float
@@ -28,9 +33,17 @@ from typing import Literal
 
 from torch import nn
 
-from sherry_export.models import quantizable_linears
-from sherry_export.packed_model import PACKED_KEY
-from sherry_export.qat import CONFIG_KEY, CONFIGS, config_from_recipe, quantize_, requantize_from_config
+from sherry_export.packed_model import PACKED_KEY, PROJECTED_WITH, TRAINED_WITH
+from sherry_export.qat import (
+    CONFIG_KEY,
+    CONFIGS,
+    PTQ_KEY,
+    config_from_recipe,
+    ptq_from_record,
+    quantize_,
+    requantize_from_config,
+)
+from sherry_export.quant import quantizable_linears
 from sherry_export.ternary import QAT_METHODS
 
 """Values of ``--qat``: the rule a latent-weight checkpoint was trained with (``sherry``: 3:4 sparse
@@ -53,16 +66,17 @@ ORIGIN_ASSUMED = "assumed (the checkpoint does not record it)"
 ORIGIN_DEFAULT = "default"
 ORIGIN_OPTIONS = "export options"
 
-Kind = Literal["sherry-train", "latent", "packed", "trained", "float"]
+Kind = Literal["sherry-train", "latent", "packed", "projected", "trained", "float"]
 
 
 def post_training_warning(provenance: str, fmt: str, where: str) -> str | None:
-    """The one line ``sherry export`` and ``sherry generate`` print for a ternary export whose weights
-    were projected from a float model without training; None for trained or float exports."""
-    if provenance != POST_TRAINING or fmt == "fp32":
+    """The one line ``sherry export``, ``sherry pack`` and ``sherry generate`` print for weights projected
+    to ternary from a float model without training; None for trained or float exports (a float model's
+    fp32 export is labelled ``float weights``)."""
+    if provenance != POST_TRAINING:
         return None
     return (
-        f"note: {where} holds a post-training projection of float weights to {fmt}: without quantization-aware "
+        f"note: {where} holds a post-training ternary projection of float weights ({fmt}): without quantization-aware "
         "training this destroys a pretrained LLM (text turns to 'some some the the'); train it with `sherry "
         "train`, or export a trained checkpoint (`--qat` for AngelSlim's latent weights)"
     )
@@ -75,7 +89,8 @@ def is_quantization_aware(provenance: str) -> bool:
 
 @dataclass(frozen=True)
 class Provenance:
-    """A source's kind and, when known, the QAT method (``sherry`` or ``ternary``) it was trained with."""
+    """A source's kind and, when known, the QAT method (``sherry`` or ``ternary``) it was trained with
+    (for ``projected``: the projection, ``sherry`` or ``absmean``)."""
 
     kind: Kind
     method: str | None = None
@@ -84,13 +99,16 @@ class Provenance:
         """The manifest's ``provenance`` for an export in ``fmt``."""
         if self.kind == "float":
             return FLOAT if fmt == "fp32" else POST_TRAINING
+        if self.kind == "projected":
+            return POST_TRAINING
         if self.kind == "packed":
             return PACKED if self.method else PACKED_UNRECORDED
         return {"sherry-train": SHERRY_TRAIN, "latent": LATENT, "trained": QUANTIZATION_AWARE}[self.kind]
 
     @property
-    def trained(self) -> bool:
-        """Whether the projections carry (or, for latent weights, will carry) their own ternary."""
+    def holds_ternary(self) -> bool:
+        """Whether the projections carry (or, once prepared, will carry) their own ternary weights and
+        group size: every kind but ``float``, whose ternary the export options decide."""
         return self.kind != "float"
 
 
@@ -108,6 +126,25 @@ def _check_method(qat: str | None, recorded: str | None, what: str) -> str | Non
     return recorded or qat
 
 
+def _projected(projection: str, qat: str | None, what: str) -> Provenance:
+    if qat is not None:
+        raise ValueError(
+            f"--qat {qat} contradicts the checkpoint ({what} holds a post-training {projection} projection of "
+            "float weights, not trained ones); drop --qat"
+        )
+    return Provenance("projected", projection)
+
+
+def packed_provenance(record: dict, qat: str | None = None) -> Provenance:
+    """What a packed folder's ``sherry_packed`` record says its weights are (``qat`` as in
+    :func:`checkpoint_provenance`)."""
+    if record.get(PROJECTED_WITH) is not None:
+        return _projected(ptq_from_record(record[PROJECTED_WITH]).projection, qat, "a packed checkpoint")
+    trained_with = record.get(TRAINED_WITH)
+    recorded = config_from_recipe(trained_with).module_class.method if trained_with else None
+    return Provenance("packed", _check_method(qat, recorded, "a packed checkpoint"))
+
+
 def checkpoint_provenance(model: nn.Module, qat: str | None = None) -> Provenance:
     """What ``model`` (as loaded, before :func:`prepare_checkpoint`) is; ``qat`` is ``--qat``, the user's
     word that a folder holds latent weights trained with that method. A ``qat`` that contradicts what the
@@ -115,13 +152,14 @@ def checkpoint_provenance(model: nn.Module, qat: str | None = None) -> Provenanc
     config = getattr(model, "config", None)
     packed = getattr(config, PACKED_KEY, None)
     if packed is not None:
-        trained_with = packed.get("trained_with")
-        recorded = config_from_recipe(trained_with).module_class.method if trained_with else None
-        return Provenance("packed", _check_method(qat, recorded, "a packed checkpoint"))
+        return packed_provenance(packed, qat)
     record = getattr(config, CONFIG_KEY, None)
     if record is not None:
         method = config_from_recipe(record).module_class.method
         return Provenance("sherry-train", _check_method(qat, method, "a `sherry train` checkpoint"))
+    ptq = getattr(config, PTQ_KEY, None)
+    if ptq is not None:
+        return _projected(ptq_from_record(ptq).projection, qat, "the model")
     marker = _marker_method(config)
     if marker is not None or qat is not None:
         return Provenance("latent", _check_method(qat, marker, f"its {MARKER_KEY} says it was"))
@@ -222,14 +260,17 @@ def prepare_checkpoint(
     - a latent-weight checkpoint gets METHOD's QAT modules at the group size its config records, else
       ``--group-size``, else METHOD's default, said on stderr in one line (a group size the checkpoint
       was not trained with costs accuracy without any other sign);
+    - a model ``quantize_``d with ``PTQConfig`` (or a checkpoint of one, ``sherry_ptq``) gets its
+      projection back;
     - a packed checkpoint keeps its stored ternary.
 
     For every trained kind the checkpoint's group size wins, and an explicit ``--group-size`` that
     contradicts it is an error. ``requested``/``explicit``: ``--group-size`` and whether it was given.
     """
     provenance = checkpoint_provenance(model, qat)
-    if provenance.kind == "sherry-train":
-        requantize_from_config(model)
+    swapped = any(hasattr(m, "ternary") for m in quantizable_linears(model).values())
+    if provenance.kind in ("sherry-train", "projected") and not swapped:
+        requantize_from_config(model)  # a packed folder records no recipe: its modules hold the ternary
     if provenance.kind == "latent":
         recorded = config_group_size(getattr(model, "config", None))
         recipe = CONFIGS[provenance.method]
@@ -249,7 +290,7 @@ def prepare_checkpoint(
             )
         quantize_(model, recipe(group_size=group_size))
         return PreparedSource(provenance, group_size, origin)
-    if provenance.trained:
+    if provenance.holds_ternary:
         held = check_held_group_size(model, requested) if explicit else held_group_size(model)
         return PreparedSource(provenance, held, ORIGIN_CHECKPOINT)
     group_size = resolve_group_size(model, requested, explicit)

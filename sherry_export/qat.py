@@ -1,13 +1,22 @@
-"""Quantization-aware training: Sherry (3:4-sparse ternary) and BitNet b1.58 (dense ternary) linears.
+"""The quantize stage: ``quantize_(model, config)`` makes a model's projections ternary, for training
+or after it. Sherry (3:4-sparse ternary) and BitNet b1.58 (dense ternary) linears.
 
-``quantize_(model, SherryConfig(...))`` swaps every attention/MLP projection of a Llama-family model
-(:func:`sherry_export.models.quantizable_linears`) for a QAT linear that keeps the latent
-full-precision weight and, in its forward, uses the projected ternary weight Q(W) with a
-straight-through estimator. Embeddings, norms and the LM head stay full precision, as in AngelSlim.
+``quantize_`` swaps every attention/MLP projection of a Llama-family model
+(:func:`sherry_export.quant.quantizable_linears`) for a module that keeps the full-precision weight
+and computes with its ternary projection Q(W); ``module.ternary()`` is what packing and export take.
+Embeddings, norms and the LM head stay full precision, as in AngelSlim. One verb, three small configs:
 
-The swapped modules subclass ``nn.Linear`` and keep the parameter names ``weight``/``bias``, so a
-QAT model's state dict is the plain model's: checkpoints hold latent weights, load into an ordinary
-``LlamaForCausalLM``, and export re-runs the projection (``module.ternary()``).
+- ``SherryConfig`` / ``TernaryConfig``: quantization-aware training. The QAT linear's forward uses Q(W)
+  with a straight-through estimator, so the latent weight learns. Recorded in ``config.sherry_qat``.
+- ``PTQConfig``: post-training projection of float weights (``sherry`` 3:4 or ``absmean``), no
+  training. Recorded in ``config.sherry_ptq``, so ``sherry export`` and ``sherry pack`` say
+  "post-training projection". The exporter projects float layers through the same modules
+  (:func:`quantized_linear`).
+
+The swapped modules subclass ``nn.Linear``, keep the parameter names ``weight``/``bias`` and share the
+original parameters (no copy), so a quantized model's state dict is the plain model's: checkpoints hold
+latent weights, load into an ordinary ``LlamaForCausalLM``, and the recorded recipe re-applies the
+projection (:func:`requantize_from_config`).
 
 Arenas (Sherry's annealing residual synapse) adds ``λ·x·Wᵀ`` to the output during training. λ
 follows one :class:`ArenasSchedule` shared by every module of the model and counted in optimizer
@@ -21,19 +30,28 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sherry_export.errors import check_group_size
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import SHERRY_BLOCK, Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
-from sherry_export.ternary import QAT_METHODS
+from sherry_export.quant import (
+    SHERRY_BLOCK,
+    Ternary,
+    absmean_ternarize,
+    dequantize_ternary,
+    quantizable_linears,
+    sherry_ternarize,
+)
+from sherry_export.ternary import CONFIG_KEY, PROJECTION_NAMES, PTQ_KEY, QAT_METHODS
 
-CONFIG_KEY = "sherry_qat"
-"""Attribute of ``model.config`` (so also a key of a saved ``config.json``) recording the QAT recipe."""
+PROJECTIONS: dict[str, Callable[..., Ternary]] = dict(
+    zip(PROJECTION_NAMES, (sherry_ternarize, absmean_ternarize), strict=True)
+)
+"""The ternary projections by name: post-training (``PTQConfig.projection``, ``--projection``) and
+inside the QAT linears (``sherry`` for Sherry, ``absmean`` for dense ternary)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +129,73 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class QATLinear(nn.Linear):
+L = TypeVar("L", bound="ProjectedLinear")
+
+
+class ProjectedLinear(nn.Linear):
+    """A linear layer that computes with the ternary projection of its float weight: y = x·Q(W)ᵀ + b.
+
+    Post-training (:class:`PTQConfig`) it is the quantized layer itself; the QAT linears add a
+    straight-through estimator and Arenas. It projects when asked (``ternary()``, ``forward``) rather
+    than storing Q(W), so wrapping a float layer costs no memory: the exporter projects a float model
+    layer by layer through it, as it always did.
+    """
+
+    projection: str
+    """How W becomes ternary: a key of :data:`PROJECTIONS` (a class attribute of the QAT linears)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int | None = None,
+        projection: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if projection is not None:
+            self.projection = projection
+        if getattr(self, "projection", None) not in PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
+        self.quantizer: Callable[..., Ternary] = PROJECTIONS[self.projection]
+        """The projection, from :mod:`sherry_export.quant`."""
+        self.group_size = group_size
+
+    @classmethod
+    def wrap(cls: type[L], linear: nn.Linear, group_size: int | None, **kwargs: Any) -> L:
+        """A ``cls`` holding ``linear``'s own parameters (no copy), so optimizers and tied references stay valid."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            device="meta",
+            **kwargs,
+        )
+        module.weight = linear.weight
+        module.bias = linear.bias
+        module.train(linear.training)
+        return module
+
+    def ternary(self) -> Ternary:
+        """The ternary values and scales this layer packs and exports (its projection of the weight)."""
+        return self.quantizer(self.weight, self.group_size)
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Q(W) de-quantized, in the weight's dtype (no gradient: the QAT linears' STE supplies one)."""
+        ternary = self.quantizer(weight, self.group_size, check_finite=False)
+        return dequantize_ternary(ternary, self.group_size).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.project(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, projection={self.projection}, group_size={self.group_size}"
+
+
+class QATLinear(ProjectedLinear):
     """Common part of the ternary QAT linears: latent weight, STE projection, optional Arenas.
 
     ``y = x·(Q(W) + λ·W)ᵀ + b``: one matmul computes Arenas' ``x·Q(W)ᵀ + λ·x·Wᵀ``. With the STE,
@@ -121,8 +205,6 @@ class QATLinear(nn.Linear):
 
     method: str
     """Name recorded in ``config.sherry_qat`` (a key of :data:`CONFIGS`)."""
-    quantizer: Callable[..., Ternary]
-    """The projection, from :mod:`sherry_export.quant`."""
 
     def __init__(
         self,
@@ -134,34 +216,13 @@ class QATLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.group_size = group_size
+        super().__init__(in_features, out_features, bias=bias, group_size=group_size, device=device, dtype=dtype)
         self.arenas = arenas
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None, arenas: ArenasSchedule | None = None) -> QATLinear:
         """Wrap ``linear``'s own parameters (no copy), so optimizers and tied references stay valid."""
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            group_size=group_size,
-            arenas=arenas,
-            device="meta",
-        )
-        module.weight = linear.weight
-        module.bias = linear.bias
-        module.train(linear.training)
-        return module
-
-    def ternary(self) -> Ternary:
-        """The ternary values and scales this layer exports (its projection of the latent weight)."""
-        return self.quantizer(self.weight, self.group_size)
-
-    def project(self, weight: torch.Tensor) -> torch.Tensor:
-        """Q(W) de-quantized, in the weight's dtype (no gradient: the STE supplies it)."""
-        ternary = self.quantizer(weight, self.group_size, check_finite=False)
-        return dequantize_ternary(ternary, self.group_size).to(weight.dtype)
+        return cls.wrap(linear, group_size, arenas=arenas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _StraightThrough.apply(self.weight, self.project)
@@ -171,7 +232,7 @@ class QATLinear(nn.Linear):
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}, arenas={self.arenas is not None}"
+        return f"{super().extra_repr()}, arenas={self.arenas is not None}"
 
 
 class SherryLinear(QATLinear):
@@ -179,7 +240,7 @@ class SherryLinear(QATLinear):
     by default; ``group_size=None`` is one scale per output channel."""
 
     method = "sherry"
-    quantizer = staticmethod(sherry_ternarize)
+    projection = "sherry"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int | None = 128, **kw: Any):
         super().__init__(in_features, out_features, bias=bias, group_size=group_size, **kw)
@@ -190,7 +251,7 @@ class TernaryLinear(QATLinear):
     scale per tensor by default (``group_size=None``), or per group of ``group_size`` along K."""
 
     method = "ternary"
-    quantizer = staticmethod(absmean_ternarize)
+    projection = "absmean"
 
 
 @dataclass(frozen=True)
@@ -217,12 +278,38 @@ CONFIGS: dict[str, type[SherryConfig] | type[TernaryConfig]] = dict(
 )
 
 
-def _check_layer(name: str, linear: nn.Linear, config: QATConfig) -> None:
+@dataclass(frozen=True)
+class PTQConfig:
+    """``quantize_`` recipe for post-training projection: every projection computes with, packs and
+    exports the ternary projection of its float weight, with no training. ``projection``: ``sherry``
+    (3:4, the only one ``--format sherry`` can hold) or ``absmean`` (BitNet's dense rule);
+    ``group_size=None`` is one scale per row for ``sherry`` and per tensor for ``absmean``.
+
+    Without quantization-aware training this destroys a pretrained LLM: it is for sizes, speed and
+    baselines, and the exports of such a model say "post-training projection".
+    """
+
+    projection: str = "sherry"
+    group_size: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
+
+
+QuantizeConfig = QATConfig | PTQConfig
+
+
+def _projection(config: QuantizeConfig) -> str:
+    return config.projection if isinstance(config, PTQConfig) else config.module_class.projection
+
+
+def _check_layer(name: str, linear: nn.Linear, config: QuantizeConfig) -> None:
     """Fail before anything is swapped when a layer cannot take the projection."""
-    if isinstance(linear, QATLinear):
-        raise ValueError(f"{name} is already a {type(linear).__name__}; quantize_ a model only once")
+    if hasattr(linear, "ternary"):
+        raise ValueError(f"{name} is already ternary (a {type(linear).__name__}); quantize_ a model only once")
     k = linear.in_features
-    sherry = isinstance(config, SherryConfig)
+    sherry = _projection(config) == "sherry"
     if sherry and k % SHERRY_BLOCK:
         raise ValueError(f"{name}: Sherry needs in_features divisible by {SHERRY_BLOCK}, got {k}")
     try:
@@ -231,27 +318,44 @@ def _check_layer(name: str, linear: nn.Linear, config: QATConfig) -> None:
         raise ValueError(f"{name}: {error}") from None
 
 
-def quantize_(model: nn.Module, config: QATConfig) -> None:
-    """Swap, in place, the q/k/v/o/gate/up/down projections of ``model`` for QAT linears.
+def quantized_linear(
+    linear: nn.Linear, config: QuantizeConfig, schedule: ArenasSchedule | None = None
+) -> ProjectedLinear:
+    """The module :func:`quantize_` puts in place of ``linear``, sharing its parameters. The exporter
+    calls it on the float layers of an unquantized model, one at a time, so a post-training export is
+    this same projection without changing the caller's model."""
+    if isinstance(config, PTQConfig):
+        return ProjectedLinear.wrap(linear, config.group_size, projection=config.projection)
+    return config.module_class.from_linear(linear, config.group_size, schedule)
 
-    Every swapped module shares one :class:`ArenasSchedule` when ``config.arenas`` is set (find it with
-    :func:`arenas_schedule`). The recipe is recorded in ``model.config.sherry_qat`` when the model has a
-    config, so a saved checkpoint says how to rebuild it (:func:`requantize_from_config`).
+
+def quantize_(model: nn.Module, config: QuantizeConfig) -> None:
+    """Swap, in place, the q/k/v/o/gate/up/down projections of ``model`` for ternary linears.
+
+    QAT configs give QAT linears; every swapped module shares one :class:`ArenasSchedule` when
+    ``config.arenas`` is set (find it with :func:`arenas_schedule`). :class:`PTQConfig` gives
+    :class:`ProjectedLinear`. The recipe is recorded in ``model.config`` (``sherry_qat`` or
+    ``sherry_ptq``) when the model has a config, so a saved checkpoint says how to rebuild it
+    (:func:`requantize_from_config`) and a packed one how its weights were made.
     """
-    if not isinstance(config, SherryConfig | TernaryConfig):
-        raise ValueError(f"config must be a SherryConfig or TernaryConfig, got {type(config).__name__}")
+    if not isinstance(config, SherryConfig | TernaryConfig | PTQConfig):
+        raise ValueError(f"config must be a SherryConfig, TernaryConfig or PTQConfig, got {type(config).__name__}")
     linears = quantizable_linears(model)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no q/k/v/o/gate/up/down projections to quantize")
     for name, linear in linears.items():
         _check_layer(name, linear, config)
-    schedule = ArenasSchedule(config.arenas) if config.arenas is not None else None
+    arenas = None if isinstance(config, PTQConfig) else config.arenas
+    schedule = ArenasSchedule(arenas) if arenas is not None else None
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, config.module_class.from_linear(linear, config.group_size, schedule))
+        setattr(parent, child, quantized_linear(linear, config, schedule))
     if hasattr(model, "config"):
-        setattr(model.config, CONFIG_KEY, recipe(config))
+        if isinstance(config, PTQConfig):
+            setattr(model.config, PTQ_KEY, asdict(config))
+        else:
+            setattr(model.config, CONFIG_KEY, recipe(config))
 
 
 def recipe(config: QATConfig) -> dict[str, Any]:
@@ -271,18 +375,28 @@ def config_from_recipe(record: dict[str, Any]) -> QATConfig:
         raise ValueError(f"unreadable {CONFIG_KEY} record {record!r}: {error}") from error
 
 
-def requantize_from_config(model: nn.Module) -> QATConfig | None:
-    """Re-apply the QAT recipe a loaded checkpoint's config records; ``None`` when it has none."""
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if record is None:
+def ptq_from_record(record: dict[str, Any]) -> PTQConfig:
+    """The :class:`PTQConfig` a ``sherry_ptq`` record (or a packed folder's ``projected_with``) names."""
+    try:
+        return PTQConfig(**record)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"unreadable {PTQ_KEY} record {record!r}: {error}") from error
+
+
+def requantize_from_config(model: nn.Module) -> QuantizeConfig | None:
+    """Re-apply the recipe a loaded checkpoint's config records (QAT, or a post-training projection);
+    ``None`` when it records none."""
+    config = getattr(model, "config", None)
+    qat, ptq = getattr(config, CONFIG_KEY, None), getattr(config, PTQ_KEY, None)
+    if qat is None and ptq is None:
         return None
-    config = config_from_recipe(record)
-    quantize_(model, config)
-    return config
+    recorded = config_from_recipe(qat) if qat is not None else ptq_from_record(ptq)
+    quantize_(model, recorded)
+    return recorded
 
 
-def load_qat_model(source: str | Path) -> tuple[nn.Module, QATConfig | None]:
-    """Load a checkpoint saved by ``sherry train`` (or any model) with its recorded QAT recipe re-applied."""
+def load_qat_model(source: str | Path) -> tuple[nn.Module, QuantizeConfig | None]:
+    """Load a checkpoint saved by ``sherry train`` (or any model) with its recorded recipe re-applied."""
     from sherry_export.models import load_causal_lm
 
     model, _ = load_causal_lm(source)

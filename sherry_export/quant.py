@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from sherry_export.errors import check_group_size, check_weight_matrix, num_groups
 from sherry_export.ternary import SHERRY_BLOCK, Ternary
 
-__all__ = ["SHERRY_BLOCK", "Ternary", "absmean_ternarize", "dequantize_ternary", "sherry_ternarize"]
+__all__ = [
+    "SHERRY_BLOCK",
+    "Ternary",
+    "absmean_ternarize",
+    "dequantize_ternary",
+    "quantizable_linears",
+    "sherry_ternarize",
+]
 
 
 def group_reduce(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -94,3 +101,13 @@ def dequantize_ternary(ternary: Ternary, group_size: int | None) -> torch.Tensor
     values, scales = ternary
     k = values.shape[1]
     return values.to(torch.float32) * expand_groups(scales, k, group_size or k)
+
+
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The attention and MLP projections that ternary QAT replaces (not embeddings, norms or the LM head)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names
+    }

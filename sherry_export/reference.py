@@ -15,8 +15,7 @@ from torch import nn
 
 from sherry_export.errors import num_groups
 from sherry_export.formats import ACTIVATION_QMAX
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import Ternary
+from sherry_export.quant import Ternary, quantizable_linears
 
 
 class KernelReferenceLinear(nn.Module):

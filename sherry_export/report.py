@@ -10,8 +10,7 @@ import torch
 from tqdm import tqdm
 
 from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
-from sherry_export.models import quantizable_linears
-from sherry_export.quant import sherry_ternarize
+from sherry_export.quant import quantizable_linears, sherry_ternarize
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

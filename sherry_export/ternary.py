@@ -20,6 +20,11 @@ QAT_METHODS = ("sherry", "ternary")
 PROJECTION_NAMES = ("sherry", "absmean")
 """The post-training projections of float weights (``sherry_export.quant``): Sherry's 3:4 rule and
 BitNet's dense absmean rule."""
+CONFIG_KEY = "sherry_qat"
+"""Attribute of ``model.config`` (so also a key of a saved ``config.json``) recording the QAT recipe
+(``sherry_export.qat.quantize_`` writes it; kept in this leaf because the packed-model writer reads it too)."""
+PTQ_KEY = "sherry_ptq"
+"""Attribute of ``model.config`` recording a post-training projection (``sherry_export.qat.PTQConfig``)."""
 
 
 class Ternary(NamedTuple):

@@ -17,6 +17,7 @@ Checkpoints hold latent full-precision weights under the plain model's parameter
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -321,3 +322,14 @@ def run(cfg: TrainConfig) -> Trainer:
         recipe_text = json.dumps(getattr(model.config, CONFIG_KEY, None))
         print(f"saved {cfg.output} (latent weights; recipe {recipe_text})")
     return trainer
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``sherry train``: the settings from the command line, then :func:`run`."""
+    names = {f for f in TrainConfig.__dataclass_fields__ if f != "extra_args"}
+    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    trainer = run(cfg)
+    final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
+    if final and trainer.is_world_process_zero():
+        print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")
+    return 0

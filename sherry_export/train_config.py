@@ -138,21 +138,9 @@ def _group_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"must be a positive integer, 'channel' or 'tensor', got {text}") from None
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from sherry_export.train import run
-
-    names = {f for f in TrainConfig.__dataclass_fields__ if f != "extra_args"}
-    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
-    trainer = run(cfg)
-    final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
-    if final and trainer.is_world_process_zero():
-        print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sherry train`` to the command line."""
-    from sherry_export.arguments import positive_int, thread_count
+    from sherry_export.arguments import lazy_command, positive_int, thread_count
 
     defaults = TrainConfig()
     parser = subparsers.add_parser(
@@ -210,5 +198,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--save-limit", type=positive_int, default=defaults.save_limit, help="checkpoints kept")
     io.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (0: no)")
     io.add_argument("--eval-batches", type=positive_int, default=defaults.eval_batches)
-    parser.set_defaults(func=cmd_train)
+    parser.set_defaults(func=lazy_command("sherry_export.train", "cmd_train"))
 

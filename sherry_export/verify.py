@@ -25,6 +25,9 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "sherry_export.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 CHECKSUMS_KEY = "checksums"
+MAX_POSITIONS_KEY = "sherry.max_positions"
+"""Metadata of ``model.onnx`` that the exporter writes and the runners read: how many positions the
+rotary caches hold."""
 ALGORITHM = "sha256"
 REEXPORT = "export it again with `sherry export`"
 

@@ -342,6 +342,29 @@ def test_output_folder(tiny, tmp_path):
     assert (manifest["group_size"], manifest["group_size_origin"]) == (32, "export options")
 
 
+@pytest.mark.parametrize(("fmt", "projection"), [("tl2", "sherry"), ("i2s", "absmean")])
+def test_a_post_training_quantized_model_exports_as_the_float_model_does(tiny, tmp_path, fmt, projection):
+    """Post-training projection has one code path: the exporter projects a float model's layers with the
+    modules ``quantize_(model, PTQConfig(...))`` puts in, so both exports are the same file, and both
+    say where the weights come from. The float model is left as it was."""
+    import copy
+
+    from sherry_export.qat import PTQConfig, quantize_
+
+    original = {name: p.clone() for name, p in tiny.named_parameters()}
+    direct = export_model(tiny, tmp_path / "direct", ExportOptions(format=fmt, group_size=32, projection=projection))
+    assert all(torch.equal(p, original[name]) for name, p in tiny.named_parameters())
+    quantized = copy.deepcopy(tiny)
+    quantize_(quantized, PTQConfig(projection, 32))
+    via_quantize = export_model(quantized, tmp_path / "quantized", ExportOptions(format=fmt))
+    manifests = [json.loads((r.out_dir / "sherry_export.json").read_text()) for r in (direct, via_quantize)]
+    assert manifests[0]["checksums"] == manifests[1]["checksums"]
+    assert [m["provenance"] for m in manifests] == ["post-training projection"] * 2
+    assert manifests[1]["group_size"] == 32 and manifests[1]["group_size_origin"] == "checkpoint"
+    fp32 = export_model(quantized, tmp_path / "fp32", ExportOptions(format="fp32"))
+    assert fp32.provenance == "post-training projection"  # its fp32 weights are the projection too
+
+
 def test_qwen2_with_qkv_bias_matches_transformers(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

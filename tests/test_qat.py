@@ -10,10 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from sherry_export.models import quantizable_linears, tiny_llama
+from sherry_export.models import tiny_llama
 from sherry_export.qat import (
     ArenasConfig,
     ArenasSchedule,
+    ProjectedLinear,
+    PTQConfig,
     SherryConfig,
     SherryLinear,
     TernaryConfig,
@@ -26,7 +28,7 @@ from sherry_export.qat import (
     requantize_from_config,
     ternary_layers,
 )
-from sherry_export.quant import absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.quant import absmean_ternarize, dequantize_ternary, quantizable_linears, sherry_ternarize
 
 
 def linear(n: int, k: int, seed: int, bias: bool = True) -> nn.Linear:
@@ -204,12 +206,52 @@ def test_quantized_model_outputs_and_export():
 
 
 @pytest.mark.parametrize(
+    ("config", "rule"), [(PTQConfig("sherry", 32), sherry_ternarize), (PTQConfig("absmean", None), absmean_ternarize)]
+)
+def test_post_training_projection_is_quantize_with_a_ptq_config(config, rule):
+    """quantize_ with a PTQConfig swaps the same projections for modules computing with, and handing on,
+    the projection of their own float weight (shared, not copied), and records the recipe."""
+    model = tiny_llama()
+    before = {name: module.weight for name, module in quantizable_linears(model).items()}
+    keys = list(model.state_dict())
+    quantize_(model, config)
+    swapped = quantizable_linears(model)
+    assert all(type(m) is ProjectedLinear for m in swapped.values()) and not qat_linears(model)
+    assert all(swapped[name].weight is weight for name, weight in before.items())
+    assert list(model.state_dict()) == keys
+    assert model.config.sherry_ptq == {"projection": config.projection, "group_size": config.group_size}
+    for name, module in swapped.items():
+        expected, got = rule(before[name], config.group_size), module.ternary()
+        assert torch.equal(got.values, expected.values) and torch.equal(got.scales, expected.scales)
+    down = swapped["model.layers.1.mlp.down_proj"]
+    x = torch.randn(3, down.in_features)
+    weight = dequantize_ternary(rule(down.weight, config.group_size), config.group_size or down.in_features)
+    torch.testing.assert_close(down(x), F.linear(x, weight), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already ternary"):
+        quantize_(model, SherryConfig())
+    reloaded = tiny_llama()  # a checkpoint of it: latent float weights and the record
+    reloaded.config.sherry_ptq = model.config.sherry_ptq
+    assert requantize_from_config(reloaded) == config
+    assert all(type(m) is ProjectedLinear for m in quantizable_linears(reloaded).values())
+
+
+def test_bad_post_training_configs():
+    with pytest.raises(ValueError, match="unknown projection 'ternary'"):
+        PTQConfig("ternary")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quantize_(model, PTQConfig("sherry", 6))
+    quantize_(model, PTQConfig("absmean", 6))  # dense ternary takes any group size
+    assert model.config.sherry_ptq["group_size"] == 6
+
+
+@pytest.mark.parametrize(
     ("config", "message"),
     [
         (SherryConfig(group_size=256), r"model\.layers\.0\.self_attn\.q_proj: group_size 256 exceeds K=64"),
         (SherryConfig(group_size=6), "multiple of 4"),
         (TernaryConfig(group_size=0), "positive"),
-        ("sherry", "SherryConfig or TernaryConfig"),
+        ("sherry", "SherryConfig, TernaryConfig or PTQConfig"),
     ],
 )
 def test_bad_quantize_requests(config, message):

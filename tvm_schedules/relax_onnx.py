@@ -42,8 +42,8 @@ from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.export.projections import dequantize_nbits
 from sherry_export.formats import PackedWeight
-from sherry_export.generate import MAX_POSITIONS_KEY, ForwardDecoder, OnnxCausalLM
-from sherry_export.verify import verify_model_files
+from sherry_export.generate import ForwardDecoder, OnnxCausalLM
+from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
 

@@ -21,10 +21,10 @@ from tqdm import tqdm
 from sherry_export.compare.run import qat_kind
 from sherry_export.data import bpe_tokenizer, corpus_tokens
 from sherry_export.models import load_tokenizer, resolve_source
-from sherry_export.qat import SherryConfig, TernaryConfig, load_qat_model, quantize_
+from sherry_export.qat import PTQConfig, load_qat_model, quantize_
 from sherry_export.report import markdown_table
 
-PROJECTIONS = {"sherry": SherryConfig(), "ternary": TernaryConfig()}
+PROJECTIONS = {"sherry": PTQConfig("sherry", group_size=128), "ternary": PTQConfig("absmean", group_size=None)}
 
 
 def perplexity(model: torch.nn.Module, tokens: np.ndarray, window: int) -> float:

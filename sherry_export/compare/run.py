@@ -115,14 +115,17 @@ def export_all(
 
 
 def qat_kind(model) -> str:
-    """How a checkpoint's linears were trained, from the recipe its config records (a packed folder
-    keeps it under ``sherry_packed.trained_with``)."""
-    from sherry_export.packed_model import PACKED_KEY
-    from sherry_export.qat import CONFIG_KEY, SherryConfig, config_from_recipe
+    """How a checkpoint's linears were trained (or projected), from the recipe its config records (a
+    packed folder keeps it under ``sherry_packed.trained_with`` or ``projected_with``)."""
+    from sherry_export.packed_model import PACKED_KEY, PROJECTED_WITH, TRAINED_WITH
+    from sherry_export.qat import CONFIG_KEY, PTQ_KEY, SherryConfig, config_from_recipe, ptq_from_record
 
     packed = getattr(model.config, PACKED_KEY, None)
-    record = getattr(model.config, CONFIG_KEY, None) or (packed or {}).get("trained_with")
-    if record is None:
+    record = getattr(model.config, CONFIG_KEY, None) or (packed or {}).get(TRAINED_WITH)
+    projected = getattr(model.config, PTQ_KEY, None) or (packed or {}).get(PROJECTED_WITH)
+    if record is None and projected is not None:
+        kind = f"{ptq_from_record(projected).projection} post-training projection"
+    elif record is None:
         kind = "ternary, training unrecorded" if packed else "full precision"
     else:
         kind = "Sherry QAT" if isinstance(config_from_recipe(record), SherryConfig) else "dense-ternary QAT"
@@ -151,7 +154,11 @@ def evaluations(
         yield evaluate(OnnxCausalLM(folder / "model.onnx", threads=threads), tokenizer, data, fmt, "onnxruntime")
     torch.set_num_threads(threads)
     if config.torch_baseline:
-        label = "PyTorch (QAT model)" if is_quantization_aware(provenance) else "PyTorch float"
+        label = "PyTorch float"
+        if is_quantization_aware(provenance):
+            label = "PyTorch (QAT model)"
+        elif any(hasattr(m, "ternary") for m in model.modules()):  # a projected (e.g. packed) source
+            label = "PyTorch (post-training projection)"
         yield evaluate(TorchCausalLM(model), tokenizer, data, label, "pytorch")
     for path in config.compare_with:
         other, _ = load_qat_model(path)

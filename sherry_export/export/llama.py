@@ -31,10 +31,11 @@ from sherry_export.export.projections import (
     quantize_float_nbits,
 )
 from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, LM_HEADS
-from sherry_export.generate import MAX_POSITIONS_KEY
 from sherry_export.models import SUPPORTED_ARCHITECTURES
-from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
+from sherry_export.qat import PTQConfig, quantized_linear
+from sherry_export.quant import Ternary, dequantize_ternary
 from sherry_export.ternary import PROJECTION_NAMES
+from sherry_export.verify import MAX_POSITIONS_KEY
 
 LM_HEAD_BLOCK = 32
 """Block size when the LM head or the embedding is quantized: small blocks, because the head's error goes
@@ -42,8 +43,6 @@ straight into the logits; one block size for both, so a tied table is stored onc
 EMBED_NODE = "embed"
 LM_HEAD_NODE = "lm_head"
 """Node names of the embedding lookup and the LM head (``sherry_export.export.sizes`` reads them)."""
-PROJECTIONS = dict(zip(PROJECTION_NAMES, (sherry_ternarize, absmean_ternarize), strict=True))
-"""Post-training projections for float linears; quantization-aware modules bring their own ternary."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,8 @@ class ExportOptions:
             raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
+        if self.projection not in PROJECTION_NAMES:
+            raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTION_NAMES)}")
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
@@ -74,16 +73,17 @@ def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
 def linear_projection(module: torch.nn.Module, options: ExportOptions) -> Projection:
     """The weight of one linear layer as the chosen format needs it.
 
-    A quantization-aware module (one with ``ternary()`` and ``group_size``, like ``SherryLinear``)
-    gives its trained ternary weights; a plain ``nn.Linear`` is projected post-training.
+    A ternary module (one with ``ternary()`` and ``group_size``: QAT, packed, or ``quantize_``d with
+    ``PTQConfig``) gives its own ternary weights; a plain ``nn.Linear`` is projected post-training by
+    ``quantize_``'s own module for ``PTQConfig(options.projection, options.group_size)``, made for this
+    layer alone so the caller's model stays float (``sherry compare`` exports it to fp32 too).
     """
     bias = _numpy(getattr(module, "bias", None))
-    if hasattr(module, "ternary"):
-        ternary, group_size = module.ternary(), module.group_size
-    elif options.format == "fp32":
-        return Projection(weight=_numpy(module.weight), bias=bias)
-    else:
-        ternary, group_size = PROJECTIONS[options.projection](module.weight, options.group_size), options.group_size
+    if not hasattr(module, "ternary"):
+        if options.format == "fp32":
+            return Projection(weight=_numpy(module.weight), bias=bias)
+        module = quantized_linear(module, PTQConfig(options.projection, options.group_size))
+    ternary, group_size = module.ternary(), module.group_size
     if options.format == "fp32":
         return Projection(weight=dequantize_ternary(ternary, group_size).numpy(), bias=bias)
     return Projection(
@@ -315,7 +315,7 @@ def emit_lm_head(b: GraphBuilder, x: str, table: Table) -> None:
 
 def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:
     """The ternary weights and group size each projection is exported with (for reference models)."""
-    from sherry_export.models import quantizable_linears
+    from sherry_export.quant import quantizable_linears
 
     ternaries = {}
     for name, module in quantizable_linears(model).items():

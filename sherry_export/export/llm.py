@@ -20,7 +20,7 @@ from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
 from sherry_export.export.sizes import size_split
 from sherry_export.formats import FORMATS
-from sherry_export.models import load_causal_lm, load_tokenizer, quantizable_linears
+from sherry_export.models import load_causal_lm, load_tokenizer
 from sherry_export.provenance import (
     ORIGIN_CHECKPOINT,
     ORIGIN_OPTIONS,
@@ -31,6 +31,7 @@ from sherry_export.provenance import (
     manifest_group_size,
     prepare_checkpoint,
 )
+from sherry_export.quant import quantizable_linears
 from sherry_export.resources import LIBRARY_NAME
 from sherry_export.runtime import get_library_path
 from sherry_export.verify import CHECKSUMS_KEY, MANIFEST_FILE, MODEL_FILE, weight_checksums
@@ -139,10 +140,10 @@ def export_model(
         provenance = checkpoint_provenance(model) if trained else Provenance("float")
         group_size = held_group_size(model) if trained else options.group_size
         source = PreparedSource(provenance, group_size, ORIGIN_CHECKPOINT if trained else ORIGIN_OPTIONS)
-    if source.provenance.trained:  # the weights' own group size, not a flag's, goes into the manifest
+    if source.provenance.holds_ternary:  # the weights' own group size, not a flag's, goes into the manifest
         options = replace(options, group_size=source.options_group_size)
     provenance = source.provenance.label(options.format)
-    carries_groups = source.provenance.trained or options.format != "fp32"
+    carries_groups = source.provenance.holds_ternary or options.format != "fp32"
     options = resolve_embedding(options, tied_embedding(model))  # the manifest records what was exported
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
