@@ -341,7 +341,12 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
   }
 
-  weights_ = AlignedBytes(static_cast<size_t>(ceil_div(g_.n, kTileRows) * tile_bytes_));
+  // Before allocating: the tiles, the four per-group vectors above, and the GEMM's per-thread panel.
+  const int64_t weight_bytes = ceil_div(g_.n, kTileRows) * tile_bytes_;
+  const int64_t panel_bytes = *std::max_element(group_steps_.begin(), group_steps_.end()) * kPanelStepBytes;
+  check_memory_budget(w, static_cast<double>(weight_bytes + 4 * sizeof(int64_t) * groups_ + panel_bytes),
+                      static_cast<double>(row_bytes_));
+  weights_ = AlignedBytes(static_cast<size_t>(weight_bytes));
   if (lut_format()) repack_lut(w);
   else repack_i2s(w);
 }
@@ -850,11 +855,13 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
 
 }  // namespace
 
-std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w) {
+std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined) {
   // The dispatcher may run on any x86-64; without these instructions the scalar kernel takes over.
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
+    if (declined) *declined = "this CPU lacks avx2, fma or f16c";
     return nullptr;
-  return std::make_unique<Avx2Kernel>(w);
+  }
+  return make_or_decline<Avx2Kernel>(w, declined);
 }
 
 }  // namespace sherry
