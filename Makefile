@@ -12,7 +12,7 @@ EDITABLE := --no-build-isolation -e
 SHERRY_TVM ?= AUTO
 BUILD_FLAGS := -C cmake.define.SHERRY_TVM=$(SHERRY_TVM)
 
-.PHONY: setup lib test test-fast demo lint asan ctest wheel clean
+.PHONY: setup lib test test-fast demo lint asan asan-lib ctest fuzz fuzz-asan wheel clean
 
 setup: $(SETUP_STAMP)
 
@@ -54,13 +54,29 @@ ASAN_BUILD_DIR := build/custom_ops-asan
 # The op tests against an AddressSanitizer + UBSan build of the library. Python itself is not
 # instrumented, so the sanitizer runtimes are preloaded; leak checking would report Python's own
 # allocations.
-asan: $(SETUP_STAMP)
+ASAN_LIB := $(CURDIR)/$(ASAN_BUILD_DIR)/libsherry_ops.so
+ASAN_RUN := SHERRY_OPS_LIBRARY=$(ASAN_LIB) \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0
+
+asan-lib: $(SETUP_STAMP)
 	cmake -S custom_ops -B $(ASAN_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
 		-DPython_EXECUTABLE=$(CURDIR)/$(PY) -DSHERRY_TVM=$(SHERRY_TVM)
 	cmake --build $(ASAN_BUILD_DIR) -j 2
-	SHERRY_OPS_LIBRARY=$(CURDIR)/$(ASAN_BUILD_DIR)/libsherry_ops.so \
-		LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
-		ASAN_OPTIONS=detect_leaks=0 $(PY) -m pytest -q tests/test_custom_ops.py
+
+asan: asan-lib
+	$(ASAN_RUN) $(PY) -m pytest -q tests/test_custom_ops.py
+
+# The fuzz harness (sherry_export/fuzz.py): CASES seeded mutations of single-node models, each run
+# in a child process with a time and a memory limit, counted per outcome. Anything but a correct
+# answer or a clean error is a failure, and its reproducer goes to tests/fuzz_corpus/.
+CASES ?= 10000
+SEED ?= 1
+fuzz: lib
+	$(PY) -m sherry_export.fuzz --cases $(CASES) --seed $(SEED)
+
+fuzz-asan: asan-lib
+	$(ASAN_RUN) $(PY) -m sherry_export.fuzz --cases $(CASES) --seed $(SEED) --library $(ASAN_LIB)
 
 # The kernel check driver (custom_ops/tests/kernel_check.cc: every SIMD path x format against the
 # scalar kernel) under ASan + UBSan, through ctest; well under a minute.

@@ -26,6 +26,13 @@ SCALE_DTYPE = np.float16
 """Stored scale type: one IEEE half per (row, group)."""
 SCALE_BITS = 16
 
+ACTIVATION_QMAX = 127
+"""Activations are quantized to int8 in [-127, 127] per row and scale group."""
+INT32_MAX = 2**31 - 1
+MAX_GROUP_SIZE = INT32_MAX // ACTIVATION_QMAX
+"""The longest scale group (16,909,320 columns): its exact dot product Σ t·xq reaches 127 x its length
+and must fit the int32 every kernel accumulates it in (docs/formats.md, "Scale groups")."""
+
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -148,18 +155,17 @@ def tl2_columns(k: int, group_size: int) -> np.ndarray:
     the group length L, the group's last triple is padded with zero lanes, so no triple straddles
     two scales.
     """
-    columns = []
-    for start in range(0, k, group_size):
-        length = min(group_size, k - start)
-        group = np.full(3 * _ceil_div(length, 3), -1, np.int64)
-        group[:length] = np.arange(start, start + length)
-        columns.append(group)
-    return np.concatenate(columns)
+    full, rest = divmod(k, group_size)
+    lane = np.arange(3 * _ceil_div(group_size, 3))  # lanes of a whole group, padding included
+    whole = np.where(lane < group_size, np.arange(full)[:, None] * group_size + lane, -1).ravel()
+    last = np.full(3 * _ceil_div(rest, 3), -1, np.int64)
+    last[:rest] = np.arange(full * group_size, k)
+    return np.concatenate([whole.astype(np.int64), last])
 
 
 def tl2_triples(k: int, group_size: int) -> int:
-    """TL2 triples in a row."""
-    return sum(_ceil_div(min(group_size, k - start), 3) for start in range(0, k, group_size))
+    """TL2 triples in a row: ceil(group_size/3) per whole group plus those of a short last group (O(1) in K)."""
+    return (k // group_size) * _ceil_div(group_size, 3) + _ceil_div(k % group_size, 3)
 
 
 TL2_WEIGHTS = np.array([9, 3, 1], np.int8)
@@ -199,6 +205,14 @@ def _tl2_decode(data: np.ndarray, k: int, group_size: int) -> np.ndarray:
         raise ValueError("corrupt tl2 data: a code's index exceeds 13 or is a negative zero")
     lanes = TL2_DECODE[codes].reshape(data.shape[0], -1)
     columns = tl2_columns(k, group_size)
+    padding = lanes[:, columns < 0]
+    if padding.any():
+        row, lane = (int(i) for i in np.argwhere(padding)[0])
+        triple = int(np.flatnonzero(columns < 0)[lane]) // 3
+        raise ValueError(
+            f"corrupt tl2 data: row {row}, triple {triple} has a non-zero padding lane "
+            "(the lanes past a scale group's end must decode to 0)"
+        )
     return lanes[:, columns >= 0]
 
 
@@ -227,7 +241,13 @@ class WeightFormat:
         """Validate K and group_size for this format; return the resolved group size."""
         if k <= 0 or k % self.k_multiple:
             raise ValueError(f"format {self.name!r} needs K divisible by {self.k_multiple}, got K={k}")
-        return check_group_size(group_size, k, multiple_of=self.group_multiple)
+        group_size = check_group_size(group_size, k, multiple_of=self.group_multiple)
+        if group_size > MAX_GROUP_SIZE:
+            raise ValueError(
+                f"group_size must be at most {MAX_GROUP_SIZE} (127 x group_size must fit the int32 dot product of a "
+                f"scale group), got {group_size}; use smaller scale groups"
+            )
+        return group_size
 
 
 FORMATS: dict[str, WeightFormat] = {
@@ -372,9 +392,6 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
     return values.numpy().astype(np.float32) * alpha
 
 
-ACTIVATION_QMAX = 127
-
-
 def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The kernels' activation numerics: int8 per row and per weight scale group.
 
@@ -392,7 +409,7 @@ def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     inv = np.divide(np.float32(ACTIVATION_QMAX), amax, out=np.zeros_like(amax), where=amax > 0)
     xq = np.clip(np.rint(np.where(finite[..., None], grouped, 0) * inv[..., None]), -ACTIVATION_QMAX, ACTIVATION_QMAX)
     scales = np.where(finite, amax / np.float32(ACTIVATION_QMAX), np.float32(np.nan)).astype(np.float32)
-    return xq.astype(np.int8).reshape(m, -1)[:, :k], scales
+    return xq.astype(np.int8).reshape(m, groups * group_size)[:, :k], scales  # explicit: m may be 0
 
 
 def reference_matmul(

@@ -23,9 +23,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
+from sherry_export.formats import FORMATS, MAX_GROUP_SIZE, PackedWeight, pack, reference_matmul, unpack
 from sherry_export.onnx_ops import matmul_model
-from sherry_export.quant import absmean_ternarize, sherry_ternarize
+from sherry_export.quant import Ternary, absmean_ternarize, sherry_ternarize
 from sherry_export.runtime import (
     KERNEL_CONFIG_KEY,
     KernelPath,
@@ -420,6 +420,70 @@ def test_non_finite_activations_give_nan_rows(fmt: str, path: KernelPath) -> Non
         finite = ~np.isnan(want)
         np.testing.assert_allclose(y[finite], want[finite], atol=TOLERANCE * np.abs(want[finite]).max(initial=1.0))
     assert np.isnan(expected[1]).all() and np.isnan(expected[2]).all() and np.isfinite(expected[[0, 3]]).all()
+
+
+# --- hostile geometry: long scale groups, tiny scale groups ----------------------------------------
+
+
+def all_plus_one_i2s(k: int) -> onnx.ModelProto:
+    """One row of K i2s weights, all +1, in one scale group of scale 1: y = 127·K·(1/127) for A = ones.
+
+    Built from bytes (every 2-bit code 2), so that a group size the packer refuses can be tried.
+    """
+    packed = pack("i2s", Ternary(np.ones((1, 4), np.int8), np.ones((1, 1), np.float32)), 4)  # type: ignore[arg-type]
+    model = matmul_model(packed)
+    replace_initializer(model, f"{NODE}.B", np.full((1, -(-k // 4)), 0xAA, np.uint8))
+    for name in ("K", "group_size"):
+        set_attribute(model, name, k)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value = k
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 1
+    return model
+
+
+def test_longest_scale_group_is_exact_and_one_more_is_refused() -> None:
+    """127 x MAX_GROUP_SIZE is the largest dot product int32 holds: the longest group gives it exactly
+    (auto falls back to scalar there: the SIMD layouts of one 16.9M-column row are over their memory
+    budget); one column more is refused when the session is created, naming the bound."""
+    assert 127 * MAX_GROUP_SIZE <= 2**31 - 1 < 127 * (MAX_GROUP_SIZE + 1)
+    session = make_session(all_plus_one_i2s(MAX_GROUP_SIZE))
+    y = session.run(None, {"A": np.ones((1, MAX_GROUP_SIZE), np.float32)})[0]
+    assert y[0, 0] == np.float32(MAX_GROUP_SIZE)
+    with pytest.raises(Exception, match=re.escape(f"group_size must be at most {MAX_GROUP_SIZE}") + ".*got 16909321"):
+        make_session(all_plus_one_i2s(MAX_GROUP_SIZE + 1))
+
+
+def test_tl2_nonzero_padding_lane_is_rejected_by_python_and_the_op() -> None:
+    """K = 4, one group: triples (0, 1, 2) and (3, pad, pad). Code 1 (v = 1: lanes 0, 0, +1) puts a +1
+    in a padding lane of the second triple; the reference and the op must both refuse it."""
+    packed = pack("tl2", Ternary(np.ones((1, 4), np.int8), np.ones((1, 1), np.float32)), 4)  # type: ignore[arg-type]
+    data = packed.data.copy()
+    data[0, 0] = (data[0, 0] & 0x0F) | 0x10  # the second code's index nibble: 1
+    bad = PackedWeight("tl2", data, packed.scales, 4, 4)
+    with pytest.raises(ValueError, match="row 0, triple 1 has a non-zero padding lane"):
+        unpack(bad)
+    with pytest.raises(Exception, match=re.escape("corrupt tl2 weights: row 0 holds an invalid code")):
+        make_session(matmul_model(bad))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_tiny_scale_groups_stay_within_the_memory_budget(path: KernelPath, capfd: pytest.CaptureFixture[str]) -> None:
+    """tl2 with group_size 1 pads every column to whole SIMD pieces with tables of their own: the SIMD
+    layouts would take 148-256 bytes of workspace per 4-byte input column. Auto falls back to the
+    scalar kernel; a forced SIMD path is refused with the sizes."""
+    k = 4096
+    packed = pack("tl2", absmean_ternarize(torch.randn(1, k), 1), 1)
+    x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
+    y = make_session(matmul_model(packed), kernel="auto", report_kernel=True).run(None, {"A": x})[0]
+    assert "uses the scalar kernel" in capfd.readouterr().err
+    check_against_reference(y, reference_matmul(x, packed, activations="int8"))
+    try:
+        make_session(matmul_model(packed), kernel=path)
+    except Exception as e:  # onnxruntime raises its own exception classes
+        if "this CPU lacks" in str(e):
+            pytest.skip(str(e))
+        assert re.search(r"its layout would take [\d.]+ MB of workspace per row of A, over its budget", str(e))
+    else:
+        pytest.fail(f"the {path} kernel took tl2 weights with group_size 1")
 
 
 # --- the tvm path: every kernel of the committed tuning database --------------------------------

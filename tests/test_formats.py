@@ -10,12 +10,15 @@ from hypothesis import strategies as st
 
 from sherry_export.formats import (
     FORMATS,
+    MAX_GROUP_SIZE,
     PackedWeight,
     dequantize,
     get_format,
     pack,
     quantize_activations,
     reference_matmul,
+    tl2_columns,
+    tl2_triples,
     unpack,
 )
 from sherry_export.quant import Ternary, absmean_ternarize, dequantize_ternary, sherry_ternarize
@@ -224,3 +227,33 @@ def test_corrupt_data_is_rejected():
         PackedWeight("sherry", good.data[:, :-1], good.scales, 12, 12)
     with pytest.raises(ValueError, match="float16"):
         PackedWeight("sherry", good.data, good.scales.astype(np.float32), 12, 12)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_group_size_bound(fmt):
+    """The longest scale group keeps 127 x its length inside int32; one column more (four for Sherry) is refused."""
+    assert 127 * MAX_GROUP_SIZE <= 2**31 - 1 < 127 * (MAX_GROUP_SIZE + 1)
+    assert get_format(fmt).check_geometry(MAX_GROUP_SIZE, MAX_GROUP_SIZE) == MAX_GROUP_SIZE
+    step = 4 if fmt == "sherry" else 1
+    too_long = MAX_GROUP_SIZE + step
+    with pytest.raises(ValueError, match=f"group_size must be at most {MAX_GROUP_SIZE} .* got {too_long}"):
+        get_format(fmt).check_geometry(too_long, too_long)
+    # Many groups are fine, however long the row.
+    assert get_format(fmt).check_geometry(4 * MAX_GROUP_SIZE, 128) == 128
+
+
+def test_tl2_triples_is_closed_form():
+    """tl2_triples is O(1) (a hostile K of 10^18 returns at once) and counts what tl2_columns lays out."""
+    for k in range(1, 40):
+        for gs in range(1, k + 1):
+            assert tl2_triples(k, gs) == len(tl2_columns(k, gs)) // 3
+    assert tl2_triples(10**18, 1) == 10**18
+    assert tl2_triples(10**18, 10**18 - 1) == (10**18 - 1 + 2) // 3 + 1
+
+
+def test_tl2_nonzero_padding_lane_is_rejected():
+    """K = 5, group 5: triples (0, 1, 2), (3, 4, pad); code 1 (lanes 0, 0, +1) puts +1 in the padding lane."""
+    packed = pack("tl2", Ternary(torch.zeros(2, 5, dtype=torch.int8), torch.ones(2, 1)), 5)
+    packed.data[1, 0] |= 0x10  # row 1, triple 1: index 1
+    with pytest.raises(ValueError, match="row 1, triple 1 has a non-zero padding lane"):
+        unpack(packed)

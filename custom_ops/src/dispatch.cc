@@ -53,16 +53,16 @@ CpuReport probe_cpu() {
   return report;
 }
 
-using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&);
+using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&, std::string* declined);
 
 Factory factory(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return make_avx512_kernel;
     case KernelPath::kAVX2: return make_avx2_kernel;
-    case KernelPath::kTVM: return [](const PackedWeights& w) { return make_tvm_kernel(w, false); };
+    case KernelPath::kTVM: return [](const PackedWeights& w, std::string*) { return make_tvm_kernel(w, false); };
     case KernelPath::kScalar: break;
   }
-  return make_scalar_kernel;
+  return [](const PackedWeights& w, std::string*) { return make_scalar_kernel(w); };
 }
 
 std::string describe(const PackedWeights& w) {
@@ -99,10 +99,12 @@ std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRe
     if (!lacking.empty())
       throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
                                ") but this CPU lacks " + lacking);
-    std::unique_ptr<MatMulKernel> kernel = factory(path)(w);
+    std::string declined;
+    std::unique_ptr<MatMulKernel> kernel = factory(path)(w, &declined);
     if (!kernel)
       throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
                                ") but it does not support " + describe(w) +
+                               (declined.empty() ? "" : " (" + declined + ")") +
                                (path == KernelPath::kTVM
                                     ? " (the library has no tuned TVM kernel for this shape that this CPU can run: "
                                       "tune it with `sherry tune` and rebuild, see docs/tvm.md)"
@@ -113,7 +115,7 @@ std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRe
   if (std::unique_ptr<MatMulKernel> kernel = make_tvm_kernel(w, /*only_if_faster=*/true)) return kernel;
   for (KernelPath path : {KernelPath::kAVX512, KernelPath::kAVX2}) {
     if (!missing_cpu_features(path).empty()) continue;
-    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w)) return kernel;
+    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w, nullptr)) return kernel;
   }
   return make_scalar_kernel(w);
 }

@@ -28,7 +28,8 @@ KernelRequest parse_kernel_request(const std::string& value, const std::string& 
 // `sherry tune --verify` timed it faster than the hand-written one as onnxruntime nodes, hot and
 // cold; else it tries avx512, then avx2 (each only if
 // the CPU has it), then scalar.
-// A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights.
+// A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights
+// (for instance because its layout of them would be over the memory budget in kernel.h).
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.
 std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request);
 

@@ -23,10 +23,16 @@ inline const char* format_name(Format f) {
   return "?";
 }
 
-inline constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (which overflows for a K near INT64_MAX).
+inline constexpr int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 constexpr int kSherryBlock = 4;     // weights per Sherry block (exactly one zero)
 constexpr int kActivationQmax = 127;
+
+// The longest scale group a kernel may take (docs/formats.md, "Scale groups"): a group's exact dot
+// product sum(t * xq) reaches 127 * length in magnitude and must fit int32, because every kernel
+// accumulates it there. 16,909,320 columns; past that the dot product would wrap around silently.
+constexpr int64_t kMaxGroupSize = std::numeric_limits<int32_t>::max() / kActivationQmax;
 
 // Shape of one packed weight [N, K] with scale groups of `group_size` along K (the last may be short).
 struct Geometry {
@@ -42,10 +48,10 @@ struct Geometry {
 // then ceil(C/8) sign bytes (code c's sign is bit c%8 of byte c/8).
 inline int64_t code5_row_bytes(int64_t codes) { return ceil_div(codes, 2) + ceil_div(codes, 8); }
 
+// Triples in a row: ceil(group_size / 3) per whole group, plus those of a short last group. O(1),
+// so a huge K in a hostile model costs nothing before the tensor shapes rule it out.
 inline int64_t tl2_triples(int64_t k, int64_t group_size) {
-  int64_t triples = 0;
-  for (int64_t start = 0; start < k; start += group_size) triples += ceil_div(std::min(group_size, k - start), 3);
-  return triples;
+  return (k / group_size) * ceil_div(group_size, 3) + ceil_div(k % group_size, 3);
 }
 
 inline int64_t row_bytes(Format f, int64_t k, int64_t group_size) {
@@ -63,6 +69,9 @@ inline std::string check_geometry(Format f, int64_t n, int64_t k, int64_t group_
   if (k <= 0) return "K must be positive, got " + std::to_string(k);
   if (group_size <= 0 || group_size > k)
     return "group_size must be in [1, K=" + std::to_string(k) + "], got " + std::to_string(group_size);
+  if (group_size > kMaxGroupSize)
+    return "group_size must be at most " + std::to_string(kMaxGroupSize) + " (127 x group_size must fit the int32 " +
+           "dot product of a scale group), got " + std::to_string(group_size) + "; use smaller scale groups";
   if (f == Format::kSherry && (k % kSherryBlock || group_size % kSherryBlock))
     return "sherry needs K and group_size divisible by 4, got K=" + std::to_string(k) +
            ", group_size=" + std::to_string(group_size);

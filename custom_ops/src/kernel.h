@@ -14,7 +14,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "formats.h"
@@ -67,11 +69,70 @@ struct PackedWeights {
   const uint16_t* scales;  // [N, groups] IEEE half
 };
 
-// Each factory repacks the weights; it returns nullptr when this path cannot take the geometry
-// (the dispatcher then falls back) and throws std::runtime_error on corrupt codes.
+// What a SIMD path may allocate for one node, relative to what the model and the input already
+// hold: its private weights (plus the per-thread scratch its prefill decodes weights into) at most
+// kMaxWeightExpansion x the canonical packed bytes and scales, plus kWeightSlack (small matrices are
+// padded to whole tiles); a prepared activation row at most kMaxActivationExpansion x the row's
+// float32 input, plus kActivationSlack. Tiny scale groups are what breaks these: every group is
+// padded to whole SIMD pieces and gets its own tables and scales (tl2 with group_size 1 on AVX2
+// took 37 bytes of workspace per input byte). The scalar kernel (one byte per weight, four per
+// scale, about five bytes of workspace per column) is the fallback and always fits.
+constexpr double kMaxWeightExpansion = 4;
+constexpr double kWeightSlack = 16.0 * (1 << 20);
+constexpr double kMaxActivationExpansion = 8;
+constexpr double kActivationSlack = 64.0 * (1 << 10);
+
+// Thrown by a SIMD kernel's constructor, before it allocates, when its layout is over the budget;
+// its factory turns it into a decline (nullptr and the reason).
+class KernelDeclined : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Throws KernelDeclined when `weight_bytes` (private weights and per-thread scratch) or
+// `activation_row_bytes` exceed the budget above.
+inline void check_memory_budget(const PackedWeights& w, double weight_bytes, double activation_row_bytes) {
+  const Geometry& g = w.geometry;
+  const double canonical = static_cast<double>(g.n) *
+                           static_cast<double>(row_bytes(w.format, g.k, g.group_size) + 2 * g.groups());
+  const double weight_limit = kMaxWeightExpansion * canonical + kWeightSlack;
+  const double input_row = 4.0 * static_cast<double>(g.k);
+  const double row_limit = kMaxActivationExpansion * input_row + kActivationSlack;
+  char message[256];
+  if (weight_bytes > weight_limit)
+    std::snprintf(message, sizeof message,
+                  "its layout would take %.1f MB of weights and scratch, over its budget of %.1f MB = %g x the "
+                  "%.1f MB of packed weights and scales + %g MiB",
+                  weight_bytes / 1e6, weight_limit / 1e6, kMaxWeightExpansion, canonical / 1e6,
+                  kWeightSlack / (1 << 20));
+  else if (activation_row_bytes > row_limit)
+    std::snprintf(message, sizeof message,
+                  "its layout would take %.1f MB of workspace per row of A, over its budget of %.1f MB = %g x the "
+                  "%.1f MB float32 row + %g KiB",
+                  activation_row_bytes / 1e6, row_limit / 1e6, kMaxActivationExpansion, input_row / 1e6,
+                  kActivationSlack / (1 << 10));
+  else
+    return;
+  throw KernelDeclined(message);
+}
+
+// Builds Kernel(w), or returns nullptr with the reason in *declined (when given) if it declines.
+template <class Kernel>
+std::unique_ptr<MatMulKernel> make_or_decline(const PackedWeights& w, std::string* declined) {
+  try {
+    return std::make_unique<Kernel>(w);
+  } catch (const KernelDeclined& e) {
+    if (declined) *declined = e.what();
+    return nullptr;
+  }
+}
+
+// Each factory repacks the weights; it returns nullptr when this path cannot take the geometry,
+// with the reason in *declined when that is not null (the dispatcher then falls back), and throws
+// std::runtime_error on corrupt codes.
 std::unique_ptr<MatMulKernel> make_scalar_kernel(const PackedWeights& w);
-std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w);
-std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w);
+std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined);
+std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined);
 // The TVM-tuned kernel (kernel_tvm.cc) for these exact weights, if the library was built with one
 // this CPU can run; with only_if_faster, only if the tuning database measured it faster than the
 // hand-written kernel of its ISA.

@@ -294,31 +294,49 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
   if (!bad.empty()) throw std::runtime_error(std::string("avx2 ") + format_name(format_) + " kernel: " + bad);
 
   // Units per group, padded so a group is a whole number of LUT pairs (sherry), of 4 triples
-  // (tl2: 12 lanes = 3 GEMM dwords) or of 16-weight i2s units.
-  int64_t offset = 0;
-  for (int64_t g = 0; g < groups_; ++g) {
-    const int64_t length = g_.group_length(g);
-    int64_t units;
+  // (tl2: 12 lanes = 3 GEMM dwords) or of 16-weight i2s units, and their bytes in a tile.
+  const auto units_of = [&](int64_t length) -> int64_t {
     switch (format_) {
-      case Format::kSherry: units = ceil_div(length / kSherryBlock, 2) * 2; break;
-      case Format::kTL2: units = ceil_div(ceil_div(length, 3), 4) * 4; break;
-      default: units = ceil_div(length, kI2SUnitLanes); break;
+      case Format::kSherry: return ceil_div(length / kSherryBlock, 2) * 2;
+      case Format::kTL2: return ceil_div(ceil_div(length, 3), 4) * 4;
+      default: return ceil_div(length, kI2SUnitLanes);
     }
-    units_.push_back(units);
-    group_steps_.push_back(units * unit_lanes_ / 4);
-    lane_begin_.push_back(units_total_ * unit_lanes_);
-    group_offset_.push_back(offset);
-    units_total_ += units;
-    offset += kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * 32 + units * 16 : units * 128);
-  }
+  };
+  const auto group_bytes = [&](int64_t units) {
+    return kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * 32 + units * 16 : units * 128);
+  };
+  // Every group but the last is full, so the sizes follow in closed form, and the memory budget is
+  // checked before anything proportional to the number of groups is allocated.
+  const int64_t full_units = units_of(g_.group_size), last_units = units_of(g_.group_length(groups_ - 1));
+  units_total_ = (groups_ - 1) * full_units + last_units;
   lanes_ = units_total_ * unit_lanes_;
-  tile_bytes_ = offset;
+  tile_bytes_ = (groups_ - 1) * group_bytes(full_units) + group_bytes(last_units);
 
   // Workspace: 4 bytes of slack after xq, because a tl2 table build reads a dword at every triple.
   xsum_offset_ = round_up_64(static_cast<size_t>(lanes_) + 4);
   scale_offset_ = xsum_offset_ + round_up_64(sizeof(int32_t) * static_cast<size_t>(groups_));
   lut_offset_ = scale_offset_ + round_up_64(sizeof(float) * static_cast<size_t>(groups_));
   row_bytes_ = lut_offset_ + (lut_format() ? static_cast<size_t>(units_total_) * 32 : 0);
+
+  // The tiles, the four per-group vectors below, and the GEMM's per-thread panel of a full group.
+  const int64_t weight_bytes = ceil_div(g_.n, kTileRows) * tile_bytes_;
+  const int64_t metadata_bytes = 4 * static_cast<int64_t>(sizeof(int64_t)) * groups_;
+  const int64_t panel_bytes = full_units * unit_lanes_ / 4 * kPanelStepBytes;
+  check_memory_budget(w, static_cast<double>(weight_bytes + metadata_bytes + panel_bytes),
+                      static_cast<double>(row_bytes_));
+
+  for (std::vector<int64_t>* v : {&units_, &group_steps_, &lane_begin_, &group_offset_})
+    v->reserve(static_cast<size_t>(groups_));
+  int64_t units_before = 0, offset = 0;
+  for (int64_t g = 0; g < groups_; ++g) {
+    const int64_t units = g + 1 < groups_ ? full_units : last_units;
+    units_.push_back(units);
+    group_steps_.push_back(units * unit_lanes_ / 4);
+    lane_begin_.push_back(units_before * unit_lanes_);
+    group_offset_.push_back(offset);
+    units_before += units;
+    offset += group_bytes(units);
+  }
 
   if (lut_format()) {
     // build_lut's hadd puts entry e of the result at position e when pattern dword d of table 0
@@ -341,7 +359,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
   }
 
-  weights_ = AlignedBytes(static_cast<size_t>(ceil_div(g_.n, kTileRows) * tile_bytes_));
+  weights_ = AlignedBytes(static_cast<size_t>(weight_bytes));
   if (lut_format()) repack_lut(w);
   else repack_i2s(w);
 }
@@ -850,11 +868,13 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
 
 }  // namespace
 
-std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w) {
+std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined) {
   // The dispatcher may run on any x86-64; without these instructions the scalar kernel takes over.
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
+    if (declined) *declined = "this CPU lacks avx2, fma or f16c";
     return nullptr;
-  return std::make_unique<Avx2Kernel>(w);
+  }
+  return make_or_decline<Avx2Kernel>(w, declined);
 }
 
 }  // namespace sherry

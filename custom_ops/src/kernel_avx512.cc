@@ -222,6 +222,14 @@ struct Plan {
   }
 };
 
+// Cache lines for `weight_bytes` of private weights, once check_memory_budget has accepted them,
+// the per-thread `scratch_bytes` and the plan's prepared activation row.
+inline size_t budgeted_lines(const PackedWeights& w, const Plan& plan, size_t weight_bytes, size_t scratch_bytes) {
+  check_memory_budget(w, static_cast<double>(weight_bytes) + static_cast<double>(scratch_bytes),
+                      static_cast<double>(plan.act_row_bytes));
+  return (weight_bytes + sizeof(Line) - 1) / sizeof(Line);
+}
+
 // Writes y rows [0, rows) of tile t (masked lanes only) from running sums ysum[row][16] + bias.
 inline void store_tile(const float* ysum, size_t ysum_stride, int64_t rows, int64_t t, __mmask16 mask,
                        const float* bias, float* y, int64_t n) {
@@ -413,8 +421,10 @@ Code5Kernel<F>::Code5Kernel(const PackedWeights& w)
       blocks_(ceil_div(plan_.tiles, kBlockTiles)),
       superblock_(superblock_blocks(blocks_)),
       lut_(make_lut_constants<F>()),
-      weights_(ceil_div(static_cast<int64_t>(plan_.tile_wbytes) *
-                            ((blocks_ - 1) * kBlockTiles + block_alloc(blocks_ - 1)), 64)) {
+      weights_(budgeted_lines(w, plan_,
+                              plan_.tile_wbytes * static_cast<size_t>((blocks_ - 1) * kBlockTiles +
+                                                                      block_alloc(blocks_ - 1)),
+                              0)) {
   // Chunks of about 16 pieces (4 KiB of tables per row of A); a lone block reuses no tables, so
   // it takes K in one chunk.
   const int64_t kChunkPieces = superblock_ > 1 ? 16 : std::numeric_limits<int64_t>::max();
@@ -720,14 +730,23 @@ void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int6
 
 constexpr size_t kI2SPieceBytes = 64;
 constexpr int kPrefillTiles = 2;     // i2s prefill: tiles decoded together (one micro-kernel column each)
+constexpr size_t kPrefillBufferBytes = 24 * 1024;  // i2s prefill: decoded weight block target (L1)
 constexpr size_t kI2SActPieceBytes = 16;  // planes as dwords: dword p = xq of lane p of blocks 0..3
+// Pieces after which the decode folds its plane accumulators: plane p holds sum(4^p (w+1) xq),
+// up to 4 * 2 * 64 * 127 = 65,024 per piece for p = 3, which must not leave int32 before the shift
+// by 2p scales it back (33,025 pieces would). Only groups longer than 262,144 columns fold more than
+// once.
+constexpr int64_t kI2SFoldPieces = 16384;
 
 class I2SKernel final : public MatMulKernel {
  public:
   explicit I2SKernel(const PackedWeights& w)
       : plan_(w.geometry, 16, kI2SActPieceBytes, true,
               [](int64_t pieces) { return static_cast<size_t>(pieces) * kI2SPieceBytes; }),
-        weights_(ceil_div(static_cast<int64_t>(plan_.tile_wbytes * plan_.tiles), 64)) {
+        weights_(budgeted_lines(w, plan_, plan_.tile_wbytes * static_cast<size_t>(plan_.tiles),
+                                // prefill_tiles's decoded planes: one group's at least
+                                std::max<size_t>(kPrefillBufferBytes, static_cast<size_t>(plan_.pieces_full) *
+                                                                          4 * kPrefillTiles * sizeof(Line)))) {
     repack(w);
   }
 
@@ -815,7 +834,8 @@ void I2SKernel::prepare_row(const float* a_row, uint8_t* ws) const {
 }
 
 // Batch 1..4: each piece decoded in registers (plane p = code & (3 << 2p), no shifts) and applied
-// to MB rows of A; one accumulator per plane, scaled back by 4^-p at the group end.
+// to MB rows of A; one accumulator per plane, scaled back by 4^-p into plane 0's at the group end
+// (and every kI2SFoldPieces pieces).
 template <int MB>
 void I2SKernel::decode_tile(const uint8_t* ws, int64_t t, float* ysum) const {
   const size_t stride = plan_.act_row_bytes;
@@ -828,22 +848,28 @@ void I2SKernel::decode_tile(const uint8_t* ws, int64_t t, float* ysum) const {
       acc[i][0] = _mm512_set1_epi32(plan_.corrections(ws + i * stride)[gi]);
       for (int p = 1; p < 4; ++p) acc[i][p] = _mm512_setzero_si512();
     }
-    for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces; ++piece, w += kI2SPieceBytes) {
-      const __m512i codes = _mm512_loadu_si512(w);
+    for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces;) {
+      for (const int64_t end = std::min(pieces, piece + kI2SFoldPieces); piece < end; ++piece, w += kI2SPieceBytes) {
+        const __m512i codes = _mm512_loadu_si512(w);
 #pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        const __m512i plane = _mm512_and_si512(codes, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
-        for (int i = 0; i < MB; ++i)
-          acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], plane, broadcast_dword(act[i] + piece * kI2SActPieceBytes + 4 * p));
+        for (int p = 0; p < 4; ++p) {
+          const __m512i plane = _mm512_and_si512(codes, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+          for (int i = 0; i < MB; ++i)
+            acc[i][p] =
+                _mm512_dpbusd_epi32(acc[i][p], plane, broadcast_dword(act[i] + piece * kI2SActPieceBytes + 4 * p));
+        }
       }
+      // Planes 1-3 go into plane 0's accumulator, exactly scaled back; plane 0 may wrap (the exact
+      // group sum fits int32), a plane scaled by 4^p may not before its shift.
+      for (int i = 0; i < MB; ++i)
+        for (int p = 1; p < 4; ++p) {
+          acc[i][0] = _mm512_add_epi32(acc[i][0], _mm512_srai_epi32(acc[i][p], 2 * p));
+          acc[i][p] = _mm512_setzero_si512();
+        }
     }
     const __m512 alpha = load_alpha(w);
     w += kAlphaBytes;
-    for (int i = 0; i < MB; ++i) {
-      __m512i dot = acc[i][0];
-      for (int p = 1; p < 4; ++p) dot = _mm512_add_epi32(dot, _mm512_srai_epi32(acc[i][p], 2 * p));
-      accumulate_group(ysum + i * kTileRows, dot, alpha, plan_.scales(ws + i * stride)[gi]);
-    }
+    for (int i = 0; i < MB; ++i) accumulate_group(ysum + i * kTileRows, acc[i][0], alpha, plan_.scales(ws + i * stride)[gi]);
   }
 }
 
@@ -886,9 +912,8 @@ void I2SKernel::micro_kernel(const uint8_t* ws, int64_t g_begin, int64_t g_end, 
 template <int NT>
 void I2SKernel::prefill_tiles(const uint8_t* ws, int64_t m, int64_t t, float* ysum, Scratch& s) const {
   constexpr int kRows = 4;                         // rows of A per micro-kernel call
-  constexpr size_t kBufferBytes = 24 * 1024;        // decoded weight block target (L1)
   const size_t piece_bytes = 4 * NT * sizeof(Line);
-  const int64_t block_groups = std::max<int64_t>(1, static_cast<int64_t>(kBufferBytes / (plan_.pieces_full * piece_bytes)));
+  const int64_t block_groups = std::max<int64_t>(1, static_cast<int64_t>(kPrefillBufferBytes / (plan_.pieces_full * piece_bytes)));
   const int64_t max_groups = std::min(block_groups, plan_.groups);
   s.planes.resize(static_cast<size_t>(max_groups * plan_.pieces_full) * 4 * NT);
   s.alpha.resize(static_cast<size_t>(max_groups) * NT);
@@ -945,12 +970,16 @@ void I2SKernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n
 
 }  // namespace
 
-std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w) {
-  if (!check_geometry(w.format, w.geometry.n, w.geometry.k, w.geometry.group_size).empty()) return nullptr;
+std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined) {
+  if (const std::string bad = check_geometry(w.format, w.geometry.n, w.geometry.k, w.geometry.group_size);
+      !bad.empty()) {
+    if (declined) *declined = bad;
+    return nullptr;
+  }
   switch (w.format) {
-    case Format::kSherry: return std::make_unique<Code5Kernel<SherryCodes>>(w);
-    case Format::kTL2: return std::make_unique<Code5Kernel<TL2Codes>>(w);
-    case Format::kI2S: return std::make_unique<I2SKernel>(w);
+    case Format::kSherry: return make_or_decline<Code5Kernel<SherryCodes>>(w, declined);
+    case Format::kTL2: return make_or_decline<Code5Kernel<TL2Codes>>(w, declined);
+    case Format::kI2S: return make_or_decline<I2SKernel>(w, declined);
   }
   return nullptr;
 }

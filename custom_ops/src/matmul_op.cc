@@ -214,6 +214,10 @@ class Workspace {
 // took 7 us on one thread and 9 us on two; the preparation itself is 1-2 us). The threads build in
 // parallel, so the call's serial preparation step disappears as well.
 constexpr int64_t kLocalRows = 4;
+// ... and only while those rows are small enough to be worth keeping in a core's cache: every thread
+// holds its own copy from call to call, so larger rows (a very long K, or tables for tiny scale
+// groups) would multiply the memory by the thread count for no gain.
+constexpr size_t kLocalRowsBytes = size_t{4} << 20;
 
 // Each Compute call's number, process-wide: a thread's buffer holds the rows of the call it was
 // prepared for, and a later call (of any node or session) prepares again.
@@ -369,7 +373,7 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
     kernel.compute(rows + m_begin * stride, m_end - m_begin, n_begin, n_end, bias, y + m_begin * g.n);
   };
 
-  if (m <= kLocalRows && items > 1) {
+  if (m <= kLocalRows && items > 1 && static_cast<size_t>(m) * stride <= kLocalRowsBytes) {
     const uint64_t call = g_call_counter.fetch_add(1, std::memory_order_relaxed) + 1;
     std::atomic<bool> unprepared{false};
     parallel_for(context, items, [&](int64_t item) {

@@ -56,7 +56,7 @@ Buffer aligned_buffer(size_t bytes, uint8_t fill) {
 struct Path {
   const char* name;
   KernelPath path;
-  std::unique_ptr<MatMulKernel> (*make)(const PackedWeights&);
+  std::unique_ptr<MatMulKernel> (*make)(const PackedWeights&, std::string* declined);
   bool supported;
 };
 
@@ -251,7 +251,7 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
   if (against_reference && !expect_same(expect, reference(w, x, m, b), describe("scalar", f, n, k, gs, m))) return;
   for (const Path& p : paths) {
     const std::string what = describe(p.name, f, n, k, gs, m);
-    const std::unique_ptr<MatMulKernel> fast = p.make(w.view());
+    const std::unique_ptr<MatMulKernel> fast = p.make(w.view(), nullptr);
     if (!fast || fast->path() != p.path) {
       std::printf("FAIL %s: no %s kernel\n", what.c_str(), p.name);
       ++failures;
@@ -283,7 +283,7 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
 
 void expect_throw(const Path& p, const char* what, const Weights& w) {
   try {
-    p.make(w.view());
+    p.make(w.view(), nullptr);
     std::printf("FAIL %s %s: no exception\n", p.name, what);
     ++failures;
   } catch (const std::runtime_error&) {
@@ -300,7 +300,8 @@ void check_corrupt(const std::vector<Path>& paths, std::mt19937_64& rng) {
   padding.data[5] = static_cast<uint8_t>((padding.data[5] & 0x0F) | 1 << 4);  // triple 11 = cols 33, 34, pad: +1
   Weights i2s = random_weights(Format::kI2S, 3, 33, 33, rng);
   i2s.data[row_bytes(Format::kI2S, 33, 33) + 4] |= 0x30;  // code 3
-  const Path scalar{"scalar", KernelPath::kScalar, make_scalar_kernel, true};
+  const Path scalar{"scalar", KernelPath::kScalar,
+                    [](const PackedWeights& w, std::string*) { return make_scalar_kernel(w); }, true};
   std::vector<Path> all = {scalar};
   for (const Path& p : paths) all.push_back({p.name, p.path, p.make, p.supported});
   for (const Path& p : all) {
@@ -308,6 +309,54 @@ void check_corrupt(const std::vector<Path>& paths, std::mt19937_64& rng) {
     expect_throw(p, "tl2 negative zero", negative_zero);
     expect_throw(p, "tl2 nonzero padding lane", padding);
     expect_throw(p, "i2s code 3", i2s);
+  }
+}
+
+// N rows of K weights, all +1 (sherry: lane 3 of every block is the zero), one scale group of
+// scale 1: with all activations equal, a row's dot product is 127 x its non-zero weights, the
+// largest a group of that length can give. K a multiple of 12.
+Weights extreme_weights(Format f, int64_t n, int64_t k) {
+  Weights w{f, {n, k, k}, {}, {}};
+  const int64_t stride = row_bytes(f, k, k), codes = f == Format::kSherry ? k / 4 : tl2_triples(k, k);
+  w.data.assign(static_cast<size_t>(n * stride), f == Format::kI2S ? 0xAA : 0);  // i2s code 2 = +1
+  if (f != Format::kI2S)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < codes; ++c)  // sherry index 12: zero at lane 3, no sign flips; tl2 v = 13
+        put_code5(w.data.data() + r * stride, codes, c, f == Format::kSherry ? 12 : 13);
+  w.scales.assign(static_cast<size_t>(n), 0x3C00);  // 1.0
+  return w;
+}
+
+// The longest scale groups at their extremes. At kMaxGroupSize (the spec's bound) the exact dot
+// product is within 127 of INT32_MAX: the scalar kernel and every SIMD path that takes the weights
+// (their memory budget may send one row of it to scalar) must give it. At 540,000 columns every
+// SIMD path must take them: past 528,416 columns the AVX-512 i2s planes would overflow int32
+// unless folded.
+void check_extreme_groups(const std::vector<Path>& paths) {
+  for (const Format f : kFormats) {
+    for (const auto& [n, k] : {std::pair<int64_t, int64_t>{32, 540'000}, {1, kMaxGroupSize}}) {
+      const Weights w = extreme_weights(f, n, k);
+      const std::vector<float> x(static_cast<size_t>(k), 1.f);
+      const int64_t nonzero = f == Format::kSherry ? k / 4 * 3 : k;
+      const float s = 1.f / static_cast<float>(kActivationQmax);
+      const std::vector<float> want(static_cast<size_t>(n),
+                                    (1.f * s) * static_cast<float>(nonzero * kActivationQmax));
+      const std::vector<float> scalar = run_op(*make_scalar_kernel(w.view()), w.g, x, 1, nullptr, 1 << 20, 1, 0x33);
+      expect_same(scalar, want, describe("scalar", f, n, k, k, 1) + " extreme group");
+      for (const Path& p : paths) {
+        std::string declined;
+        const std::unique_ptr<MatMulKernel> fast = p.make(w.view(), &declined);
+        if (!fast && k == kMaxGroupSize) continue;  // over its memory budget: auto runs scalar
+        if (!fast) {
+          std::printf("FAIL %s extreme group: declined (%s)\n", describe(p.name, f, n, k, k, 1).c_str(),
+                      declined.c_str());
+          ++failures;
+          continue;
+        }
+        expect_same(run_op(*fast, w.g, x, 1, nullptr, 1 << 20, 1, 0x33), want,
+                    describe(p.name, f, n, k, k, 1) + " extreme group");
+      }
+    }
   }
 }
 
@@ -349,6 +398,7 @@ int run_checks() {
     if (f != Format::kSherry) run(odd, odd_ms);
   }
   check_corrupt(paths, rng);
+  check_extreme_groups(paths);
   std::printf("check: %d cases x %zu SIMD path(s), %d failure(s)\n", cases, paths.size(), failures);
   return failures ? 1 : 0;
 }
@@ -419,7 +469,7 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
     const int copies = prefill ? 1 : std::max(2, static_cast<int>(o.cold_bytes / weight_bytes(f, w.g)));
     for (const Path& p : paths) {
       Contender c{std::string(format_name(f)) + "[" + p.name + "]", f, {}, 0, {}, {}, {}};
-      for (int i = 0; i < copies; ++i) c.copies.push_back(p.make(w.view()));
+      for (int i = 0; i < copies; ++i) c.copies.push_back(p.make(w.view(), nullptr));
       ws_bytes = std::max(ws_bytes, c.copies[0]->activation_row_bytes() * static_cast<size_t>(m));
       all.push_back(std::move(c));
     }
