@@ -11,6 +11,7 @@ distribution's file list is the second place to look. Only the standard library 
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from pathlib import Path
 
 DISTRIBUTION = "sherry-export"
@@ -21,15 +22,20 @@ CHECKOUT_MODELS = PACKAGE_DIR.parent / "models"
 
 
 def _installed(relative: str) -> Path | None:
-    """``relative`` (below the package) in the package folder itself, else in the installed distribution."""
-    local = PACKAGE_DIR / relative
-    if local.exists():
-        return local
+    """``relative`` (below the package) in one of the package's folders, else in the installed distribution.
+
+    An editable install's package spans the source folder and the install folder that holds the
+    build products (its ``__path__`` lists both); a regular install is one folder.
+    """
+    package = sys.modules[__package__]  # the package is imported before any of its modules
+    for folder in dict.fromkeys([PACKAGE_DIR, *map(Path, package.__path__)]):
+        if (folder / relative).exists():
+            return folder / relative
     try:
         located = Path(importlib.metadata.distribution(DISTRIBUTION).locate_file(f"sherry_export/{relative}"))
     except importlib.metadata.PackageNotFoundError:
         return None
-    return located if located.exists() else None
+    return located if located.is_absolute() and located.exists() else None
 
 
 def built_library() -> Path | None:
