@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cases < 0 or args.timeout <= 0 or args.memory_mb <= 0:
         parser.error("--cases must be >= 0, --timeout and --memory-mb positive")
-    library = str((args.library or get_library_path()).resolve())
+    library = str(Path(args.library or get_library_path()).resolve())
     if not Path(library).is_file():
         parser.error(f"--library {library} does not name a file")
     if args.replay is not None:

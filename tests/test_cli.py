@@ -71,6 +71,7 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sizes_on_packaged_smollm2():
     """The demo's main job end to end, in a subprocess as a user runs it."""
     result = subprocess.run(

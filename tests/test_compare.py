@@ -489,6 +489,7 @@ def test_config_validation():
 # --- a small real check ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_smollm2_answers_obvious_questions():
     """The scorer on the real SmolLM2-135M in PyTorch: questions any language model gets right."""
     from sherry_export.models import load_causal_lm, load_tokenizer

@@ -476,6 +476,7 @@ def cross_entropy(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(-log_probs[np.arange(len(ids[0]) - 1), ids[0, 1:]].mean())
 
 
+@pytest.mark.slow
 def test_smollm2_exports_match_pytorch(tmp_path):
     """SmolLM2-135M on real text. Float: logits within 1e-4 of transformers. Sherry (post-training
     projection): against PyTorch with the kernels' numerics. This 30-layer model, ternarized without

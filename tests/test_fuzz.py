@@ -16,7 +16,7 @@ CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 
 @pytest.fixture(scope="module")
 def library() -> str:
-    return str(get_library_path().resolve())
+    return str(Path(get_library_path()).resolve())
 
 
 def test_short_campaign_finds_nothing(library: str, tmp_path: Path) -> None:

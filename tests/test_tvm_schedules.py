@@ -137,6 +137,7 @@ def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tuning_writes_a_metaschedule_database(tuned_db: Path) -> None:
     from tvm_schedules.tune import best_record, database
 
