@@ -1,6 +1,7 @@
 // The packed weight formats, mirrored from docs/formats.md (the source of truth) and
-// sherry_export/formats.py. Geometry, the canonical (stored) row layout, a validating reference
-// decoder, and the activation quantization every kernel uses.
+// sherry_export/formats.py: one traits table (kFormats) that everything indexes, holding each
+// format's names, geometry rules, canonical (stored) row layout and validating reference decoder;
+// and the activation quantization every kernel uses.
 #pragma once
 
 #include <algorithm>
@@ -12,16 +13,8 @@
 
 namespace sherry {
 
+// The formats, in the order of Format's values: kFormats (below) is indexed by them.
 enum class Format : int { kSherry = 0, kTL2 = 1, kI2S = 2 };
-
-inline const char* format_name(Format f) {
-  switch (f) {
-    case Format::kSherry: return "sherry";
-    case Format::kTL2: return "tl2";
-    case Format::kI2S: return "i2s";
-  }
-  return "?";
-}
 
 // ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (which overflows for a K near INT64_MAX).
 inline constexpr int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
@@ -52,30 +45,6 @@ inline int64_t code5_row_bytes(int64_t codes) { return ceil_div(codes, 2) + ceil
 // so a huge K in a hostile model costs nothing before the tensor shapes rule it out.
 inline int64_t tl2_triples(int64_t k, int64_t group_size) {
   return (k / group_size) * ceil_div(group_size, 3) + ceil_div(k % group_size, 3);
-}
-
-inline int64_t row_bytes(Format f, int64_t k, int64_t group_size) {
-  switch (f) {
-    case Format::kSherry: return code5_row_bytes(k / kSherryBlock);
-    case Format::kTL2: return code5_row_bytes(tl2_triples(k, group_size));
-    case Format::kI2S: return ceil_div(k, 4);
-  }
-  return -1;
-}
-
-// Empty string if (format, K, group_size) is a valid geometry, else what is wrong.
-inline std::string check_geometry(Format f, int64_t n, int64_t k, int64_t group_size) {
-  if (n <= 0) return "N must be positive, got " + std::to_string(n);
-  if (k <= 0) return "K must be positive, got " + std::to_string(k);
-  if (group_size <= 0 || group_size > k)
-    return "group_size must be in [1, K=" + std::to_string(k) + "], got " + std::to_string(group_size);
-  if (group_size > kMaxGroupSize)
-    return "group_size must be at most " + std::to_string(kMaxGroupSize) + " (127 x group_size must fit the int32 " +
-           "dot product of a scale group), got " + std::to_string(group_size) + "; use smaller scale groups";
-  if (f == Format::kSherry && (k % kSherryBlock || group_size % kSherryBlock))
-    return "sherry needs K and group_size divisible by 4, got K=" + std::to_string(k) +
-           ", group_size=" + std::to_string(group_size);
-  return "";
 }
 
 inline uint8_t code5_at(const uint8_t* row, int64_t codes_per_row, int64_t c) {
@@ -109,39 +78,106 @@ inline bool tl2_lanes(uint8_t code, int8_t out[3]) {
   return true;
 }
 
+// Each format's codes, row bytes and reference decoder (docs/formats.md, "Packed data"). A decoder
+// turns one canonical packed row into K int8 values and returns false if the row holds an invalid code.
+
+inline int64_t sherry_codes(int64_t k, int64_t /*group_size*/) { return k / kSherryBlock; }
+inline int64_t sherry_row_bytes(int64_t k, int64_t group_size) {
+  return code5_row_bytes(sherry_codes(k, group_size));
+}
+inline bool sherry_decode_row(const uint8_t* row, int64_t k, int64_t /*group_size*/, int8_t* out) {
+  const int64_t blocks = k / kSherryBlock;
+  for (int64_t b = 0; b < blocks; ++b) sherry_lanes(code5_at(row, blocks, b), out + 4 * b);
+  return true;
+}
+
+inline int64_t tl2_row_bytes(int64_t k, int64_t group_size) { return code5_row_bytes(tl2_triples(k, group_size)); }
+inline bool tl2_decode_row(const uint8_t* row, int64_t k, int64_t group_size, int8_t* out) {
+  const int64_t triples = tl2_triples(k, group_size);
+  int64_t t = 0;
+  for (int64_t start = 0; start < k; start += group_size) {
+    const int64_t length = std::min(group_size, k - start);
+    for (int64_t i = 0; i < length; i += 3, ++t) {
+      int8_t lanes[3];
+      if (!tl2_lanes(code5_at(row, triples, t), lanes)) return false;
+      for (int64_t p = 0; p < 3; ++p) {
+        if (i + p < length) out[start + i + p] = lanes[p];
+        else if (lanes[p] != 0) return false;  // padding lanes must be zero
+      }
+    }
+  }
+  return true;
+}
+
+inline int64_t i2s_codes(int64_t k, int64_t /*group_size*/) { return k; }
+inline int64_t i2s_row_bytes(int64_t k, int64_t /*group_size*/) { return ceil_div(k, 4); }
+inline bool i2s_decode_row(const uint8_t* row, int64_t k, int64_t /*group_size*/, int8_t* out) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int code = (row[i >> 2] >> ((i & 3) * 2)) & 3;
+    if (code == 3) return false;
+    out[i] = static_cast<int8_t>(code - 1);
+  }
+  return true;
+}
+
+// Everything the op library knows about one format. Adding a format is one entry in kFormats (and
+// its kernels); sherry_export/formats.py's FORMATS holds the same facts for Python, and
+// tests/test_format_table.py checks the two against each other through SherryFormatTable().
+struct FormatTraits {
+  Format id;
+  const char* name;     // as in formats.py and docs/formats.md
+  const char* op_type;  // the onnxruntime op of domain ai.sherry
+  int k_multiple;       // K must be a multiple of this
+  int group_multiple;   // group_size must be a multiple of this
+  int lanes_per_code;   // weights per code of the canonical row
+  int64_t (*codes_per_row)(int64_t k, int64_t group_size);
+  int64_t (*row_bytes)(int64_t k, int64_t group_size);
+  bool (*decode_row)(const uint8_t* row, int64_t k, int64_t group_size, int8_t* out);
+};
+
+inline constexpr FormatTraits kFormats[] = {
+    {Format::kSherry, "sherry", "SherryMatMul", kSherryBlock, kSherryBlock, kSherryBlock, sherry_codes,
+     sherry_row_bytes, sherry_decode_row},
+    {Format::kTL2, "tl2", "TL2MatMul", 1, 1, 3, tl2_triples, tl2_row_bytes, tl2_decode_row},
+    {Format::kI2S, "i2s", "I2SMatMul", 1, 1, 1, i2s_codes, i2s_row_bytes, i2s_decode_row},
+};
+inline constexpr int kFormatCount = static_cast<int>(sizeof kFormats / sizeof kFormats[0]);
+
+constexpr bool formats_indexed_by_id() {
+  for (int i = 0; i < kFormatCount; ++i)
+    if (static_cast<int>(kFormats[i].id) != i) return false;
+  return true;
+}
+static_assert(formats_indexed_by_id(), "kFormats[i] must describe the Format whose value is i");
+
+inline const FormatTraits& traits(Format f) { return kFormats[static_cast<int>(f)]; }
+inline const char* format_name(Format f) { return traits(f).name; }
+inline int64_t codes_per_row(Format f, int64_t k, int64_t group_size) { return traits(f).codes_per_row(k, group_size); }
+inline int64_t row_bytes(Format f, int64_t k, int64_t group_size) { return traits(f).row_bytes(k, group_size); }
 // Decode one canonical packed row into K int8 values. False if the row holds an invalid code.
 inline bool decode_row(Format f, const uint8_t* row, int64_t k, int64_t group_size, int8_t* out) {
-  switch (f) {
-    case Format::kSherry: {
-      const int64_t blocks = k / kSherryBlock;
-      for (int64_t b = 0; b < blocks; ++b) sherry_lanes(code5_at(row, blocks, b), out + 4 * b);
-      return true;
-    }
-    case Format::kTL2: {
-      const int64_t triples = tl2_triples(k, group_size);
-      int64_t t = 0;
-      for (int64_t start = 0; start < k; start += group_size) {
-        const int64_t length = std::min(group_size, k - start);
-        for (int64_t i = 0; i < length; i += 3, ++t) {
-          int8_t lanes[3];
-          if (!tl2_lanes(code5_at(row, triples, t), lanes)) return false;
-          for (int64_t p = 0; p < 3; ++p) {
-            if (i + p < length) out[start + i + p] = lanes[p];
-            else if (lanes[p] != 0) return false;  // padding lanes must be zero
-          }
-        }
-      }
-      return true;
-    }
-    case Format::kI2S:
-      for (int64_t i = 0; i < k; ++i) {
-        const int code = (row[i >> 2] >> ((i & 3) * 2)) & 3;
-        if (code == 3) return false;
-        out[i] = static_cast<int8_t>(code - 1);
-      }
-      return true;
+  return traits(f).decode_row(row, k, group_size, out);
+}
+
+// Empty string if (format, K, group_size) is a valid geometry, else what is wrong.
+inline std::string check_geometry(Format f, int64_t n, int64_t k, int64_t group_size) {
+  if (n <= 0) return "N must be positive, got " + std::to_string(n);
+  if (k <= 0) return "K must be positive, got " + std::to_string(k);
+  if (group_size <= 0 || group_size > k)
+    return "group_size must be in [1, K=" + std::to_string(k) + "], got " + std::to_string(group_size);
+  if (group_size > kMaxGroupSize)
+    return "group_size must be at most " + std::to_string(kMaxGroupSize) + " (127 x group_size must fit the int32 " +
+           "dot product of a scale group), got " + std::to_string(group_size) + "; use smaller scale groups";
+  const FormatTraits& t = traits(f);
+  if (k % t.k_multiple || group_size % t.group_multiple) {
+    const std::string rule = t.k_multiple == t.group_multiple
+                                 ? "K and group_size divisible by " + std::to_string(t.k_multiple)
+                                 : "K divisible by " + std::to_string(t.k_multiple) + " and group_size divisible by " +
+                                       std::to_string(t.group_multiple);
+    return std::string(t.name) + " needs " + rule + ", got K=" + std::to_string(k) +
+           ", group_size=" + std::to_string(group_size);
   }
-  return false;
+  return "";
 }
 
 // IEEE half to float, without relying on compiler extensions.

@@ -370,7 +370,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
 // rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
 void Avx2Kernel::repack_lut(const PackedWeights& w) {
   const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
-  const int64_t codes = format_ == Format::kSherry ? g_.k / kSherryBlock : tl2_triples(g_.k, g_.group_size);
+  const int64_t codes = codes_per_row(format_, g_.k, g_.group_size);
   for (int64_t n = 0; n < g_.n; ++n) {
     const uint8_t* row = w.data + n * stride;
     uint8_t* base = weights_.data() + (n / kTileRows) * tile_bytes_;
@@ -380,7 +380,7 @@ void Avx2Kernel::repack_lut(const PackedWeights& w) {
       uint8_t* group = base + group_offset_[g];
       std::memcpy(group + 2 * r, &w.scales[n * groups_ + g], 2);
       const int64_t length = g_.group_length(g);
-      const int64_t real_units = format_ == Format::kSherry ? length / kSherryBlock : ceil_div(length, 3);
+      const int64_t real_units = codes_per_row(format_, length, length);  // the codes of this group
       for (int64_t u = 0; u < real_units; ++u, ++c) {
         const uint8_t code = code5_at(row, codes, c);
         if (format_ == Format::kTL2) {

@@ -474,7 +474,7 @@ void Code5Kernel<F>::repack(const PackedWeights& w) {
   uint8_t* out = weights_.data();
   std::memset(out, 0, weights_.size());  // code 0 pads (sherry: any code would do)
   const int64_t stride = row_bytes(F::kFormat, g.k, g.group_size);
-  const int64_t codes_per_row = F::kFormat == Format::kSherry ? g.k / kSherryBlock : tl2_triples(g.k, g.group_size);
+  const int64_t row_codes = codes_per_row(F::kFormat, g.k, g.group_size);
   std::vector<int8_t> values(static_cast<size_t>(g.k));
   // Every sherry code is valid; tl2 rows go through the reference decoder's validation.
   if (F::kFormat == Format::kTL2) {
@@ -501,7 +501,7 @@ void Code5Kernel<F>::repack(const PackedWeights& w) {
             const int64_t n = (b * kBlockTiles + t) * kTileRows + r;
             if (n >= g.n) break;
             const uint8_t* row = w.data + n * stride;
-            auto code = [&](int64_t c) { return code5_at(row, codes_per_row, first_code[gi] + c); };
+            auto code = [&](int64_t c) { return code5_at(row, row_codes, first_code[gi] + c); };
             for (int64_t c = pair_begin * 8; c < std::min(codes, pair_end * 8); ++c)
               put_pair_code(p + ((c / 8 - pair_begin) * alloc + t) * kPairBytes, static_cast<int>(c / 4 % 2),
                             4 * r + static_cast<int>(c % 4), code(c));

@@ -258,15 +258,6 @@ OrtStatusPtr guarded(const OrtApi& api, const std::string& label, Body body) noe
   }
 }
 
-const char* op_type(Format format) {
-  switch (format) {
-    case Format::kSherry: return "SherryMatMul";
-    case Format::kTL2: return "TL2MatMul";
-    case Format::kI2S: return "I2SMatMul";
-  }
-  return "?";
-}
-
 std::string node_label(Format format, const OrtKernelInfo* info) {
   std::string name;
   try {
@@ -274,7 +265,7 @@ std::string node_label(Format format, const OrtKernelInfo* info) {
   } catch (const Ort::Exception&) {
     // The label only decorates error messages; an op without a readable name is still reported.
   }
-  return std::string(op_type(format)) + " node '" + name + "'";
+  return std::string(traits(format).op_type) + " node '" + name + "'";
 }
 
 }  // namespace
@@ -399,7 +390,7 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
   parallel_for(context, items, [&](int64_t item) { compute_item(item, ws); });
 }
 
-const char* MatMulOp::GetName() const { return op_type(format_); }
+const char* MatMulOp::GetName() const { return traits(format_).op_type; }
 
 OrtStatusPtr MatMulOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
   const std::string label = node_label(format_, info);

@@ -1,15 +1,24 @@
-// The library's one exported symbol: onnxruntime calls RegisterCustomOps for every SessionOptions
-// that loads the library.
+// The library's entry point: onnxruntime calls RegisterCustomOps for every SessionOptions that loads
+// the library.
+#include <array>
+#include <cstddef>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "matmul_op.h"
 
 namespace {
 
+// One op per entry of the format table, in its order.
+template <size_t... I>
+std::array<sherry::MatMulOp, sizeof...(I)> make_ops(std::index_sequence<I...>) {
+  return {sherry::MatMulOp{sherry::kFormats[I].id}...};
+}
+
 // Trivially destructible, so they stay valid for sessions still alive while the process exits.
-const sherry::MatMulOp kOps[] = {sherry::MatMulOp{sherry::Format::kSherry}, sherry::MatMulOp{sherry::Format::kTL2},
-                                 sherry::MatMulOp{sherry::Format::kI2S}};
+const std::array<sherry::MatMulOp, sherry::kFormatCount> kOps =
+    make_ops(std::make_index_sequence<sherry::kFormatCount>());
 
 // The domain is built once per process and deliberately never freed: every SessionOptions that
 // loads the library shares it, and a session may outlive the options (and the Python objects) that

@@ -70,8 +70,6 @@ std::vector<Path> simd_paths() {
           {"avx2", KernelPath::kAVX2, make_avx2_kernel, avx2}};
 }
 
-constexpr Format kFormats[] = {Format::kSherry, Format::kTL2, Format::kI2S};
-
 // A canonical packed weight with its storage.
 struct Weights {
   Format format;
@@ -317,7 +315,7 @@ void check_corrupt(const std::vector<Path>& paths, std::mt19937_64& rng) {
 // largest a group of that length can give. K a multiple of 12.
 Weights extreme_weights(Format f, int64_t n, int64_t k) {
   Weights w{f, {n, k, k}, {}, {}};
-  const int64_t stride = row_bytes(f, k, k), codes = f == Format::kSherry ? k / 4 : tl2_triples(k, k);
+  const int64_t stride = row_bytes(f, k, k), codes = codes_per_row(f, k, k);
   w.data.assign(static_cast<size_t>(n * stride), f == Format::kI2S ? 0xAA : 0);  // i2s code 2 = +1
   if (f != Format::kI2S)
     for (int64_t r = 0; r < n; ++r)
@@ -333,7 +331,8 @@ Weights extreme_weights(Format f, int64_t n, int64_t k) {
 // SIMD path must take them: past 528,416 columns the AVX-512 i2s planes would overflow int32
 // unless folded.
 void check_extreme_groups(const std::vector<Path>& paths) {
-  for (const Format f : kFormats) {
+  for (const FormatTraits& t : kFormats) {
+    const Format f = t.id;
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{32, 540'000}, {1, kMaxGroupSize}}) {
       const Weights w = extreme_weights(f, n, k);
       const std::vector<float> x(static_cast<size_t>(k), 1.f);
@@ -380,11 +379,12 @@ int run_checks() {
   // chunks, short last tiles), few rows of A to keep the reference affordable.
   const std::vector<Shape> large = {{2048 + 37, 1024, 1024}, {4096 + 16, 512, 128}, {8192 + 80, 256, 64},
                                     {2100, 2048, 2048},      {8192, 576, 192},      {4100, 1100, 1100}};
-  // Geometries only tl2/i2s allow: odd K, odd and tiny groups.
+  // Geometries only formats without a K or group multiple (tl2, i2s) allow: odd K, odd and tiny groups.
   const std::vector<Shape> odd = {{19, 1, 1},   {23, 7, 3},  {50, 333, 100},    {18, 99, 5},
                                   {33, 577, 128}, {20, 130, 1}, {65, 1001, 1001}, {16, 250, 31}};
   const std::vector<int64_t> ms = {1, 2, 3, 4, 5, 8, 13, 64, 128}, few = {1, 2, 5}, odd_ms = {1, 3, 7, 40};
-  for (const Format f : kFormats) {
+  for (const FormatTraits& t : kFormats) {
+    const Format f = t.id;
     auto run = [&](const std::vector<Shape>& list, const std::vector<int64_t>& rows) {
       for (const Shape& s : list)
         for (const int64_t m : rows) {
@@ -395,7 +395,7 @@ int run_checks() {
     };
     run(shapes, ms);
     run(large, few);
-    if (f != Format::kSherry) run(odd, odd_ms);
+    if (t.k_multiple == 1 && t.group_multiple == 1) run(odd, odd_ms);
   }
   check_corrupt(paths, rng);
   check_extreme_groups(paths);
@@ -447,9 +447,15 @@ struct Contender {
   std::vector<double> hot, cold, prep;
 };
 
+std::vector<Format> all_formats() {
+  std::vector<Format> out;
+  for (const FormatTraits& t : kFormats) out.push_back(t.id);
+  return out;
+}
+
 struct BenchOptions {
   std::vector<std::string> paths = {"avx512", "avx2"};
-  std::vector<Format> formats = {Format::kSherry, Format::kTL2, Format::kI2S};
+  std::vector<Format> formats = all_formats();
   std::vector<std::pair<int64_t, int64_t>> shapes = {{2048, 2048}, {2048, 512}, {2048, 8192}, {8192, 2048}};
   std::vector<int64_t> ms = {1, 128};
   double cold_bytes = 4e8;
@@ -575,8 +581,8 @@ int main(int argc, char** argv) {
       if (a == "--paths") o.paths = parse_list<std::string>(v, [](const std::string& s) { return s; });
       else if (a == "--formats")
         o.formats = parse_list<Format>(v, [](const std::string& s) {
-          for (const Format f : kFormats)
-            if (s == format_name(f)) return f;
+          for (const FormatTraits& t : kFormats)
+            if (s == t.name) return t.id;
           throw std::invalid_argument(s);
         });
       else if (a == "--shapes")
