@@ -3,8 +3,9 @@
 Every format takes the same input, ternary values ``t`` (int8 ``[N, K]``) and per-group scales
 ``[N, G]`` from :mod:`sherry_export.quant`, so one model packs into each format and compares like
 for like. ``docs/formats.md`` is the bit-by-bit specification; ``custom_ops/src/formats.h`` mirrors
-it in C++. Each format is a :class:`WeightFormat`: a row layout plus the trio of reference functions
-(encode, decode, and the matmul in :func:`reference_matmul`).
+it in C++, in one traits table (``kFormats``) that ``tests/test_format_table.py`` checks against
+:data:`FORMATS`. Each format is a :class:`WeightFormat`: a row layout plus the trio of reference
+functions (encode, decode, and the matmul in :func:`reference_matmul`).
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ class WeightFormat:
     """K (in_features) must be a multiple of this."""
     group_multiple: int
     """group_size must be a multiple of this."""
+    lanes_per_code: int
+    """Weights per code of the canonical row: 4 per Sherry block, 3 per TL2 triple, 1 per i2s 2-bit code."""
     row_bytes: Callable[[int, int], int]
     encode: Callable[[np.ndarray, int], np.ndarray]
     decode: Callable[[np.ndarray, int, int], np.ndarray]
@@ -260,6 +263,7 @@ FORMATS: dict[str, WeightFormat] = {
             1.25,
             SHERRY_BLOCK,
             SHERRY_BLOCK,
+            SHERRY_BLOCK,
             _sherry_row_bytes,
             _sherry_encode,
             _sherry_decode,
@@ -271,6 +275,7 @@ FORMATS: dict[str, WeightFormat] = {
             5 / 3,
             1,
             1,
+            3,
             _tl2_row_bytes,
             _tl2_encode,
             _tl2_decode,
@@ -280,6 +285,7 @@ FORMATS: dict[str, WeightFormat] = {
             "I2SMatMul",
             "ternary, 2-bit code per weight (bitnet.cpp I2_S style)",
             2.0,
+            1,
             1,
             1,
             _i2s_row_bytes,
