@@ -1,5 +1,5 @@
-// The three onnxruntime ops of domain ai.sherry (SherryMatMul, TL2MatMul, I2SMatMul): one op class
-// parametrized by the weight format. All of them take
+// The onnxruntime ops of domain ai.sherry, one per entry of the format table (kFormats in formats.h,
+// which names them): one op class parametrized by the weight format. All of them take
 //   A      float32 [..., K]            activations (any leading dims, dynamic)
 //   B      uint8   [N, row_bytes]      packed weights, a constant initializer (docs/formats.md)
 //   scales float16 [N, ceil(K/group)]  per-group weight scales, a constant initializer
@@ -36,7 +36,7 @@ class MatMulNode {
  private:
   void compute(OrtKernelContext* context) const;
 
-  std::string label_;  // "SherryMatMul node 'name'", the prefix of every error
+  std::string label_;  // "<op type> node 'name'", the prefix of every error
   Geometry geometry_;
   std::unique_ptr<MatMulKernel> kernel_;
 };
