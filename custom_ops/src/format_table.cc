@@ -2,6 +2,7 @@
 // it against sherry_export/formats.py's FORMATS field by field without a second copy of either. Beside
 // the names and geometry rules it evaluates the table's functions on probe shapes: row_bytes where
 // check_geometry accepts (K, group_size), -1 where it refuses.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
