@@ -41,14 +41,15 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.export.projections import dequantize_nbits
-from sherry_export.formats import PackedWeight
+from sherry_export.formats import FORMATS, PackedWeight
 from sherry_export.generate import ForwardDecoder, OnnxCausalLM
 from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
-TERNARY_OPS = {"SherryMatMul": "sherry", "TL2MatMul": "tl2", "I2SMatMul": "i2s"}
+TERNARY_OPS = {spec.op_type: name for name, spec in FORMATS.items()}
+"""The ``ai.sherry`` op of each format of the registry, converted to the format's TVM kernel."""
 DATABASES = Path(__file__).resolve().parent / "databases"
 ACTIVATION_QMAX = 127.0
 

@@ -195,24 +195,27 @@ def run_kernel_bench(
     return timings
 
 
+REFERENCE_FORMAT = "sherry"
+"""The format whose speed-ups the table reports, against MatMulNBits 2-bit and every other format."""
+
+
 def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list[list[object]]]:
     """One row per configuration: each candidate's median µs, then Sherry's speed-ups on each path."""
     labels = list(dict.fromkeys(t.candidate for t in timings))
     by_config: dict[tuple, dict[str, Timing]] = {}
     for t in timings:
         by_config.setdefault((t.k, t.n, t.batch, t.threads, t.mode), {})[t.candidate] = t
-    ratio_headers = []
-    for path in paths:
-        ratio_headers += [f"nbits2/sherry[{path}]", f"i2s/sherry[{path}]", f"tl2/sherry[{path}]"]
+    baselines = ["nbits2", *(f for f in FORMATS if f != REFERENCE_FORMAT)]  # MatMulNBits 2-bit and our other ops
+    ratio_headers = [f"{b}/{REFERENCE_FORMAT}[{path}]" for path in paths for b in baselines]
     headers = ["K->N", "batch", "threads", "weights", *[f"{label} µs" for label in labels], *ratio_headers]
     rows = []
     for (k, n, batch, threads, mode), cands in by_config.items():
         row: list[object] = [f"{k}->{n}", batch, threads, mode]
         row += [round(cands[c].median_us, 1) if c in cands else "-" for c in labels]  # tvm: tuned shapes only
         for path in paths:
-            sherry = cands.get(f"SherryMatMul[{path}]")
-            for other in ("MatMulNBits-2bit", f"I2SMatMul[{path}]", f"TL2MatMul[{path}]"):
-                row.append(cands[other].median_us / sherry.median_us if sherry and other in cands else "-")
+            reference = cands.get(Candidate(REFERENCE_FORMAT, path).label)
+            for other in (Candidate(b, path).label for b in baselines):
+                row.append(cands[other].median_us / reference.median_us if reference and other in cands else "-")
         rows.append(row)
     return headers, rows
 

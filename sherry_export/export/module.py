@@ -1,10 +1,11 @@
 """Generic export: any ``torch.nn.Module`` whose linears are ternary-quantized, via the dynamo exporter.
 
 Each quantized linear (a module with ``ternary()`` and ``group_size``, such as ``SherryLinear``) is
-swapped for a :class:`PackedLinear` holding the packed weight as uint8 and float16 buffers; its
-forward calls a ``torch.library`` custom op that the exporter's custom translation table turns into
-one ``ai.sherry`` node, so the buffers become the node's initializers. Dynamic batch and sequence
-dimensions are kept.
+swapped for a :class:`PackedLinear` holding the packed weight as uint8 and float16 buffers. In eager
+mode its forward calls a ``torch.library`` custom op with the kernels' numerics; under export it emits
+the format's ``ai.sherry`` node (``torch.onnx.ops.symbolic``, the op type read from the format
+registry), so the buffers become the node's initializers and no format is named here. Dynamic batch
+and sequence dimensions are kept.
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ import os
 from collections.abc import Mapping, Sequence
 
 import onnx
-import onnxscript
 import torch
-from onnxscript import FLOAT, FLOAT16, UINT8
-from onnxscript import opset18 as op
 
 from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
 from sherry_export.onnx_ops import SHERRY_DOMAIN, SHERRY_OPSET_VERSION
-
-sherry_ops = onnxscript.values.Opset(SHERRY_DOMAIN, SHERRY_OPSET_VERSION)
 
 
 def _eager(fmt: str):
@@ -49,24 +45,6 @@ for _fmt, _spec in FORMATS.items():
     PACKED_OPS[_fmt] = _op
 
 
-@onnxscript.script(default_opset=op)
-def _sherry_matmul(x: FLOAT, data: UINT8, scales: FLOAT16, bias: FLOAT, k: int, n: int, group_size: int) -> FLOAT:
-    return sherry_ops.SherryMatMul(x, data, scales, bias, K=k, N=n, group_size=group_size)
-
-
-@onnxscript.script(default_opset=op)
-def _tl2_matmul(x: FLOAT, data: UINT8, scales: FLOAT16, bias: FLOAT, k: int, n: int, group_size: int) -> FLOAT:
-    return sherry_ops.TL2MatMul(x, data, scales, bias, K=k, N=n, group_size=group_size)
-
-
-@onnxscript.script(default_opset=op)
-def _i2s_matmul(x: FLOAT, data: UINT8, scales: FLOAT16, bias: FLOAT, k: int, n: int, group_size: int) -> FLOAT:
-    return sherry_ops.I2SMatMul(x, data, scales, bias, K=k, N=n, group_size=group_size)
-
-
-TRANSLATIONS = {"sherry": _sherry_matmul, "tl2": _tl2_matmul, "i2s": _i2s_matmul}
-
-
 class PackedLinear(torch.nn.Module):
     """A linear layer on a packed ternary weight; it runs the kernels' numerics and exports as one node."""
 
@@ -79,6 +57,15 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("bias", zero if bias is None else bias.detach().to(torch.float32).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return torch.onnx.ops.symbolic(
+                f"{SHERRY_DOMAIN}::{FORMATS[self.format].op_type}",
+                (x, self.data, self.scales, self.bias),
+                {"K": self.k, "N": self.n, "group_size": self.group_size},
+                dtype=x.dtype,
+                shape=(*x.shape[:-1], self.n),
+                version=SHERRY_OPSET_VERSION,
+            )
         return PACKED_OPS[self.format](x, self.data, self.scales, self.bias, self.k, self.n, self.group_size)
 
 
@@ -120,7 +107,6 @@ def to_onnx(
         dynamo=True,
         dynamic_shapes=tuple(dynamic_shapes),
         optimize=True,
-        custom_translation_table={getattr(torch.ops.sherry, f"{f}_matmul").default: t for f, t in TRANSLATIONS.items()},
     )
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
