@@ -1,6 +1,6 @@
 """Fuzz the ``ai.sherry`` ops as a hostile user would: seeded mutations of single-node models.
 
-Each case starts from a valid ``SherryMatMul``, ``TL2MatMul`` or ``I2SMatMul`` model (random format,
+Each case starts from a valid one-node model of an ``ai.sherry`` op (random format of the registry,
 geometry, weights, bias and input) and applies a few mutations: attributes (values, types, missing
 ones), shapes and dtypes of the initializers, packed bytes, scales, the input fed at run time, the
 graph's structure (weights fed as inputs, inputs missing or extra) and the session config (kernel

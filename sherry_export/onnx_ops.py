@@ -1,4 +1,4 @@
-"""ONNX nodes for the ``ai.sherry`` matmul ops (``SherryMatMul``, ``TL2MatMul``, ``I2SMatMul``).
+"""ONNX nodes for the ``ai.sherry`` matmul ops, one per format (``formats.FORMATS`` names each op type).
 
 One node multiplies ``A float32 [..., K]`` by a packed weight: inputs ``A``, ``B`` (uint8
 ``[N, row_bytes]``), ``scales`` (float16 ``[N, G]``) and an optional ``bias`` (float32 ``[N]``),

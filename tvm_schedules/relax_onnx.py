@@ -1,7 +1,7 @@
 """Whole-model compilation: an exported decoder (``sherry export``) to a TVM Relax VM module.
 
 ``tvm.relax.frontend.onnx`` imports plain ONNX but knows none of the ops our decoder is built from
-(``ai.sherry`` SherryMatMul / TL2MatMul / I2SMatMul; onnxruntime's contrib ``GroupQueryAttention``,
+(the ``ai.sherry`` op of every format; onnxruntime's contrib ``GroupQueryAttention``,
 ``SkipSimplifiedLayerNormalization`` and ``MatMulNBits``). The frontend has no registration hook: its
 converter table is a module function rebuilt on every lookup. :class:`DecoderImporter` subclasses the
 frontend's own importer and consults an extra table first (its two lookup methods), so nothing of

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     kernels = sub.add_parser(
         "kernels",
-        help="time SherryMatMul/I2SMatMul/TL2MatMul against MatMulNBits and fp32 MatMul",
+        help="time the ai.sherry ops (one per format) against MatMulNBits and fp32 MatMul",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: sherry bench kernels --threads 1 2 -o results/bench",
