@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sherry_export.formats import FORMATS
 from tvm_schedules.layout import Shape
 
-FORMAT_ENUM = {"sherry": 0, "tl2": 1, "i2s": 2}
+FORMAT_ENUM = {name: value for value, name in enumerate(FORMATS)}
+"""The C++ ``Format`` value of each format: its position in the registry (tests/test_format_table.py)."""
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "kernels.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from sherry_export import formats
 from tvm_schedules.layout import Shape
 
-FORMATS = ("sherry", "tl2", "i2s")
+FORMATS = tuple(formats.FORMATS)
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
 TARGETS: dict[str, dict] = {
     "avx2": {"kind": "llvm", "mcpu": "x86-64-v3"},
