@@ -33,7 +33,6 @@ export DECLARED_DEPENDENCIES
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0 'scikit-build-core>=0.11'
 	$(PIP) install -q $$($(PY) -c "$$DECLARED_DEPENDENCIES")
 	$(PIP) install -q $(BUILD_FLAGS) $(EDITABLE) '.[dev]'
 	$(VENV)/bin/sherry setup
