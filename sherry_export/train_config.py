@@ -49,6 +49,9 @@ class TrainConfig:
     data: str = "corpora"
     eval_every: int = 0
     eval_batches: int = 16
+    diagnostics: bool = False
+    """Log the gradient effective rank and the ternary pattern-flip rates at every evaluation
+    (:mod:`sherry_export.diagnostics`)."""
     log_every: int = 10
     save_every: int = 100
     save_limit: int = 2
@@ -89,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"hidden {self.hidden} must split into {self.heads} heads of even size (RoPE)")
             if self.heads % kv_heads:
                 raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {kv_heads}")
+        if self.diagnostics and not self.eval_every:
+            raise ValueError("--diagnostics are measured at every evaluation: give --eval-every N too")
         if self.quant == "none" and self.arenas:
             raise ValueError("--arenas needs a quantized model (--quant sherry or ternary)")
         if self.use_arenas:
@@ -198,5 +203,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--save-limit", type=positive_int, default=defaults.save_limit, help="checkpoints kept")
     io.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (0: no)")
     io.add_argument("--eval-batches", type=positive_int, default=defaults.eval_batches)
+    io.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="at every evaluation also log the effective rank of the loss gradient at each layer's input and the "
+        "fraction of 3:4 patterns (zero positions) and ternary values that changed: the paper's trapping metrics",
+    )
     parser.set_defaults(func=lazy_command("sherry_export.train", "cmd_train"))
 
