@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train import byte_streams, tiny_config
 
 from sherry_export.diagnostics import PatternTracker, effective_rank, gradient_effective_ranks
 from sherry_export.models import tiny_llama
 from sherry_export.qat import ArenasConfig, SherryConfig, TernaryConfig, arenas_schedule, qat_linears, quantize_
 from sherry_export.train import train
-from test_train import byte_streams, tiny_config
 
 
 def test_effective_rank_of_known_spectra():
