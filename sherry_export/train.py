@@ -42,6 +42,8 @@ from sherry_export.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "check_checkpoint", "run", "train"]
 
+LOG_HISTORY_FILE = "log_history.json"
+"""Written into the run folder at the end: every logged loss, λ, evaluation and diagnostic, by step."""
 
 def scratch_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None) -> LlamaForCausalLM:
     """A randomly initialised Llama of ``cfg``'s shape, tied embeddings like SmolLM2.
@@ -273,6 +275,11 @@ def train(
     schedule = arenas_schedule(model)
     if schedule is not None:
         callbacks.insert(0, ArenasCallback(schedule))
+    if cfg.diagnostics:
+        from sherry_export.diagnostics import DiagnosticsCallback
+
+        probe = TokenBlocks(streams.get("heldout", streams["train"]), cfg.seq_len, limit=cfg.batch)
+        callbacks.append(DiagnosticsCallback(model, torch.stack([probe[i]["input_ids"] for i in range(len(probe))])))
     if resume_from is not None:
         check_checkpoint(resume_from, model)
     trainer = Trainer(
@@ -320,6 +327,7 @@ def run(cfg: TrainConfig) -> Trainer:
     trainer = train(cfg, model, streams, resume_from)
     trainer.save_model(str(cfg.output))
     if trainer.is_world_process_zero():
+        (cfg.output / LOG_HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1))
         tokenizer.save_pretrained(str(cfg.output))
         recipe_text = json.dumps(getattr(model.config, CONFIG_KEY, None))
         print(f"saved {cfg.output} (latent weights; recipe {recipe_text})")

@@ -100,6 +100,13 @@ class TrainConfig:
     eval_batches: int = option(
         16, group=IO, type=positive_int, help="held-out batches per evaluation (default: %(default)s)"
     )
+    diagnostics: bool = option(
+        False,
+        group=IO,
+        help="at every evaluation also log the effective rank of the loss gradient at each layer's input and the "
+        "fraction of 3:4 patterns (zero positions) and ternary values that changed: the paper's trapping metrics",
+    )
+    """Measured by :mod:`sherry_export.diagnostics` at every evaluation, so it needs ``eval_every``."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """More ``TrainingArguments`` (tests use it to, e.g., silence the progress bar)."""
 
@@ -133,6 +140,8 @@ class TrainConfig:
                 raise ValueError(f"hidden {self.hidden} must split into {self.heads} heads of even size (RoPE)")
             if self.heads % kv_heads:
                 raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {kv_heads}")
+        if self.diagnostics and not self.eval_every:
+            raise ValueError("--diagnostics are measured at every evaluation: give --eval-every N too")
         if self.quant == "none" and self.arenas:
             raise ValueError("--arenas needs a quantized model (--quant sherry or ternary)")
         if self.use_arenas:

@@ -212,6 +212,7 @@ def test_resume_errors(checkpoint, tmp_path):
         (dict(lr_schedule="step"), "unknown --lr-schedule"),
         (dict(lr_warmup_ratio=1.0), "lr warm-up"),
         (dict(eval_every=-1), "eval_every"),
+        (dict(diagnostics=True, eval_every=0), "--eval-every"),
     ],
 )
 def test_bad_hyperparameters(overrides, message, tmp_path):
@@ -236,10 +237,13 @@ def test_cli_trains_from_scratch_on_a_text_file(tmp_path, capsys):
         "train", "--data", str(FIXTURE), "--cache", str(tmp_path / "cache"), "--output", str(output),
         "--hidden", "64", "--layers", "1", "--heads", "2", "--vocab", "300", "--group-size", "32",
         "--steps", "4", "--batch", "2", "--seq-len", "32", "--save-every", "2", "--log-every", "2",
-        "--eval-every", "4", "--eval-batches", "1", "--threads", "1",
+        "--eval-every", "4", "--eval-batches", "1", "--threads", "1", "--diagnostics",
     ]  # fmt: skip
     assert main(argv) == 0
-    assert "saved" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "saved" in out and "diagnostics step 4" in out
+    history = json.loads((output / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "grad_erank" in entry] == [0, 4]
     config = json.loads((output / "config.json").read_text())
     assert config["sherry_qat"]["method"] == "sherry" and config["vocab_size"] <= 300
     assert (output / "tokenizer.json").is_file() and (output / "checkpoint-4").is_dir()
