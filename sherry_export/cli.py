@@ -356,7 +356,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--engine",
         choices=ENGINE_NAMES,
         help="genai: onnxruntime-genai, an error if it cannot load the folder; sherry: sherry's own onnxruntime "
-        "runner (what sherry compare and bench time). Default: genai where it loads the folder, else sherry. "
+        "runner (what sherry compare and bench time). Default: genai where it loads the folder, else sherry (with a "
+        "note that says why), and sherry while SHERRY_OPS_LIBRARY names another build of the op library. "
         "Greedy tokens are the same; sampling draws differ",
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

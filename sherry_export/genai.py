@@ -171,19 +171,15 @@ def open_generator(
     """The engine that generates from ``folder``, and its name.
 
     ``engine=None``: onnxruntime-genai where it loads the folder, else our runner, with a note on stderr
-    that says why; also our runner where ``SHERRY_OPS_LIBRARY`` names another build of the op library
-    (genai loads only the folder's copy). ``"genai"`` fails when genai cannot load the folder; ``"sherry"``
-    is our runner. The weights are checked once, before either engine loads them (``verify``).
+    that says why; our runner, without a note, where ``SHERRY_OPS_LIBRARY`` names another build of the
+    op library (genai loads only the folder's copy, and a developer who sets it means to run that
+    build). ``"genai"`` fails when genai cannot load the folder; ``"sherry"`` is our runner. The weights
+    are checked once, before either engine loads them (``verify``).
     """
     if verify:
         verify_model_files(folder / MODEL_FILE)
     if engine is None and os.environ.get(LIBRARY_ENV):
-        print(
-            f"note: {LIBRARY_ENV} is set, and onnxruntime-genai would load the folder's own copy of the op "
-            "library instead; generating with sherry's own onnxruntime runner, which loads that one",
-            file=sys.stderr,
-        )
-        engine = "sherry"
+        engine = "sherry"  # the build it names (make asan's, a fresh one) is what the user wants to run
     if engine != "sherry":
         try:
             return GenaiCausalLM(folder, threads=threads, kernel=kernel, verify=False), "genai"
