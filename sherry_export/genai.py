@@ -21,34 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
-from sherry_export.errors import InputError, check_threads, load_json, one_line
-from sherry_export.generate import GenerationResult, OnnxCausalLM, check_sampling, check_sequence_length
-from sherry_export.runtime import KERNEL_ENV, KERNEL_PATHS, LIBRARY_ENV, KernelPath
+from sherry_export.errors import InputError, load_json, one_line
+from sherry_export.generate import GenerationResult, OnnxCausalLM, check_generation, check_sequence_length
+from sherry_export.runtime import KERNEL_ENV, LIBRARY_ENV, KernelPath, check_session_settings
 from sherry_export.verify import GENAI_CONFIG_FILE, MODEL_FILE, verify_model_files
 
 Engine = Literal["genai", "sherry"]
-
-
-class Generator(Protocol):
-    """What ``sherry generate`` needs of an engine."""
-
-    vocab_size: int
-
-    def check_length(self, positions: int) -> None: ...
-
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop_tokens: set[int] | frozenset[int] = frozenset(),
-        on_token: Callable[[int], None] | None = None,
-    ) -> GenerationResult: ...
 
 
 @contextmanager
@@ -82,12 +62,7 @@ class GenaiCausalLM:
         """Raises :class:`~sherry_export.errors.InputError` when genai cannot load the folder (not installed,
         no ``genai_config.json``, a graph or op library it refuses), with genai's reason."""
         folder = Path(folder)
-        if kernel is not None and kernel not in KERNEL_PATHS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
-        try:
-            check_threads(threads)
-        except ValueError as error:
-            raise ValueError(f"threads {error}") from None
+        check_session_settings(threads, kernel)
         try:
             import onnxruntime_genai as og
         except ImportError as error:
@@ -133,11 +108,7 @@ class GenaiCausalLM:
         Prefill time is genai's ``append_tokens`` (one run over the prompt); each later token's time is
         one ``generate_next_token`` (one decode run, then the choice of the next token).
         """
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p, seed)
+        check_generation(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
         self.check_length(len(prompt_ids) + max_new_tokens - 1)
         og = self._og
         params = og.GeneratorParams(self.model)
@@ -167,7 +138,7 @@ class GenaiCausalLM:
 
 def open_generator(
     folder: Path, engine: Engine | None, threads: int, kernel: KernelPath | None = None, verify: bool = True
-) -> tuple[Generator, Engine]:
+) -> tuple[GenaiCausalLM | OnnxCausalLM, Engine]:
     """The engine that generates from ``folder``, and its name.
 
     ``engine=None``: onnxruntime-genai where it loads the folder, else our runner, with a note on stderr

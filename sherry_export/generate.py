@@ -147,11 +147,7 @@ class OnnxCausalLM:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Greedy (``temperature=0``) or sampled generation; ``on_token`` streams each new token."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p, seed)
+        check_generation(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
         decoder = self.decoder(len(prompt_ids) + max_new_tokens - 1)  # the last token needs no forward pass
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
@@ -290,6 +286,17 @@ def check_sequence_length(positions: int, limit: int, what: str) -> None:
             f"the sequence would reach {positions} positions, but this model holds {limit} ({what}); "
             "shorten the prompt or ask for fewer new tokens"
         )
+
+
+def check_generation(
+    prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int
+) -> None:
+    """Refuse an empty prompt, no new tokens, or sampling settings :func:`check_sampling` refuses."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, seed)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
