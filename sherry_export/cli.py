@@ -127,8 +127,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+ENGINE_NAMES = {"genai": "onnxruntime-genai", "sherry": "sherry runner"}
+"""``sherry generate --engine`` choices (:mod:`sherry_export.genai`), and how the summary line names them."""
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sherry_export.generate import OnnxCausalLM
+    from sherry_export.genai import open_generator
     from sherry_export.models import ModelSource, load_tokenizer
     from sherry_export.provenance import post_training_warning
     from sherry_export.verify import MANIFEST_FILE, read_manifest
@@ -141,7 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(ModelSource(args.model_dir))  # also for the output of --prompt-ids
     if args.prompt_ids is None and tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer (a random-weight shape export); pass --prompt-ids")
-    lm = OnnxCausalLM(model_path, threads=args.threads, kernel=args.kernel, verify=not args.no_verify)
+    lm, engine = open_generator(
+        args.model_dir, args.engine, threads=args.threads, kernel=args.kernel, verify=not args.no_verify
+    )
     manifest = read_manifest(args.model_dir) if (args.model_dir / MANIFEST_FILE).is_file() else {}
     fmt = manifest.get("options", {}).get("format", "")
     if warning := post_training_warning(manifest.get("provenance", ""), fmt, str(args.model_dir)):
@@ -188,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(
         f"\n\nprefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tokens/s; "
         f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_second:.1f} tokens/s "
-        f"({args.threads} thread{'s' if args.threads > 1 else ''})",
+        f"({args.threads} thread{'s' if args.threads > 1 else ''}, {ENGINE_NAMES[engine]})",
         file=sys.stderr,
     )
     return 0
@@ -316,8 +322,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     generate = sub.add_parser(
         "generate",
-        description="Greedy or sampled generation with a KV cache in plain onnxruntime, "
-        "streaming the text and printing prefill and decode tokens/s.",
+        description="Greedy or sampled generation with a KV cache, streaming the text and printing prefill "
+        "and decode tokens/s. The engine is onnxruntime-genai, which runs the export folder as it is (its "
+        "genai_config.json registers the folder's ai.sherry op library and decodes in one shared KV buffer); "
+        "where genai cannot load the folder, sherry's own onnxruntime runner generates, with a note that says "
+        "why.",
         epilog="example: sherry generate out/smollm2-sherry --prompt 'The capital of France'",
     )
     generate.add_argument("model_dir", type=Path, help="a folder written by `sherry export`")
@@ -342,6 +351,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=KERNEL_PATHS,
         default=None,
         help="force a kernel path of the ai.sherry ops (default: the best the CPU has)",
+    )
+    generate.add_argument(
+        "--engine",
+        choices=ENGINE_NAMES,
+        help="genai: onnxruntime-genai, an error if it cannot load the folder; sherry: sherry's own onnxruntime "
+        "runner (what sherry compare and bench time). Default: genai where it loads the folder, else sherry (with a "
+        "note that says why), and sherry while SHERRY_OPS_LIBRARY names another build of the op library. "
+        "Greedy tokens are the same; sampling draws differ",
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument(

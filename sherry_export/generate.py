@@ -1,5 +1,10 @@
 """Running an exported decoder in plain onnxruntime: forward passes with a KV cache, and generation.
 
+Sherry's own runner, for what onnxruntime-genai (the engine of ``sherry generate``, see
+:mod:`sherry_export.genai`) does not offer: logits of whole sequences and caches continued several
+ways (scoring), onnxruntime's profiler and timings per step (``sherry compare``, ``sherry bench``),
+and other backends (TVM's Relax VM subclasses :class:`OnnxCausalLM`).
+
 The decoder graph (``sherry_export.export.llama``) takes ``input_ids``, ``attention_mask`` and the
 past KV per layer, and returns logits and the present KV; prefill feeds the whole prompt with an
 empty past, then each decode step feeds one token with the previous present as past.
@@ -127,11 +132,8 @@ class OnnxCausalLM:
 
     def check_length(self, positions: int) -> None:
         """Refuse a sequence longer than the rotary caches: onnxruntime would index past their end."""
-        if self.max_positions is not None and positions > self.max_positions:
-            raise ValueError(
-                f"the sequence would reach {positions} positions, but this model holds {self.max_positions} "
-                "(its max_position_embeddings); shorten the prompt or ask for fewer new tokens"
-            )
+        if self.max_positions is not None:
+            check_sequence_length(positions, self.max_positions, "its max_position_embeddings")
 
     def generate(
         self,
@@ -145,11 +147,7 @@ class OnnxCausalLM:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Greedy (``temperature=0``) or sampled generation; ``on_token`` streams each new token."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p, seed)
+        check_generation(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
         decoder = self.decoder(len(prompt_ids) + max_new_tokens - 1)  # the last token needs no forward pass
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
@@ -278,6 +276,27 @@ class SharedKVDecoder:
         self._token[0, 0] = token
         self._run(self.length + 1)
         return self._logits[0, 0]
+
+
+def check_sequence_length(positions: int, limit: int, what: str) -> None:
+    """Refuse a sequence of ``positions`` positions where the model holds ``limit`` (``what`` says which
+    setting of the model sets it)."""
+    if positions > limit:
+        raise ValueError(
+            f"the sequence would reach {positions} positions, but this model holds {limit} ({what}); "
+            "shorten the prompt or ask for fewer new tokens"
+        )
+
+
+def check_generation(
+    prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int
+) -> None:
+    """Refuse an empty prompt, no new tokens, or sampling settings :func:`check_sampling` refuses."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, seed)
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:

@@ -38,7 +38,6 @@ KernelPath = Literal["auto", "scalar", "avx2", "avx512", "tvm"]
 KERNEL_PATHS: tuple[str, ...] = ("auto", "scalar", "avx2", "avx512", "tvm")
 
 
-
 @functools.cache
 def ort_errors() -> tuple[type[Exception], ...]:
     """onnxruntime's own exception types (Fail, InvalidArgument, InvalidProtobuf, NoSuchFile, RuntimeException…):
@@ -83,6 +82,16 @@ def get_library_path() -> str:
     return os.fspath(path)
 
 
+def check_session_settings(threads: int, kernel: KernelPath | None) -> None:
+    """Refuse a thread count or kernel path before a session (ours or onnxruntime-genai's) is built on it."""
+    if kernel is not None and kernel not in KERNEL_PATHS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
+    try:
+        check_threads(threads)
+    except ValueError as error:
+        raise ValueError(f"threads {error}") from None
+
+
 def session_options(
     threads: int = 1, kernel: KernelPath | None = None, report_kernel: bool = False
 ) -> ort.SessionOptions:
@@ -93,12 +102,7 @@ def session_options(
     """
     import onnxruntime as ort
 
-    if kernel is not None and kernel not in KERNEL_PATHS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
-    try:
-        check_threads(threads)
-    except ValueError as error:
-        raise ValueError(f"threads {error}") from None
+    check_session_settings(threads, kernel)
     options = ort.SessionOptions()
     library = get_library_path()
     try:

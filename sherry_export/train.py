@@ -36,6 +36,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from sherry_export.arguments import from_options
 from sherry_export.qat import CONFIG_KEY, ArenasSchedule, arenas_schedule, quantize_
 from sherry_export.train_config import TrainConfig
 
@@ -335,9 +336,7 @@ def run(cfg: TrainConfig) -> Trainer:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``sherry train``: the settings from the command line, then :func:`run`."""
-    names = {f for f in TrainConfig.__dataclass_fields__ if f != "extra_args"}
-    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
-    trainer = run(cfg)
+    trainer = run(from_options(TrainConfig, args))
     final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
     if final and trainer.is_world_process_zero():
         print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")

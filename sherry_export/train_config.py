@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sherry_export.arguments import add_options, lazy_command, option, positive_int, thread_count
+
 if TYPE_CHECKING:
     from sherry_export.qat import QATConfig
 
@@ -19,46 +21,92 @@ QUANT_METHODS = ("sherry", "ternary", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
+def _group_size(text: str) -> int | str:
+    if text in ("channel", "tensor"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, 'channel' or 'tensor', got {text}") from None
+
+
+MODEL, QUANT, OPTIM, SPEED, IO = "model", "quantization", "optimization", "speed", "data and checkpoints"
+"""The groups of ``sherry train --help``."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``sherry train`` can set; :meth:`validate` rejects bad values with a reason."""
+    """Everything ``sherry train`` can set; :meth:`validate` rejects bad values with a reason.
 
-    init: str = "scratch"
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int | None = None
-    intermediate: int | None = None
-    vocab: int = 8192
-    quant: str = "sherry"
-    group_size: int | str | None = None
-    arenas: bool | None = None
-    lambda_max: float = 1.0
-    warmup_ratio: float = 0.1
-    lr: float | None = None
-    lr_schedule: str = "cosine"
-    lr_warmup_ratio: float = 0.02
-    weight_decay: float = 0.0
-    steps: int = 200
-    batch: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    bf16: bool = False
-    compile: bool = False
-    threads: int | None = None
-    data: str = "corpora"
-    eval_every: int = 0
-    eval_batches: int = 16
-    diagnostics: bool = False
-    """Log the gradient effective rank and the ternary pattern-flip rates at every evaluation
-    (:mod:`sherry_export.diagnostics`)."""
-    log_every: int = 10
-    save_every: int = 100
-    save_limit: int = 2
-    output: Path = Path("runs/qat")
-    resume: str | None = None
-    seed: int = 0
-    cache: Path | None = None
+    Each field declared with :func:`~sherry_export.arguments.option` is the command-line option of its name
+    (``kv_heads`` is ``--kv-heads``), with its default, type and help written once, here.
+    """
+
+    init: str = option("scratch", group=MODEL, help="'scratch', 'smollm2', a .gguf file or an HF folder")
+    hidden: int = option(256, group=MODEL, type=positive_int, help="scratch: hidden size (default: %(default)s)")
+    layers: int = option(4, group=MODEL, type=positive_int, help="scratch: decoder layers (default: %(default)s)")
+    heads: int = option(4, group=MODEL, type=positive_int, help="scratch: attention heads (default: %(default)s)")
+    kv_heads: int | None = option(
+        None, group=MODEL, type=positive_int, help="scratch: key/value heads (default: --heads)"
+    )
+    intermediate: int | None = option(
+        None, group=MODEL, type=positive_int, help="scratch: FFN width (default: 8/3·hidden, to 128)"
+    )
+    vocab: int = option(
+        8192, group=MODEL, type=positive_int, help="scratch: BPE vocabulary size (default: %(default)s)"
+    )
+    quant: str = option("sherry", group=QUANT, choices=QUANT_METHODS, help="QAT method (default: %(default)s)")
+    group_size: int | str | None = option(
+        None,
+        group=QUANT,
+        type=_group_size,
+        help="scale group along K: a number, 'channel' (sherry) or 'tensor' (ternary); default 128 / tensor",
+    )
+    arenas: bool | None = option(
+        None, group=QUANT, help="Arenas residual λ·x·Wᵀ during training (default: on for sherry, off for ternary)"
+    )
+    lambda_max: float = option(1.0, group=QUANT, help="Arenas peak λ (default: %(default)s)")
+    warmup_ratio: float = option(0.1, group=QUANT, help="Arenas λ warm-up share of the steps (default: %(default)s)")
+    lr: float | None = option(None, group=OPTIM, help="peak learning rate (default: 1e-3 scratch, 1e-4 pretrained)")
+    lr_schedule: str = option(
+        "cosine", group=OPTIM, choices=LR_SCHEDULES, help="learning-rate schedule after warm-up (default: %(default)s)"
+    )
+    lr_warmup_ratio: float = option(
+        0.02, group=OPTIM, help="learning-rate warm-up share of the steps (default: %(default)s)"
+    )
+    weight_decay: float = option(0.0, group=OPTIM, help="AdamW weight decay (default: %(default)s)")
+    steps: int = option(200, group=OPTIM, type=positive_int, help="optimizer steps (default: %(default)s)")
+    batch: int = option(8, group=OPTIM, type=positive_int, help="sequences per micro-batch (default: %(default)s)")
+    seq_len: int = option(256, group=OPTIM, type=positive_int, help="tokens per sequence (default: %(default)s)")
+    grad_accum: int = option(
+        1, group=OPTIM, type=positive_int, help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    seed: int = option(0, group=OPTIM, help="seed of the initialization and the data order (default: %(default)s)")
+    bf16: bool = option(False, group=SPEED, help="bf16 autocast (AMX/AVX-512 BF16 on CPU)")
+    compile: bool = option(False, group=SPEED, help="torch.compile the model")
+    threads: int | None = option(None, group=SPEED, type=thread_count, help="intra-op threads (default: torch's)")
+    data: str = option("corpora", group=IO, help="'corpora' (run `sherry data` first) or a text file")
+    cache: Path | None = option(None, group=IO, help="cache folder (default: $SHERRY_CACHE or ~/.cache/sherry-export)")
+    output: Path = option(Path("runs/qat"), group=IO, help="run folder (default: %(default)s)")
+    resume: str | None = option(
+        None, group=IO, nargs="?", const="last", help="resume from CHECKPOINT, or alone: the latest one"
+    )
+    log_every: int = option(10, group=IO, type=positive_int, help="log the loss every N steps (default: %(default)s)")
+    save_every: int = option(
+        100, group=IO, type=positive_int, help="save a checkpoint every N steps (default: %(default)s)"
+    )
+    save_limit: int = option(2, group=IO, type=positive_int, help="checkpoints kept (default: %(default)s)")
+    eval_every: int = option(0, group=IO, help="held-out loss every N steps (0: no)")
+    eval_batches: int = option(
+        16, group=IO, type=positive_int, help="held-out batches per evaluation (default: %(default)s)"
+    )
+    diagnostics: bool = option(
+        False,
+        group=IO,
+        help="at every evaluation also log the effective rank of the loss gradient at each layer's input and the "
+        "fraction of 3:4 patterns (zero positions) and ternary values that changed: the paper's trapping metrics",
+    )
+    """Measured by :mod:`sherry_export.diagnostics` at every evaluation, so it needs ``eval_every``."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """More ``TrainingArguments`` (tests use it to, e.g., silence the progress bar)."""
 
@@ -134,80 +182,13 @@ class TrainConfig:
 # --- command line ---------------------------------------------------------------------------------------
 
 
-def _group_size(text: str) -> int | str:
-    if text in ("channel", "tensor"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, 'channel' or 'tensor', got {text}") from None
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``sherry train`` to the command line."""
-    from sherry_export.arguments import lazy_command, positive_int, thread_count
-
-    defaults = TrainConfig()
+    """Add ``sherry train`` to the command line: the options are :class:`TrainConfig`'s fields."""
     parser = subparsers.add_parser(
         "train",
         description="Train a Llama-family model with Sherry or dense-ternary QAT through the Hugging Face "
         "Trainer. Launch with torchrun or accelerate launch for DDP/FSDP. Example: "
         "`sherry train --init scratch --hidden 256 --layers 4 --steps 200 --output runs/s256`.",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--init", default=defaults.init, help="'scratch', 'smollm2', a .gguf file or an HF folder")
-    model.add_argument("--hidden", type=positive_int, default=defaults.hidden, help="scratch: hidden size")
-    model.add_argument("--layers", type=positive_int, default=defaults.layers, help="scratch: decoder layers")
-    model.add_argument("--heads", type=positive_int, default=defaults.heads, help="scratch: attention heads")
-    model.add_argument("--kv-heads", type=positive_int, help="scratch: key/value heads (default: --heads)")
-    model.add_argument("--intermediate", type=positive_int, help="scratch: FFN width (default: 8/3·hidden, to 128)")
-    model.add_argument("--vocab", type=positive_int, default=defaults.vocab, help="scratch: BPE vocabulary size")
-    quant = parser.add_argument_group("quantization")
-    quant.add_argument("--quant", choices=QUANT_METHODS, default=defaults.quant, help="QAT method (default: sherry)")
-    quant.add_argument(
-        "--group-size",
-        type=_group_size,
-        default=defaults.group_size,
-        help="scale group along K: a number, 'channel' (sherry) or 'tensor' (ternary); default 128 / tensor",
-    )
-    quant.add_argument(
-        "--arenas",
-        action=argparse.BooleanOptionalAction,
-        help="Arenas residual λ·x·Wᵀ during training (default: on for sherry, off for ternary)",
-    )
-    quant.add_argument("--lambda-max", type=float, default=defaults.lambda_max, help="Arenas peak λ (default: 1)")
-    quant.add_argument(
-        "--warmup-ratio", type=float, default=defaults.warmup_ratio, help="Arenas λ warm-up share of the steps"
-    )
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 scratch, 1e-4 pretrained)")
-    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
-    optim.add_argument("--lr-warmup-ratio", type=float, default=defaults.lr_warmup_ratio)
-    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    optim.add_argument("--steps", type=positive_int, default=defaults.steps, help="optimizer steps")
-    optim.add_argument("--batch", type=positive_int, default=defaults.batch, help="sequences per micro-batch")
-    optim.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
-    optim.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum)
-    optim.add_argument("--seed", type=int, default=defaults.seed)
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX/AVX-512 BF16 on CPU)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--threads", type=thread_count, help="intra-op threads (default: torch's)")
-    io = parser.add_argument_group("data and checkpoints")
-    io.add_argument("--data", default=defaults.data, help="'corpora' (run `sherry data` first) or a text file")
-    io.add_argument("--cache", type=Path, help="cache folder (default: $SHERRY_CACHE or ~/.cache/sherry-export)")
-    io.add_argument("--output", type=Path, default=defaults.output, help=f"run folder (default: {defaults.output})")
-    io.add_argument("--resume", nargs="?", const="last", help="resume from CHECKPOINT, or alone: the latest one")
-    io.add_argument("--log-every", type=positive_int, default=defaults.log_every)
-    io.add_argument("--save-every", type=positive_int, default=defaults.save_every)
-    io.add_argument("--save-limit", type=positive_int, default=defaults.save_limit, help="checkpoints kept")
-    io.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (0: no)")
-    io.add_argument("--eval-batches", type=positive_int, default=defaults.eval_batches)
-    io.add_argument(
-        "--diagnostics",
-        action="store_true",
-        help="at every evaluation also log the effective rank of the loss gradient at each layer's input and the "
-        "fraction of 3:4 patterns (zero positions) and ternary values that changed: the paper's trapping metrics",
-    )
+    add_options(parser, TrainConfig)
     parser.set_defaults(func=lazy_command("sherry_export.train", "cmd_train"))
-

@@ -22,7 +22,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "quantize": ("sherry_export.quant", "sherry_export.qat"),
     "pack": ("sherry_export.formats", "sherry_export.packed_model", "sherry_export.provenance", "sherry_export.pack"),
     "export": ("sherry_export.export", "sherry_export.onnx_ops"),
-    "run": ("sherry_export.generate",),
+    "run": ("sherry_export.generate", "sherry_export.genai"),
     "measure": ("sherry_export.compare", "sherry_export.bench"),
 }
 """quantize → pack → export → run → measure: a stage imports its own and earlier stages only. Modules

@@ -93,9 +93,9 @@ def replicate(model: onnx.ModelProto, copies: int) -> bytes:
 
     Copy c > 0 permutes the rows (axis 0) of every initializer with its own seeded permutation, so no
     two copies hold the same bytes: onnxruntime shares one prepacked buffer among initializers of
-    identical content (measured: MatMulNBits 2048->512 "cold" ran at its hot speed, 17 µs, with
-    identical copies and 27 µs with distinct ones). Whole rows stay whole, so every packed code stays
-    valid; the products change, which no timing depends on.
+    identical content, so copies of one weight would time MatMulNBits hot however many there are
+    (docs/benchmarks.md). Whole rows stay whole, so every packed code stays valid; the products
+    change, which no timing depends on.
     """
     if copies == 1:
         return model.SerializeToString()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,11 +15,16 @@ from sherry_export.compare.accounting import account
 from sherry_export.compare.accuracy import EvalData, Evaluation, evaluate, prepare
 from sherry_export.compare.report import CompareResults, write_report
 from sherry_export.compare.scoring import TorchCausalLM
-from sherry_export.compare.settings import DEMO_LIMIT, DEMO_PPL_TOKENS, AccuracySettings, SpeedSettings
+from sherry_export.compare.settings import (
+    DEMO_LIMIT,
+    DEMO_PPL_TOKENS,
+    AccuracySettings,
+    CompareConfig,
+    SpeedSettings,
+)
 from sherry_export.compare.speed import measure_speed
 from sherry_export.export.llama import ExportOptions
 from sherry_export.export.llm import MANIFEST_FILE, export_model
-from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
 from sherry_export.models import (
     DEFAULT_FP_MODEL,
     DEFAULT_MODEL,
@@ -30,7 +35,6 @@ from sherry_export.models import (
     resolve_source,
 )
 from sherry_export.provenance import (
-    QAT_METHODS,
     PreparedSource,
     is_quantization_aware,
     manifest_group_size,
@@ -39,53 +43,6 @@ from sherry_export.provenance import (
 from sherry_export.verify import read_manifest
 
 MODELS_DIR = "models"
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """Everything ``sherry compare`` can set; bad values are rejected before any export starts."""
-
-    model: str
-    output: Path
-    formats: tuple[str, ...] = EXPORT_FORMATS
-    threads: tuple[int, ...] = (1, 2)
-    lm_head: str = "fp32"
-    group_size: int | None = 128
-    group_size_explicit: bool = False
-    qat: str | None = None
-    """The QAT method whose latent weights MODEL holds (``--qat``), for checkpoints that do not say so."""
-    projection: str = "sherry"
-    run_speed: bool = True
-    run_accuracy: bool = True
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
-    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
-    torch_baseline: bool = False
-    compare_with: tuple[Path, ...] = ()
-    reuse_exports: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.formats:
-            raise ValueError("give at least one format")
-        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
-        if unknown:
-            raise ValueError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FORMATS)}")
-        if len(set(self.formats)) != len(self.formats):
-            raise ValueError(f"formats repeat: {' '.join(self.formats)}")
-        if not self.threads or any(t < 1 for t in self.threads) or len(set(self.threads)) != len(self.threads):
-            raise ValueError(f"threads must be distinct positive counts, got {list(self.threads)}")
-        if self.lm_head not in LM_HEADS:
-            raise ValueError(f"unknown LM head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
-        if self.qat is not None and self.qat not in QAT_METHODS:
-            raise ValueError(f"unknown QAT method {self.qat!r}; choose one of {', '.join(QAT_METHODS)}")
-        if not (self.run_speed or self.run_accuracy):
-            raise ValueError("--speed-only and --accuracy-only exclude each other")
-        resolve_source(self.model)  # a missing model is an error now, not after minutes of work
-        if self.run_accuracy and self.model.startswith(SHAPE_PREFIX):
-            raise ValueError(f"{self.model} has random weights and no tokenizer: pass --speed-only")
-        if (self.torch_baseline or self.compare_with) and not self.run_accuracy:
-            raise ValueError("--torch-baseline and --compare-with need the accuracy part (drop --speed-only)")
-        for path in self.compare_with:
-            resolve_source(path)
 
 
 def export_all(

@@ -33,8 +33,8 @@ class GraphBuilder:
 
     With ``external_data`` (a path), every initializer of at least ``SPILL_MIN_BYTES`` goes to that
     file the moment it is added and the graph keeps only a reference: a multi-GB model is then never
-    held in memory twice (as weights and again as protobuf), which is what kept a float32 export of
-    a 1B model from fitting in 16 GB. ``save_model`` takes it from there (and inlines small models).
+    held in memory twice (as weights and again as protobuf), so a float32 export of a 1B model fits in
+    16 GB. ``save_model`` takes it from there (and inlines small models).
     """
 
     def __init__(self, name: str, external_data: str | os.PathLike[str] | None = None) -> None:

@@ -69,8 +69,9 @@ def genai_config(model: PreTrainedModel, tokenizer: object, context_length: int,
     layer and binds it as both past and present, so ``GroupQueryAttention`` writes each step in place
     instead of copying the cache into a new present every step. The graph needs nothing for it: it
     takes ``seqlens_k`` and ``total_sequence_length`` from the attention mask, which genai grows by one
-    position per step whatever the buffer's size (``sherry generate`` decodes the same way, see
-    :class:`sherry_export.generate.SharedKVDecoder`).
+    position per step whatever the buffer's size (sherry's own runner decodes the same way, see
+    :class:`sherry_export.generate.SharedKVDecoder`). ``sherry generate`` runs the folder through this
+    config (:mod:`sherry_export.genai`).
     """
     config = model.config
     heads = config.num_attention_heads
