@@ -219,10 +219,14 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``sherry sizes``, ``sherry pack``, ``sherry export`` and ``sherry generate``."""
+    from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, FORMATS, FP32, LM_HEADS, REFERENCE_FORMAT
+    from sherry_export.runtime import KERNEL_PATHS
+    from sherry_export.ternary import PROJECTION_NAMES
+
     sizes = sub.add_parser(
         "sizes",
         description="Project every attention/MLP projection of MODEL to Sherry's 3:4 ternary "
-        "values, pack the same values as sherry, tl2 and i2s, and print the size "
+        f"values, pack the same values in each format ({', '.join(FORMATS)}), and print the size "
         "table and the reference matmul error on real activations.",
     )
     sizes.add_argument(
@@ -246,10 +250,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--layers", type=positive_int, default=7, help="how many layers the error table shows (default: 7)"
     )
     sizes.set_defaults(func=cmd_sizes)
-
-    from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, FORMATS, LM_HEADS
-    from sherry_export.runtime import KERNEL_PATHS
-    from sherry_export.ternary import PROJECTION_NAMES
 
     projection_help = (
         "post-training rule for float layers: sherry (3:4) or absmean (dense, not for --format sherry) (default: "
@@ -298,16 +298,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     export.add_argument(
         "--format",
-        default="sherry",
+        default=REFERENCE_FORMAT,
         choices=EXPORT_FORMATS,
-        help="weight format of the attention/MLP projections (default: sherry)",
+        help="weight format of the attention/MLP projections (default: %(default)s)",
     )
     add_checkpoint_args(export)
     export.add_argument(
         "--lm-head",
-        default="fp32",
+        default=FP32,
         choices=LM_HEADS,
-        help="LM head precision, kept the same across formats for fair comparisons (default: fp32)",
+        help="LM head precision, kept the same across formats for fair comparisons (default: %(default)s)",
     )
     export.add_argument(
         "--embedding",

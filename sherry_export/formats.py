@@ -236,6 +236,9 @@ class WeightFormat:
     """group_size must be a multiple of this."""
     lanes_per_code: int
     """Weights per code of the canonical row: 4 per Sherry block, 3 per TL2 triple, 1 per i2s 2-bit code."""
+    projection: str
+    """The post-training projection (``ternary.PROJECTION_NAMES``) whose values this format holds for any float
+    weight: Sherry's 3:4 rule for a format of 3:4 blocks, BitNet's dense absmean rule for one of any ternary."""
     row_bytes: Callable[[int, int], int]
     encode: Callable[[np.ndarray, int], np.ndarray]
     decode: Callable[[np.ndarray, int, int], np.ndarray]
@@ -264,6 +267,7 @@ FORMATS: dict[str, WeightFormat] = {
             SHERRY_BLOCK,
             SHERRY_BLOCK,
             SHERRY_BLOCK,
+            "sherry",
             _sherry_row_bytes,
             _sherry_encode,
             _sherry_decode,
@@ -276,6 +280,7 @@ FORMATS: dict[str, WeightFormat] = {
             1,
             1,
             3,
+            "absmean",
             _tl2_row_bytes,
             _tl2_encode,
             _tl2_decode,
@@ -288,18 +293,31 @@ FORMATS: dict[str, WeightFormat] = {
             1,
             1,
             1,
+            "absmean",
             _i2s_row_bytes,
             _i2s_encode,
             _i2s_decode,
         ),
     )
 }
+REFERENCE_FORMAT = "sherry"
+"""The format the project is about: the default wherever a format is chosen, and the one whose speed-ups
+the reports give over every other."""
+FP32 = "fp32"
+"""Dense float32 weights in a plain ``MatMul``: a projection format, and an LM head and embedding precision."""
 NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
 """onnxruntime's own ``MatMulNBits`` at these bit widths, carrying the same ternary values: the baselines."""
-EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, "fp32")
+EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, FP32)
 """Every projection format an export can use: ours, ``MatMulNBits``, and dense float32."""
-LM_HEADS = ("fp32", "nbits8", "nbits4")
+LM_HEADS = (FP32, "nbits8", "nbits4")
 """LM head precisions: float32 or ``MatMulNBits`` at 8 or 4 bits, the same for every format."""
+SPEED_BASELINES = (*(f for f in FORMATS if f != REFERENCE_FORMAT), "nbits2")
+"""What the reference format's speed-up is reported over: every other format of ours, and ``MatMulNBits``
+at the bit width nearest ours (the strongest like-for-like baseline on the same runtime)."""
+SPEED_TARGETS = {"i2s": 1.2, "tl2": 1.15, "nbits2": 1.5}
+"""The reference format's decode speed-up over these baselines that the project aims for (LLaMA-3.2-1B
+shape, 2 threads, the same LM head), on the AVX2 and the AVX-512 paths alike. A new format needs no
+entry: the reports check the targets there are."""
 EMBEDDINGS = ("auto", *LM_HEADS)
 """Input embedding precisions. ``auto``: a tied embedding takes the LM head's precision (and shares its
 stored table, read by ``GatherBlockQuantized``); an untied one stays fp32."""

@@ -49,10 +49,19 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from sherry_export.formats import FORMATS, MAX_GROUP_SIZE, SHERRY_DECODE, PackedWeight, pack, reference_matmul
+from sherry_export.formats import (
+    FORMATS,
+    MAX_GROUP_SIZE,
+    SHERRY_DECODE,
+    PackedWeight,
+    WeightFormat,
+    pack,
+    reference_matmul,
+)
 from sherry_export.onnx_ops import matmul_model
 from sherry_export.quant import Ternary
 from sherry_export.runtime import KERNEL_CONFIG_KEY, get_library_path
+from sherry_export.ternary import SHERRY_BLOCK
 
 OUTCOMES = ("equal", "clean-error", "wrong", "crash", "hang", "oom")
 GOOD_OUTCOMES = ("equal", "clean-error")
@@ -101,24 +110,28 @@ class Outcome:
 # --- valid starting points -------------------------------------------------------------------
 
 
-def _random_values(rng: np.random.Generator, fmt: str, n: int, k: int) -> np.ndarray:
-    if fmt == "sherry":  # any 5-bit code is a valid 3:4 block
-        return SHERRY_DECODE[rng.integers(0, 32, (n, k // 4))].reshape(n, k)
+def _random_values(rng: np.random.Generator, spec: WeightFormat, n: int, k: int) -> np.ndarray:
+    """Uniformly random ternary values the format holds: a format of 3:4 blocks (Sherry's projection) takes
+    random 5-bit codes, each a valid block; the others any ternary value."""
+    if spec.projection == "sherry":
+        return SHERRY_DECODE[rng.integers(0, len(SHERRY_DECODE), (n, k // SHERRY_BLOCK))].reshape(n, k)
     return rng.integers(-1, 2, (n, k)).astype(np.int8)
+
+
+def _round_down(value: int, multiple: int) -> int:
+    """``value`` rounded down to a positive multiple of ``multiple``."""
+    return max(multiple, value - value % multiple)
 
 
 def base_case(rng: np.random.Generator) -> tuple[Case, PackedWeight]:
     """A valid single-node model with random format, geometry, weights, bias and input."""
     fmt = str(rng.choice(list(FORMATS)))
-    k = int(rng.choice([rng.integers(1, 80), rng.integers(1, 700), 2048]))
-    if fmt == "sherry":
-        k = max(4, k - k % 4)
+    spec = FORMATS[fmt]
+    k = _round_down(int(rng.choice([rng.integers(1, 80), rng.integers(1, 700), 2048])), spec.k_multiple)
     choices = [1, 2, 3, 5, 7, 8, 12, 16, 32, 64, 128, k, int(rng.integers(1, k + 1))]
-    group_size = min(int(rng.choice(choices)), k)
-    if fmt == "sherry":
-        group_size = max(4, group_size - group_size % 4)
+    group_size = _round_down(min(int(rng.choice(choices)), k), spec.group_multiple)
     n = int(rng.choice([1, 2, 17, 33, int(rng.integers(1, 160))]))
-    values = _random_values(rng, fmt, n, k)
+    values = _random_values(rng, spec, n, k)
     groups = -(-k // group_size)
     scales = (rng.random((n, groups)) * 2).astype(np.float32)
     packed = pack(fmt, Ternary(values, scales), group_size)  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ def pack_checkpoint(
     projection: str = "sherry",
 ) -> PackResult:
     """Load ``source`` (anything ``sherry export`` takes), make its projections ternary and write the
-    packed folder ``out_dir`` in ``format`` (``sherry``, ``tl2`` or ``i2s``).
+    packed folder ``out_dir`` in ``format`` (a key of :data:`~sherry_export.formats.FORMATS`).
 
     ``group_size``/``group_size_explicit``/``qat`` are ``--group-size``, whether it was given, and
     ``--qat``, as for :func:`~sherry_export.provenance.prepare_checkpoint`; ``projection`` and

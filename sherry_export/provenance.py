@@ -33,6 +33,7 @@ from typing import Literal
 
 from torch import nn
 
+from sherry_export.formats import FP32
 from sherry_export.packed_model import PACKED_KEY, PROJECTED_WITH, TRAINED_WITH
 from sherry_export.qat import (
     CONFIG_KEY,
@@ -98,7 +99,7 @@ class Provenance:
     def label(self, fmt: str) -> str:
         """The manifest's ``provenance`` for an export in ``fmt``."""
         if self.kind == "float":
-            return FLOAT if fmt == "fp32" else POST_TRAINING
+            return FLOAT if fmt == FP32 else POST_TRAINING
         if self.kind == "projected":
             return POST_TRAINING
         if self.kind == "packed":

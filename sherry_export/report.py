@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
+from sherry_export.formats import FORMATS, REFERENCE_FORMAT, PackedWeight, pack, reference_matmul
 from sherry_export.quant import quantizable_linears, sherry_ternarize
 
 
@@ -61,14 +61,14 @@ def error_rows(layers: list[LayerPack], inputs: dict[str, np.ndarray]) -> list[l
         exact = x @ layer.weight.numpy().T
         norm = float(np.linalg.norm(exact)) or 1.0
         outputs = {f: reference_matmul(x, p, activations="int8") for f, p in layer.packed.items()}
-        float_out = reference_matmul(x, layer.packed["sherry"], activations="float")
-        agree = all(np.array_equal(outputs["sherry"], out) for out in outputs.values())
+        float_out = reference_matmul(x, layer.packed[REFERENCE_FORMAT], activations="float")
+        agree = all(np.array_equal(outputs[REFERENCE_FORMAT], out) for out in outputs.values())
         rows.append(
             [
                 layer.name,
                 float(np.linalg.norm(float_out - exact)) / norm,
-                float(np.linalg.norm(outputs["sherry"] - exact)) / norm,
-                float(np.linalg.norm(outputs["sherry"] - float_out)) / norm,
+                float(np.linalg.norm(outputs[REFERENCE_FORMAT] - exact)) / norm,
+                float(np.linalg.norm(outputs[REFERENCE_FORMAT] - float_out)) / norm,
                 "yes" if agree else "NO",
             ]
         )

@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         epilog="example: sherry tvm-run out/ship --prompt-ids 1,2,3,4 --compare-onnxruntime --threads 1",
     )
-    p.add_argument("model_dir", type=Path, help="a folder written by `sherry export` (sherry, tl2, i2s or fp32)")
+    p.add_argument("model_dir", type=Path, help="a folder written by `sherry export`, in any format")
     p.add_argument("--prompt-ids", type=token_ids, required=True, help="the prompt as token ids, e.g. 1,450,3681")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--threads", type=thread_count, default=1, help="threads for both backends (default: 1)")

@@ -130,11 +130,11 @@ def node_us(
     from sherry_export.formats import pack
     from sherry_export.onnx_ops import matmul_model
     from sherry_export.profiling import kernel_events, read_profile
-    from sherry_export.quant import absmean_ternarize, sherry_ternarize
+    from sherry_export.qat import PROJECTIONS
     from sherry_export.runtime import make_session
 
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
-    ternary = sherry_ternarize(weight, gs) if fmt == "sherry" else absmean_ternarize(weight, gs)
+    ternary = PROJECTIONS[formats.FORMATS[fmt].projection](weight, gs)  # the densest values the format holds
     packed = pack(fmt, ternary, gs)
     copies = cold_copies(COLD_BYTES, packed.data.nbytes + packed.scales.nbytes) if cold else 1
     model = replicate(matmul_model(packed, leading_dims=(1,)), copies)

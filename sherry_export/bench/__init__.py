@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sherry_export.arguments import lazy_command, thread_count
-from sherry_export.formats import EXPORT_FORMATS
+from sherry_export.formats import EXPORT_FORMATS, REFERENCE_FORMAT
 
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
 """LLaMA-3.2-1B's linear shapes as (K, N): q/o, k/v, gate/up, down."""
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: sherry bench export --shape llama-3.2-1b --format sherry -o /tmp/l1b",
     )
     export.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "llama-3.2-3b", "bitnet-0.7b"])
-    export.add_argument("--format", default="sherry", choices=EXPORT_FORMATS)
+    export.add_argument("--format", default=REFERENCE_FORMAT, choices=EXPORT_FORMATS, help="(default: %(default)s)")
     export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     export.set_defaults(func=lazy_command("sherry_export.bench.export", "cmd_export"))
     pack_bench = sub.add_parser("pack", help="time the Sherry projection and each packer on 1e9 weights (LLaMA-3.2-1B)")

@@ -7,14 +7,14 @@ import resource
 import time
 
 from sherry_export.bench import GROUP_SIZE
-from sherry_export.formats import NBITS_FORMATS, get_format
+from sherry_export.formats import FP32, NBITS_FORMATS, get_format
 from sherry_export.report import markdown_table
 
 
 def expected_projection_bytes(fmt: str, k: int, n: int, group_size: int) -> int:
     """Bytes a K→N projection should store in ``fmt`` (codes and scales), from the formats' bit accounting."""
     groups = -(-k // group_size)
-    if fmt == "fp32":
+    if fmt == FP32:
         return 4 * k * n
     if fmt in NBITS_FORMATS:  # MatMulNBits: one block per scale group, padded to the block; float32 scales
         return n * groups * group_size * NBITS_FORMATS[fmt] // 8 + 4 * n * groups

@@ -18,7 +18,16 @@ from tqdm import tqdm
 from sherry_export.bench import GROUP_SIZE, LLAMA_1B_SHAPES, MAX_COLD_NODES, PREFILL_BATCH, cold_copies
 from sherry_export.export.graph import FLOAT, GraphBuilder
 from sherry_export.export.projections import Projection, emit_projection
-from sherry_export.formats import FORMATS, PackedWeight, pack
+from sherry_export.formats import (
+    EXPORT_FORMATS,
+    FORMATS,
+    FP32,
+    NBITS_FORMATS,
+    REFERENCE_FORMAT,
+    SPEED_BASELINES,
+    PackedWeight,
+    pack,
+)
 from sherry_export.onnx_ops import matmul_node
 from sherry_export.profiling import kernel_events, machine_description, read_profile
 from sherry_export.quant import dequantize_ternary, sherry_ternarize
@@ -37,7 +46,9 @@ class Candidate:
     def label(self) -> str:
         if self.format in FORMATS:
             return f"{FORMATS[self.format].op_type}[{self.path}]"
-        return {"nbits2": "MatMulNBits-2bit", "nbits4": "MatMulNBits-4bit", "fp32": "MatMul-fp32"}[self.format]
+        if self.format in NBITS_FORMATS:
+            return f"MatMulNBits-{NBITS_FORMATS[self.format]}bit"
+        return f"MatMul-{self.format}"
 
 
 @dataclass
@@ -57,15 +68,16 @@ class Timing:
 
 
 def candidates(paths: list[str]) -> list[Candidate]:
+    """Every format of ours on each kernel path, then onnxruntime's own ops (one candidate each)."""
     ours = [Candidate(fmt, path) for path in paths for fmt in FORMATS]
-    return [*ours, Candidate("nbits2"), Candidate("nbits4"), Candidate("fp32")]
+    return [*ours, *(Candidate(fmt) for fmt in EXPORT_FORMATS if fmt not in FORMATS)]
 
 
 def projection_for(fmt: str, k: int, n: int, seed: int = 0) -> Projection:
     """Random weights, projected to Sherry once: every format carries the same ternary values."""
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     ternary = sherry_ternarize(weight, GROUP_SIZE)
-    if fmt == "fp32":
+    if fmt == FP32:
         return Projection(weight=dequantize_ternary(ternary, GROUP_SIZE).numpy())
     return Projection(ternary=ternary, group_size=GROUP_SIZE)
 
@@ -195,18 +207,14 @@ def run_kernel_bench(
     return timings
 
 
-REFERENCE_FORMAT = "sherry"
-"""The format whose speed-ups the table reports, against MatMulNBits 2-bit and every other format."""
-
-
 def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list[list[object]]]:
-    """One row per configuration: each candidate's median µs, then Sherry's speed-ups on each path."""
+    """One row per configuration: each candidate's median µs, then the reference format's speed-up over each
+    of :data:`~sherry_export.formats.SPEED_BASELINES` on each path."""
     labels = list(dict.fromkeys(t.candidate for t in timings))
     by_config: dict[tuple, dict[str, Timing]] = {}
     for t in timings:
         by_config.setdefault((t.k, t.n, t.batch, t.threads, t.mode), {})[t.candidate] = t
-    baselines = ["nbits2", *(f for f in FORMATS if f != REFERENCE_FORMAT)]  # MatMulNBits 2-bit and our other ops
-    ratio_headers = [f"{b}/{REFERENCE_FORMAT}[{path}]" for path in paths for b in baselines]
+    ratio_headers = [f"{b}/{REFERENCE_FORMAT}[{path}]" for path in paths for b in SPEED_BASELINES]
     headers = ["K->N", "batch", "threads", "weights", *[f"{label} µs" for label in labels], *ratio_headers]
     rows = []
     for (k, n, batch, threads, mode), cands in by_config.items():
@@ -214,7 +222,7 @@ def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list
         row += [round(cands[c].median_us, 1) if c in cands else "-" for c in labels]  # tvm: tuned shapes only
         for path in paths:
             reference = cands.get(Candidate(REFERENCE_FORMAT, path).label)
-            for other in (Candidate(b, path).label for b in baselines):
+            for other in (Candidate(b, path).label for b in SPEED_BASELINES):
                 row.append(cands[other].median_us / reference.median_us if reference and other in cands else "-")
         rows.append(row)
     return headers, rows

@@ -14,12 +14,9 @@ from pathlib import Path
 from sherry_export.compare.accounting import TERNARY_OPS, ModelAccounting
 from sherry_export.compare.accuracy import Evaluation
 from sherry_export.compare.speed import LM_HEAD_GROUP, OUTSIDE_NODES, SpeedResults
+from sherry_export.formats import REFERENCE_FORMAT, SPEED_TARGETS
 from sherry_export.report import markdown_table
 
-REFERENCE = "sherry"
-SPEED_TARGETS = {"i2s": 1.2, "tl2": 1.15, "nbits2": 1.5}
-"""Sherry's decode speed-up the project aims for (LLaMA-3.2-1B shape, 2 threads, the same LM head): the
-decode targets of the AVX2 work, which the AVX-512 path must meet too."""
 TARGET_THREADS = 2
 BANDWIDTH_TARGET = 0.75
 """Sherry's decode step should read at this fraction of the probed memory read bandwidth, on 1 and 2 threads."""
@@ -133,18 +130,18 @@ def size_table(results: CompareResults) -> str:
 
 
 def _baselines(results: CompareResults) -> list[str]:
-    return [f for f in results.formats if f != REFERENCE] if REFERENCE in results.formats else []
+    return [f for f in results.formats if f != REFERENCE_FORMAT] if REFERENCE_FORMAT in results.formats else []
 
 
 def paper_table(results: CompareResults) -> str:
     """Decode tokens/s per format and thread count, then Sherry's speed-up over each baseline."""
     speed = results.speed
     baselines = _baselines(results)
-    headers = ["threads", *[f"{f} tok/s" for f in results.formats], *[f"sherry/{b}" for b in baselines]]
+    headers = ["threads", *[f"{f} tok/s" for f in results.formats], *[f"{REFERENCE_FORMAT}/{b}" for b in baselines]]
     rows = []
     for t in speed.bandwidth_gb_per_s:
         row: list[object] = [t, *[f"{speed.decode_tokens_per_s(f, t):.2f}" for f in results.formats]]
-        rows.append(row + [f"{speed.speedup(REFERENCE, b, t):.3f}x" for b in baselines])
+        rows.append(row + [f"{speed.speedup(REFERENCE_FORMAT, b, t):.3f}x" for b in baselines])
     return markdown_table(headers, rows)
 
 
@@ -228,30 +225,32 @@ def bandwidth_table(results: CompareResults) -> str:
 def target_rows(results: CompareResults) -> list[list[object]]:
     """The project's speed targets against this run's measurements (where the formats and threads were run)."""
     speed = results.speed
-    if speed is None or REFERENCE not in results.formats:
+    if speed is None or REFERENCE_FORMAT not in results.formats:
         return []
     rows: list[list[object]] = []
     if TARGET_THREADS in speed.bandwidth_gb_per_s:
         for baseline, goal in SPEED_TARGETS.items():
             if baseline in results.formats:
-                value = speed.speedup(REFERENCE, baseline, TARGET_THREADS)
-                rows.append([f"sherry/{baseline} decode tok/s", f">= {goal}", f"{value:.3f}", _met(value >= goal)])
+                value = speed.speedup(REFERENCE_FORMAT, baseline, TARGET_THREADS)
+                rows.append(
+                    [f"{REFERENCE_FORMAT}/{baseline} decode tok/s", f">= {goal}", f"{value:.3f}", _met(value >= goal)]
+                )
     for t in BANDWIDTH_TARGET_THREADS:
         if t in speed.bandwidth_gb_per_s:
-            fraction = decode_bandwidth(results, REFERENCE, t).step_fraction
+            fraction = decode_bandwidth(results, REFERENCE_FORMAT, t).step_fraction
             rows.append(
                 [
-                    f"sherry decode step, share of the probed bandwidth ({t} thread{'s' if t > 1 else ''})",
+                    f"{REFERENCE_FORMAT} decode step, share of the probed bandwidth ({t} thread{'s' if t > 1 else ''})",
                     f">= {BANDWIDTH_TARGET:.0%}",
                     f"{fraction:.1%}",
                     _met(fraction >= BANDWIDTH_TARGET),
                 ]
             )
     if TARGET_THREADS in speed.bandwidth_gb_per_s and 1 in speed.bandwidth_gb_per_s:
-        scaling = speed.thread_scaling(REFERENCE, TARGET_THREADS)
+        scaling = speed.thread_scaling(REFERENCE_FORMAT, TARGET_THREADS)
         rows.append(
             [
-                f"sherry decode tok/s, {TARGET_THREADS} threads / 1 thread",
+                f"{REFERENCE_FORMAT} decode tok/s, {TARGET_THREADS} threads / 1 thread",
                 f">= {SCALING_TARGET}",
                 f"{scaling:.2f}",
                 _met(scaling >= SCALING_TARGET),
@@ -307,7 +306,7 @@ def headline_table(results: CompareResults) -> str:
     corpora = list(results.accuracy[0].perplexity) if results.accuracy else []
     headers = ["model", "bits/weight incl. scales", "file MB"]
     if threads is not None:
-        headers += [f"decode tok/s ({threads} thr)", "sherry speed-up"]
+        headers += [f"decode tok/s ({threads} thr)", f"{REFERENCE_FORMAT} speed-up"]
     headers += ["mean held-out ppl", "mean zero-shot acc"] if results.accuracy else []
 
     def accuracy_cells(e: Evaluation | None) -> list[object]:
@@ -324,8 +323,8 @@ def headline_table(results: CompareResults) -> str:
         if threads is not None:
             speedup = (
                 ""
-                if fmt == REFERENCE or REFERENCE not in results.formats
-                else (f"{results.speed.speedup(REFERENCE, fmt, threads):.3f}x")
+                if fmt == REFERENCE_FORMAT or REFERENCE_FORMAT not in results.formats
+                else (f"{results.speed.speedup(REFERENCE_FORMAT, fmt, threads):.3f}x")
             )
             row += [f"{results.speed.decode_tokens_per_s(fmt, threads):.1f}", speedup]
         rows.append(row + accuracy_cells(accuracy.get(fmt)))
@@ -446,7 +445,11 @@ def results_json(results: CompareResults) -> dict:
                 "weights_gb_per_s": results.sizes[f].achieved_gb_per_s(1 / speed.decode_tokens_per_s(f, t)),
                 "bandwidth_gb_per_s": speed.bandwidth(t),
                 **asdict(decode_bandwidth(results, f, t)),
-                **{f"speedup_vs_{b}": speed.speedup(REFERENCE, b, t) for b in _baselines(results) if f == REFERENCE},
+                **{
+                    f"speedup_vs_{b}": speed.speedup(REFERENCE_FORMAT, b, t)
+                    for b in _baselines(results)
+                    if f == REFERENCE_FORMAT
+                },
             }
             for t in speed.bandwidth_gb_per_s
             for f in results.formats

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sherry_export.arguments import option, option_group, positive_int, thread_count
-from sherry_export.formats import EXPORT_FORMATS, LM_HEADS
+from sherry_export.formats import EXPORT_FORMATS, FP32, LM_HEADS
 from sherry_export.ternary import PROJECTION_NAMES, QAT_METHODS
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
@@ -93,9 +93,9 @@ class CompareConfig:
         flags=("model",), help="'smollm2', a .gguf file, a Hugging Face folder, or shape:NAME (--speed-only)"
     )
     output: Path = option(flags=("-o", "--output"), required=True, help="results folder (exports go to models/)")
-    formats: tuple[str, ...] = option(EXPORT_FORMATS, choices=EXPORT_FORMATS, help="formats (default: all six)")
+    formats: tuple[str, ...] = option(EXPORT_FORMATS, choices=EXPORT_FORMATS, help="formats (default: all)")
     threads: tuple[int, ...] = option((1, 2), type=thread_count, help="thread counts (default: %(default)s)")
-    lm_head: str = option("fp32", choices=LM_HEADS, help="LM head of every format (default: %(default)s)")
+    lm_head: str = option(FP32, choices=LM_HEADS, help="LM head of every format (default: %(default)s)")
     group_size: int | None = 128
     group_size_explicit: bool = False
     qat: str | None = None

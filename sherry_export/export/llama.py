@@ -30,7 +30,7 @@ from sherry_export.export.projections import (
     nbits_weight,
     quantize_float_nbits,
 )
-from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, LM_HEADS
+from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, FP32, LM_HEADS, REFERENCE_FORMAT
 from sherry_export.models import SUPPORTED_ARCHITECTURES
 from sherry_export.qat import PTQConfig, quantized_linear
 from sherry_export.quant import Ternary, dequantize_ternary
@@ -47,9 +47,9 @@ LM_HEAD_NODE = "lm_head"
 
 @dataclass(frozen=True)
 class ExportOptions:
-    format: str = "sherry"
+    format: str = REFERENCE_FORMAT
     group_size: int | None = 128
-    lm_head: str = "fp32"
+    lm_head: str = FP32
     embedding: str = "auto"
     """Precision of the input embedding table; see ``EMBEDDINGS``."""
     projection: str = "sherry"
@@ -80,11 +80,11 @@ def linear_projection(module: torch.nn.Module, options: ExportOptions) -> Projec
     """
     bias = _numpy(getattr(module, "bias", None))
     if not hasattr(module, "ternary"):
-        if options.format == "fp32":
+        if options.format == FP32:
             return Projection(weight=_numpy(module.weight), bias=bias)
         module = quantized_linear(module, PTQConfig(options.projection, options.group_size))
     ternary, group_size = module.ternary(), module.group_size
-    if options.format == "fp32":
+    if options.format == FP32:
         return Projection(weight=dequantize_ternary(ternary, group_size).numpy(), bias=bias)
     return Projection(
         ternary=Ternary(*(t.detach().cpu() for t in ternary)),
@@ -275,7 +275,7 @@ def resolve_embedding(options: ExportOptions, tied: bool) -> ExportOptions:
     """``options`` with ``embedding="auto"`` made concrete: the head's precision when tied, else fp32."""
     if options.embedding != "auto":
         return options
-    return replace(options, embedding=options.lm_head if tied else "fp32")
+    return replace(options, embedding=options.lm_head if tied else FP32)
 
 
 Table = str | NBitsWeight
@@ -285,7 +285,7 @@ Table = str | NBitsWeight
 def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gather_only: bool = False) -> Table:
     """Store ``weight [V, H]`` once, in float32 or block-quantized (``LM_HEAD_BLOCK``); the embedding lookup and
     the LM head both read this form, so a tied table serves both (``gather_only``: no matmul reads it)."""
-    if kind == "fp32":
+    if kind == FP32:
         return b.initializer(f"{name}.weight", weight)
     bits = int(kind.removeprefix("nbits"))
     q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
@@ -320,7 +320,7 @@ def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str,
     ternaries = {}
     for name, module in quantizable_linears(model).items():
         proj = linear_projection(
-            module, replace(options, format="sherry" if options.format == "fp32" else options.format)
+            module, replace(options, format=REFERENCE_FORMAT if options.format == FP32 else options.format)
         )
         ternaries[name] = (proj.ternary, proj.group_size)
     return ternaries

@@ -19,7 +19,7 @@ from sherry_export.errors import output_folder
 from sherry_export.export.graph import external_data_path, save_model
 from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
 from sherry_export.export.sizes import size_split
-from sherry_export.formats import FORMATS
+from sherry_export.formats import FORMATS, FP32
 from sherry_export.models import load_causal_lm, load_tokenizer
 from sherry_export.provenance import (
     ORIGIN_CHECKPOINT,
@@ -144,7 +144,7 @@ def export_model(
     if source.provenance.holds_ternary:  # the weights' own group size, not a flag's, goes into the manifest
         options = replace(options, group_size=source.options_group_size)
     provenance = source.provenance.label(options.format)
-    carries_groups = source.provenance.holds_ternary or options.format != "fp32"
+    carries_groups = source.provenance.holds_ternary or options.format != FP32
     options = resolve_embedding(options, tied_embedding(model))  # the manifest records what was exported
     with torch.no_grad():
         builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))

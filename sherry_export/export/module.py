@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import onnx
 import torch
 
-from sherry_export.formats import FORMATS, PackedWeight, pack, reference_matmul
+from sherry_export.formats import FORMATS, REFERENCE_FORMAT, PackedWeight, pack, reference_matmul
 from sherry_export.onnx_ops import SHERRY_DOMAIN, SHERRY_OPSET_VERSION
 
 
@@ -69,7 +69,7 @@ class PackedLinear(torch.nn.Module):
         return PACKED_OPS[self.format](x, self.data, self.scales, self.bias, self.k, self.n, self.group_size)
 
 
-def pack_module(module: torch.nn.Module, format: str = "sherry") -> torch.nn.Module:
+def pack_module(module: torch.nn.Module, format: str = REFERENCE_FORMAT) -> torch.nn.Module:
     """A copy of ``module`` with every quantized linear replaced by a :class:`PackedLinear` in ``format``."""
     if format not in FORMATS:
         raise ValueError(f"generic export supports the formats {', '.join(FORMATS)}, got {format!r}")
@@ -88,7 +88,7 @@ def pack_module(module: torch.nn.Module, format: str = "sherry") -> torch.nn.Mod
 def to_onnx(
     module: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor],
-    format: str = "sherry",
+    format: str = REFERENCE_FORMAT,
     dynamic_shapes: Sequence[Mapping[int, object]] | None = None,
     path: str | os.PathLike[str] | None = None,
 ) -> onnx.ModelProto:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sherry_export.export.graph import MS_DOMAIN, GraphBuilder
-from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, SCALE_DTYPE, pack
+from sherry_export.formats import EXPORT_FORMATS, FORMATS, FP32, NBITS_FORMATS, SCALE_DTYPE, pack
 from sherry_export.onnx_ops import matmul_node
 from sherry_export.ternary import Ternary
 
@@ -221,7 +221,7 @@ def quantize_float_nbits(weight: np.ndarray, bits: int, block_size: int) -> tupl
 
 def emit_projection(builder: GraphBuilder, x: str, name: str, proj: Projection, fmt: str) -> str:
     """Add the nodes computing ``x @ W.T (+ bias)`` in ``fmt``; returns the output name."""
-    if fmt == "fp32":
+    if fmt == FP32:
         if proj.weight is None:
             raise ValueError(f"{name}: the fp32 format needs the float weight")
         y = builder.op(
