@@ -20,6 +20,7 @@ import numpy as np
 
 from sherry_export.arguments import lazy_command, thread_count
 from sherry_export.formats import EXPORT_FORMATS, REFERENCE_FORMAT
+from sherry_export.runtime import KERNEL_PATHS
 
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
 """LLaMA-3.2-1B's linear shapes as (K, N): q/o, k/v, gate/up, down."""
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--paths",
         nargs="+",
         default=["avx512", "avx2"],
-        choices=["scalar", "avx2", "avx512", "tvm"],
+        choices=[p for p in KERNEL_PATHS if p != "auto"],
         help="kernel paths of our ops to time (default: avx512 avx2; tvm: the linked tuned kernels, where tuned)",
     )
     kernels.add_argument(
