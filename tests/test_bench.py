@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from sherry_export.bench.kernels import Candidate, bench_model, candidates, projection_for, replicate
+from sherry_export.bench.kernels import bench_model, candidates, projection_for, replicate
 from sherry_export.cli import main
-from sherry_export.formats import FORMATS, pack
+from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, pack
 from sherry_export.runtime import get_library_path, make_session
 
 K, N = 256, 64
@@ -76,6 +76,17 @@ def test_kernel_benchmark_runs_and_writes_its_tables(tmp_path: Path) -> None:
     assert "i2s/sherry[scalar]" in table and f"{K}" in table
 
 
-def test_candidate_labels_name_the_path() -> None:
-    assert Candidate("sherry", "avx2").label == "SherryMatMul[avx2]"
-    assert Candidate("nbits2").label == "MatMulNBits-2bit"
+def test_candidate_labels_name_the_op_and_the_path() -> None:
+    """A label names the op a candidate runs (ours also the kernel path, MatMulNBits its bit width), and no
+    two candidates share one: the table's columns and kernels.json's entries are keyed by them."""
+    paths = ["avx2", "avx512"]
+    every = candidates(paths)
+    labels = [c.label for c in every]
+    assert len(set(labels)) == len(labels) == len(paths) * len(FORMATS) + len(EXPORT_FORMATS) - len(FORMATS)
+    for c in every:
+        if c.format in FORMATS:
+            assert FORMATS[c.format].op_type in c.label and c.path in c.label
+        elif c.format in NBITS_FORMATS:
+            assert "MatMulNBits" in c.label and str(NBITS_FORMATS[c.format]) in c.label
+        else:
+            assert "MatMul" in c.label and c.format in c.label

@@ -18,7 +18,7 @@ from sherry_export.compare.accounting import ModelAccounting, WeightBytes, accou
 from sherry_export.compare.report import CompareResults, decode_bandwidth, target_rows
 from sherry_export.compare.run import CompareConfig
 from sherry_export.compare.scoring import TorchCausalLM, continuation_logprobs, perplexity, window_plan
-from sherry_export.compare.settings import AccuracySettings
+from sherry_export.compare.settings import TASKS, AccuracySettings
 from sherry_export.compare.speed import (
     LM_HEAD_GROUP,
     OUTSIDE_NODES,
@@ -401,7 +401,9 @@ def test_report_on_a_tiny_model(tiny_folder, tmp_path):
     rows = {row["label"]: row for row in data["accuracy"]}
     assert list(rows) == ["sherry", "i2s", "fp32", "PyTorch float", f"{tiny_folder.name} (full precision)"]
     assert rows["PyTorch float"]["tasks"] == rows[f"{tiny_folder.name} (full precision)"]["tasks"]
-    assert all(r["tasks"][t]["docs"] == 2 for r in rows.values() for t in r["tasks"])
+    assert {label: {t: r["tasks"][t]["docs"] for t in r["tasks"]} for label, r in rows.items()} == dict.fromkeys(
+        rows, dict.fromkeys(TASKS, 2)
+    )  # every task scored on its 2 documents, for every row
     fp32, torch_ppl = (rows[k]["perplexity"]["tiny_corpus.txt"] for k in ("fp32", "PyTorch float"))
     assert fp32["tokens"] == torch_ppl["tokens"] == 40
     assert fp32["value"] == pytest.approx(torch_ppl["value"], rel=1e-4)  # onnxruntime and PyTorch agree

@@ -216,7 +216,8 @@ def test_post_training_projection_is_quantize_with_a_ptq_config(config, rule):
     keys = list(model.state_dict())
     quantize_(model, config)
     swapped = quantizable_linears(model)
-    assert all(type(m) is ProjectedLinear for m in swapped.values()) and not qat_linears(model)
+    assert {name: type(m) for name, m in swapped.items()} == dict.fromkeys(before, ProjectedLinear)
+    assert not qat_linears(model)
     assert all(swapped[name].weight is weight for name, weight in before.items())
     assert list(model.state_dict()) == keys
     assert model.config.sherry_ptq == {"projection": config.projection, "group_size": config.group_size}
@@ -232,7 +233,8 @@ def test_post_training_projection_is_quantize_with_a_ptq_config(config, rule):
     reloaded = tiny_llama()  # a checkpoint of it: latent float weights and the record
     reloaded.config.sherry_ptq = model.config.sherry_ptq
     assert requantize_from_config(reloaded) == config
-    assert all(type(m) is ProjectedLinear for m in quantizable_linears(reloaded).values())
+    reloaded_types = {name: type(m) for name, m in quantizable_linears(reloaded).items()}
+    assert reloaded_types == dict.fromkeys(before, ProjectedLinear)
 
 
 def test_bad_post_training_configs():

@@ -16,7 +16,7 @@ from sherry_export.quant import absmean_ternarize, sherry_ternarize
 from tvm_schedules.layout import Shape, activations, repack
 
 tvm = pytest.importorskip("tvm")
-from tvm_schedules.kernels import Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
+from tvm_schedules.kernels import ORDERS, Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
 from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
 ISAS = ["avx2", "avx512"] if host_isa() == "avx512" else ["avx2"]
@@ -96,7 +96,7 @@ def test_repack_bit_width() -> None:
     for fmt, bits in (("sherry", 2.0), ("tl2", 2.75), ("i2s", 2.0)):
         packed = packed_weight(fmt, 2048, 128, 128)
         planes, _ = repack(packed)
-        assert sum(p.nbytes for p in planes) * 8 / (2048 * 128) <= bits
+        assert sum(p.nbytes for p in planes) * 8 / (2048 * 128) == bits  # exactly: no plane missing, none extra
 
 
 def test_unsupported_n() -> None:
@@ -115,8 +115,8 @@ def test_model_shapes_of_the_shipped_model() -> None:
 def test_knob_space_is_what_the_tuner_samples() -> None:
     """Tiles per step: divisors of the tiles up to 8; unroll: divisors of the quads per group up to 4."""
     space = knob_space(Shape("sherry", 320, 320, 128))  # 20 tiles, 8 quads per group
-    assert {kn.tiles for kn in space} == {1, 2, 4, 5} and {kn.unroll for kn in space} == {1, 2, 4}
-    assert len(space) == 4 * 3 * 2
+    every = {Knobs(tiles, unroll, order) for tiles in (1, 2, 4, 5) for unroll in (1, 2, 4) for order in ORDERS}
+    assert set(space) == every and len(space) == len(every)  # each combination once
     assert {kn.unroll for kn in knob_space(Shape("tl2", 2048, 512, 128))} == {1}  # 11 quads per group
     with pytest.raises(ValueError, match="do not divide"):
         scheduled_module(Shape("i2s", 256, 64, 128), 1, Knobs(tiles=3, unroll=1))

@@ -54,7 +54,7 @@ class SpeedSettings:
 class AccuracySettings:
     """What is scored; the fields are ``sherry compare``'s accuracy flags."""
 
-    tasks: tuple[str, ...] = option(TASKS, nargs="*", choices=TASKS, help="zero-shot tasks (default: all five)")
+    tasks: tuple[str, ...] = option(TASKS, nargs="*", choices=TASKS, help="zero-shot tasks (default: all)")
     limit: int | None = option(None, type=positive_int, help="documents per task, a fixed seeded subset (default: all)")
     ppl_tokens: int | None = option(
         None, type=positive_int, help="scored tokens per held-out corpus (default: the whole held-out split)"
