@@ -257,3 +257,14 @@ def test_tl2_nonzero_padding_lane_is_rejected():
     packed.data[1, 0] |= 0x10  # row 1, triple 1: index 1
     with pytest.raises(ValueError, match="row 1, triple 1 has a non-zero padding lane"):
         unpack(packed)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_each_format_holds_what_its_projection_gives(name: str) -> None:
+    """A format's ``projection`` (which the fuzzer and the TVM tuner use to make its weights) gives values
+    it packs and gives back exactly, from any float weight."""
+    from sherry_export.qat import PROJECTIONS
+
+    ternary = PROJECTIONS[FORMATS[name].projection](torch.randn(16, 96, generator=torch.Generator().manual_seed(0)), 32)
+    values, scales = unpack(pack(name, ternary, 32))
+    assert torch.equal(values, ternary.values) and torch.equal(scales, ternary.scales.half().float())
