@@ -8,6 +8,10 @@
 //      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
 // At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
 // into a workspace of its own (matmul_op.cc), so prepare_row must be callable from any thread.
+// Both steps run inside onnxruntime's parallel sections. A kernel should allocate what they need when
+// it is created; if one still throws (out of memory for a thread's scratch, a generated TVM function
+// that returns an error), the op catches the exception inside the parallel body and fails the call with
+// it after the section (matmul_op.cc parallel_for): no exception crosses onnxruntime's thread pool.
 // Every kernel must give exactly the numerics of docs/formats.md ("Activations"): int8 activations
 // per row and scale group, exact int32 dot products per group, y = sum_g (alpha_g * s_g) * dot_g.
 #pragma once

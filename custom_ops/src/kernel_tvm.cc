@@ -12,6 +12,11 @@
 // `parallel` loop, which calls __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
 // onnxruntime's threads) are whole blocks; compute() tells the launch hook, through a thread-local,
 // which blocks to run, and the hook runs those tasks inline.
+//
+// Inside the op's parallel sections nothing allocates: prepare_row reorders each group in place, and
+// compute writes blocks that its range cuts, or that an unaligned output cannot take, through one
+// block on the stack. A generated function that returns an error makes compute throw, which the op
+// catches inside the parallel body (kernel.h).
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -94,6 +99,8 @@ AlignedArray<T> aligned_array(size_t count) {
 // Geometry of the kernel layouts (layout.py Shape): tiles of 16 rows, a code byte per code, groups
 // padded to whole quads (4 codes); `lane_block` is the rows of one parallel task (16 x tiles knob).
 constexpr int64_t kTvmTile = 16;
+// The largest lane_block: the design space's tiles per step are at most 8 (kernels.py).
+constexpr int64_t kMaxLaneBlock = 8 * kTvmTile;
 
 struct TvmLayout {
   Format format;
@@ -149,6 +156,11 @@ class TvmKernel final : public MatMulKernel {
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
       : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
     const Geometry& g = w.geometry;
+    if (entry.lane_block <= 0 || entry.lane_block > kMaxLaneBlock || entry.lane_block % kTvmTile != 0 ||
+        g.n % entry.lane_block != 0)
+      throw std::runtime_error("the TVM kernel table's entry (" + std::string(entry.target) + ") has " +
+                               std::to_string(entry.lane_block) + " rows per parallel step for N=" +
+                               std::to_string(g.n) + ": rebuild the library (make lib)");
     const TvmLayout& L = layout_;
     const int64_t blocks = g.n / L.lane_block;
     planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
@@ -188,46 +200,58 @@ class TvmKernel final : public MatMulKernel {
   size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
 
   // Values quad by quad in dword order (byte 4p + j of a quad = column L j + p of it), then the float
-  // scales, then the int32 sums of each group's values (layout.py activations).
+  // scales, then the int32 sums of each group's values (layout.py activations). Each group is quantized
+  // in place in column order, then every quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
     auto* xq = reinterpret_cast<int8_t*>(ws);
     auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
     auto* sums = reinterpret_cast<int32_t*>(ws + L.scale_offset) + L.g.groups();
-    std::memset(ws, 0, static_cast<size_t>(L.scale_offset));
+    std::memset(ws, 0, static_cast<size_t>(L.scale_offset));  // the groups' padding: zero activations
     const int64_t lpc = L.lanes_per_code, quad_cols = 4 * lpc;
-    thread_local std::vector<int8_t> scratch;
-    scratch.resize(static_cast<size_t>(L.padded_group));
-    int8_t* group = scratch.data();
     for (int64_t g = 0; g < L.g.groups(); ++g) {
       const int64_t length = L.g.group_length(g);
       if (length <= 0) break;  // never: tells the compiler the length is positive
-      std::fill(group, group + L.padded_group, int8_t{0});
-      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, group);
-      int32_t sum = 0;
       int8_t* out = xq + g * L.padded_group;
-      for (int64_t q = 0; q < L.quads_per_group; ++q)
+      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, out);
+      int32_t sum = 0;
+      for (int64_t q = 0; q < L.quads_per_group; ++q) {
+        int8_t* quad = out + q * quad_cols;
+        int8_t columns[16];
+        std::memcpy(columns, quad, static_cast<size_t>(quad_cols));
         for (int64_t j = 0; j < 4; ++j)
           for (int64_t p = 0; p < lpc; ++p) {
-            const int8_t v = group[q * quad_cols + j * lpc + p];
-            out[q * quad_cols + 4 * p + j] = v;
+            const int8_t v = columns[j * lpc + p];
+            quad[4 * p + j] = v;
             sum += v;
           }
+      }
       sums[g] = sum;
     }
   }
 
+  // The blocks (lane_block rows) wholly inside [n_begin, n_end) go straight into Y when it is 64-byte
+  // aligned (TVM assumes so), in one call. A block the range cuts, or any block of an unaligned Y, is
+  // computed row by row with the M = 1 function into a block on the stack, then copied: the function
+  // writes only its block's columns, so it is handed the stack block shifted back by the block's offset.
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override {
-    const int64_t lb = layout_.lane_block, n = layout_.g.n;
-    const TaskRange range{n_begin / lb, ceil_div(n_end, lb), n / lb};
-    if (reinterpret_cast<uintptr_t>(y) % 64 == 0) {
-      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, range);
-    } else {  // TVM assumes 64-byte aligned buffers: go through an aligned copy
-      const AlignedArray<float> tmp = aligned_array<float>(static_cast<size_t>(m * n));
-      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, tmp.get(), range);
-      for (int64_t r = 0; r < m; ++r)
-        std::copy(tmp.get() + r * n + n_begin, tmp.get() + r * n + n_end, y + r * n + n_begin);
+    const int64_t lb = layout_.lane_block, n = layout_.g.n, blocks = n / lb;
+    const int64_t first = n_begin / lb, last = ceil_div(n_end, lb);
+    int64_t whole_begin = ceil_div(n_begin, lb), whole_end = n_end / lb;
+    if (reinterpret_cast<uintptr_t>(y) % 64 != 0 || whole_begin >= whole_end) whole_begin = whole_end = last;
+    if (whole_begin < whole_end)
+      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, TaskRange{whole_begin, whole_end, blocks});
+    alignas(64) float block[kMaxLaneBlock];
+    for (int64_t b = first; b < last; ++b) {
+      if (b >= whole_begin && b < whole_end) continue;
+      const uintptr_t offset = static_cast<uintptr_t>(b * lb) * sizeof(float);  // a multiple of 64
+      float* shifted = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(block) - offset);
+      const int64_t lo = std::max(n_begin, b * lb), hi = std::min(n_end, (b + 1) * lb);
+      for (int64_t r = 0; r < m; ++r) {
+        call(entry_.m1, ws + r * layout_.row_bytes, 1, shifted, TaskRange{b, b + 1, blocks});
+        std::copy(block + (lo - b * lb), block + (hi - b * lb), y + r * n + lo);
+      }
     }
     if (bias)
       for (int64_t r = 0; r < m; ++r)
