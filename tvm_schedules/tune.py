@@ -8,8 +8,8 @@ process on one thread (M = 1, hot), ``--trials`` per kernel, and appends every m
 target's JSON database (``<target>/database_workload.json``, ``database_tuning_record.json``). The
 summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``make lib`` compiles
 the best traces from the database (tvm_schedules/build.py) without tuning. ``sherry tune --verify``
-(after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, which is what the
-op library's auto mode compares. Tuning stays out of CI.
+(after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, and the CPU model
+that measured them, which is what the op library's auto mode compares. Tuning stays out of CI.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ and VNNI (vpdpbusd), which the op's AVX-512 path requires anyway."""
 
 TRIALS_PER_ITER = 8
 """Candidates per search round: MetaSchedule builds and times them as one batch, then evolves the next."""
+
+
+def cpu_model() -> tuple[str, str]:
+    """This CPU's model as the op library names it (dispatch.cc ``cpu_model_id``): ``"<vendor> family <f>
+    model <m>"`` from /proc/cpuinfo, and its model name. Verified timings hold for that model."""
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    ident = f"{info.get('vendor_id', 'unknown')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    return ident, info.get("model name") or ident
 
 
 def host_isa() -> str:
@@ -114,6 +127,10 @@ class Entry:
     tvm_cold_us: float | None = None
     """As ``tvm_node_us``, with cold weights (a graph of distinct copies)."""
     hand_cold_us: float | None = None
+    cpu: str | None = None
+    """The CPU model that ran ``--verify`` (:func:`cpu_model`): auto mode trusts the four times on that
+    model only."""
+    cpu_name: str | None = None
 
 
 def node_us(
@@ -162,7 +179,8 @@ def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200)
 
 
 def verified_faster(entry: dict) -> bool:
-    """Auto mode's rule: the TVM kernel beat the hand-written one as an onnxruntime node, hot and cold."""
+    """Auto mode's rule on the times: the TVM kernel beat the hand-written one as an onnxruntime node, hot
+    and cold. The op library applies it only on the CPU model that measured them (``entry["cpu"]``)."""
     pairs = [(entry.get(f"tvm_{m}_us"), entry.get(f"hand_{m}_us")) for m in ("node", "cold")]
     return all(t is not None and h is not None and t < h for t, h in pairs)
 
@@ -179,11 +197,13 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
     if not entries:
         raise FileNotFoundError(f"{summary_path} has no entries: run `sherry tune --target {target_name}` first")
     os.environ["SHERRY_TVM_TARGET"] = target_name  # the forced tvm path runs this target's objects
+    cpu, cpu_name = cpu_model()
     try:
         for e in tqdm(entries, desc=f"verify {target_name}", unit="kernel"):
             for mode in ("node", "cold"):
                 times = node_us(e["format"], e["k"], e["n"], e["group_size"], ("tvm", e["isa"]), cold=mode == "cold")
                 e[f"tvm_{mode}_us"], e[f"hand_{mode}_us"] = (None, None) if times is None else times
+            e["cpu"], e["cpu_name"] = cpu, cpu_name
             summary_path.write_text(json.dumps(sorted(entries, key=_order), indent=1) + "\n")
     finally:
         del os.environ["SHERRY_TVM_TARGET"]
@@ -436,7 +456,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 f"  {e['format']} {e['k']}x{e['n']}: tvm {e['tvm_node_us']} / {e['tvm_cold_us']} µs, hand-written "
                 f"{e['isa']} {e['hand_node_us']} / {e['hand_cold_us']} µs (onnxruntime nodes, hot / cold)"
             )
-        print(f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; `make lib` lets auto use those")
+        print(
+            f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; after `make lib`, auto uses those "
+            f"on this CPU model ({entries[0].get('cpu')})"
+        )
         return 0
     shapes: list[tuple[int, int, int]] = []
     if args.model:

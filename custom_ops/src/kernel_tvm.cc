@@ -23,8 +23,16 @@
 
 #include "kernel.h"
 
+namespace sherry {
+namespace {
+// What a forced tvm path says when there is no kernel for the weights (tools match this phrase).
+constexpr const char* kNoKernel = "the library has no tuned TVM kernel for this shape that this CPU can run";
+}  // namespace
+}  // namespace sherry
+
 #ifdef SHERRY_WITH_TVM
 
+#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
@@ -305,29 +313,98 @@ class TvmKernel final : public MatMulKernel {
 
 // The entry for these weights that this CPU can run: AVX-512 first. SHERRY_TVM_TARGET=<target>
 // (a database folder name, e.g. avx2) limits the choice to that target's kernels (tests, benchmarks).
-const TvmEntry* find_entry(const PackedWeights& w) {
+// nullptr when there is none, with *detail saying why when the table has kernels of this shape.
+const TvmEntry* find_entry(const PackedWeights& w, std::string* detail) {
   const char* only = std::getenv("SHERRY_TVM_TARGET");
   const TvmEntry* best = nullptr;
+  std::string excluded, lacking;
   for (size_t i = 0; i < kTvmEntryCount; ++i) {
     const TvmEntry& e = kTvmEntries[i];
-    if (only && *only && std::string(only) != e.target) continue;
     if (e.format != static_cast<int>(w.format) || e.k != w.geometry.k || e.n != w.geometry.n ||
         e.group_size != w.geometry.group_size || !e.m1)
       continue;
-    if (!missing_cpu_features(static_cast<KernelPath>(e.isa)).empty()) continue;
+    if (only && *only && std::string(only) != e.target) {
+      excluded += (excluded.empty() ? "" : ", ") + std::string(e.target);
+      continue;
+    }
+    const KernelPath isa = static_cast<KernelPath>(e.isa);
+    if (const std::string& missing = missing_cpu_features(isa); !missing.empty()) {
+      lacking += (lacking.empty() ? "" : "; ") + std::string(e.target) + " needs " + path_name(isa) +
+                 " and this CPU lacks " + missing;
+      continue;
+    }
     if (!best || e.isa > best->isa) best = &e;
   }
+  if (!best && !lacking.empty()) *detail = "its kernels for this shape cannot run here: " + lacking;
+  else if (!best && !excluded.empty())
+    *detail = std::string("SHERRY_TVM_TARGET=") + only + " leaves out its kernels for this shape (targets " +
+              excluded + ")";
   return best;
+}
+
+// Why there is no TVM kernel: "<summary> (<detail>)".
+std::string no_kernel(const std::string& summary, const std::string& detail) {
+  return detail.empty() ? summary : summary + " (" + detail + ")";
+}
+
+std::string times(double speedup) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2fx", speedup);
+  return text;
 }
 
 }  // namespace
 
-std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster) {
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::string* declined) {
   (void)hooks_installed;
-  const TvmEntry* entry = find_entry(w);
-  // Auto mode: only where `sherry tune --verify` timed this kernel faster than the hand-written one as
-  // onnxruntime nodes, with hot and with cold weights.
-  if (!entry || (only_if_faster && !entry->auto_use)) return nullptr;
+  std::string detail;
+  const TvmEntry* entry = find_entry(w, &detail);
+  if (!entry) {
+    if (declined)
+      *declined = no_kernel(kNoKernel, detail) + ": tune it with `sherry tune` and rebuild, see docs/tvm.md";
+    return nullptr;
+  }
+  return std::make_unique<TvmKernel>(w, *entry);
+}
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand, std::string* reason) {
+  (void)hooks_installed;
+  const std::string passed = std::string(path_name(hand)) + ": ";
+  std::string detail;
+  const TvmEntry* entry = find_entry(w, &detail);
+  if (!entry) {
+    *reason = passed + no_kernel("no tuned TVM kernel for this shape", detail);
+    return nullptr;
+  }
+  const std::string kernel = std::string("the TVM kernel (") + entry->target + " target)";
+  const KernelPath isa = static_cast<KernelPath>(entry->isa);
+  if (isa != hand) {
+    *reason = passed + kernel + " is an " + path_name(isa) + " kernel, timed against " + path_name(isa) + ", not " +
+              path_name(hand);
+    return nullptr;
+  }
+  if (!(entry->hot_speedup > 0 && entry->cold_speedup > 0)) {
+    *reason = passed + kernel + " was never timed against " + path_name(hand) + " (sherry tune --verify)";
+    return nullptr;
+  }
+  const std::string timed = "the tuning database timed " + kernel + " at " + times(entry->hot_speedup) +
+                            " the speed of " + path_name(hand) + " hot and " + times(entry->cold_speedup) +
+                            " cold (onnxruntime nodes, M=1)";
+  const std::string here = cpu_model_name() + ", " + cpu_model_id();
+  if (!*entry->cpu) {
+    *reason = passed + timed + " on an unrecorded CPU; re-run sherry tune --verify on this one (" + here + ")";
+    return nullptr;
+  }
+  if (cpu_model_id() != entry->cpu) {
+    *reason = passed + timed + " on another CPU model (" + entry->cpu_name + ", " + entry->cpu + "), not this one (" +
+              here + ")";
+    return nullptr;
+  }
+  if (!(entry->hot_speedup > 1 && entry->cold_speedup > 1)) {
+    *reason = passed + timed + " on this CPU (" + here + "): not faster both hot and cold";
+    return nullptr;
+  }
+  *reason = "tvm: " + timed + " on this CPU (" + here + ")";
   return std::make_unique<TvmKernel>(w, *entry);
 }
 
@@ -344,7 +421,23 @@ extern "C" void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char**
 #else  // built without TVM kernels
 
 namespace sherry {
-std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, bool) { return nullptr; }
+namespace {
+constexpr const char* kWithoutTvm =
+    "the library was built without TVM kernels (SHERRY_TVM=OFF, or no importable TVM when it was built)";
+}  // namespace
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, std::string* declined) {
+  if (declined)
+    *declined = std::string(kNoKernel) + " (" + kWithoutTvm +
+                "): rebuild it with them (make lib with apache-tvm installed), after `sherry tune` if the database "
+                "lacks this shape; see docs/tvm.md";
+  return nullptr;
+}
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights&, KernelPath hand, std::string* reason) {
+  *reason = std::string(path_name(hand)) + ": " + kWithoutTvm;
+  return nullptr;
+}
 }  // namespace sherry
 
 #endif

@@ -333,14 +333,16 @@ MatMulNode::MatMulNode(Format format, const OrtKernelInfo* raw_info, std::string
                                      : parse_kernel_request("auto", "default");
   const PackedWeights weights{format, geometry_, packed.GetTensorData<uint8_t>(),
                               static_cast<const uint16_t*>(scales.GetTensorRawData())};
-  kernel_ = make_kernel(weights, request);
+  KernelChoice choice = make_kernel(weights, request);
+  kernel_ = std::move(choice.kernel);
 
   if (const std::optional<Setting> report = read_setting(config, kReportConfigKey, kReportEnv);
       report && report->value != "0")
-    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s)\n",
+    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s%s%s)\n",
                  label_.c_str(), static_cast<long long>(geometry_.n), static_cast<long long>(geometry_.k),
                  static_cast<long long>(geometry_.group_size), path_name(kernel_->path()),
-                 path ? path->origin.c_str() : "auto by default");
+                 path ? path->origin.c_str() : "auto by default", choice.reason.empty() ? "" : "; why: ",
+                 choice.reason.c_str());
 }
 
 OrtStatusPtr MatMulNode::ComputeV2(OrtKernelContext* context) const noexcept {

@@ -413,8 +413,7 @@ void check_extreme_groups(const std::vector<Path>& paths) {
 int check_tvm(std::mt19937_64& rng) {
   int cases = 0;
 #ifdef SHERRY_WITH_TVM
-  const std::vector<Path> tvm = {
-      {"tvm", KernelPath::kTVM, [](const PackedWeights& w, std::string*) { return make_tvm_kernel(w, false); }, true}};
+  const std::vector<Path> tvm = {{"tvm", KernelPath::kTVM, make_tvm_kernel, true}};
   for (size_t i = 0; i < kTvmEntryCount; ++i) {
     const TvmEntry& e = kTvmEntries[i];
     const KernelPath isa = static_cast<KernelPath>(e.isa);
