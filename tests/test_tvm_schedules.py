@@ -128,14 +128,24 @@ TUNED = Shape("tl2", 320, 64, 128)
 
 @pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database."""
+    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database, with
+    MetaSchedule's logs kept in ``logs/``."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")
-    [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",))
+    [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",), log_dir=out / "logs")
     assert entry.trials == 4 and entry.tvm_us > 0 and entry.tune_seconds > 0
     assert Knobs(entry.tiles, entry.unroll, entry.order) in knob_space(TUNED)
     return out
+
+
+@pytest.mark.slow
+def test_the_xgb_cost_model_trains_on_the_measured_candidates(tuned_db: Path) -> None:
+    """The search's cost model is MetaSchedule's XGBoost model, and it trains on the measured round (its
+    boosting rounds are logged); the random model logs nothing of the kind."""
+    logs = "".join(p.read_text() for p in (tuned_db / "logs" / "avx2" / TUNED.key / "logs").glob("*.log"))
+    assert "XGB iter   0: tr-p-rmse" in logs
+    assert "XGB stopped. Best iteration" in logs
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 Each kernel is a TensorIR workload (:func:`tvm_schedules.kernels.workload`) whose decode and dot
 instructions are fixed; its design space (:func:`tvm_schedules.kernels.design_space`) samples the
 tiles per parallel step and the quad unroll (``sample_perfect_tile``) in two loop orders. MetaSchedule's
-evolutionary search (random cost model, tile-size mutation) builds and times the candidates in this
+evolutionary search (XGBoost cost model, tile-size mutation) builds and times the candidates in this
 process on one thread (M = 1, hot), ``--trials`` per kernel, and appends every measured trace to the
 target's JSON database (``<target>/database_workload.json``, ``database_tuning_record.json``). The
 summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``make lib`` compiles
@@ -42,6 +42,28 @@ and VNNI (vpdpbusd), which the op's AVX-512 path requires anyway."""
 
 TRIALS_PER_ITER = 8
 """Candidates per search round: MetaSchedule builds and times them as one batch, then evolves the next."""
+
+COST_MODEL = "xgb"
+"""MetaSchedule's learned cost model (XGBoost on per-store features), from the xgboost-cpu dependency."""
+
+
+def cost_model() -> Any:
+    """MetaSchedule's XGBoost cost model, to share between the kernels of one run. It is trained after
+    every measured round and ranks the next round's candidates from the first round on: its default
+    warm-up (random ranking until 100 measured candidates) is longer than our design spaces (at most
+    a few dozen points), which it would never leave."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "MetaSchedule's xgb cost model needs xgboost, a declared dependency of sherry-export: "
+            "`pip install xgboost-cpu` (the CPU-only wheel; plain xgboost pulls CUDA's NCCL)"
+        ) from e
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.cost_model.XGBModel(
+        extractor=ms.feature_extractor.PerStoreFeature(), num_warmup_samples=TRIALS_PER_ITER, num_tuning_cores=1
+    )
 
 
 def cpu_model() -> tuple[str, str]:
@@ -330,9 +352,12 @@ def tune(
     trials: int,
     out_dir: Path,
     formats: tuple[str, ...] = FORMATS,
+    log_dir: Path | None = None,
 ) -> list[Entry]:
     """Tune every (format, shape) for one target with MetaSchedule; appends the measured records to
-    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries."""
+    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries.
+    ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
+    ``log_dir/<target>/<kernel>/logs/`` instead of a temporary folder."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
     from tqdm import tqdm
@@ -360,6 +385,7 @@ def tune(
             get_format(f).check_geometry(k, gs)
     todo = [Shape(f, k, n, gs) for k, n, gs in shapes for f in formats]
     builder, runner = in_process_builder_runner()
+    model = cost_model()  # one for the run: what it learns on one kernel ranks the next one's candidates
     # MetaSchedule's task set-up imports this (about 500 TVMScript functions, 25 s or more): once, here,
     # so that the first kernel's tune_seconds does not count it
     import tvm.s_tir.tensor_intrin
@@ -373,7 +399,8 @@ def tune(
         budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
         # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as work:
+        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
+            work = str(log_dir / target_name / shape.key) if log_dir else scratch
             ms.tune_tir(
                 workload_module(shape, isa),
                 target,
@@ -387,7 +414,7 @@ def tune(
                 builder=builder,
                 runner=runner,
                 database=db,
-                cost_model="random",
+                cost_model=model,
                 # no RemoveBuildArtifact: the in-process builder writes no files
                 measure_callbacks=[
                     ms.measure_callback.AddToDatabase(),
@@ -425,9 +452,11 @@ def tune(
         )
         entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
         summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
+        trained = f"trained on {model.last_train_size}" if model.booster is not None else "not trained on any"
         print(
             f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
-            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s"
+            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s "
+            f"({COST_MODEL} cost model {trained} of the run's {model.data_size} measured candidates)"
         )
     return [Entry(**e) for e in load_entries(summary_path)]
 
@@ -468,7 +497,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not shapes:
         shapes = [(k, n, args.group_size) for k, n in LLAMA_1B_SHAPES]
     start = time.time()
-    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats))
+    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats), args.log_dir)
     print(
         f"tuned {len(entries)} kernels for {args.target} in {time.time() - start:.0f} s; "
         f"database: {args.output / args.target / 'tuned.json'}"
@@ -496,6 +525,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(at most 64 points; 24 for sherry and i2s at the LLaMA shapes, 8 for tl2) (default: 32)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        help="keep MetaSchedule's logs here (LOG_DIR/<target>/<kernel>/logs/, with the xgb cost model's training) "
+        "instead of a temporary folder",
+    )
     p.add_argument(
         "--verify",
         action="store_true",
