@@ -71,13 +71,13 @@ class GraphBuilder:
         self,
         op: str,
         inputs: Sequence[ir.Value | None],
-        outputs: int | Sequence[str | None] = 1,
+        outputs: int | Sequence[str] = 1,
         domain: str = "",
         name: str | None = None,
         **attrs: object,
     ) -> Sequence[ir.Value]:
-        """Add a node; ``None`` is an omitted input. ``outputs`` is a count or the outputs' names: ``""`` for
-        an omitted output, ``None`` for one onnx-ir names."""
+        """Add a node; ``None`` is an omitted input. ``outputs`` is a count (onnx-ir names them) or the outputs'
+        names, ``""`` for an omitted one."""
         named = None if isinstance(outputs, int) else [ir.Value(name=n) for n in outputs]
         node = ir.node(
             op,
