@@ -78,11 +78,12 @@ fuzz-asan: asan-lib
 	$(ASAN_RUN) $(PY) -m sherry_export.fuzz --cases $(CASES) --seed $(SEED) --library $(ASAN_LIB)
 
 # The kernel check driver (custom_ops/tests/kernel_check.cc: every SIMD path x format against the
-# scalar kernel) under ASan + UBSan, through ctest; well under a minute.
+# scalar kernel, and every TVM kernel of the database when the venv's Python can import TVM, as for
+# the library) under ASan + UBSan, through ctest; a minute or two. SHERRY_TVM=OFF leaves TVM out.
 CTEST_BUILD_DIR := build/custom_ops-ctest
 ctest:
 	cmake -S custom_ops -B $(CTEST_BUILD_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSHERRY_SANITIZE=ON \
-		-DSHERRY_BUILD_TESTS=ON -DSHERRY_TVM=OFF
+		-DSHERRY_BUILD_TESTS=ON -DSHERRY_TVM=$(SHERRY_TVM) $(if $(wildcard $(PY)),-DPython_EXECUTABLE=$(CURDIR)/$(PY))
 	cmake --build $(CTEST_BUILD_DIR) -j 2 --target sherry_kernel_check
 	cd $(CTEST_BUILD_DIR) && ctest --output-on-failure
 

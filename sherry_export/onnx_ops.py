@@ -4,8 +4,8 @@ One node multiplies ``A float32 [..., K]`` by a packed weight: inputs ``A``, ``B
 ``[N, row_bytes]``), ``scales`` (float16 ``[N, G]``) and an optional ``bias`` (float32 ``[N]``),
 attributes ``K``, ``N``, ``group_size``, output float32 ``[..., N]``. ``B`` and ``scales`` must be
 initializers, because the kernels repack them once when the session is created. The exporter and
-the benchmark build their graphs from :func:`matmul_node`; :func:`matmul_model` wraps one node in a
-model for tests and microbenchmarks.
+the benchmark build their nodes from :func:`matmul_initializers` and :func:`matmul_attributes`;
+:func:`matmul_model` wraps one node in a model for tests and microbenchmarks.
 """
 
 from __future__ import annotations
@@ -31,40 +31,23 @@ def opset_imports() -> list[onnx.OperatorSetIdProto]:
     return [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(SHERRY_DOMAIN, SHERRY_OPSET_VERSION)]
 
 
-def matmul_node(
-    packed: PackedWeight,
-    input_name: str,
-    output_name: str,
-    *,
-    bias: np.ndarray | None = None,
-    name: str = "sherry_matmul",
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """The op node computing ``output = input @ W.T (+ bias)`` and the initializers it reads.
+def matmul_initializers(packed: PackedWeight, bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The initializers a node reads after ``A``, by input: ``B``, ``scales`` and, with a bias, ``bias``.
 
-    The initializers are named ``{name}.B``, ``{name}.scales`` and ``{name}.bias``, so several nodes
-    can share one graph; the caller adds them to the graph next to the node.
+    Graphs name them ``{node name}.{input}``, so several nodes can share one graph.
     """
-    fmt = get_format(packed.format)
-    initializers = [
-        numpy_helper.from_array(np.ascontiguousarray(packed.data), f"{name}.B"),
-        numpy_helper.from_array(np.ascontiguousarray(packed.scales), f"{name}.scales"),
-    ]
+    initializers = {"B": np.ascontiguousarray(packed.data), "scales": np.ascontiguousarray(packed.scales)}
     if bias is not None:
         bias = np.asarray(bias, np.float32)
         if bias.shape != (packed.n,):
             raise ValueError(f"bias must have shape ({packed.n},) to match N, got {bias.shape}")
-        initializers.append(numpy_helper.from_array(bias, f"{name}.bias"))
-    node = helper.make_node(
-        fmt.op_type,
-        [input_name, *(init.name for init in initializers)],
-        [output_name],
-        name=name,
-        domain=SHERRY_DOMAIN,
-        K=packed.k,
-        N=packed.n,
-        group_size=packed.group_size,
-    )
-    return node, initializers
+        initializers["bias"] = bias
+    return initializers
+
+
+def matmul_attributes(packed: PackedWeight) -> dict[str, int]:
+    """The node's attributes: the weight's geometry."""
+    return {"K": packed.k, "N": packed.n, "group_size": packed.group_size}
 
 
 def matmul_model(
@@ -76,7 +59,13 @@ def matmul_model(
 
     ``leading_dims`` are fixed sizes or symbolic names (any size at run time); ``()`` gives a 1-D ``A``.
     """
-    node, initializers = matmul_node(packed, "A", "Y", bias=bias)
+    name = "sherry_matmul"
+    initializers = [
+        numpy_helper.from_array(array, f"{name}.{role}") for role, array in matmul_initializers(packed, bias).items()
+    ]
+    op_type = get_format(packed.format).op_type
+    inputs = ["A", *(init.name for init in initializers)]
+    node = helper.make_node(op_type, inputs, ["Y"], name=name, domain=SHERRY_DOMAIN, **matmul_attributes(packed))
     leading = list(leading_dims)
     graph = helper.make_graph(
         [node],

@@ -533,7 +533,7 @@ def test_tvm_kernels_of_the_database_match_reference(
 def test_tune_verify_times_tvm_and_hand_written_as_nodes(tmp_path: Path) -> None:
     """`sherry tune --verify` records both kernels as onnxruntime nodes: what auto mode compares."""
     pytest.importorskip("tvm")
-    from tvm_schedules.tune import verify
+    from tvm_schedules.tune import cpu_model, verify
 
     target = "avx2"
     if reason := tvm_kernel_missing(target):
@@ -546,6 +546,7 @@ def test_tune_verify_times_tvm_and_hand_written_as_nodes(tmp_path: Path) -> None
     (tmp_path / target / "tuned.json").write_text(json.dumps([entry]))
     [verified] = verify(target, tmp_path)
     assert all(verified[key] > 0 for key in timings)
+    assert (verified["cpu"], verified["cpu_name"]) == cpu_model()  # the op trusts the times on this model only
     assert json.loads((tmp_path / target / "tuned.json").read_text()) == [verified]
     assert "SHERRY_TVM_TARGET" not in os.environ
 

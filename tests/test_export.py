@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import numpy_helper
@@ -17,7 +18,9 @@ from sherry_export.export import ExportOptions, build_decoder, graph
 from sherry_export.export.llama import LM_HEAD_BLOCK, model_ternaries
 from sherry_export.export.llm import export_model
 from sherry_export.export.projections import (
+    Projection,
     dequantize_nbits,
+    emit_projection,
     gather_nbits,
     nbits_matmul,
     nbits_weight,
@@ -159,7 +162,7 @@ def test_file_size_matches_bits_accounting(tiny, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["fp32", "sherry"])
 def test_external_data_export_matches_inline(tiny, tmp_path, monkeypatch, fmt):
-    """Past the threshold the weights stream to model.onnx.data as they are made; the model is the same."""
+    """Past the threshold the weights go to model.onnx.data; the model is the same."""
     inline, inline_result = export(tiny, tmp_path / "inline", format=fmt, group_size=32)
     assert {f.name for f in inline_result.files}.isdisjoint({"model.onnx.data"})
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -169,6 +172,45 @@ def test_external_data_export_matches_inline(tiny, tmp_path, monkeypatch, fmt):
     onnx.checker.check_model(result.model_path, full_check=True)
     ids = np.random.default_rng(3).integers(0, 256, (1, 9))
     np.testing.assert_array_equal(external.forward(ids)[0], inline.forward(ids)[0])
+
+
+def test_save_model_writes_large_weights_lazily_to_aligned_external_data(tmp_path, monkeypatch):
+    """Past the threshold, every initializer of EXTERNAL_MIN_BYTES or more goes to model.onnx.data at an aligned
+    offset, the small ones stay in the file, and onnxruntime runs it. A float weight's transpose is made only
+    while it is written, never held in the graph. Under the threshold the file holds everything, and the data
+    file of an earlier save is gone."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(9)
+    k, n = 64, 300
+    weight, bias = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    b = graph.GraphBuilder("projection")
+    x = b.add_input("x", graph.FLOAT, ["m", k])
+    y = emit_projection(b, x, "proj", Projection(weight=weight, bias=bias), "fp32")
+    b.add_output(b.op("Mul", y, b.constant("two", [2], np.float32)), "y", graph.FLOAT, ["m", n])
+    model = b.model()
+    assert isinstance(model.graph.initializers["proj.weight_t"].const_value, ir.LazyTensor)
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    expected = 2 * (a @ weight.T + bias)
+    path = tmp_path / "model.onnx"
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 4 * k * n)
+    assert graph.save_model(model, path) == [path, tmp_path / "model.onnx.data"]
+    onnx.checker.check_model(path, full_check=True)
+    stored = {t.name: t for t in onnx.load(path, load_external_data=False).graph.initializer}
+    external = {name for name, t in stored.items() if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external == {"proj.weight_t", "proj.bias"}  # 4 * n bytes of bias pass EXTERNAL_MIN_BYTES; "two" does not
+    offsets = [int(e.value) for name in external for e in stored[name].external_data if e.key == "offset"]
+    assert len(offsets) == 2 and all(offset % graph.EXTERNAL_ALIGNMENT == 0 for offset in offsets)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": a})[0], expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 4 * k * n + 4 * n + 4)
+    assert graph.save_model(model, path) == [path]
+    assert not (tmp_path / "model.onnx.data").exists()
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in onnx.load(path).graph.initializer)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": a})[0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -273,14 +315,12 @@ def test_gathered_rows_are_the_dequantized_matmulnbits_weight(bits, k):
     weight = rng.standard_normal((n, k)).astype(np.float32)
     q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
     b = graph.GraphBuilder("gather")
-    ids = b.add_input("ids", onnx.TensorProto.INT64, ["batch", "sequence"])
-    x = b.add_input("x", onnx.TensorProto.FLOAT, ["m", k])
+    ids = b.add_input("ids", graph.INT64, ["batch", "sequence"])
+    x = b.add_input("x", graph.FLOAT, ["m", k])
     stored = nbits_weight(b, "table", q, scales, bits, LM_HEAD_BLOCK)
-    b.node("Identity", [gather_nbits(b, ids, "embed", stored)], ["rows"])
-    nbits_matmul(b, x, "head", stored, output="y")
-    b.add_output("rows", onnx.TensorProto.FLOAT, ["batch", "sequence", k])
-    b.add_output("y", onnx.TensorProto.FLOAT, ["m", n])
-    session = ort.InferenceSession(b.model().SerializeToString())
+    b.add_output(gather_nbits(b, ids, "embed", stored), "rows", graph.FLOAT, ["batch", "sequence", k])
+    b.add_output(nbits_matmul(b, x, "head", stored), "y", graph.FLOAT, ["m", n])
+    session = ort.InferenceSession(ir.to_proto(b.model()).SerializeToString())
     table = dequantize_nbits(pack_nbits(q, bits, LM_HEAD_BLOCK), scales, bits, LM_HEAD_BLOCK, k)
     grouped = np.zeros((n, -(-k // LM_HEAD_BLOCK) * LM_HEAD_BLOCK), np.float32)
     grouped[:, :k] = q.astype(np.float32) - (1 << (bits - 1))

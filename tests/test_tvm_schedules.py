@@ -4,6 +4,7 @@ small real MetaSchedule tuning run whose database the build compiles."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -127,14 +128,24 @@ TUNED = Shape("tl2", 320, 64, 128)
 
 @pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database."""
+    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database, with
+    MetaSchedule's logs kept in ``logs/``."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")
-    [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",))
+    [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",), log_dir=out / "logs")
     assert entry.trials == 4 and entry.tvm_us > 0 and entry.tune_seconds > 0
     assert Knobs(entry.tiles, entry.unroll, entry.order) in knob_space(TUNED)
     return out
+
+
+@pytest.mark.slow
+def test_the_xgb_cost_model_trains_on_the_measured_candidates(tuned_db: Path) -> None:
+    """The search's cost model is MetaSchedule's XGBoost model, and it trains on the measured round (its
+    boosting rounds are logged); the random model logs nothing of the kind."""
+    logs = "".join(p.read_text() for p in (tuned_db / "logs" / "avx2" / TUNED.key / "logs").glob("*.log"))
+    assert "XGB iter   0: tr-p-rmse" in logs
+    assert "XGB stopped. Best iteration" in logs
 
 
 @pytest.mark.slow
@@ -179,7 +190,7 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path:
         assert name in table
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
     assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}," in table  # tl2, K, N, group_size, avx2, rows per task
-    assert "_mx, false," in table  # not timed as nodes (sherry tune --verify): auto mode never takes it
+    assert '_mx, 0.0, 0.0, "", "", "avx2"}' in table  # not timed as nodes (sherry tune --verify): auto never takes it
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
 
 
@@ -194,13 +205,25 @@ def test_build_without_a_record_says_to_tune(tuned_db: Path, tmp_path: Path) -> 
         build(tmp_path / "db", tmp_path / "out")
 
 
-def test_auto_flag_needs_a_win_hot_and_cold() -> None:
+def test_table_carries_the_verified_speedups_and_their_cpu() -> None:
+    """Auto mode's inputs in the C++ table: hand-written over TVM node time, hot and cold (0 when not
+    verified), and the CPU model that measured them; the op decides on the CPU it runs on."""
     from tvm_schedules.build import table_source
 
     entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2"}
     names, rows = {0: ("a_m1", "a_mx")}, {0: 32}
-    assert "_mx, false," in table_source([entry], names, rows)  # not verified
-    entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 9.0, "hand_cold_us": 8.0}
-    assert "_mx, false," in table_source([entry], names, rows)  # faster hot, slower cold
-    entry["tvm_cold_us"] = 7.0
-    assert "_mx, true," in table_source([entry], names, rows)
+    assert '__tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2"}' in table_source([entry], names, rows)  # not verified
+    entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 8.0, "hand_cold_us": 6.0}
+    entry |= {"cpu": "AuthenticAMD family 25 model 17", "cpu_name": 'AMD "EPYC" 9654'}
+    assert (
+        '__tvm_ffi_a_mx, 1.25, 0.75, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", "avx2"}'
+        in table_source([entry], names, rows)
+    )
+
+
+def test_cpu_model_reads_what_the_op_library_compares() -> None:
+    from tvm_schedules.tune import cpu_model
+
+    ident, name = cpu_model()
+    assert re.fullmatch(r"\S+ family \d+ model \d+", ident), ident
+    assert name

@@ -3,13 +3,13 @@
 Each kernel is a TensorIR workload (:func:`tvm_schedules.kernels.workload`) whose decode and dot
 instructions are fixed; its design space (:func:`tvm_schedules.kernels.design_space`) samples the
 tiles per parallel step and the quad unroll (``sample_perfect_tile``) in two loop orders. MetaSchedule's
-evolutionary search (random cost model, tile-size mutation) builds and times the candidates in this
+evolutionary search (XGBoost cost model, tile-size mutation) builds and times the candidates in this
 process on one thread (M = 1, hot), ``--trials`` per kernel, and appends every measured trace to the
 target's JSON database (``<target>/database_workload.json``, ``database_tuning_record.json``). The
 summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``make lib`` compiles
 the best traces from the database (tvm_schedules/build.py) without tuning. ``sherry tune --verify``
-(after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, which is what the
-op library's auto mode compares. Tuning stays out of CI.
+(after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, and the CPU model
+that measured them, which is what the op library's auto mode compares. Tuning stays out of CI.
 """
 
 from __future__ import annotations
@@ -42,6 +42,41 @@ and VNNI (vpdpbusd), which the op's AVX-512 path requires anyway."""
 
 TRIALS_PER_ITER = 8
 """Candidates per search round: MetaSchedule builds and times them as one batch, then evolves the next."""
+
+COST_MODEL = "xgb"
+"""MetaSchedule's learned cost model (XGBoost on per-store features), from the xgboost-cpu dependency."""
+
+
+def cost_model() -> Any:
+    """MetaSchedule's XGBoost cost model, to share between the kernels of one run. It is trained after
+    every measured round and ranks the next round's candidates from the first round on: its default
+    warm-up (random ranking until 100 measured candidates) is longer than our design spaces (at most
+    a few dozen points), which it would never leave."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "MetaSchedule's xgb cost model needs xgboost, a declared dependency of sherry-export: "
+            "`pip install xgboost-cpu` (the CPU-only wheel; plain xgboost pulls CUDA's NCCL)"
+        ) from e
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.cost_model.XGBModel(
+        extractor=ms.feature_extractor.PerStoreFeature(), num_warmup_samples=TRIALS_PER_ITER, num_tuning_cores=1
+    )
+
+
+def cpu_model() -> tuple[str, str]:
+    """This CPU's model as the op library names it (dispatch.cc ``cpu_model_id``): ``"<vendor> family <f>
+    model <m>"`` from /proc/cpuinfo, and its model name. Verified timings hold for that model."""
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    ident = f"{info.get('vendor_id', 'unknown')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    return ident, info.get("model name") or ident
 
 
 def host_isa() -> str:
@@ -114,6 +149,10 @@ class Entry:
     tvm_cold_us: float | None = None
     """As ``tvm_node_us``, with cold weights (a graph of distinct copies)."""
     hand_cold_us: float | None = None
+    cpu: str | None = None
+    """The CPU model that ran ``--verify`` (:func:`cpu_model`): auto mode trusts the four times on that
+    model only."""
+    cpu_name: str | None = None
 
 
 def node_us(
@@ -162,7 +201,8 @@ def handwritten_us(fmt: str, k: int, n: int, gs: int, isa: str, runs: int = 200)
 
 
 def verified_faster(entry: dict) -> bool:
-    """Auto mode's rule: the TVM kernel beat the hand-written one as an onnxruntime node, hot and cold."""
+    """Auto mode's rule on the times: the TVM kernel beat the hand-written one as an onnxruntime node, hot
+    and cold. The op library applies it only on the CPU model that measured them (``entry["cpu"]``)."""
     pairs = [(entry.get(f"tvm_{m}_us"), entry.get(f"hand_{m}_us")) for m in ("node", "cold")]
     return all(t is not None and h is not None and t < h for t, h in pairs)
 
@@ -179,11 +219,13 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
     if not entries:
         raise FileNotFoundError(f"{summary_path} has no entries: run `sherry tune --target {target_name}` first")
     os.environ["SHERRY_TVM_TARGET"] = target_name  # the forced tvm path runs this target's objects
+    cpu, cpu_name = cpu_model()
     try:
         for e in tqdm(entries, desc=f"verify {target_name}", unit="kernel"):
             for mode in ("node", "cold"):
                 times = node_us(e["format"], e["k"], e["n"], e["group_size"], ("tvm", e["isa"]), cold=mode == "cold")
                 e[f"tvm_{mode}_us"], e[f"hand_{mode}_us"] = (None, None) if times is None else times
+            e["cpu"], e["cpu_name"] = cpu, cpu_name
             summary_path.write_text(json.dumps(sorted(entries, key=_order), indent=1) + "\n")
     finally:
         del os.environ["SHERRY_TVM_TARGET"]
@@ -310,9 +352,12 @@ def tune(
     trials: int,
     out_dir: Path,
     formats: tuple[str, ...] = FORMATS,
+    log_dir: Path | None = None,
 ) -> list[Entry]:
     """Tune every (format, shape) for one target with MetaSchedule; appends the measured records to
-    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries."""
+    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries.
+    ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
+    ``log_dir/<target>/<kernel>/logs/`` instead of a temporary folder."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
     from tqdm import tqdm
@@ -340,6 +385,7 @@ def tune(
             get_format(f).check_geometry(k, gs)
     todo = [Shape(f, k, n, gs) for k, n, gs in shapes for f in formats]
     builder, runner = in_process_builder_runner()
+    model = cost_model()  # one for the run: what it learns on one kernel ranks the next one's candidates
     # MetaSchedule's task set-up imports this (about 500 TVMScript functions, 25 s or more): once, here,
     # so that the first kernel's tune_seconds does not count it
     import tvm.s_tir.tensor_intrin
@@ -353,7 +399,8 @@ def tune(
         budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
         # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as work:
+        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
+            work = str(log_dir / target_name / shape.key) if log_dir else scratch
             ms.tune_tir(
                 workload_module(shape, isa),
                 target,
@@ -367,7 +414,7 @@ def tune(
                 builder=builder,
                 runner=runner,
                 database=db,
-                cost_model="random",
+                cost_model=model,
                 # no RemoveBuildArtifact: the in-process builder writes no files
                 measure_callbacks=[
                     ms.measure_callback.AddToDatabase(),
@@ -405,9 +452,11 @@ def tune(
         )
         entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
         summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
+        trained = f"trained on {model.last_train_size}" if model.booster is not None else "not trained on any"
         print(
             f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
-            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s"
+            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s "
+            f"({COST_MODEL} cost model {trained} of the run's {model.data_size} measured candidates)"
         )
     return [Entry(**e) for e in load_entries(summary_path)]
 
@@ -436,7 +485,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 f"  {e['format']} {e['k']}x{e['n']}: tvm {e['tvm_node_us']} / {e['tvm_cold_us']} µs, hand-written "
                 f"{e['isa']} {e['hand_node_us']} / {e['hand_cold_us']} µs (onnxruntime nodes, hot / cold)"
             )
-        print(f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; `make lib` lets auto use those")
+        print(
+            f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; after `make lib`, auto uses those "
+            f"on this CPU model ({entries[0].get('cpu')})"
+        )
         return 0
     shapes: list[tuple[int, int, int]] = []
     if args.model:
@@ -445,7 +497,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not shapes:
         shapes = [(k, n, args.group_size) for k, n in LLAMA_1B_SHAPES]
     start = time.time()
-    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats))
+    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats), args.log_dir)
     print(
         f"tuned {len(entries)} kernels for {args.target} in {time.time() - start:.0f} s; "
         f"database: {args.output / args.target / 'tuned.json'}"
@@ -473,6 +525,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(at most 64 points; 24 for sherry and i2s at the LLaMA shapes, 8 for tl2) (default: 32)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        help="keep MetaSchedule's logs here (LOG_DIR/<target>/<kernel>/logs/, with the xgb cost model's training) "
+        "instead of a temporary folder",
+    )
     p.add_argument(
         "--verify",
         action="store_true",

@@ -1,7 +1,9 @@
 #include "dispatch.h"
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include <cpuid.h>
 
@@ -53,13 +55,52 @@ CpuReport probe_cpu() {
   return report;
 }
 
+struct CpuModel {
+  std::string id;    // "<vendor> family <f> model <m>"
+  std::string name;  // the brand string, e.g. "AMD EPYC 9654 96-Core Processor"
+};
+
+// Family and model as Linux computes them for /proc/cpuinfo: the extended family counts from base
+// family 15, the extended model from base family 6.
+CpuModel probe_model() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return {"unknown", "unknown"};
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  __get_cpuid(1, &a, &b, &c, &d);
+  unsigned family = (a >> 8) & 0xF, model = (a >> 4) & 0xF;
+  if (family == 0xF) family += (a >> 20) & 0xFF;
+  if (family >= 6) model += ((a >> 16) & 0xF) << 4;
+  CpuModel out{std::string(vendor) + " family " + std::to_string(family) + " model " + std::to_string(model), ""};
+  if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
+    unsigned brand[12] = {};
+    for (unsigned leaf = 0; leaf < 3; ++leaf)
+      __get_cpuid(0x80000002 + leaf, &brand[4 * leaf], &brand[4 * leaf + 1], &brand[4 * leaf + 2],
+                  &brand[4 * leaf + 3]);
+    char text[49] = {};
+    std::memcpy(text, brand, 48);
+    out.name = text;
+    const size_t first = out.name.find_first_not_of(' '), last = out.name.find_last_not_of(' ');
+    out.name = first == std::string::npos ? "" : out.name.substr(first, last - first + 1);
+  }
+  if (out.name.empty()) out.name = out.id;
+  return out;
+}
+
+const CpuModel& this_cpu() {
+  static const CpuModel model = probe_model();
+  return model;
+}
+
 using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&, std::string* declined);
 
 Factory factory(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return make_avx512_kernel;
     case KernelPath::kAVX2: return make_avx2_kernel;
-    case KernelPath::kTVM: return [](const PackedWeights& w, std::string*) { return make_tvm_kernel(w, false); };
+    case KernelPath::kTVM: return make_tvm_kernel;
     case KernelPath::kScalar: break;
   }
   return [](const PackedWeights& w, std::string*) { return make_scalar_kernel(w); };
@@ -84,6 +125,9 @@ const std::string& missing_cpu_features(KernelPath path) {
   return none;
 }
 
+const std::string& cpu_model_id() { return this_cpu().id; }
+const std::string& cpu_model_name() { return this_cpu().name; }
+
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin) {
   if (value == "auto") return {std::nullopt, origin};
   for (KernelPath p : {KernelPath::kScalar, KernelPath::kAVX2, KernelPath::kAVX512, KernelPath::kTVM})
@@ -92,7 +136,7 @@ KernelRequest parse_kernel_request(const std::string& value, const std::string& 
                            "); choose one of auto, scalar, avx2, avx512, tvm");
 }
 
-std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request) {
+KernelChoice make_kernel(const PackedWeights& w, const KernelRequest& request) {
   if (request.forced) {
     const KernelPath path = *request.forced;
     const std::string& lacking = missing_cpu_features(path);
@@ -104,20 +148,31 @@ std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRe
     if (!kernel)
       throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
                                ") but it does not support " + describe(w) +
-                               (declined.empty() ? "" : " (" + declined + ")") +
-                               (path == KernelPath::kTVM
-                                    ? " (the library has no tuned TVM kernel for this shape that this CPU can run: "
-                                      "tune it with `sherry tune` and rebuild, see docs/tvm.md)"
-                                    : "") +
-                               "; use auto to fall back to scalar");
-    return kernel;
+                               (declined.empty() ? "" : " (" + declined + ")") + "; use auto to fall back to scalar");
+    return {std::move(kernel), ""};  // the report names the request
   }
-  if (std::unique_ptr<MatMulKernel> kernel = make_tvm_kernel(w, /*only_if_faster=*/true)) return kernel;
-  for (KernelPath path : {KernelPath::kAVX512, KernelPath::kAVX2}) {
-    if (!missing_cpu_features(path).empty()) continue;
-    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w, nullptr)) return kernel;
+  // Auto. The hand-written kernel auto runs unless TVM wins: the best ISA this CPU has.
+  const std::initializer_list<KernelPath> simd = {KernelPath::kAVX512, KernelPath::kAVX2};
+  KernelPath hand = KernelPath::kScalar;
+  for (KernelPath path : simd)
+    if (missing_cpu_features(path).empty()) {
+      hand = path;
+      break;
+    }
+  std::string reason;
+  if (std::unique_ptr<MatMulKernel> kernel = make_tvm_kernel_if_faster(w, hand, &reason))
+    return {std::move(kernel), reason};
+  // Why each faster path was passed over, after the TVM verdict.
+  for (KernelPath path : simd) {
+    if (const std::string& lacking = missing_cpu_features(path); !lacking.empty()) {
+      reason += std::string("; ") + path_name(path) + ": this CPU lacks " + lacking;
+      continue;
+    }
+    std::string declined;
+    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w, &declined)) return {std::move(kernel), reason};
+    reason += std::string("; ") + path_name(path) + " declined these weights (" + declined + ")";
   }
-  return make_scalar_kernel(w);
+  return {make_scalar_kernel(w), reason};
 }
 
 }  // namespace sherry

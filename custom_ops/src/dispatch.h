@@ -15,6 +15,12 @@ namespace sherry {
 // Empty if this CPU and OS can run `path`, else the missing features (e.g. "avx512vbmi, xgetbv ZMM state").
 const std::string& missing_cpu_features(KernelPath path);
 
+// This CPU's model as the tuning database records it ("AuthenticAMD family 25 model 17": CPUID's vendor,
+// family and model, the numbers Linux shows in /proc/cpuinfo; tvm_schedules/tune.py cpu_model_id), and
+// its model name ("AMD EPYC 9654 96-Core Processor"). Kernel timings hold for one microarchitecture.
+const std::string& cpu_model_id();
+const std::string& cpu_model_name();
+
 // What the user asked for: a specific path, or none (auto: the best that supports the weights).
 struct KernelRequest {
   std::optional<KernelPath> forced;
@@ -24,13 +30,19 @@ struct KernelRequest {
 // Parses "auto" | "scalar" | "avx2" | "avx512" | "tvm"; throws std::runtime_error naming `origin` otherwise.
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin);
 
+// The kernel for a node and why it was chosen (the kernel report prints the reason).
+struct KernelChoice {
+  std::unique_ptr<MatMulKernel> kernel;
+  std::string reason;
+};
+
 // Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights when
-// `sherry tune --verify` timed it faster than the hand-written one as onnxruntime nodes, hot and
-// cold; else it tries avx512, then avx2 (each only if
-// the CPU has it), then scalar.
+// `sherry tune --verify` timed it faster than the hand-written kernel auto would otherwise run (the
+// best ISA of this CPU) as onnxruntime nodes, hot and cold, on this CPU model (make_tvm_kernel_if_faster);
+// else it tries avx512, then avx2 (each only if the CPU has it), then scalar.
 // A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights
 // (for instance because its layout of them would be over the memory budget in kernel.h).
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.
-std::unique_ptr<MatMulKernel> make_kernel(const PackedWeights& w, const KernelRequest& request);
+KernelChoice make_kernel(const PackedWeights& w, const KernelRequest& request);
 
 }  // namespace sherry

@@ -8,6 +8,10 @@
 //      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
 // At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
 // into a workspace of its own (matmul_op.cc), so prepare_row must be callable from any thread.
+// Both steps run inside onnxruntime's parallel sections. A kernel should allocate what they need when
+// it is created; if one still throws (out of memory for a thread's scratch, a generated TVM function
+// that returns an error), the op catches the exception inside the parallel body and fails the call with
+// it after the section (matmul_op.cc parallel_for): no exception crosses onnxruntime's thread pool.
 // Every kernel must give exactly the numerics of docs/formats.md ("Activations"): int8 activations
 // per row and scale group, exact int32 dot products per group, y = sum_g (alpha_g * s_g) * dot_g.
 #pragma once
@@ -134,8 +138,12 @@ std::unique_ptr<MatMulKernel> make_scalar_kernel(const PackedWeights& w);
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined);
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined);
 // The TVM-tuned kernel (kernel_tvm.cc) for these exact weights, if the library was built with one
-// this CPU can run; with only_if_faster, only if the tuning database measured it faster than the
-// hand-written kernel of its ISA.
-std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster);
+// this CPU can run; else nullptr, with the reason in *declined when that is not null.
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::string* declined);
+// Auto mode's TVM kernel: only where `sherry tune --verify` timed it faster than `hand` (the
+// hand-written path auto would run otherwise; the comparison must be with that ISA) as onnxruntime
+// nodes, hot and cold, on this CPU model (cpu_model_id in dispatch.h). *reason gets why either way, for
+// the kernel report: "tvm: ..." when it returns the kernel, "<hand>: ..." when it returns nullptr.
+std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand, std::string* reason);
 
 }  // namespace sherry

@@ -12,14 +12,27 @@
 // `parallel` loop, which calls __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
 // onnxruntime's threads) are whole blocks; compute() tells the launch hook, through a thread-local,
 // which blocks to run, and the hook runs those tasks inline.
+//
+// Inside the op's parallel sections nothing allocates: prepare_row reorders each group in place, and
+// compute writes blocks that its range cuts, or that an unaligned output cannot take, through one
+// block on the stack. A generated function that returns an error makes compute throw, which the op
+// catches inside the parallel body (kernel.h).
 #include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "kernel.h"
 
+namespace sherry {
+namespace {
+// What a forced tvm path says when there is no kernel for the weights (tools match this phrase).
+constexpr const char* kNoKernel = "the library has no tuned TVM kernel for this shape that this CPU can run";
+}  // namespace
+}  // namespace sherry
+
 #ifdef SHERRY_WITH_TVM
 
+#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
@@ -94,6 +107,8 @@ AlignedArray<T> aligned_array(size_t count) {
 // Geometry of the kernel layouts (layout.py Shape): tiles of 16 rows, a code byte per code, groups
 // padded to whole quads (4 codes); `lane_block` is the rows of one parallel task (16 x tiles knob).
 constexpr int64_t kTvmTile = 16;
+// The largest lane_block: the design space's tiles per step are at most 8 (kernels.py).
+constexpr int64_t kMaxLaneBlock = 8 * kTvmTile;
 
 struct TvmLayout {
   Format format;
@@ -149,6 +164,11 @@ class TvmKernel final : public MatMulKernel {
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
       : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
     const Geometry& g = w.geometry;
+    if (entry.lane_block <= 0 || entry.lane_block > kMaxLaneBlock || entry.lane_block % kTvmTile != 0 ||
+        g.n % entry.lane_block != 0)
+      throw std::runtime_error("the TVM kernel table's entry (" + std::string(entry.target) + ") has " +
+                               std::to_string(entry.lane_block) + " rows per parallel step for N=" +
+                               std::to_string(g.n) + ": rebuild the library (make lib)");
     const TvmLayout& L = layout_;
     const int64_t blocks = g.n / L.lane_block;
     planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
@@ -188,46 +208,58 @@ class TvmKernel final : public MatMulKernel {
   size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
 
   // Values quad by quad in dword order (byte 4p + j of a quad = column L j + p of it), then the float
-  // scales, then the int32 sums of each group's values (layout.py activations).
+  // scales, then the int32 sums of each group's values (layout.py activations). Each group is quantized
+  // in place in column order, then every quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
     auto* xq = reinterpret_cast<int8_t*>(ws);
     auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
     auto* sums = reinterpret_cast<int32_t*>(ws + L.scale_offset) + L.g.groups();
-    std::memset(ws, 0, static_cast<size_t>(L.scale_offset));
+    std::memset(ws, 0, static_cast<size_t>(L.scale_offset));  // the groups' padding: zero activations
     const int64_t lpc = L.lanes_per_code, quad_cols = 4 * lpc;
-    thread_local std::vector<int8_t> scratch;
-    scratch.resize(static_cast<size_t>(L.padded_group));
-    int8_t* group = scratch.data();
     for (int64_t g = 0; g < L.g.groups(); ++g) {
       const int64_t length = L.g.group_length(g);
       if (length <= 0) break;  // never: tells the compiler the length is positive
-      std::fill(group, group + L.padded_group, int8_t{0});
-      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, group);
-      int32_t sum = 0;
       int8_t* out = xq + g * L.padded_group;
-      for (int64_t q = 0; q < L.quads_per_group; ++q)
+      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, out);
+      int32_t sum = 0;
+      for (int64_t q = 0; q < L.quads_per_group; ++q) {
+        int8_t* quad = out + q * quad_cols;
+        int8_t columns[16];
+        std::memcpy(columns, quad, static_cast<size_t>(quad_cols));
         for (int64_t j = 0; j < 4; ++j)
           for (int64_t p = 0; p < lpc; ++p) {
-            const int8_t v = group[q * quad_cols + j * lpc + p];
-            out[q * quad_cols + 4 * p + j] = v;
+            const int8_t v = columns[j * lpc + p];
+            quad[4 * p + j] = v;
             sum += v;
           }
+      }
       sums[g] = sum;
     }
   }
 
+  // The blocks (lane_block rows) wholly inside [n_begin, n_end) go straight into Y when it is 64-byte
+  // aligned (TVM assumes so), in one call. A block the range cuts, or any block of an unaligned Y, is
+  // computed row by row with the M = 1 function into a block on the stack, then copied: the function
+  // writes only its block's columns, so it is handed the stack block shifted back by the block's offset.
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override {
-    const int64_t lb = layout_.lane_block, n = layout_.g.n;
-    const TaskRange range{n_begin / lb, ceil_div(n_end, lb), n / lb};
-    if (reinterpret_cast<uintptr_t>(y) % 64 == 0) {
-      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, range);
-    } else {  // TVM assumes 64-byte aligned buffers: go through an aligned copy
-      const AlignedArray<float> tmp = aligned_array<float>(static_cast<size_t>(m * n));
-      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, tmp.get(), range);
-      for (int64_t r = 0; r < m; ++r)
-        std::copy(tmp.get() + r * n + n_begin, tmp.get() + r * n + n_end, y + r * n + n_begin);
+    const int64_t lb = layout_.lane_block, n = layout_.g.n, blocks = n / lb;
+    const int64_t first = n_begin / lb, last = ceil_div(n_end, lb);
+    int64_t whole_begin = ceil_div(n_begin, lb), whole_end = n_end / lb;
+    if (reinterpret_cast<uintptr_t>(y) % 64 != 0 || whole_begin >= whole_end) whole_begin = whole_end = last;
+    if (whole_begin < whole_end)
+      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, TaskRange{whole_begin, whole_end, blocks});
+    alignas(64) float block[kMaxLaneBlock];
+    for (int64_t b = first; b < last; ++b) {
+      if (b >= whole_begin && b < whole_end) continue;
+      const uintptr_t offset = static_cast<uintptr_t>(b * lb) * sizeof(float);  // a multiple of 64
+      float* shifted = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(block) - offset);
+      const int64_t lo = std::max(n_begin, b * lb), hi = std::min(n_end, (b + 1) * lb);
+      for (int64_t r = 0; r < m; ++r) {
+        call(entry_.m1, ws + r * layout_.row_bytes, 1, shifted, TaskRange{b, b + 1, blocks});
+        std::copy(block + (lo - b * lb), block + (hi - b * lb), y + r * n + lo);
+      }
     }
     if (bias)
       for (int64_t r = 0; r < m; ++r)
@@ -281,29 +313,98 @@ class TvmKernel final : public MatMulKernel {
 
 // The entry for these weights that this CPU can run: AVX-512 first. SHERRY_TVM_TARGET=<target>
 // (a database folder name, e.g. avx2) limits the choice to that target's kernels (tests, benchmarks).
-const TvmEntry* find_entry(const PackedWeights& w) {
+// nullptr when there is none, with *detail saying why when the table has kernels of this shape.
+const TvmEntry* find_entry(const PackedWeights& w, std::string* detail) {
   const char* only = std::getenv("SHERRY_TVM_TARGET");
   const TvmEntry* best = nullptr;
+  std::string excluded, lacking;
   for (size_t i = 0; i < kTvmEntryCount; ++i) {
     const TvmEntry& e = kTvmEntries[i];
-    if (only && *only && std::string(only) != e.target) continue;
     if (e.format != static_cast<int>(w.format) || e.k != w.geometry.k || e.n != w.geometry.n ||
         e.group_size != w.geometry.group_size || !e.m1)
       continue;
-    if (!missing_cpu_features(static_cast<KernelPath>(e.isa)).empty()) continue;
+    if (only && *only && std::string(only) != e.target) {
+      excluded += (excluded.empty() ? "" : ", ") + std::string(e.target);
+      continue;
+    }
+    const KernelPath isa = static_cast<KernelPath>(e.isa);
+    if (const std::string& missing = missing_cpu_features(isa); !missing.empty()) {
+      lacking += (lacking.empty() ? "" : "; ") + std::string(e.target) + " needs " + path_name(isa) +
+                 " and this CPU lacks " + missing;
+      continue;
+    }
     if (!best || e.isa > best->isa) best = &e;
   }
+  if (!best && !lacking.empty()) *detail = "its kernels for this shape cannot run here: " + lacking;
+  else if (!best && !excluded.empty())
+    *detail = std::string("SHERRY_TVM_TARGET=") + only + " leaves out its kernels for this shape (targets " +
+              excluded + ")";
   return best;
+}
+
+// Why there is no TVM kernel: "<summary> (<detail>)".
+std::string no_kernel(const std::string& summary, const std::string& detail) {
+  return detail.empty() ? summary : summary + " (" + detail + ")";
+}
+
+std::string times(double speedup) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2fx", speedup);
+  return text;
 }
 
 }  // namespace
 
-std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, bool only_if_faster) {
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::string* declined) {
   (void)hooks_installed;
-  const TvmEntry* entry = find_entry(w);
-  // Auto mode: only where `sherry tune --verify` timed this kernel faster than the hand-written one as
-  // onnxruntime nodes, with hot and with cold weights.
-  if (!entry || (only_if_faster && !entry->auto_use)) return nullptr;
+  std::string detail;
+  const TvmEntry* entry = find_entry(w, &detail);
+  if (!entry) {
+    if (declined)
+      *declined = no_kernel(kNoKernel, detail) + ": tune it with `sherry tune` and rebuild, see docs/tvm.md";
+    return nullptr;
+  }
+  return std::make_unique<TvmKernel>(w, *entry);
+}
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand, std::string* reason) {
+  (void)hooks_installed;
+  const std::string passed = std::string(path_name(hand)) + ": ";
+  std::string detail;
+  const TvmEntry* entry = find_entry(w, &detail);
+  if (!entry) {
+    *reason = passed + no_kernel("no tuned TVM kernel for this shape", detail);
+    return nullptr;
+  }
+  const std::string kernel = std::string("the TVM kernel (") + entry->target + " target)";
+  const KernelPath isa = static_cast<KernelPath>(entry->isa);
+  if (isa != hand) {
+    *reason = passed + kernel + " is an " + path_name(isa) + " kernel, timed against " + path_name(isa) + ", not " +
+              path_name(hand);
+    return nullptr;
+  }
+  if (!(entry->hot_speedup > 0 && entry->cold_speedup > 0)) {
+    *reason = passed + kernel + " was never timed against " + path_name(hand) + " (sherry tune --verify)";
+    return nullptr;
+  }
+  const std::string timed = "the tuning database timed " + kernel + " at " + times(entry->hot_speedup) +
+                            " the speed of " + path_name(hand) + " hot and " + times(entry->cold_speedup) +
+                            " cold (onnxruntime nodes, M=1)";
+  const std::string here = cpu_model_name() + ", " + cpu_model_id();
+  if (!*entry->cpu) {
+    *reason = passed + timed + " on an unrecorded CPU; re-run sherry tune --verify on this one (" + here + ")";
+    return nullptr;
+  }
+  if (cpu_model_id() != entry->cpu) {
+    *reason = passed + timed + " on another CPU model (" + entry->cpu_name + ", " + entry->cpu + "), not this one (" +
+              here + ")";
+    return nullptr;
+  }
+  if (!(entry->hot_speedup > 1 && entry->cold_speedup > 1)) {
+    *reason = passed + timed + " on this CPU (" + here + "): not faster both hot and cold";
+    return nullptr;
+  }
+  *reason = "tvm: " + timed + " on this CPU (" + here + ")";
   return std::make_unique<TvmKernel>(w, *entry);
 }
 
@@ -320,7 +421,23 @@ extern "C" void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char**
 #else  // built without TVM kernels
 
 namespace sherry {
-std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, bool) { return nullptr; }
+namespace {
+constexpr const char* kWithoutTvm =
+    "the library was built without TVM kernels (SHERRY_TVM=OFF, or no importable TVM when it was built)";
+}  // namespace
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, std::string* declined) {
+  if (declined)
+    *declined = std::string(kNoKernel) + " (" + kWithoutTvm +
+                "): rebuild it with them (make lib with apache-tvm installed), after `sherry tune` if the database "
+                "lacks this shape; see docs/tvm.md";
+  return nullptr;
+}
+
+std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights&, KernelPath hand, std::string* reason) {
+  *reason = std::string(path_name(hand)) + ": " + kWithoutTvm;
+  return nullptr;
+}
 }  // namespace sherry
 
 #endif

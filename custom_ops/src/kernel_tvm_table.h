@@ -19,7 +19,11 @@ struct TvmEntry {
   int64_t lane_block;  // rows interleaved per weight block (layout.py)
   TvmFunction m1;      // M = 1
   TvmFunction mx;      // any M
-  bool auto_use;       // `sherry tune --verify` timed it faster than the hand-written kernel, hot and cold
+  // `sherry tune --verify`: the hand-written kernel of the same ISA's time over this kernel's, both as
+  // onnxruntime nodes at M = 1 (> 1: TVM is faster), hot and cold weights; 0 when never timed.
+  double hot_speedup, cold_speedup;
+  const char* cpu;       // the CPU that timed them, as cpu_model_id() (dispatch.h) names it; "" if unknown
+  const char* cpu_name;  // its model name, for the report
   const char* target;
 };
 

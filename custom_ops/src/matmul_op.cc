@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <new>
 #include <optional>
@@ -134,16 +135,44 @@ Split split(int64_t units, int64_t chunks) {
 
 int64_t work_items(int64_t cost) { return std::clamp<int64_t>(cost / kMinItemCost, 1, kMaxItems); }
 
+// The first exception of the items of a parallel section, kept to be rethrown after it.
+class FirstError {
+ public:
+  void keep(std::exception_ptr error) noexcept {
+    if (!taken_.exchange(true, std::memory_order_acq_rel)) error_ = std::move(error);
+  }
+  // Called after the section, which has joined every item.
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::atomic<bool> taken_{false};
+  std::exception_ptr error_;
+};
+
 // Runs body(i) for i in [0, count) on the session's intra-op threads (inline for a single item).
-// The bodies only call kernel code, which does not throw.
+// No exception may cross onnxruntime's thread pool (its callback is a C function): an item that
+// throws (a kernel's scratch allocation, a failing generated TVM function) is caught inside the
+// body, the other items still run, and the first exception is rethrown here, after the section, to
+// become the node's error status (guarded).
 template <typename Body>
 void parallel_for(const Ort::KernelContext& context, int64_t count, Body body) {
   if (count == 1) {
     body(0);
     return;
   }
-  context.ParallelFor([](void* data, size_t i) { (*static_cast<Body*>(data))(static_cast<int64_t>(i)); },
-                      static_cast<size_t>(count), 0, &body);
+  FirstError error;
+  auto item = [&](int64_t i) noexcept {
+    try {
+      body(i);
+    } catch (...) {
+      error.keep(std::current_exception());
+    }
+  };
+  context.ParallelFor([](void* data, size_t i) { (*static_cast<decltype(item)*>(data))(static_cast<int64_t>(i)); },
+                      static_cast<size_t>(count), 0, &item);
+  error.rethrow();
 }
 
 struct FreeBytes {
@@ -224,9 +253,10 @@ constexpr size_t kLocalRowsBytes = size_t{4} << 20;
 std::atomic<uint64_t> g_call_counter{0};
 
 // The rows of call `call` prepared in this thread's buffer, or nullptr if the buffer cannot be
-// allocated (no exception may leave a parallel body; the caller then falls back to shared rows).
+// allocated (the caller then falls back to shared rows). Runs inside a parallel body: prepare_row's
+// exceptions are parallel_for's to catch.
 const uint8_t* thread_prepared_rows(const MatMulKernel& kernel, const float* x, int64_t m, int64_t k, size_t stride,
-                                    uint64_t call) noexcept {
+                                    uint64_t call) {
   // Its own buffer, not Workspace's: a thread that also runs some other node's Compute between two
   // items of this call would overwrite those rows without changing prepared_call.
   thread_local ThreadBuffer buffer;
@@ -303,14 +333,16 @@ MatMulNode::MatMulNode(Format format, const OrtKernelInfo* raw_info, std::string
                                      : parse_kernel_request("auto", "default");
   const PackedWeights weights{format, geometry_, packed.GetTensorData<uint8_t>(),
                               static_cast<const uint16_t*>(scales.GetTensorRawData())};
-  kernel_ = make_kernel(weights, request);
+  KernelChoice choice = make_kernel(weights, request);
+  kernel_ = std::move(choice.kernel);
 
   if (const std::optional<Setting> report = read_setting(config, kReportConfigKey, kReportEnv);
       report && report->value != "0")
-    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s)\n",
+    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s%s%s)\n",
                  label_.c_str(), static_cast<long long>(geometry_.n), static_cast<long long>(geometry_.k),
                  static_cast<long long>(geometry_.group_size), path_name(kernel_->path()),
-                 path ? path->origin.c_str() : "auto by default");
+                 path ? path->origin.c_str() : "auto by default", choice.reason.empty() ? "" : "; why: ",
+                 choice.reason.c_str());
 }
 
 OrtStatusPtr MatMulNode::ComputeV2(OrtKernelContext* context) const noexcept {

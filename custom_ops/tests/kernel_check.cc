@@ -1,7 +1,9 @@
 // Kernel check and benchmark: every SIMD path (avx2, avx512) x format (sherry, tl2, i2s) against
-// the scalar kernel, which is itself checked against decode_row + quantize_group (formats.h).
+// the scalar kernel, which is itself checked against decode_row + quantize_group (formats.h), and,
+// in a build with the TVM kernels (SHERRY_WITH_TVM), every linked TVM kernel on its own geometry.
 // Built by CMake with -DSHERRY_BUILD_TESTS=ON (target sherry_kernel_check, ctest test
-// kernel_check); `make ctest` runs it under ASan + UBSan.
+// kernel_check); `make ctest` runs it under ASan + UBSan (the TVM objects themselves are not
+// instrumented; their wrapper, kernel_tvm.cc, is).
 //
 //   sherry_kernel_check [check]                       correctness (exit 1 on any failure)
 //   sherry_kernel_check bench [options]               one-thread timings, candidates interleaved
@@ -9,8 +11,9 @@
 //     --cold-bytes 4e8  --rounds 10
 //
 // check: random canonical weights and scales over many geometries; rows of A split and N ranges
-// tiled like the op does (and cut mid-tile). Outputs must equal the scalar kernel's bit for bit
-// (every kernel adds the groups in order, without FMA contraction); NaN outputs (from NaN/Inf
+// tiled like the op does (and cut mid-tile), outputs 64-byte aligned and not. Outputs must equal the
+// scalar kernel's bit for bit (every kernel adds the groups in order, without FMA contraction; the TVM
+// kernels, whose LLVM contracts the group sum into FMAs, to float32 rounding); NaN outputs (from NaN/Inf
 // activations) only need to be NaN in both. The workspace is filled with garbage before
 // prepare_row, so a kernel that reads bytes prepare_row did not write fails (the padding contract
 // of kernel.h). Corrupt codes must throw.
@@ -35,6 +38,11 @@
 #include <vector>
 
 #include "kernel.h"
+
+#ifdef SHERRY_WITH_TVM
+#include "dispatch.h"
+#include "kernel_tvm_table.h"
+#endif
 
 namespace sherry {
 namespace {
@@ -196,31 +204,64 @@ std::vector<float> reference(const Weights& w, const std::vector<float>& x, int6
   return y;
 }
 
+// An output of `count` floats filled with `fill`, at `shift` floats past a 64-byte boundary (0: aligned).
+struct Output {
+  Buffer buffer;
+  float* data;
+  Output(size_t count, float fill, int64_t shift)
+      : buffer(aligned_buffer((count + static_cast<size_t>(shift)) * sizeof(float), 0)),
+        data(reinterpret_cast<float*>(buffer.get()) + shift) {
+    std::fill(data, data + count, fill);
+  }
+  std::vector<float> values(size_t count) const { return std::vector<float>(data, data + count); }
+};
+
 // The op's two phases on one thread over a garbage-filled workspace: prepare every row, then
-// compute on items of `tiles_per_item` row tiles, over chunks of `row_chunk` rows of A.
+// compute on items of `tiles_per_item` row tiles, over chunks of `row_chunk` rows of A, into an output
+// `shift` floats past a 64-byte boundary.
 std::vector<float> run_op(const MatMulKernel& kernel, const Geometry& g, const std::vector<float>& x, int64_t m,
-                          const float* bias, int64_t tiles_per_item, int64_t row_chunk, uint8_t garbage) {
+                          const float* bias, int64_t tiles_per_item, int64_t row_chunk, uint8_t garbage,
+                          int64_t shift = 0) {
   const size_t stride = kernel.activation_row_bytes();
   const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, garbage);
   for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x.data() + r * g.k, ws.get() + r * stride);
-  std::vector<float> y(static_cast<size_t>(m * g.n), NAN);
+  const size_t count = static_cast<size_t>(m * g.n);
+  const Output y(count, NAN, shift);
   const int64_t item = kernel.row_tile() * tiles_per_item;
   for (int64_t m0 = 0; m0 < m; m0 += row_chunk)
     for (int64_t n0 = 0; n0 < g.n; n0 += item)
       kernel.compute(ws.get() + m0 * stride, std::min(row_chunk, m - m0), n0, std::min(g.n, n0 + item), bias,
-                     y.data() + m0 * g.n);
-  return y;
+                     y.data + m0 * g.n);
+  return y.values(count);
 }
 
 int failures = 0;
 
-// Bit-identical, except that any NaN matches any NaN (payloads are not part of the numerics).
-bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof a) == 0; }
+// How close a kernel must come to the scalar one: bit for bit, or (rounding > 0) within rounding x the
+// largest finite |y| of the output row (of `row` values), the scale its group sums round at.
+struct Tolerance {
+  double rounding = 0;
+  int64_t row = 1;
+};
 
-// Reports the first difference; true when equal.
-bool expect_same(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+// Bit-identical, except that any NaN matches any NaN (payloads are not part of the numerics), or
+// within `bound` when that is positive.
+bool same(float a, float b, double bound = 0) {
+  if ((std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof a) == 0) return true;
+  return bound > 0 && std::isfinite(a) && std::isfinite(b) && std::fabs(static_cast<double>(a) - b) <= bound;
+}
+
+// Reports the first difference; true when equal (see Tolerance).
+bool expect_same(const std::vector<float>& got, const std::vector<float>& want, const std::string& what,
+                 Tolerance tolerance = {}) {
+  std::vector<double> bound(want.size() / static_cast<size_t>(tolerance.row) + 1, 0.0);
+  if (tolerance.rounding > 0)
+    for (size_t i = 0; i < want.size(); ++i)
+      if (std::isfinite(want[i]))
+        bound[i / tolerance.row] =
+            std::max(bound[i / tolerance.row], tolerance.rounding * std::fabs(static_cast<double>(want[i])));
   for (size_t i = 0; i < got.size(); ++i) {
-    if (same(got[i], want[i])) continue;
+    if (same(got[i], want[i], bound[i / tolerance.row])) continue;
     std::printf("FAIL %s: y[%zu] = %.9g, want %.9g\n", what.c_str(), i, got[i], want[i]);
     ++failures;
     return false;
@@ -236,9 +277,10 @@ std::string describe(const char* path, Format f, int64_t n, int64_t k, int64_t g
 }
 
 // One geometry and M: scalar against the reference, every path against scalar, under the op's
-// splits (whole ranges, one tile per item, several tiles and row chunks) and a range cut mid-tile.
+// splits (whole ranges, one tile per item, several tiles and row chunks; outputs aligned and not) and
+// a range cut mid-tile.
 void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, int64_t gs, int64_t m,
-                std::mt19937_64& rng, bool against_reference) {
+                std::mt19937_64& rng, bool against_reference, double rounding = 0) {
   const Weights w = random_weights(f, n, k, gs, rng);
   const std::vector<float> x = random_activations(m, k, gs, rng);
   std::vector<float> bias(static_cast<size_t>(n));
@@ -258,24 +300,30 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
     struct Split {
       int64_t tiles, rows;
       uint8_t garbage;
+      int64_t shift;  // of the output, in floats past a 64-byte boundary
     };
+    const Tolerance tolerance{rounding, n};
     bool ok = true;
-    for (const Split s : {Split{1 << 20, m, 0xFF}, Split{1, m, 0x7F}, Split{3, std::max<int64_t>(1, m / 3), 0x80},
-                          Split{2, 1, 0x01}})
-      ok = ok && expect_same(run_op(*fast, w.g, x, m, b, s.tiles, s.rows, s.garbage), expect,
-                             what + " split(tiles=" + std::to_string(s.tiles) + " rows=" + std::to_string(s.rows) + ")");
+    for (const Split s : {Split{1 << 20, m, 0xFF, 0}, Split{1, m, 0x7F, 1},
+                          Split{3, std::max<int64_t>(1, m / 3), 0x80, 0}, Split{2, 1, 0x01, 3}})
+      ok = ok && expect_same(run_op(*fast, w.g, x, m, b, s.tiles, s.rows, s.garbage, s.shift), expect,
+                             what + " split(tiles=" + std::to_string(s.tiles) + " rows=" + std::to_string(s.rows) +
+                                 " shift=" + std::to_string(s.shift) + ")",
+                             tolerance);
     if (!ok || n <= 20) continue;
     // A range that starts and ends inside tiles: rows outside it must stay untouched.
     const int64_t lo = 5, hi = n - 3;
     const size_t stride = fast->activation_row_bytes();
     const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, 0x5A);
     for (int64_t r = 0; r < m; ++r) fast->prepare_row(x.data() + r * k, ws.get() + r * stride);
-    std::vector<float> got(static_cast<size_t>(m * n), -7.f), want = expect;
-    fast->compute(ws.get(), m, lo, hi, b, got.data());
+    const size_t count = static_cast<size_t>(m * n);
+    const Output got(count, -7.f, 0);
+    std::vector<float> want = expect;
+    fast->compute(ws.get(), m, lo, hi, b, got.data);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t c = 0; c < n; ++c)
         if (c < lo || c >= hi) want[r * n + c] = -7.f;
-    expect_same(got, want, what + " range [5, N-3)");
+    expect_same(got.values(count), want, what + " range [5, N-3)", tolerance);
   }
 }
 
@@ -359,6 +407,34 @@ void check_extreme_groups(const std::vector<Path>& paths) {
   }
 }
 
+// Every TVM kernel the library links (tvm_table.cc, from tvm_schedules/databases) that this CPU can
+// run, on its own geometry (the only one it takes), each target in turn (SHERRY_TVM_TARGET). Within
+// float32 rounding of the scalar kernel: LLVM contracts the TVM kernels' group sums into FMAs.
+int check_tvm(std::mt19937_64& rng) {
+  int cases = 0;
+#ifdef SHERRY_WITH_TVM
+  const std::vector<Path> tvm = {{"tvm", KernelPath::kTVM, make_tvm_kernel, true}};
+  for (size_t i = 0; i < kTvmEntryCount; ++i) {
+    const TvmEntry& e = kTvmEntries[i];
+    const KernelPath isa = static_cast<KernelPath>(e.isa);
+    if (!missing_cpu_features(isa).empty()) {
+      std::printf("skip tvm %s kernel %zu: this CPU lacks %s\n", e.target, i, path_name(isa));
+      continue;
+    }
+    setenv("SHERRY_TVM_TARGET", e.target, 1);
+    for (const int64_t m : {1, 3}) {
+      check_case(tvm, static_cast<Format>(e.format), e.n, e.k, e.group_size, m, rng, false, 1e-5);
+      ++cases;
+    }
+    unsetenv("SHERRY_TVM_TARGET");
+  }
+#else
+  (void)rng;
+  std::printf("skip tvm: built without the TVM kernels\n");
+#endif
+  return cases;
+}
+
 int run_checks() {
   std::vector<Path> paths;
   for (Path& p : simd_paths()) {
@@ -399,7 +475,9 @@ int run_checks() {
   }
   check_corrupt(paths, rng);
   check_extreme_groups(paths);
-  std::printf("check: %d cases x %zu SIMD path(s), %d failure(s)\n", cases, paths.size(), failures);
+  const int tvm_cases = check_tvm(rng);
+  std::printf("check: %d cases x %zu SIMD path(s), %d TVM kernel cases, %d failure(s)\n", cases, paths.size(),
+              tvm_cases, failures);
   return failures ? 1 : 0;
 }
 

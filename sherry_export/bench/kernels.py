@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
 from sherry_export.bench import GROUP_SIZE, LLAMA_1B_SHAPES, MAX_COLD_NODES, PREFILL_BATCH, cold_copies
 from sherry_export.export.graph import FLOAT, GraphBuilder
-from sherry_export.export.projections import Projection, emit_projection
+from sherry_export.export.projections import Projection, emit_projection, packed_matmul
 from sherry_export.formats import (
     EXPORT_FORMATS,
     FORMATS,
@@ -28,7 +29,6 @@ from sherry_export.formats import (
     PackedWeight,
     pack,
 )
-from sherry_export.onnx_ops import matmul_node
 from sherry_export.profiling import kernel_events, machine_description, read_profile
 from sherry_export.quant import dequantize_ternary, sherry_ternarize
 from sherry_export.report import markdown_table
@@ -88,15 +88,10 @@ def bench_model(
     """A graph of one projection reading A, and its weight bytes."""
     b = GraphBuilder("bench")
     a = b.add_input("A", FLOAT, [batch, k])
-    if packed is not None:  # packed once per shape, shared by every configuration
-        node, initializers = matmul_node(packed, a, "Y", name="node")
-        b.add_initializers(initializers)
-        b.nodes.append(node)
-        y = "Y"
-    else:
-        y = emit_projection(b, a, "node", proj, fmt)
-    b.add_output(y, FLOAT, None)
-    model = b.model()
+    # packed once per shape, shared by every configuration
+    y = packed_matmul(b, a, "node", packed) if packed is not None else emit_projection(b, a, "node", proj, fmt)
+    b.add_output(y, "Y", FLOAT, None)
+    model = ir.to_proto(b.model())
     return model, sum(len(t.raw_data) for t in model.graph.initializer)
 
 

@@ -13,10 +13,10 @@ Graph inputs follow onnxruntime-genai's names: ``input_ids [batch, sequence]``,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from transformers import PreTrainedModel
 
@@ -138,15 +138,11 @@ def check_architecture(model: PreTrainedModel) -> None:
         raise ValueError(f"cannot export hidden_act={config.hidden_act!r}: the graph implements SiLU-gated MLPs")
 
 
-def build_decoder(
-    model: PreTrainedModel,
-    options: ExportOptions,
-    progress: bool = False,
-    external_data: str | os.PathLike[str] | None = None,
-) -> GraphBuilder:
-    """The decoder graph of a Llama-family model in ``options.format``.
+def build_decoder(model: PreTrainedModel, options: ExportOptions, progress: bool = False) -> ir.Model:
+    """The decoder of a Llama-family model in ``options.format``, to be written with ``graph.save_model``.
 
-    ``external_data``: a file the weights stream to as they are made (see ``GraphBuilder``).
+    Its float tables and norms are the model's own memory, not copies: a change to the model's weights
+    before the decoder is saved is saved too.
     """
     from tqdm import tqdm
 
@@ -155,7 +151,7 @@ def build_decoder(
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     eps = float(config.rms_norm_eps)
-    b = GraphBuilder("sherry_decoder", external_data=external_data)
+    b = GraphBuilder("sherry_decoder")
 
     input_ids = b.add_input("input_ids", INT64, ["batch", "sequence"])
     mask = b.add_input("attention_mask", INT64, ["batch", "total_sequence"])
@@ -176,7 +172,7 @@ def build_decoder(
         name="total_sequence_length",
     )
     cos, sin = rotary_caches(model)
-    cos_name, sin_name = b.initializer("cos_cache", cos), b.initializer("sin_cache", sin)
+    cos_value, sin_value = b.initializer("cos_cache", cos), b.initializer("sin_cache", sin)
     b.metadata[MAX_POSITIONS_KEY] = str(cos.shape[0])
 
     tied = tied_embedding(model)
@@ -207,10 +203,10 @@ def build_decoder(
         past_k = b.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape)
         past_v = b.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)
         present = [f"present.{i}.key", f"present.{i}.value"]
-        attn_out = b.node(
+        attn_out, *present_values = b.node(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, seqlens, total, cos_name, sin_name],
-            [b.unique(f"layers.{i}.attn/out"), *present],
+            [qkv, None, None, past_k, past_v, seqlens, total, cos_value, sin_value],
+            [f"layers.{i}.attn/out", *present],
             domain=MS_DOMAIN,
             name=f"layers.{i}.attn",
             num_heads=heads,
@@ -218,14 +214,14 @@ def build_decoder(
             do_rotary=1,
             rotary_interleaved=0,
             scale=float(head_dim**-0.5),
-        )[0]
-        for name in present:
-            b.add_output(name, FLOAT, present_shape)
+        )
+        for value, name in zip(present_values, present, strict=True):
+            b.add_output(value, name, FLOAT, present_shape)
         o = emit_projection(b, attn_out, f"layers.{i}.o_proj", linear_projection(attn.o_proj, options), options.format)
         normed, _, _, residual = b.node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, b.initializer(f"layers.{i}.post_norm", _numpy(layer.post_attention_layernorm.weight))],
-            [b.unique(f"layers.{i}.post_norm/out"), "", "", b.unique(f"layers.{i}.post_norm/sum")],
+            [f"layers.{i}.post_norm/out", "", "", f"layers.{i}.post_norm/sum"],
             domain=MS_DOMAIN,
             name=f"layers.{i}.post_norm",
             epsilon=eps,
@@ -254,15 +250,15 @@ def build_decoder(
         normed, _, _, residual = b.node(
             "SkipSimplifiedLayerNormalization",
             [down, residual, b.initializer(norm_name, _numpy(gamma))],
-            [b.unique(f"{norm_name}/out"), "", "", b.unique(f"{norm_name}/sum")],
+            [f"{norm_name}/out", "", "", f"{norm_name}/sum"],
             domain=MS_DOMAIN,
             name=norm_name,
             epsilon=eps,
         )
     head_table = embed_table if shared else store_table(b, "lm_head", _numpy(model.lm_head.weight), options.lm_head)
-    emit_lm_head(b, normed, head_table)
-    b.add_output("logits", FLOAT, ["batch", "sequence", config.vocab_size])
-    return b
+    logits = emit_lm_head(b, normed, head_table)
+    b.add_output(logits, "logits", FLOAT, ["batch", "sequence", config.vocab_size])
+    return b.model()
 
 
 def tied_embedding(model: PreTrainedModel) -> bool:
@@ -278,8 +274,8 @@ def resolve_embedding(options: ExportOptions, tied: bool) -> ExportOptions:
     return replace(options, embedding=options.lm_head if tied else FP32)
 
 
-Table = str | NBitsWeight
-"""A ``[vocab, hidden]`` table in the graph: a float32 initializer's name, or a block-quantized MatMulNBits weight."""
+Table = ir.Value | NBitsWeight
+"""A ``[vocab, hidden]`` table in the graph: a float32 initializer, or a block-quantized MatMulNBits weight."""
 
 
 def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gather_only: bool = False) -> Table:
@@ -292,14 +288,14 @@ def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gathe
     return nbits_weight(b, name, q, scales, bits, LM_HEAD_BLOCK, gather_only=gather_only)
 
 
-def emit_embedding(b: GraphBuilder, ids: str, table: Table) -> str:
+def emit_embedding(b: GraphBuilder, ids: ir.Value, table: Table) -> ir.Value:
     """Rows ``ids`` of the table: ``Gather`` on float32, ``GatherBlockQuantized`` on the quantized bytes."""
     if isinstance(table, NBitsWeight):
         return gather_nbits(b, ids, EMBED_NODE, table)
     return b.op("Gather", table, ids, name=EMBED_NODE)
 
 
-def emit_lm_head(b: GraphBuilder, x: str, table: Table) -> None:
+def emit_lm_head(b: GraphBuilder, x: ir.Value, table: Table) -> ir.Value:
     """The LM head ``logits = x @ W.T`` on the ``[V, H]`` table as stored; identical across projection formats
     so comparisons stay fair.
 
@@ -308,9 +304,8 @@ def emit_lm_head(b: GraphBuilder, x: str, table: Table) -> None:
     plain ``MatMul`` (equal decode time, measured in docs/export.md), and no node copies it per step.
     """
     if isinstance(table, NBitsWeight):
-        nbits_matmul(b, x, LM_HEAD_NODE, table, output="logits")
-        return
-    b.node("FusedMatMul", [x, table], ["logits"], domain=MS_DOMAIN, name=LM_HEAD_NODE, transB=1)
+        return nbits_matmul(b, x, LM_HEAD_NODE, table)
+    return b.op("FusedMatMul", x, table, domain=MS_DOMAIN, name=LM_HEAD_NODE, transB=1)
 
 
 def model_ternaries(model: PreTrainedModel, options: ExportOptions) -> dict[str, tuple[Ternary, int]]:

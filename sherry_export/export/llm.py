@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from sherry_export.errors import output_folder
-from sherry_export.export.graph import external_data_path, save_model
+from sherry_export.export.graph import save_model
 from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
 from sherry_export.export.sizes import size_split
 from sherry_export.formats import FORMATS, FP32
@@ -147,13 +147,11 @@ def export_model(
     carries_groups = source.provenance.holds_ternary or options.format != FP32
     options = resolve_embedding(options, tied_embedding(model))  # the manifest records what was exported
     with torch.no_grad():
-        builder = build_decoder(model, options, progress=progress, external_data=external_data_path(out / MODEL_FILE))
-        model_proto = builder.model()
-        del builder
-    split = size_split(model_proto)
-    files = save_model(model_proto, out / MODEL_FILE)
-    del model_proto
+        decoder = build_decoder(model, options, progress=progress)
+    files = save_model(decoder, out / MODEL_FILE)
+    del decoder
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
+    split = size_split(onnx.load(out / MODEL_FILE, load_external_data=False))
     context = min(int(model.config.max_position_embeddings), 4096)
     custom_ops = options.format in FORMATS
     (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer, context, custom_ops), indent=2))

@@ -12,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
-from sherry_export.export.graph import MS_DOMAIN, GraphBuilder
-from sherry_export.formats import EXPORT_FORMATS, FORMATS, FP32, NBITS_FORMATS, SCALE_DTYPE, pack
-from sherry_export.onnx_ops import matmul_node
+from sherry_export.export.graph import FLOAT, MS_DOMAIN, GraphBuilder
+from sherry_export.formats import (
+    EXPORT_FORMATS,
+    FORMATS,
+    FP32,
+    NBITS_FORMATS,
+    SCALE_DTYPE,
+    PackedWeight,
+    get_format,
+    pack,
+)
+from sherry_export.onnx_ops import SHERRY_DOMAIN, matmul_attributes, matmul_initializers
 from sherry_export.ternary import Ternary
 
 NBITS_ACCURACY_LEVEL = 4
@@ -58,11 +68,11 @@ def check_nbits_block(block_size: int, k: int) -> None:
 
 @dataclass(frozen=True)
 class NBitsWeight:
-    """A weight stored as MatMulNBits reads it: the initializer names of its packed codes
+    """A weight stored as MatMulNBits reads it: the initializers of its packed codes
     ``B [N, blocks, block*bits/8]`` and float32 ``scales [N, blocks]``, with its geometry."""
 
-    b: str
-    scales: str
+    b: ir.Value
+    scales: ir.Value
     n: int
     k: int
     bits: int
@@ -101,22 +111,22 @@ def nbits_weight(
 
 def nbits_matmul(
     builder: GraphBuilder,
-    x: str,
+    x: ir.Value,
     name: str,
     weight: NBitsWeight,
     bias: np.ndarray | None = None,
-    output: str | None = None,
-) -> str:
+) -> ir.Value:
     """A MatMulNBits node computing ``x @ W.T (+ bias)`` on a stored weight."""
     if weight.gather_only:
-        raise ValueError(f"{name}: {weight.b} is stored for GatherBlockQuantized only; MatMulNBits needs 2-D scales")
+        raise ValueError(
+            f"{name}: {weight.b.name} is stored for GatherBlockQuantized only; MatMulNBits needs 2-D scales"
+        )
     inputs = [x, weight.b, weight.scales]
     if bias is not None:
-        inputs += ["", "", builder.initializer(f"{name}.bias", bias.astype(np.float32))]  # no zero_points, g_idx
-    return builder.node(
+        inputs += [None, None, builder.initializer(f"{name}.bias", bias.astype(np.float32))]  # no zero_points, g_idx
+    return builder.op(
         "MatMulNBits",
-        inputs,
-        [output] if output else 1,
+        *inputs,
         domain=MS_DOMAIN,
         name=name,
         K=weight.k,
@@ -124,25 +134,24 @@ def nbits_matmul(
         bits=weight.bits,
         block_size=weight.block_size,
         accuracy_level=NBITS_ACCURACY_LEVEL,
-    )[0]
+    )
 
 
 def nbits_node(
     builder: GraphBuilder,
-    x: str,
+    x: ir.Value,
     name: str,
     q: np.ndarray,
     scales: np.ndarray,
     bits: int,
     block_size: int,
     bias: np.ndarray | None,
-    output: str | None = None,
-) -> str:
+) -> ir.Value:
     """A MatMulNBits node for unsigned codes ``q`` with the default zero point and float32 scales ``[N, G]``."""
-    return nbits_matmul(builder, x, name, nbits_weight(builder, name, q, scales, bits, block_size), bias, output)
+    return nbits_matmul(builder, x, name, nbits_weight(builder, name, q, scales, bits, block_size), bias)
 
 
-def gather_nbits(builder: GraphBuilder, ids: str, name: str, weight: NBitsWeight) -> str:
+def gather_nbits(builder: GraphBuilder, ids: ir.Value, name: str, weight: NBitsWeight) -> ir.Value:
     """Rows ``ids [batch, sequence]`` of a MatMulNBits weight, dequantized: ``[batch, sequence, K]`` float32.
 
     onnxruntime's ``GatherBlockQuantized`` reads MatMulNBits' bytes as they are: uint8 data with the
@@ -219,14 +228,30 @@ def quantize_float_nbits(weight: np.ndarray, bits: int, block_size: int) -> tupl
     return q.reshape(n, -1)[:, :k].astype(np.uint8), scales.astype(np.float32)
 
 
-def emit_projection(builder: GraphBuilder, x: str, name: str, proj: Projection, fmt: str) -> str:
-    """Add the nodes computing ``x @ W.T (+ bias)`` in ``fmt``; returns the output name."""
+def transposed(weight: np.ndarray) -> ir.LazyTensor:
+    """``weight.T`` in float32, made only when the model is written: the exporter holds the ``[N, K]`` weight
+    (for an unfused projection, the torch model's own memory) and never a second, transposed copy of every one."""
+    n, k = weight.shape
+    return ir.LazyTensor(
+        lambda: ir.tensor(np.ascontiguousarray(weight.T, np.float32)), dtype=FLOAT, shape=ir.Shape([k, n])
+    )
+
+
+def packed_matmul(
+    builder: GraphBuilder, x: ir.Value, name: str, packed: PackedWeight, bias: np.ndarray | None = None
+) -> ir.Value:
+    """The ``ai.sherry`` node computing ``x @ W.T (+ bias)`` on a packed weight, with its initializers."""
+    inputs = [builder.initializer(f"{name}.{role}", a) for role, a in matmul_initializers(packed, bias).items()]
+    op_type = get_format(packed.format).op_type
+    return builder.op(op_type, x, *inputs, domain=SHERRY_DOMAIN, name=name, **matmul_attributes(packed))
+
+
+def emit_projection(builder: GraphBuilder, x: ir.Value, name: str, proj: Projection, fmt: str) -> ir.Value:
+    """Add the nodes computing ``x @ W.T (+ bias)`` in ``fmt``; returns the output."""
     if fmt == FP32:
         if proj.weight is None:
             raise ValueError(f"{name}: the fp32 format needs the float weight")
-        y = builder.op(
-            "MatMul", x, builder.initializer(f"{name}.weight_t", proj.weight.T.astype(np.float32)), name=name
-        )
+        y = builder.op("MatMul", x, builder.initializer(f"{name}.weight_t", transposed(proj.weight)), name=name)
         if proj.bias is not None:
             y = builder.op("Add", y, builder.initializer(f"{name}.bias", proj.bias.astype(np.float32)))
         return y
@@ -241,9 +266,4 @@ def emit_projection(builder: GraphBuilder, x: str, name: str, proj: Projection, 
         return nbits_node(builder, x, name, q, stored, bits, proj.group_size, proj.bias)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    packed = pack(fmt, proj.ternary, proj.group_size)
-    y = builder.unique(f"{name}/out")
-    node, initializers = matmul_node(packed, x, y, bias=proj.bias, name=builder.unique(name))
-    builder.add_initializers(initializers)
-    builder.nodes.append(node)
-    return y
+    return packed_matmul(builder, x, name, pack(fmt, proj.ternary, proj.group_size), proj.bias)

@@ -53,7 +53,7 @@ def initializer_parts(graph: onnx.GraphProto) -> dict[str, str]:
 
 def size_split(model: onnx.ModelProto) -> dict[str, int]:
     """Stored bytes per part (``PARTS``); they sum to all the initializer bytes. Works on a model loaded
-    with ``load_external_data=False`` or built with external data, without reading the weights."""
+    with ``load_external_data=False``, without reading the weights."""
     sizes = {t.name: stored_bytes(t) for t in model.graph.initializer}
     split = dict.fromkeys(PARTS, 0)
     for name, part in initializer_parts(model.graph).items():

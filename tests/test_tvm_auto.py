@@ -1,0 +1,156 @@
+"""Auto mode's choice of a TVM kernel, end to end: a tuning database written here, with verified times
+for this CPU model, another one and none, compiled by ``tvm_schedules.build`` and linked into an op
+library built here, then sessions on the auto path whose kernel report must name the kernel and why.
+
+The committed databases have no TVM kernel that wins (docs/tvm.md), so only such a database shows the
+op taking one. Building the library takes a minute or more: the tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sherry_export.formats import PackedWeight, pack, reference_matmul
+from sherry_export.onnx_ops import matmul_model
+from sherry_export.quant import absmean_ternarize, sherry_ternarize
+from sherry_export.runtime import LIBRARY_ENV, make_session
+
+pytest.importorskip("tvm")
+from tvm_schedules.tune import cpu_model, host_isa, load_entries
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE = ROOT / "tvm_schedules" / "databases"
+ISA = host_isa()
+OTHER_CPU = ("GenuineIntel family 6 model 85", "Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz")
+
+
+def verified(entry: dict, hot: tuple[float, float], cold: tuple[float, float], cpu: tuple[str, str]) -> dict:
+    """``entry`` as ``sherry tune --verify`` leaves it: (TVM, hand-written) µs hot and cold, and the CPU."""
+    return entry | {
+        "tvm_node_us": hot[0],
+        "hand_node_us": hot[1],
+        "tvm_cold_us": cold[0],
+        "hand_cold_us": cold[1],
+        "cpu": cpu[0],
+        "cpu_name": cpu[1],
+    }
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The op library with a database of the committed records of the host ISA's 320x320 kernels, whose
+    tuned.json says: sherry wins on this CPU model; tl2 wins on another one; i2s keeps its committed
+    (losing) times, measured on this model; sherry 320x896 wins hot and loses cold here."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    from tvm_schedules.build import build
+
+    tmp = tmp_path_factory.mktemp("tvm-auto")
+    db = tmp / "db" / ISA
+    db.mkdir(parents=True)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copy(DATABASE / ISA / name, db / name)
+    committed = {(e["format"], e["k"], e["n"]): e for e in load_entries(DATABASE / ISA / "tuned.json")}
+    here = cpu_model()
+    entries = [
+        verified(committed["sherry", 320, 320], (3.0, 4.0), (5.0, 8.0), here),
+        verified(committed["tl2", 320, 320], (3.0, 4.0), (5.0, 8.0), OTHER_CPU),
+        verified(committed["i2s", 320, 320], (7.0, 4.0), (13.0, 9.0), here),
+        verified(committed["sherry", 320, 896], (4.0, 5.0), (12.0, 10.0), here),
+    ]
+    (db / "tuned.json").write_text(json.dumps(entries, indent=1) + "\n")
+    kernels = tmp / "tvm_kernels"
+    build(tmp / "db", kernels)
+    out = tmp / "build"
+    configure = ["-S", str(ROOT / "custom_ops"), "-B", str(out), "-DSHERRY_TVM=ON", f"-DSHERRY_TVM_DIR={kernels}"]
+    for args in (configure, ["--build", str(out), "-j", "1"]):
+        done = subprocess.run([cmake, *args], capture_output=True, text=True)
+        assert done.returncode == 0, f"cmake {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+    return out / "libsherry_ops.so"
+
+
+def weight(fmt: str, k: int, n: int, group_size: int = 128) -> PackedWeight:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return pack(fmt, (sherry_ternarize if fmt == "sherry" else absmean_ternarize)(w, group_size), group_size)
+
+
+def auto_report(
+    library: Path, fmt: str, k: int, n: int, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> str:
+    """The kernel report of an auto session on ``library``; its output must match the int8 reference."""
+    monkeypatch.setenv(LIBRARY_ENV, str(library))
+    monkeypatch.delenv("SHERRY_TVM_TARGET", raising=False)
+    monkeypatch.delenv("SHERRY_KERNEL", raising=False)
+    packed = weight(fmt, k, n)
+    capfd.readouterr()
+    session = make_session(matmul_model(packed), threads=2, report_kernel=True)  # auto by default
+    report = capfd.readouterr().err
+    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
+    expected = reference_matmul(x, packed, activations="int8")
+    np.testing.assert_allclose(session.run(None, {"A": x})[0], expected, atol=1e-5 * np.abs(expected).max())
+    return report
+
+
+def test_auto_takes_the_tvm_kernel_the_database_timed_faster_on_this_cpu(
+    library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    report = auto_report(library, "sherry", 320, 320, monkeypatch, capfd)
+    assert "uses the tvm kernel (requested: auto by default; why: tvm: the tuning database timed" in report
+    assert f"the TVM kernel ({ISA} target) at 1.33x the speed of {ISA} hot and 1.60x cold" in report
+    assert f"on this CPU ({cpu_model()[1]}, {cpu_model()[0]})" in report
+
+
+def test_auto_ignores_a_win_measured_on_another_cpu_model(
+    library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    report = auto_report(library, "tl2", 320, 320, monkeypatch, capfd)
+    assert f"uses the {ISA} kernel (requested: auto by default; why: {ISA}: the tuning database timed" in report
+    assert f"on another CPU model ({OTHER_CPU[1]}, {OTHER_CPU[0]}), not this one" in report
+
+
+@pytest.mark.parametrize(
+    ("fmt", "n", "ratios"), [("i2s", 320, "0.57x the speed of {isa} hot and 0.69x cold"), ("sherry", 896, "1.25x")]
+)
+def test_auto_keeps_the_hand_written_kernel_unless_tvm_wins_hot_and_cold(
+    library: Path,
+    fmt: str,
+    n: int,
+    ratios: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    report = auto_report(library, fmt, 320, n, monkeypatch, capfd)
+    assert f"uses the {ISA} kernel" in report
+    assert ratios.format(isa=ISA) in report
+    assert "on this CPU" in report and "not faster both hot and cold" in report
+
+
+def test_auto_says_when_no_tvm_kernel_was_tuned(
+    library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    report = auto_report(library, "sherry", 640, 320, monkeypatch, capfd)
+    assert f"uses the {ISA} kernel (requested: auto by default; why: {ISA}: no tuned TVM kernel for this shape)" in (
+        report
+    )
+
+
+def test_the_forced_tvm_path_runs_a_kernel_auto_passes_over(
+    library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LIBRARY_ENV, str(library))
+    packed = weight("i2s", 320, 320)
+    session = make_session(matmul_model(packed), kernel="tvm", report_kernel=True)
+    assert "uses the tvm kernel (requested: session config sherry.kernel=tvm)" in capfd.readouterr().err
+    x = np.random.default_rng(2).standard_normal((1, 320)).astype(np.float32)
+    expected = reference_matmul(x, packed, activations="int8")
+    np.testing.assert_allclose(session.run(None, {"A": x})[0], expected, atol=1e-5 * np.abs(expected).max())
