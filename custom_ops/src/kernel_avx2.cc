@@ -4,7 +4,7 @@
 // per tile and, inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
 // A tile is one contiguous run of bytes, so one software-prefetch pointer covers a work item.
 //   * sherry, tl2: per chunk of 8 units (blocks of 4, resp. triples) one sign vector (byte r, bit
-//     j: unit j of row r is negated) and 4 nibble vectors (byte r: the 4-bit indices of 2 units of
+//     7 - j: unit j of row r is negated) and 4 nibble vectors (byte r: the 4-bit indices of 2 units of
 //     row r), so one pshufb looks up the same unit for 32 rows. 5 bits per unit, as canonical.
 //   * i2s: per 16 weights 4 vectors of 8 rows x 16 two-bit codes (w+1), arranged so that plane t
 //     ((byte >> 2t) & 3) is 8 dwords of 4 consecutive weights.
@@ -185,13 +185,24 @@ struct LutConstants {
   __m256i combine = _mm256_set1_epi16(kLutSplit << 8 | 1);      // bytes (1, 31): V + 31*U
 };
 
-// One unit (block) J of a chunk for 32 rows: look up U and V, negate them where the sign is set.
-// Sign byte r holds bit j for unit j of row r; shifting it to bit 7 and or-ing bit 0 gives psignb
-// a non-zero operand whose sign is the block's sign.
+// The psignb operand of unit J of a chunk: a byte per row, negative where the unit is negated, never
+// zero. Sign byte r holds the sign of unit j of row r in bit 7 - j. `doubled` starts as signs | 1
+// and doubles after every unit (a byte add: no bit crosses into the next row, unlike a shift), so
+// for unit J < 7 it holds that unit's sign in bit 7 and the guard 1 in bit J: one add per unit
+// instead of a shift and an or. Unit 7 has no room left for the guard and takes them both.
 template <int J>
-inline void lut_unit(__m256i idx, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
-                     const LutConstants& c) {
-  const __m256i s = _mm256_or_si256(_mm256_slli_epi16(signs, 7 - J), c.guard);
+inline __m256i unit_sign(__m256i signs, __m256i& doubled, const LutConstants& c) {
+  if constexpr (J == 7) return _mm256_or_si256(_mm256_slli_epi16(signs, 7), c.guard);
+  const __m256i s = doubled;
+  doubled = _mm256_add_epi8(doubled, doubled);
+  return s;
+}
+
+// One unit (block) J of a chunk for 32 rows: look up U and V, negate them where the sign is set.
+template <int J>
+inline void lut_unit(__m256i idx, __m256i signs, __m256i& doubled, const uint8_t* lut, __m256i& acc_u,
+                     __m256i& acc_v, const LutConstants& c) {
+  const __m256i s = unit_sign<J>(signs, doubled, c);
   acc_u = _mm256_add_epi8(acc_u, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J), idx), s));
   acc_v = _mm256_add_epi8(acc_v, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J + 16), idx), s));
   // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
@@ -200,11 +211,11 @@ inline void lut_unit(__m256i idx, __m256i signs, const uint8_t* lut, __m256i& ac
 }
 
 template <int P>
-inline void lut_pair(const uint8_t* nibbles, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
-                     const LutConstants& c) {
+inline void lut_pair(const uint8_t* nibbles, __m256i signs, __m256i& doubled, const uint8_t* lut, __m256i& acc_u,
+                     __m256i& acc_v, const LutConstants& c) {
   const __m256i v = load256(nibbles + 32 * P);
-  lut_unit<2 * P>(_mm256_and_si256(v, c.nibble), signs, lut, acc_u, acc_v, c);
-  lut_unit<2 * P + 1>(_mm256_and_si256(_mm256_srli_epi16(v, 4), c.nibble), signs, lut, acc_u, acc_v, c);
+  lut_unit<2 * P>(_mm256_and_si256(v, c.nibble), signs, doubled, lut, acc_u, acc_v, c);
+  lut_unit<2 * P + 1>(_mm256_and_si256(_mm256_srli_epi16(v, 4), c.nibble), signs, doubled, lut, acc_u, acc_v, c);
 }
 
 // A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit, 8
@@ -214,8 +225,9 @@ template <size_t... P>
 inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i& acc_lo, __m256i& acc_hi,
                       const LutConstants& c, std::index_sequence<P...>) {
   const __m256i signs = load256(w);
+  __m256i doubled = _mm256_or_si256(signs, c.guard);
   __m256i acc_u = _mm256_setzero_si256(), acc_v = _mm256_setzero_si256();
-  (lut_pair<P>(w + 32, signs, lut, acc_u, acc_v, c), ...);
+  (lut_pair<P>(w + 32, signs, doubled, lut, acc_u, acc_v, c), ...);
   acc_lo = _mm256_add_epi16(acc_lo, _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(acc_v, acc_u)));
   acc_hi = _mm256_add_epi16(acc_hi, _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(acc_v, acc_u)));
 }
@@ -227,12 +239,20 @@ class Avx2Kernel final : public MatMulKernel {
   KernelPath path() const override { return KernelPath::kAVX2; }
   int64_t row_tile() const override { return kRowTile; }
   size_t activation_row_bytes() const override { return row_bytes_; }
-  void prepare_row(const float* a_row, uint8_t* ws) const override;
+  void prepare_row(const float* a_row, uint8_t* ws) const override { prepare_row_for(a_row, 1, ws); }
+  void prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const override;
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
  private:
   bool lut_format() const { return format_ != Format::kI2S; }
+  // Whether a call of `rows` rows of A takes the GEMV (else the GEMM; the lookup-table formats
+  // build their tables only for the GEMV).
+  bool gemv_for(int64_t rows) const {
+    return rows < (format_ == Format::kSherry ? kGemmMinRowsSherry
+                   : format_ == Format::kTL2  ? kGemmMinRowsTL2
+                                              : kGemmMinRowsI2S);
+  }
   const uint8_t* tile(int64_t t) const { return weights_.data() + t * tile_bytes_; }
 
   void repack_lut(const PackedWeights& w);
@@ -260,8 +280,9 @@ class Avx2Kernel final : public MatMulKernel {
   int64_t units_total_ = 0;
   int64_t tile_bytes_ = 0;
 
-  // Workspace row: xq in lane space | int32 sum(xq) per group | float s per group | LUT (32 B/unit).
-  size_t xsum_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
+  // Workspace row: xq in lane space | int32 sum(xq) per group, then the int32 "tables built" flag |
+  // float s per group | LUT (32 B/unit, only when the flag is set).
+  size_t xsum_offset_ = 0, flag_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
 
   // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
   // build_lut), and the byte tables index -> the 4 lanes' w+1 as 2-bit fields (lane p at bit 2p),
@@ -314,7 +335,8 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
 
   // Workspace: 4 bytes of slack after xq, because a tl2 table build reads a dword at every triple.
   xsum_offset_ = round_up_64(static_cast<size_t>(lanes_) + 4);
-  scale_offset_ = xsum_offset_ + round_up_64(sizeof(int32_t) * static_cast<size_t>(groups_));
+  flag_offset_ = xsum_offset_ + sizeof(int32_t) * static_cast<size_t>(groups_);
+  scale_offset_ = round_up_64(flag_offset_ + sizeof(int32_t));
   lut_offset_ = scale_offset_ + round_up_64(sizeof(float) * static_cast<size_t>(groups_));
   row_bytes_ = lut_offset_ + (lut_format() ? static_cast<size_t>(units_total_) * 32 : 0);
 
@@ -365,7 +387,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
 }
 
 // Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 8 units, each a sign
-// vector (byte r, bit j: unit j of row r is negated) and one nibble vector per unit pair (byte r:
+// vector (byte r, bit 7 - j: unit j of row r is negated) and one nibble vector per unit pair (byte r:
 // index of the even unit in the low nibble, of the odd unit in the high nibble). Padding units and
 // rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
 void Avx2Kernel::repack_lut(const PackedWeights& w) {
@@ -393,7 +415,7 @@ void Avx2Kernel::repack_lut(const PackedWeights& w) {
         }
         uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (32 + 16 * kChunkUnits);
         const int64_t j = u % kChunkUnits;
-        chunk[r] |= static_cast<uint8_t>((code >> 4) << j);
+        chunk[r] |= static_cast<uint8_t>((code >> 4) << (7 - j));
         chunk[32 + 32 * (j / 2) + r] |= static_cast<uint8_t>((code & 0x0F) << (4 * (j & 1)));
       }
     }
@@ -485,7 +507,9 @@ float quantize_group_avx2(const float* x, int64_t length, int8_t* xq, int32_t* s
   return amax / static_cast<float>(kActivationQmax);
 }
 
-void Avx2Kernel::prepare_row(const float* a_row, uint8_t* ws) const {
+// The tables only for a call that takes the GEMV: at prefill sizes they would cost as much as a
+// tenth of the call (128 rows x 512 units at K = 2048) and the GEMM never reads them.
+void Avx2Kernel::prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const {
   auto* xq = reinterpret_cast<int8_t*>(ws);
   auto* xsum = reinterpret_cast<int32_t*>(ws + xsum_offset_);
   auto* scale = reinterpret_cast<float*>(ws + scale_offset_);
@@ -496,7 +520,9 @@ void Avx2Kernel::prepare_row(const float* a_row, uint8_t* ws) const {
     std::memset(lanes + length, 0, static_cast<size_t>(units_[g] * unit_lanes_ - length));
   }
   std::memset(xq + lanes_, 0, xsum_offset_ - static_cast<size_t>(lanes_));
-  if (lut_format()) build_lut(xq, ws + lut_offset_);
+  const int32_t tables = lut_format() && gemv_for(call_rows);
+  std::memcpy(ws + flag_offset_, &tables, sizeof tables);
+  if (tables) build_lut(xq, ws + lut_offset_);
 }
 
 // Per unit: 16 table entries S[e] = pattern[e] . x, stored as U[16] then V[16] (S = 31*U + V).
@@ -681,11 +707,11 @@ void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg,
       for (int pair = 0; pair < kStep / 2; ++pair) {
         const int u = j + 2 * pair;
         const __m256i v = load256(w + 32 + 16 * u);
-        // The sign of unit u is bit u of the sign bytes; decode_unit wants it in bit 7.
-        decode_unit<kLanes>(_mm256_and_si256(v, nibble), _mm256_sll_epi16(signs, _mm_cvtsi32_si128(7 - u)), pos, neg,
+        // The sign of unit u is bit 7 - u of the sign bytes; decode_unit wants it in bit 7.
+        decode_unit<kLanes>(_mm256_and_si256(v, nibble), _mm256_sll_epi16(signs, _mm_cvtsi32_si128(u)), pos, neg,
                             planes + 2 * pair * kLanes);
         decode_unit<kLanes>(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                            _mm256_sll_epi16(signs, _mm_cvtsi32_si128(6 - u)), pos, neg,
+                            _mm256_sll_epi16(signs, _mm_cvtsi32_si128(u + 1)), pos, neg,
                             planes + (2 * pair + 1) * kLanes);
       }
 #pragma GCC unroll 3
@@ -810,9 +836,11 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
   const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
   alignas(32) float out[kTileRows];
 
-  const int64_t gemm_min_rows =
-      format_ == Format::kSherry ? kGemmMinRowsSherry : format_ == Format::kTL2 ? kGemmMinRowsTL2 : kGemmMinRowsI2S;
-  if (m < gemm_min_rows) {
+  // The lookup-table formats follow the rows (all rows of a call hold the same flag): the op may
+  // hand over a chunk of fewer rows than the call had.
+  int32_t tables = 0;
+  std::memcpy(&tables, ws + flag_offset_, sizeof tables);
+  if (lut_format() ? tables != 0 : gemv_for(m)) {
     // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
     for (int64_t t = t_begin; t < t_end; ++t)
       for (int64_t r = 0; r < m; ++r) {

@@ -202,7 +202,7 @@ std::vector<float> run_op(const MatMulKernel& kernel, const Geometry& g, const s
                           const float* bias, int64_t tiles_per_item, int64_t row_chunk, uint8_t garbage) {
   const size_t stride = kernel.activation_row_bytes();
   const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, garbage);
-  for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x.data() + r * g.k, ws.get() + r * stride);
+  for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * g.k, m, ws.get() + r * stride);
   std::vector<float> y(static_cast<size_t>(m * g.n), NAN);
   const int64_t item = kernel.row_tile() * tiles_per_item;
   for (int64_t m0 = 0; m0 < m; m0 += row_chunk)
@@ -269,7 +269,7 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
     const int64_t lo = 5, hi = n - 3;
     const size_t stride = fast->activation_row_bytes();
     const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, 0x5A);
-    for (int64_t r = 0; r < m; ++r) fast->prepare_row(x.data() + r * k, ws.get() + r * stride);
+    for (int64_t r = 0; r < m; ++r) fast->prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
     std::vector<float> got(static_cast<size_t>(m * n), -7.f), want = expect;
     fast->compute(ws.get(), m, lo, hi, b, got.data());
     for (int64_t r = 0; r < m; ++r)
@@ -483,7 +483,7 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
   const Buffer ws = aligned_buffer(ws_bytes, 0xA5);
   auto prepare = [&](const MatMulKernel& kernel) {
     const size_t stride = kernel.activation_row_bytes();
-    for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x.data() + r * k, ws.get() + r * stride);
+    for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
   };
   auto timed = [&](const MatMulKernel& kernel) {
     const double t0 = now_us();
