@@ -52,7 +52,8 @@ namespace {
 
 constexpr int64_t kTileRows = 32;        // weight rows per tile: one pshufb lane per row
 constexpr int64_t kRowTile = 64;         // rows per compute() work item: 2 tiles
-constexpr int64_t kChunkUnits = 8;       // LUT units sharing one sign vector and one int8 accumulation
+constexpr int64_t kChunkUnits = 16;      // LUT units sharing two sign vectors and one int8 accumulation
+constexpr int64_t kChunkSignBytes = 64;  // the two sign vectors of a chunk
 constexpr int64_t kSegmentUnits = 64;    // LUT units per int16 accumulation: 64 * 381 < 32767
 constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one 32-byte vector
 constexpr int64_t kI2SSegmentUnits = 16;  // i2s int16 bound: 16 units * 4 planes * 508 <= 32512
@@ -185,51 +186,75 @@ struct LutConstants {
   __m256i combine = _mm256_set1_epi16(kLutSplit << 8 | 1);      // bytes (1, 31): V + 31*U
 };
 
-// The psignb operand of unit J of a chunk: a byte per row, negative where the unit is negated, never
-// zero. Sign byte r holds the sign of unit j of row r in bit 7 - j. `doubled` starts as signs | 1
-// and doubles after every unit (a byte add: no bit crosses into the next row, unlike a shift), so
-// for unit J < 7 it holds that unit's sign in bit 7 and the guard 1 in bit J: one add per unit
-// instead of a shift and an or. Unit 7 has no room left for the guard and takes them both.
-template <int J>
-inline __m256i unit_sign(__m256i signs, __m256i& doubled, const LutConstants& c) {
-  if constexpr (J == 7) return _mm256_or_si256(_mm256_slli_epi16(signs, 7), c.guard);
-  const __m256i s = doubled;
-  doubled = _mm256_add_epi8(doubled, doubled);
-  return s;
+// A chunk holds up to 16 units (a unit pair p = units 2p, 2p+1) of 32 rows in two halves of 16 rows
+// (h = 0: rows 0-15, h = 1: rows 16-31). Each 32-byte lookup serves one half of one pair: its low
+// 128-bit lane the even unit, its high lane the odd unit, with the pair's tables side by side in the
+// same lanes (build_lut), so the tables are plain 32-byte loads (a broadcast load costs a shuffle
+// uop on Zen 2/3) and each pshufb still does 32 lookups.
+//   * sign vector h (32 bytes): byte 16*parity + i, bit 7 - p: unit 2p + parity of row 16h + i is
+//     negated;
+//   * nibble vector p (32 bytes): byte 16*parity + i holds the index of unit 2p + parity for row i
+//     (low nibble) and row 16 + i (high nibble).
+
+// The psignb operand of pair P for one half: a byte per row, negative where the unit is negated,
+// never zero. `doubled` starts as signs | 1 and doubles after every pair (a byte add: no bit crosses
+// into the next row, unlike a shift), so for P < 7 it holds the sign in bit 7 and the guard 1 in
+// bit P: one add per pair and half. Pair 7 has no room left for the guard and takes a shift and an or.
+template <int P>
+inline __m256i pair_sign(__m256i signs, __m256i& doubled, const LutConstants& c) {
+  if constexpr (P == 7) {
+    return _mm256_or_si256(_mm256_slli_epi16(signs, 7), c.guard);
+  } else {
+    const __m256i s = doubled;
+    doubled = _mm256_add_epi8(doubled, doubled);
+    return s;
+  }
 }
 
-// One unit (block) J of a chunk for 32 rows: look up U and V, negate them where the sign is set.
-template <int J>
-inline void lut_unit(__m256i idx, __m256i signs, __m256i& doubled, const uint8_t* lut, __m256i& acc_u,
-                     __m256i& acc_v, const LutConstants& c) {
-  const __m256i s = unit_sign<J>(signs, doubled, c);
-  acc_u = _mm256_add_epi8(acc_u, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J), idx), s));
-  acc_v = _mm256_add_epi8(acc_v, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J + 16), idx), s));
-  // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
-  // spill to the stack.
-  __asm__("" : "+x"(acc_u), "+x"(acc_v));
-}
+// One pair P of a chunk for both halves: look up U and V (S = 31*U + V), negate them where the sign
+// is set, add them to the int8 accumulators of their half.
+struct LutChunkState {
+  __m256i signs[2], doubled[2];
+  __m256i u[2], v[2];
+};
 
 template <int P>
-inline void lut_pair(const uint8_t* nibbles, __m256i signs, __m256i& doubled, const uint8_t* lut, __m256i& acc_u,
-                     __m256i& acc_v, const LutConstants& c) {
-  const __m256i v = load256(nibbles + 32 * P);
-  lut_unit<2 * P>(_mm256_and_si256(v, c.nibble), signs, doubled, lut, acc_u, acc_v, c);
-  lut_unit<2 * P + 1>(_mm256_and_si256(_mm256_srli_epi16(v, 4), c.nibble), signs, doubled, lut, acc_u, acc_v, c);
+inline void lut_pair(const uint8_t* nibbles, const uint8_t* lut, LutChunkState& st, const LutConstants& c) {
+  const __m256i n = load256(nibbles + 32 * P);
+  const __m256i tu = load256(lut + 64 * P), tv = load256(lut + 64 * P + 32);
+  const __m256i idx[2] = {_mm256_and_si256(n, c.nibble), _mm256_and_si256(_mm256_srli_epi16(n, 4), c.nibble)};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i s = pair_sign<P>(st.signs[h], st.doubled[h], c);
+    st.u[h] = _mm256_add_epi8(st.u[h], _mm256_sign_epi8(_mm256_shuffle_epi8(tu, idx[h]), s));
+    st.v[h] = _mm256_add_epi8(st.v[h], _mm256_sign_epi8(_mm256_shuffle_epi8(tv, idx[h]), s));
+  }
+  // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
+  // spill to the stack.
+  __asm__("" : "+x"(st.u[0]), "+x"(st.v[0]), "+x"(st.u[1]), "+x"(st.v[1]));
 }
 
-// A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit, 8
-// units fit), then one maddubs per 16 rows widens V + 31*U into the int16 accumulators. acc_lo
-// holds rows 0-7 | 16-23, acc_hi rows 8-15 | 24-31 (the unpack order).
+// A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit; a
+// byte sums at most 8 units, the even or the odd ones), then one maddubs per 8 rows widens V + 31*U
+// into the int16 accumulators. acc[q] holds rows 8q..8q+7, its low lane over the even units, its
+// high lane over the odd ones (widen_rows adds them).
 template <size_t... P>
-inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i& acc_lo, __m256i& acc_hi,
-                      const LutConstants& c, std::index_sequence<P...>) {
-  const __m256i signs = load256(w);
-  __m256i doubled = _mm256_or_si256(signs, c.guard);
-  __m256i acc_u = _mm256_setzero_si256(), acc_v = _mm256_setzero_si256();
-  (lut_pair<P>(w + 32, signs, doubled, lut, acc_u, acc_v, c), ...);
-  acc_lo = _mm256_add_epi16(acc_lo, _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(acc_v, acc_u)));
-  acc_hi = _mm256_add_epi16(acc_hi, _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(acc_v, acc_u)));
+inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i (&acc)[4], const LutConstants& c,
+                      std::index_sequence<P...>) {
+  LutChunkState st;
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    st.signs[h] = load256(w + 32 * h);
+    st.doubled[h] = _mm256_or_si256(st.signs[h], c.guard);
+    st.u[h] = st.v[h] = _mm256_setzero_si256();
+  }
+  (lut_pair<P>(w + 64, lut, st, c), ...);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    acc[2 * h] = _mm256_add_epi16(acc[2 * h], _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(st.v[h], st.u[h])));
+    acc[2 * h + 1] =
+        _mm256_add_epi16(acc[2 * h + 1], _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(st.v[h], st.u[h])));
+  }
 }
 
 class Avx2Kernel final : public MatMulKernel {
@@ -324,7 +349,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
   };
   const auto group_bytes = [&](int64_t units) {
-    return kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * 32 + units * 16 : units * 128);
+    return kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * kChunkSignBytes + units * 16 : units * 128);
   };
   // Every group but the last is full, so the sizes follow in closed form, and the memory budget is
   // checked before anything proportional to the number of groups is allocated.
@@ -386,10 +411,9 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
   else repack_i2s(w);
 }
 
-// Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 8 units, each a sign
-// vector (byte r, bit 7 - j: unit j of row r is negated) and one nibble vector per unit pair (byte r:
-// index of the even unit in the low nibble, of the odd unit in the high nibble). Padding units and
-// rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
+// Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 16 units, each two sign
+// vectors and one nibble vector per unit pair, as lut_chunk reads them (see above it). Padding units
+// and rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
 void Avx2Kernel::repack_lut(const PackedWeights& w) {
   const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
   const int64_t codes = codes_per_row(format_, g_.k, g_.group_size);
@@ -413,10 +437,10 @@ void Avx2Kernel::repack_lut(const PackedWeights& w) {
           if (!valid)
             throw std::runtime_error("corrupt tl2 weights: row " + std::to_string(n) + " holds an invalid code");
         }
-        uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (32 + 16 * kChunkUnits);
-        const int64_t j = u % kChunkUnits;
-        chunk[r] |= static_cast<uint8_t>((code >> 4) << (7 - j));
-        chunk[32 + 32 * (j / 2) + r] |= static_cast<uint8_t>((code & 0x0F) << (4 * (j & 1)));
+        uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (kChunkSignBytes + 16 * kChunkUnits);
+        const int64_t pair = u % kChunkUnits / 2, lane = 16 * (u % 2) + r % 16, half = r / 16;
+        chunk[32 * half + lane] |= static_cast<uint8_t>((code >> 4) << (7 - pair));
+        chunk[kChunkSignBytes + 32 * pair + lane] |= static_cast<uint8_t>((code & 0x0F) << (4 * half));
       }
     }
   }
@@ -525,31 +549,40 @@ void Avx2Kernel::prepare_row_for(const float* a_row, int64_t call_rows, uint8_t*
   if (tables) build_lut(xq, ws + lut_offset_);
 }
 
-// Per unit: 16 table entries S[e] = pattern[e] . x, stored as U[16] then V[16] (S = 31*U + V).
-// One broadcast dword of activations, psignb with the patterns of 8 entries each, maddubs and hadd
-// give S for all 16 entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero).
+// Per unit: 16 table entries S[e] = pattern[e] . x, split as S = 31*U + V. One broadcast dword of
+// activations, psignb with the patterns of 8 entries each, maddubs and hadd give S for all 16
+// entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero). Per unit pair
+// (units_total_ is even: every group holds whole pairs), 64 bytes: U of the even unit | U of the odd
+// unit, then V likewise, so that one 32-byte load holds a pair's table for the two lanes of lut_pair.
 void Avx2Kernel::build_lut(const int8_t* xq, uint8_t* lut) const {
   const __m256i ones = _mm256_set1_epi8(1);
   const __m256i recip = _mm256_set1_epi16(kLutSplitRecip), split = _mm256_set1_epi16(kLutSplit);
-  for (int64_t u = 0; u < units_total_; ++u) {
+  const auto table = [&](int64_t u, __m256i& hi, __m256i& lo) {
     const __m256i x = broadcast32(xq + u * unit_lanes_);
     const __m256i s = _mm256_hadd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[0])),
                                         _mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[1])));
-    const __m256i hi = _mm256_mulhrs_epi16(s, recip);
-    const __m256i lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
-    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi, lo), 0xD8));
+    hi = _mm256_mulhrs_epi16(s, recip);
+    lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
+  };
+  for (int64_t u = 0; u < units_total_; u += 2) {
+    __m256i hi0, lo0, hi1, lo1;
+    table(u, hi0, lo0);
+    table(u + 1, hi1, lo1);
+    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi0, hi1), 0xD8));
+    store256(lut + 32 * u + 32, _mm256_permute4x64_epi64(_mm256_packs_epi16(lo0, lo1), 0xD8));
   }
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------------
 
-// The int32 dots of a segment's int16 accumulators (acc_lo: rows 0-7 | 16-23, acc_hi: rows 8-15 |
-// 24-31) in row order, plus `carry` from earlier segments of the group when it is given.
-inline void widen_rows(__m256i acc_lo, __m256i acc_hi, const int32_t* carry, __m256i (&dot)[4]) {
-  dot[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_lo));
-  dot[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_hi));
-  dot[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_lo, 1));
-  dot[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_hi, 1));
+// The int32 dots of a segment's int16 accumulators (acc[q]: rows 8q..8q+7, even units in the low
+// lane, odd units in the high lane; their sum is within the segment's int16 bound), plus `carry`
+// from earlier segments of the group when it is given.
+inline void widen_rows(const __m256i (&acc)[4], const int32_t* carry, __m256i (&dot)[4]) {
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+    dot[q] = _mm256_cvtepi16_epi32(
+        _mm_add_epi16(_mm256_castsi256_si128(acc[q]), _mm256_extracti128_si256(acc[q], 1)));
   if (carry)
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) dot[q] = _mm256_add_epi32(dot[q], load256(carry + 8 * q));
@@ -587,21 +620,27 @@ __attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8
     p += kAlphaBytes;
     for (int64_t done = 0; done < units_[g];) {
       const int64_t start = done, end = std::min(units_[g], done + kSegmentUnits);
-      __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
+      __m256i acc[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
       for (; done < end; done += kChunkUnits) {
         pf.ahead(p);
         const int64_t units = std::min(kChunkUnits, end - done);
-        switch (units) {
-          case 8: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<4>()); break;
-          case 6: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<3>()); break;
-          case 4: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<2>()); break;
-          default: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<1>()); break;
+        switch (units / 2) {  // whole pairs: every group holds an even number of units
+          case 8: lut_chunk(p, lut, acc, c, std::make_index_sequence<8>()); break;
+          case 7: lut_chunk(p, lut, acc, c, std::make_index_sequence<7>()); break;
+          case 6: lut_chunk(p, lut, acc, c, std::make_index_sequence<6>()); break;
+          case 5: lut_chunk(p, lut, acc, c, std::make_index_sequence<5>()); break;
+          case 4: lut_chunk(p, lut, acc, c, std::make_index_sequence<4>()); break;
+          case 3: lut_chunk(p, lut, acc, c, std::make_index_sequence<3>()); break;
+          case 2: lut_chunk(p, lut, acc, c, std::make_index_sequence<2>()); break;
+          default: lut_chunk(p, lut, acc, c, std::make_index_sequence<1>()); break;
         }
-        p += 32 + 16 * units;
+        p += kChunkSignBytes + 16 * units;
         lut += 32 * units;
       }
       __m256i dot[4];
-      widen_rows(acc_lo, acc_hi, start > 0 ? carry : nullptr, dot);
+      widen_rows(acc, start > 0 ? carry : nullptr, dot);
       if (end < units_[g]) {
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) store256(carry + 8 * q, dot[q]);
@@ -678,12 +717,11 @@ __attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8
 
 // ---- GEMM: decode a group of a tile to int8 (w+1) dwords, panel[k4][32 rows][4 lanes] ------------
 
-// Lane planes p < kLanes (byte r: w_p + 1 of row r) of one unit of 32 rows: one pshufb per sign
-// looks up the unit's 4 lanes as 2-bit fields, blendv picks by the sign in bit 7, shifts split them.
+// Lane planes p < kLanes (byte r: w_p + 1 of row r) of one unit of 32 rows from its packed 2-bit
+// fields (lane p at bit 2p).
 template <int kLanes>
-inline void decode_unit(__m256i idx, __m256i sign, __m256i pos, __m256i neg, __m256i* planes) {
+inline void split_planes(__m256i packed, __m256i* planes) {
   const __m256i mask = _mm256_set1_epi8(0x03);
-  const __m256i packed = _mm256_blendv_epi8(_mm256_shuffle_epi8(pos, idx), _mm256_shuffle_epi8(neg, idx), sign);
   planes[0] = _mm256_and_si256(packed, mask);
   planes[1] = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
   planes[2] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
@@ -691,8 +729,10 @@ inline void decode_unit(__m256i idx, __m256i sign, __m256i pos, __m256i neg, __m
 }
 
 // Decodes one group of a tile (its codes start at w) to panel[k4][32 rows in panel order][4 lanes].
-// A sherry unit is one k4 step; tl2 units go by 4 (12 lanes, 3 steps), which the padding of every
-// group to 4 triples allows.
+// Per pair and half (lut_chunk's layout), one pshufb per sign looks up the units' lanes as packed
+// 2-bit fields (w+1) and blendv picks by the sign, moved to bit 7; two lane permutes then give each
+// unit of the pair its 32 rows. A sherry unit is one k4 step; tl2 units go by 4 (12 lanes, 3
+// steps), which the padding of every group to 4 triples allows.
 template <int kLanes>
 void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg, LutPrefetcher& pf, uint8_t* panel) {
   constexpr int kStep = kLanes == 4 ? 2 : 4;  // units decoded together
@@ -700,25 +740,29 @@ void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg,
   for (int64_t done = 0; done < units; done += kChunkUnits) {
     pf.ahead(w);
     const int64_t chunk = std::min(kChunkUnits, units - done);
-    const __m256i signs = load256(w);
+    const __m256i signs[2] = {load256(w), load256(w + 32)};
     for (int j = 0; j < chunk; j += kStep) {
       __m256i planes[4 * kLanes];
 #pragma GCC unroll 2
-      for (int pair = 0; pair < kStep / 2; ++pair) {
-        const int u = j + 2 * pair;
-        const __m256i v = load256(w + 32 + 16 * u);
-        // The sign of unit u is bit 7 - u of the sign bytes; decode_unit wants it in bit 7.
-        decode_unit<kLanes>(_mm256_and_si256(v, nibble), _mm256_sll_epi16(signs, _mm_cvtsi32_si128(u)), pos, neg,
-                            planes + 2 * pair * kLanes);
-        decode_unit<kLanes>(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                            _mm256_sll_epi16(signs, _mm_cvtsi32_si128(u + 1)), pos, neg,
-                            planes + (2 * pair + 1) * kLanes);
+      for (int k = 0; k < kStep / 2; ++k) {
+        const int pair = j / 2 + k;
+        const __m256i v = load256(w + kChunkSignBytes + 32 * pair);
+        const __m128i shift = _mm_cvtsi32_si128(pair);  // the pair's sign bit 7 - pair to bit 7
+        __m256i packed[2];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i idx = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, nibble);
+          packed[h] = _mm256_blendv_epi8(_mm256_shuffle_epi8(pos, idx), _mm256_shuffle_epi8(neg, idx),
+                                         _mm256_sll_epi16(signs[h], shift));
+        }
+        split_planes<kLanes>(_mm256_permute2x128_si256(packed[0], packed[1], 0x20), planes + 2 * k * kLanes);
+        split_planes<kLanes>(_mm256_permute2x128_si256(packed[0], packed[1], 0x31), planes + (2 * k + 1) * kLanes);
       }
 #pragma GCC unroll 3
       for (int q = 0; q < kStep * kLanes; q += 4, panel += kPanelStepBytes)
         interleave_planes(planes[q], planes[q + 1], planes[q + 2], planes[q + 3], panel);
     }
-    w += 32 + 16 * chunk;
+    w += kChunkSignBytes + 16 * chunk;
   }
 }
 
