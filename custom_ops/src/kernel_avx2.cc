@@ -3,9 +3,10 @@
 // Each factory repacks the canonical rows once into a private, tile-major stream: 32 weight rows
 // per tile and, inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
 // A tile is one contiguous run of bytes, so one software-prefetch pointer covers a work item.
-//   * sherry, tl2: per chunk of 8 units (blocks of 4, resp. triples) one sign vector (byte r, bit
-//     7 - j: unit j of row r is negated) and 4 nibble vectors (byte r: the 4-bit indices of 2 units of
-//     row r), so one pshufb looks up the same unit for 32 rows. 5 bits per unit, as canonical.
+//   * sherry, tl2: chunks of up to 16 units (blocks of 4, resp. triples), each two sign vectors and
+//     one nibble vector per unit pair, laid out for the lookup (see lut_chunk): one 32-byte pshufb
+//     looks up a unit pair for 16 rows (even unit in the low lane, odd in the high lane). 5 bits per
+//     unit, as canonical.
 //   * i2s: per 16 weights 4 vectors of 8 rows x 16 two-bit codes (w+1), arranged so that plane t
 //     ((byte >> 2t) & 3) is 8 dwords of 4 consecutive weights.
 //
@@ -17,15 +18,22 @@
 //   * GEMV, sherry and tl2: activation lookup tables with pshufb, as in the Sherry paper and
 //     bitnet.cpp TL2. Per unit, prepare_row() builds the 16 sums S[index] = pattern[index] . x.
 //     |S| <= 381 needs int16, so S is split exactly into two int8 tables, S = 31*U + V with
-//     |U| <= 12 and |V| <= 15: one pshufb each serves 32 rows, psignb applies the unit's sign, 8
-//     units add up in int8, and one maddubs with (1, 31) widens V + 31*U to int16 (int32 every 64
-//     units). Exact: no lossy int8 table anywhere.
+//     |U| <= 12 and |V| <= 15, stored per unit pair so that a plain 32-byte load holds a pair's
+//     table (a 128-bit broadcast load would cost a shuffle uop on Zen 2/3). Per unit pair and
+//     16-row half: one pshufb each for U and V, psignb applies the units' signs (operands made by
+//     doubling the sign bytes, one byte add each), an add each into int8 accumulators that sum 8
+//     units per byte; per 16-unit chunk one maddubs with (1, 31) per 8 rows widens V + 31*U to
+//     int16 (int32 every 64 units). About 73 vector ops per 8 units x 32 rows (0.071 per weight):
+//     6 per unit for the lookups, the rest for indices, signs and widening. Exact: no lossy int8
+//     table anywhere.
 //   * GEMV, i2s: 2-bit codes (w+1) with maddubs against broadcast activation dwords, 8 rows per
 //     register (so a group ends with vertical ops, not horizontal sums), and the -sum(xq)
 //     correction per group.
-//   * GEMM (from kGemmMinRows* rows of A), all formats: each group of a tile is decoded once to
-//     int8 (w+1) dwords in L1, then a maddubs micro-kernel (6 rows of A x 16 rows of W, int16
-//     accumulation) runs over all rows of A.
+//   * GEMM (from kGemmMinRows* rows of A in the call), all formats: each group of a tile is decoded
+//     once to int8 (w+1) dwords in L1, then a maddubs micro-kernel (6 rows of A x 16 rows of W,
+//     int16 accumulation) runs over all rows of A. prepare_row_for() builds no lookup tables for a
+//     call that takes it, and marks the rows so; compute() follows the mark, since the op may hand
+//     it a chunk of fewer rows than the call has.
 // Every path computes exact int32 dot products per group and y = sum_g (alpha_g * s_g) * dot_g in
 // group order with each product rounded on its own, as the scalar kernel does, so the outputs are
 // bit-identical to it.
@@ -50,7 +58,7 @@
 namespace sherry {
 namespace {
 
-constexpr int64_t kTileRows = 32;        // weight rows per tile: one pshufb lane per row
+constexpr int64_t kTileRows = 32;        // weight rows per tile: two 16-row halves of lookups
 constexpr int64_t kRowTile = 64;         // rows per compute() work item: 2 tiles
 constexpr int64_t kChunkUnits = 16;      // LUT units sharing two sign vectors and one int8 accumulation
 constexpr int64_t kChunkSignBytes = 64;  // the two sign vectors of a chunk
@@ -59,9 +67,10 @@ constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one
 constexpr int64_t kI2SSegmentUnits = 16;  // i2s int16 bound: 16 units * 4 planes * 508 <= 32512
 constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 32512
 // From this many rows of A on, decode + GEMM beats one GEMV per row (crossovers measured at 2048 x
-// 2048, group 128, 1 thread). The pshufb LUT GEMV of sherry costs about 13 vector uops per 32 rows
-// x 4 weights, the maddubs GEMM about 11 plus its per-group float work and the decode, so for
-// sherry the GEMM only wins from about 32 rows of A; tl2 (3 weights per lookup) from about 12.
+// 2048, group 128, 1 thread). The pshufb LUT GEMV of sherry costs about 9 vector ops per 32 rows x
+// 4 weights plus its tables (prepare_row), the maddubs GEMM about 9 per row of A plus its
+// per-group float work and the decode, so for sherry the two tie at about 16 rows of A (2048 x
+// 512, Zen 4) and the GEMM wins from about 32; tl2 (3 weights per lookup) from about 12.
 constexpr int64_t kGemmMinRowsSherry = 32;
 constexpr int64_t kGemmMinRowsTL2 = 12;
 constexpr int64_t kGemmMinRowsI2S = 6;
