@@ -50,6 +50,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -66,14 +67,16 @@ constexpr int64_t kSegmentUnits = 64;    // LUT units per int16 accumulation: 64
 constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one 32-byte vector
 constexpr int64_t kI2SSegmentUnits = 16;  // i2s int16 bound: 16 units * 4 planes * 508 <= 32512
 constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 32512
-// From this many rows of A on, decode + GEMM beats one GEMV per row (crossovers measured at 2048 x
-// 2048, group 128, 1 thread). The pshufb LUT GEMV of sherry costs about 9 vector ops per 32 rows x
-// 4 weights plus its tables (prepare_row), the maddubs GEMM about 9 per row of A plus its
-// per-group float work and the decode, so for sherry the two tie at about 16 rows of A (2048 x
-// 512, Zen 4) and the GEMM wins from about 32; tl2 (3 weights per lookup) from about 12.
-constexpr int64_t kGemmMinRowsSherry = 32;
+// From this many rows of A on, decode + GEMM beats the lookup tables (crossovers measured at group
+// 128, 1 thread, Zen 4). Sherry's lookups take 4 rows of A per pass (lut_rows_chunk: about 7.4
+// vector ops per 32 rows x 4 weights and row of A, plus the tables of prepare_row, 0.6 us per row at
+// K = 2048), the maddubs GEMM about 9 plus its per-group float work and the decode: at 16 rows of A
+// the lookups were 10-12% faster on 2048x512, 2048x2048 and 8192x2048, at 64 and 128 rows within
+// -2..+4% of the GEMM. tl2 (3 weights per lookup) gains from the GEMM from about 12 rows; i2s from 6.
+constexpr int64_t kGemmMinRowsSherry = 64;
 constexpr int64_t kGemmMinRowsTL2 = 12;
 constexpr int64_t kGemmMinRowsI2S = 6;
+constexpr int kLutRows = 4;              // rows of A per lookup pass: 8 int8 accumulators + 6 shared
 constexpr int kGemmRows = 6;             // rows of A per micro-kernel: 12 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kAlphaBytes = kTileRows * 2;  // 32 fp16 scales per tile and group
 constexpr int64_t kPanelStepBytes = kTileRows * 4;  // one decoded k4 step of a tile: 32 rows x 4 lanes
@@ -266,6 +269,69 @@ inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i (&acc)[4], c
   }
 }
 
+// The same chunk for R rows of A (prefill), one half at a time: the index and sign work of each pair
+// and half is shared by the R rows, whose tables come from their own prepared rows. Per unit pair,
+// half and row of A: two table loads, two pshufb, two psignb, two adds; per pair and half, about 2.5
+// ops of index and sign work for all R rows. With R = 4 (8 int8 accumulators in registers) that is
+// about 7.4 vector ops per 128 weights per row of A, against about 9 for the maddubs GEMM.
+template <int R, int P>
+inline void lut_rows_pair(const uint8_t* nibbles, const uint8_t* const (&lut)[R], int half, __m256i signs,
+                          __m256i& doubled, __m256i (&u)[R], __m256i (&v)[R], const LutConstants& c) {
+  const __m256i n = load256(nibbles + 32 * P);
+  const __m256i idx = _mm256_and_si256(half ? _mm256_srli_epi16(n, 4) : n, c.nibble);
+  const __m256i s = pair_sign<P>(signs, doubled, c);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    u[r] = _mm256_add_epi8(u[r], _mm256_sign_epi8(_mm256_shuffle_epi8(load256(lut[r] + 64 * P), idx), s));
+    v[r] = _mm256_add_epi8(v[r], _mm256_sign_epi8(_mm256_shuffle_epi8(load256(lut[r] + 64 * P + 32), idx), s));
+    __asm__("" : "+x"(u[r]), "+x"(v[r]));  // sequential sums, as in lut_pair
+  }
+}
+
+template <int R, size_t... P>
+inline void lut_rows_chunk(const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                           const LutConstants& c, std::index_sequence<P...>) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i signs = load256(w + 32 * h);
+    __m256i doubled = _mm256_or_si256(signs, c.guard);
+    __m256i u[R], v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) u[r] = v[r] = _mm256_setzero_si256();
+    (lut_rows_pair<R, P>(w + kChunkSignBytes, lut, h, signs, doubled, u, v, c), ...);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      acc[r][2 * h] = _mm256_add_epi16(acc[r][2 * h], _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(v[r], u[r])));
+      acc[r][2 * h + 1] =
+          _mm256_add_epi16(acc[r][2 * h + 1], _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(v[r], u[r])));
+    }
+  }
+}
+
+// One chunk of `units` units for R rows: the R = 1 GEMV loads each pair's tables once for both
+// halves; the prefill shares the index and sign work instead.
+template <int R, size_t... P>
+inline void lut_rows_chunk_any(const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                               const LutConstants& c, std::index_sequence<P...> pairs) {
+  if constexpr (R == 1) lut_chunk(w, lut[0], acc[0], c, pairs);
+  else lut_rows_chunk<R>(w, lut, acc, c, pairs);
+}
+
+template <int R>
+inline void lut_rows_chunk_of(int64_t units, const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                              const LutConstants& c) {
+  switch (units / 2) {  // whole pairs: every group holds an even number of units
+    case 8: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<8>()); break;
+    case 7: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<7>()); break;
+    case 6: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<6>()); break;
+    case 5: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<5>()); break;
+    case 4: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<4>()); break;
+    case 3: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<3>()); break;
+    case 2: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<2>()); break;
+    default: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<1>()); break;
+  }
+}
+
 class Avx2Kernel final : public MatMulKernel {
  public:
   explicit Avx2Kernel(const PackedWeights& w);
@@ -294,7 +360,9 @@ class Avx2Kernel final : public MatMulKernel {
   void build_lut(const int8_t* xq, uint8_t* lut) const;
 
   // One GEMV tile, one GEMM group decode: the lookup-table formats or i2s, by prefetcher type.
-  void gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf, float* out) const;
+  // R rows of A (prepared rows ws[r], outputs out[r]) times one tile, by the lookup tables.
+  template <int R>
+  void lut_rows(const uint8_t* tile, const uint8_t* const (&ws)[R], LutPrefetcher& pf, float* const (&out)[R]) const;
   void gemv(const uint8_t* tile, const uint8_t* ws, I2SPrefetcher& pf, float* out) const;
   void decode_group(const uint8_t* tile, int64_t g, LutPrefetcher& pf, uint8_t* panel) const;
   void decode_group(const uint8_t* tile, int64_t g, I2SPrefetcher& pf, uint8_t* panel) const;
@@ -614,49 +682,52 @@ inline void scale_rows(const __m256 (&alpha)[4], float s, const __m256i (&dot)[4
     _mm256_storeu_ps(y + 8 * q, scaled_add(_mm256_loadu_ps(y + 8 * q), alpha[q], vs, dot[q]));
 }
 
-// One 32-row tile times one prepared activation row, out[r] = y of tile row r (natural order). Out of
-// line: inlined into compute(), its chunk loop lost registers to the caller.
-__attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf,
-                                                float* out) const {
+// R prepared activation rows times one 32-row tile, out[r][i] = y of row r of A and tile row i
+// (natural order). Out of line: inlined into compute(), its chunk loop lost registers to the caller.
+template <int R>
+__attribute__((noinline)) void Avx2Kernel::lut_rows(const uint8_t* tile, const uint8_t* const (&ws)[R],
+                                                    LutPrefetcher& pf, float* const (&out)[R]) const {
   const LutConstants c;
-  const uint8_t* lut = ws + lut_offset_;
-  const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
-  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_setzero_ps());
-  alignas(32) int32_t carry[kTileRows];  // int32 dots of a group's earlier segments
+  const uint8_t* lut[R];
+  const float* scale[R];
+  for (int r = 0; r < R; ++r) {
+    lut[r] = ws[r] + lut_offset_;
+    scale[r] = reinterpret_cast<const float*>(ws[r] + scale_offset_);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out[r] + 8 * q, _mm256_setzero_ps());
+  }
+  alignas(32) int32_t carry[R][kTileRows];  // int32 dots of a group's earlier segments
   const uint8_t* p = tile;
   for (int64_t g = 0; g < groups_; ++g) {
     const uint8_t* alpha = p;
     p += kAlphaBytes;
     for (int64_t done = 0; done < units_[g];) {
       const int64_t start = done, end = std::min(units_[g], done + kSegmentUnits);
-      __m256i acc[4];
+      __m256i acc[R][4];
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
+        for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
       for (; done < end; done += kChunkUnits) {
         pf.ahead(p);
         const int64_t units = std::min(kChunkUnits, end - done);
-        switch (units / 2) {  // whole pairs: every group holds an even number of units
-          case 8: lut_chunk(p, lut, acc, c, std::make_index_sequence<8>()); break;
-          case 7: lut_chunk(p, lut, acc, c, std::make_index_sequence<7>()); break;
-          case 6: lut_chunk(p, lut, acc, c, std::make_index_sequence<6>()); break;
-          case 5: lut_chunk(p, lut, acc, c, std::make_index_sequence<5>()); break;
-          case 4: lut_chunk(p, lut, acc, c, std::make_index_sequence<4>()); break;
-          case 3: lut_chunk(p, lut, acc, c, std::make_index_sequence<3>()); break;
-          case 2: lut_chunk(p, lut, acc, c, std::make_index_sequence<2>()); break;
-          default: lut_chunk(p, lut, acc, c, std::make_index_sequence<1>()); break;
-        }
+        lut_rows_chunk_of<R>(units, p, lut, acc, c);
         p += kChunkSignBytes + 16 * units;
-        lut += 32 * units;
+        for (int r = 0; r < R; ++r) lut[r] += 32 * units;
       }
-      __m256i dot[4];
-      widen_rows(acc, start > 0 ? carry : nullptr, dot);
       if (end < units_[g]) {
+        for (int r = 0; r < R; ++r) {
+          __m256i dot[4];
+          widen_rows(acc[r], start > 0 ? carry[r] : nullptr, dot);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) store256(carry + 8 * q, dot[q]);
+          for (int q = 0; q < 4; ++q) store256(carry[r] + 8 * q, dot[q]);
+        }
       } else {
         __m256 a[4];
         load_alpha(alpha, false, a);
-        scale_rows(a, scale[g], dot, out);
+        for (int r = 0; r < R; ++r) {
+          __m256i dot[4];
+          widen_rows(acc[r], start > 0 ? carry[r] : nullptr, dot);
+          scale_rows(a, scale[r][g], dot, out[r]);
+        }
       }
     }
   }
@@ -888,18 +959,47 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
   const size_t stride = row_bytes_;
   const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
   alignas(32) float out[kTileRows];
+  alignas(32) float outs[kLutRows][kTileRows];
 
   // The lookup-table formats follow the rows (all rows of a call hold the same flag): the op may
   // hand over a chunk of fewer rows than the call had.
   int32_t tables = 0;
   std::memcpy(&tables, ws + flag_offset_, sizeof tables);
   if (lut_format() ? tables != 0 : gemv_for(m)) {
-    // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
-    for (int64_t t = t_begin; t < t_end; ++t)
-      for (int64_t r = 0; r < m; ++r) {
-        gemv(tile(t), ws + r * stride, pf, out);
-        store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
+    if constexpr (std::is_same_v<Prefetch, LutPrefetcher>) {
+      // Blocks of kLutRows rows of A outer, tiles inner: a block's tables (32 bytes per unit and
+      // row) stay in L2 while it meets every tile of the item, whose weights come from DRAM once
+      // (the first block), then from cache. Tiles outer would stream every row's tables once per
+      // tile: more than L2 holds from about 64 rows of A at K = 2048.
+      for (int64_t r = 0; r < m;) {
+        const int64_t rows = std::min<int64_t>(kLutRows, m - r);
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const auto run = [&](auto count) {
+            constexpr int kR = decltype(count)::value;
+            const uint8_t* rows_ws[kR];
+            float* rows_out[kR];
+            for (int i = 0; i < kR; ++i) rows_ws[i] = ws + (r + i) * stride, rows_out[i] = outs[i];
+            lut_rows<kR>(tile(t), rows_ws, pf, rows_out);
+          };
+          switch (rows) {
+            case 4: run(std::integral_constant<int, 4>()); break;
+            case 3: run(std::integral_constant<int, 3>()); break;
+            case 2: run(std::integral_constant<int, 2>()); break;
+            default: run(std::integral_constant<int, 1>()); break;
+          }
+          for (int64_t i = 0; i < rows; ++i)
+            store_tile(outs[i], t * kTileRows, n_begin, n_end, bias, y + (r + i) * g_.n);
+        }
+        r += rows;
       }
+    } else {
+      // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
+      for (int64_t t = t_begin; t < t_end; ++t)
+        for (int64_t r = 0; r < m; ++r) {
+          gemv(tile(t), ws + r * stride, pf, out);
+          store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
+        }
+    }
     return;
   }
 
