@@ -3,7 +3,7 @@
 // made once from the canonical layout in docs/formats.md.
 //
 // One Compute of the op runs:
-//   1. prepare_row(A[m], workspace + m * activation_row_bytes())  for every row m of A (in parallel);
+//   1. prepare_row_for(A[m], M, workspace + m * activation_row_bytes())  for every row m of A (in parallel);
 //   2. compute(workspace, M, n_begin, n_end, bias, Y)             for output-row tiles (in parallel),
 //      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
 // At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
@@ -58,6 +58,15 @@ class MatMulKernel {
   // Bytes compute never reads (alignment gaps between sections) may stay as they are.
   // tests/kernel_check.cc fills the workspace with garbage to hold every kernel to this.
   virtual void prepare_row(const float* a_row, uint8_t* workspace_row) const = 0;
+
+  // prepare_row for a call of `call_rows` rows of A (the op passes the same count for every row
+  // of a call). A kernel whose path depends on the number of rows may leave out what that path
+  // does not read (the AVX2 kernel builds its lookup tables only for its GEMV); compute() must then
+  // choose its path from what the rows hold, not from its own `m`, which may be a chunk of them.
+  virtual void prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* workspace_row) const {
+    (void)call_rows;
+    prepare_row(a_row, workspace_row);
+  }
 
   // Y[m, n] for m in [0, M), n in [n_begin, n_end), row stride N; bias (N floats) may be null.
   // `workspace` holds M prepared rows at stride activation_row_bytes().

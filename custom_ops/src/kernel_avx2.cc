@@ -3,9 +3,10 @@
 // Each factory repacks the canonical rows once into a private, tile-major stream: 32 weight rows
 // per tile and, inside a tile, per scale group, the 32 fp16 scales followed by that group's codes.
 // A tile is one contiguous run of bytes, so one software-prefetch pointer covers a work item.
-//   * sherry, tl2: per chunk of 8 units (blocks of 4, resp. triples) one sign vector (byte r, bit
-//     j: unit j of row r is negated) and 4 nibble vectors (byte r: the 4-bit indices of 2 units of
-//     row r), so one pshufb looks up the same unit for 32 rows. 5 bits per unit, as canonical.
+//   * sherry, tl2: chunks of up to 16 units (blocks of 4, resp. triples), each two sign vectors and
+//     one nibble vector per unit pair, laid out for the lookup (see lut_chunk): one 32-byte pshufb
+//     looks up a unit pair for 16 rows (even unit in the low lane, odd in the high lane). 5 bits per
+//     unit, as canonical.
 //   * i2s: per 16 weights 4 vectors of 8 rows x 16 two-bit codes (w+1), arranged so that plane t
 //     ((byte >> 2t) & 3) is 8 dwords of 4 consecutive weights.
 //
@@ -17,15 +18,22 @@
 //   * GEMV, sherry and tl2: activation lookup tables with pshufb, as in the Sherry paper and
 //     bitnet.cpp TL2. Per unit, prepare_row() builds the 16 sums S[index] = pattern[index] . x.
 //     |S| <= 381 needs int16, so S is split exactly into two int8 tables, S = 31*U + V with
-//     |U| <= 12 and |V| <= 15: one pshufb each serves 32 rows, psignb applies the unit's sign, 8
-//     units add up in int8, and one maddubs with (1, 31) widens V + 31*U to int16 (int32 every 64
-//     units). Exact: no lossy int8 table anywhere.
+//     |U| <= 12 and |V| <= 15, stored per unit pair so that a plain 32-byte load holds a pair's
+//     table (a 128-bit broadcast load would cost a shuffle uop on Zen 2/3). Per unit pair and
+//     16-row half: one pshufb each for U and V, psignb applies the units' signs (operands made by
+//     doubling the sign bytes, one byte add each), an add each into int8 accumulators that sum 8
+//     units per byte; per 16-unit chunk one maddubs with (1, 31) per 8 rows widens V + 31*U to
+//     int16 (int32 every 64 units). About 73 vector ops per 8 units x 32 rows (0.071 per weight):
+//     6 per unit for the lookups, the rest for indices, signs and widening. Exact: no lossy int8
+//     table anywhere.
 //   * GEMV, i2s: 2-bit codes (w+1) with maddubs against broadcast activation dwords, 8 rows per
 //     register (so a group ends with vertical ops, not horizontal sums), and the -sum(xq)
 //     correction per group.
-//   * GEMM (from kGemmMinRows* rows of A), all formats: each group of a tile is decoded once to
-//     int8 (w+1) dwords in L1, then a maddubs micro-kernel (6 rows of A x 16 rows of W, int16
-//     accumulation) runs over all rows of A.
+//   * GEMM (from kGemmMinRows* rows of A in the call), all formats: each group of a tile is decoded
+//     once to int8 (w+1) dwords in L1, then a maddubs micro-kernel (6 rows of A x 16 rows of W,
+//     int16 accumulation) runs over all rows of A. prepare_row_for() builds no lookup tables for a
+//     call that takes it, and marks the rows so; compute() follows the mark, since the op may hand
+//     it a chunk of fewer rows than the call has.
 // Every path computes exact int32 dot products per group and y = sum_g (alpha_g * s_g) * dot_g in
 // group order with each product rounded on its own, as the scalar kernel does, so the outputs are
 // bit-identical to it.
@@ -42,6 +50,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,20 +59,24 @@
 namespace sherry {
 namespace {
 
-constexpr int64_t kTileRows = 32;        // weight rows per tile: one pshufb lane per row
+constexpr int64_t kTileRows = 32;        // weight rows per tile: two 16-row halves of lookups
 constexpr int64_t kRowTile = 64;         // rows per compute() work item: 2 tiles
-constexpr int64_t kChunkUnits = 8;       // LUT units sharing one sign vector and one int8 accumulation
+constexpr int64_t kChunkUnits = 16;      // LUT units sharing two sign vectors and one int8 accumulation
+constexpr int64_t kChunkSignBytes = 64;  // the two sign vectors of a chunk
 constexpr int64_t kSegmentUnits = 64;    // LUT units per int16 accumulation: 64 * 381 < 32767
 constexpr int64_t kI2SUnitLanes = 16;    // i2s unit: 16 weights x 8 rows in one 32-byte vector
 constexpr int64_t kI2SSegmentUnits = 16;  // i2s int16 bound: 16 units * 4 planes * 508 <= 32512
 constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 32512
-// From this many rows of A on, decode + GEMM beats one GEMV per row (crossovers measured at 2048 x
-// 2048, group 128, 1 thread). The pshufb LUT GEMV of sherry costs about 13 vector uops per 32 rows
-// x 4 weights, the maddubs GEMM about 11 plus its per-group float work and the decode, so for
-// sherry the GEMM only wins from about 32 rows of A; tl2 (3 weights per lookup) from about 12.
-constexpr int64_t kGemmMinRowsSherry = 32;
+// From this many rows of A on, decode + GEMM beats the lookup tables (crossovers measured at group
+// 128, 1 thread, Zen 4). Sherry's lookups take 4 rows of A per pass (lut_rows_chunk: about 7.4
+// vector ops per 32 rows x 4 weights and row of A, plus the tables of prepare_row, 0.6 us per row at
+// K = 2048), the maddubs GEMM about 9 plus its per-group float work and the decode: at 16 rows of A
+// the lookups were 10-12% faster on 2048x512, 2048x2048 and 8192x2048, at 64 and 128 rows within
+// -2..+4% of the GEMM. tl2 (3 weights per lookup) gains from the GEMM from about 12 rows; i2s from 6.
+constexpr int64_t kGemmMinRowsSherry = 64;
 constexpr int64_t kGemmMinRowsTL2 = 12;
 constexpr int64_t kGemmMinRowsI2S = 6;
+constexpr int kLutRows = 4;              // rows of A per lookup pass: 8 int8 accumulators + 6 shared
 constexpr int kGemmRows = 6;             // rows of A per micro-kernel: 12 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kAlphaBytes = kTileRows * 2;  // 32 fp16 scales per tile and group
 constexpr int64_t kPanelStepBytes = kTileRows * 4;  // one decoded k4 step of a tile: 32 rows x 4 lanes
@@ -185,39 +198,138 @@ struct LutConstants {
   __m256i combine = _mm256_set1_epi16(kLutSplit << 8 | 1);      // bytes (1, 31): V + 31*U
 };
 
-// One unit (block) J of a chunk for 32 rows: look up U and V, negate them where the sign is set.
-// Sign byte r holds bit j for unit j of row r; shifting it to bit 7 and or-ing bit 0 gives psignb
-// a non-zero operand whose sign is the block's sign.
-template <int J>
-inline void lut_unit(__m256i idx, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
-                     const LutConstants& c) {
-  const __m256i s = _mm256_or_si256(_mm256_slli_epi16(signs, 7 - J), c.guard);
-  acc_u = _mm256_add_epi8(acc_u, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J), idx), s));
-  acc_v = _mm256_add_epi8(acc_v, _mm256_sign_epi8(_mm256_shuffle_epi8(broadcast128(lut + 32 * J + 16), idx), s));
-  // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
-  // spill to the stack.
-  __asm__("" : "+x"(acc_u), "+x"(acc_v));
+// A chunk holds up to 16 units (a unit pair p = units 2p, 2p+1) of 32 rows in two halves of 16 rows
+// (h = 0: rows 0-15, h = 1: rows 16-31). Each 32-byte lookup serves one half of one pair: its low
+// 128-bit lane the even unit, its high lane the odd unit, with the pair's tables side by side in the
+// same lanes (build_lut), so the tables are plain 32-byte loads (a broadcast load costs a shuffle
+// uop on Zen 2/3) and each pshufb still does 32 lookups.
+//   * sign vector h (32 bytes): byte 16*parity + i, bit 7 - p: unit 2p + parity of row 16h + i is
+//     negated;
+//   * nibble vector p (32 bytes): byte 16*parity + i holds the index of unit 2p + parity for row i
+//     (low nibble) and row 16 + i (high nibble).
+
+// The psignb operand of pair P for one half: a byte per row, negative where the unit is negated,
+// never zero. `doubled` starts as signs | 1 and doubles after every pair (a byte add: no bit crosses
+// into the next row, unlike a shift), so for P < 7 it holds the sign in bit 7 and the guard 1 in
+// bit P: one add per pair and half. Pair 7 has no room left for the guard and takes a shift and an or.
+template <int P>
+inline __m256i pair_sign(__m256i signs, __m256i& doubled, const LutConstants& c) {
+  if constexpr (P == 7) {
+    return _mm256_or_si256(_mm256_slli_epi16(signs, 7), c.guard);
+  } else {
+    const __m256i s = doubled;
+    doubled = _mm256_add_epi8(doubled, doubled);
+    return s;
+  }
 }
+
+// One pair P of a chunk for both halves: look up U and V (S = 31*U + V), negate them where the sign
+// is set, add them to the int8 accumulators of their half.
+struct LutChunkState {
+  __m256i signs[2], doubled[2];
+  __m256i u[2], v[2];
+};
 
 template <int P>
-inline void lut_pair(const uint8_t* nibbles, __m256i signs, const uint8_t* lut, __m256i& acc_u, __m256i& acc_v,
-                     const LutConstants& c) {
-  const __m256i v = load256(nibbles + 32 * P);
-  lut_unit<2 * P>(_mm256_and_si256(v, c.nibble), signs, lut, acc_u, acc_v, c);
-  lut_unit<2 * P + 1>(_mm256_and_si256(_mm256_srli_epi16(v, 4), c.nibble), signs, lut, acc_u, acc_v, c);
+inline void lut_pair(const uint8_t* nibbles, const uint8_t* lut, LutChunkState& st, const LutConstants& c) {
+  const __m256i n = load256(nibbles + 32 * P);
+  const __m256i tu = load256(lut + 64 * P), tv = load256(lut + 64 * P + 32);
+  const __m256i idx[2] = {_mm256_and_si256(n, c.nibble), _mm256_and_si256(_mm256_srli_epi16(n, 4), c.nibble)};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i s = pair_sign<P>(st.signs[h], st.doubled[h], c);
+    st.u[h] = _mm256_add_epi8(st.u[h], _mm256_sign_epi8(_mm256_shuffle_epi8(tu, idx[h]), s));
+    st.v[h] = _mm256_add_epi8(st.v[h], _mm256_sign_epi8(_mm256_shuffle_epi8(tv, idx[h]), s));
+  }
+  // Keeps the sums sequential: GCC 12 otherwise reassociates them into a tree whose partial sums
+  // spill to the stack.
+  __asm__("" : "+x"(st.u[0]), "+x"(st.v[0]), "+x"(st.u[1]), "+x"(st.v[1]));
 }
 
-// A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit, 8
-// units fit), then one maddubs per 16 rows widens V + 31*U into the int16 accumulators. acc_lo
-// holds rows 0-7 | 16-23, acc_hi rows 8-15 | 24-31 (the unpack order).
+// A chunk of 2*sizeof...(P) units for 32 rows: int8 accumulation (|U| <= 12, |V| <= 15 per unit; a
+// byte sums at most 8 units, the even or the odd ones), then one maddubs per 8 rows widens V + 31*U
+// into the int16 accumulators. acc[q] holds rows 8q..8q+7, its low lane over the even units, its
+// high lane over the odd ones (widen_rows adds them).
 template <size_t... P>
-inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i& acc_lo, __m256i& acc_hi,
-                      const LutConstants& c, std::index_sequence<P...>) {
-  const __m256i signs = load256(w);
-  __m256i acc_u = _mm256_setzero_si256(), acc_v = _mm256_setzero_si256();
-  (lut_pair<P>(w + 32, signs, lut, acc_u, acc_v, c), ...);
-  acc_lo = _mm256_add_epi16(acc_lo, _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(acc_v, acc_u)));
-  acc_hi = _mm256_add_epi16(acc_hi, _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(acc_v, acc_u)));
+inline void lut_chunk(const uint8_t* w, const uint8_t* lut, __m256i (&acc)[4], const LutConstants& c,
+                      std::index_sequence<P...>) {
+  LutChunkState st;
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    st.signs[h] = load256(w + 32 * h);
+    st.doubled[h] = _mm256_or_si256(st.signs[h], c.guard);
+    st.u[h] = st.v[h] = _mm256_setzero_si256();
+  }
+  (lut_pair<P>(w + 64, lut, st, c), ...);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    acc[2 * h] = _mm256_add_epi16(acc[2 * h], _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(st.v[h], st.u[h])));
+    acc[2 * h + 1] =
+        _mm256_add_epi16(acc[2 * h + 1], _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(st.v[h], st.u[h])));
+  }
+}
+
+// The same chunk for R rows of A (prefill), one half at a time: the index and sign work of each pair
+// and half is shared by the R rows, whose tables come from their own prepared rows. Per unit pair,
+// half and row of A: two table loads, two pshufb, two psignb, two adds; per pair and half, about 2.5
+// ops of index and sign work for all R rows. With R = 4 (8 int8 accumulators in registers) that is
+// about 7.4 vector ops per 128 weights per row of A, against about 9 for the maddubs GEMM.
+template <int R, int P>
+inline void lut_rows_pair(const uint8_t* nibbles, const uint8_t* const (&lut)[R], int half, __m256i signs,
+                          __m256i& doubled, __m256i (&u)[R], __m256i (&v)[R], const LutConstants& c) {
+  const __m256i n = load256(nibbles + 32 * P);
+  const __m256i idx = _mm256_and_si256(half ? _mm256_srli_epi16(n, 4) : n, c.nibble);
+  const __m256i s = pair_sign<P>(signs, doubled, c);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    u[r] = _mm256_add_epi8(u[r], _mm256_sign_epi8(_mm256_shuffle_epi8(load256(lut[r] + 64 * P), idx), s));
+    v[r] = _mm256_add_epi8(v[r], _mm256_sign_epi8(_mm256_shuffle_epi8(load256(lut[r] + 64 * P + 32), idx), s));
+    __asm__("" : "+x"(u[r]), "+x"(v[r]));  // sequential sums, as in lut_pair
+  }
+}
+
+template <int R, size_t... P>
+inline void lut_rows_chunk(const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                           const LutConstants& c, std::index_sequence<P...>) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i signs = load256(w + 32 * h);
+    __m256i doubled = _mm256_or_si256(signs, c.guard);
+    __m256i u[R], v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) u[r] = v[r] = _mm256_setzero_si256();
+    (lut_rows_pair<R, P>(w + kChunkSignBytes, lut, h, signs, doubled, u, v, c), ...);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      acc[r][2 * h] = _mm256_add_epi16(acc[r][2 * h], _mm256_maddubs_epi16(c.combine, _mm256_unpacklo_epi8(v[r], u[r])));
+      acc[r][2 * h + 1] =
+          _mm256_add_epi16(acc[r][2 * h + 1], _mm256_maddubs_epi16(c.combine, _mm256_unpackhi_epi8(v[r], u[r])));
+    }
+  }
+}
+
+// One chunk of `units` units for R rows: the R = 1 GEMV loads each pair's tables once for both
+// halves; the prefill shares the index and sign work instead.
+template <int R, size_t... P>
+inline void lut_rows_chunk_any(const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                               const LutConstants& c, std::index_sequence<P...> pairs) {
+  if constexpr (R == 1) lut_chunk(w, lut[0], acc[0], c, pairs);
+  else lut_rows_chunk<R>(w, lut, acc, c, pairs);
+}
+
+template <int R>
+inline void lut_rows_chunk_of(int64_t units, const uint8_t* w, const uint8_t* const (&lut)[R], __m256i (&acc)[R][4],
+                              const LutConstants& c) {
+  switch (units / 2) {  // whole pairs: every group holds an even number of units
+    case 8: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<8>()); break;
+    case 7: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<7>()); break;
+    case 6: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<6>()); break;
+    case 5: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<5>()); break;
+    case 4: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<4>()); break;
+    case 3: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<3>()); break;
+    case 2: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<2>()); break;
+    default: lut_rows_chunk_any<R>(w, lut, acc, c, std::make_index_sequence<1>()); break;
+  }
 }
 
 class Avx2Kernel final : public MatMulKernel {
@@ -227,12 +339,20 @@ class Avx2Kernel final : public MatMulKernel {
   KernelPath path() const override { return KernelPath::kAVX2; }
   int64_t row_tile() const override { return kRowTile; }
   size_t activation_row_bytes() const override { return row_bytes_; }
-  void prepare_row(const float* a_row, uint8_t* ws) const override;
+  void prepare_row(const float* a_row, uint8_t* ws) const override { prepare_row_for(a_row, 1, ws); }
+  void prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const override;
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
  private:
   bool lut_format() const { return format_ != Format::kI2S; }
+  // Whether a call of `rows` rows of A takes the GEMV (else the GEMM; the lookup-table formats
+  // build their tables only for the GEMV).
+  bool gemv_for(int64_t rows) const {
+    return rows < (format_ == Format::kSherry ? kGemmMinRowsSherry
+                   : format_ == Format::kTL2  ? kGemmMinRowsTL2
+                                              : kGemmMinRowsI2S);
+  }
   const uint8_t* tile(int64_t t) const { return weights_.data() + t * tile_bytes_; }
 
   void repack_lut(const PackedWeights& w);
@@ -240,7 +360,9 @@ class Avx2Kernel final : public MatMulKernel {
   void build_lut(const int8_t* xq, uint8_t* lut) const;
 
   // One GEMV tile, one GEMM group decode: the lookup-table formats or i2s, by prefetcher type.
-  void gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf, float* out) const;
+  // R rows of A (prepared rows ws[r], outputs out[r]) times one tile, by the lookup tables.
+  template <int R>
+  void lut_rows(const uint8_t* tile, const uint8_t* const (&ws)[R], LutPrefetcher& pf, float* const (&out)[R]) const;
   void gemv(const uint8_t* tile, const uint8_t* ws, I2SPrefetcher& pf, float* out) const;
   void decode_group(const uint8_t* tile, int64_t g, LutPrefetcher& pf, uint8_t* panel) const;
   void decode_group(const uint8_t* tile, int64_t g, I2SPrefetcher& pf, uint8_t* panel) const;
@@ -260,8 +382,9 @@ class Avx2Kernel final : public MatMulKernel {
   int64_t units_total_ = 0;
   int64_t tile_bytes_ = 0;
 
-  // Workspace row: xq in lane space | int32 sum(xq) per group | float s per group | LUT (32 B/unit).
-  size_t xsum_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
+  // Workspace row: xq in lane space | int32 sum(xq) per group, then the int32 "tables built" flag |
+  // float s per group | LUT (32 B/unit, only when the flag is set).
+  size_t xsum_offset_ = 0, flag_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
 
   // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
   // build_lut), and the byte tables index -> the 4 lanes' w+1 as 2-bit fields (lane p at bit 2p),
@@ -303,7 +426,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
   };
   const auto group_bytes = [&](int64_t units) {
-    return kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * 32 + units * 16 : units * 128);
+    return kAlphaBytes + (lut_format() ? ceil_div(units, kChunkUnits) * kChunkSignBytes + units * 16 : units * 128);
   };
   // Every group but the last is full, so the sizes follow in closed form, and the memory budget is
   // checked before anything proportional to the number of groups is allocated.
@@ -314,7 +437,8 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
 
   // Workspace: 4 bytes of slack after xq, because a tl2 table build reads a dword at every triple.
   xsum_offset_ = round_up_64(static_cast<size_t>(lanes_) + 4);
-  scale_offset_ = xsum_offset_ + round_up_64(sizeof(int32_t) * static_cast<size_t>(groups_));
+  flag_offset_ = xsum_offset_ + sizeof(int32_t) * static_cast<size_t>(groups_);
+  scale_offset_ = round_up_64(flag_offset_ + sizeof(int32_t));
   lut_offset_ = scale_offset_ + round_up_64(sizeof(float) * static_cast<size_t>(groups_));
   row_bytes_ = lut_offset_ + (lut_format() ? static_cast<size_t>(units_total_) * 32 : 0);
 
@@ -364,10 +488,9 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
   else repack_i2s(w);
 }
 
-// Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 8 units, each a sign
-// vector (byte r, bit j: unit j of row r is negated) and one nibble vector per unit pair (byte r:
-// index of the even unit in the low nibble, of the odd unit in the high nibble). Padding units and
-// rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
+// Tile layout (sherry, tl2), per group: 32 fp16 scales, then chunks of up to 16 units, each two sign
+// vectors and one nibble vector per unit pair, as lut_chunk reads them (see above it). Padding units
+// and rows past N stay zero: index 0 with sign 0 against a zero table, or a zero scale.
 void Avx2Kernel::repack_lut(const PackedWeights& w) {
   const int64_t stride = row_bytes(format_, g_.k, g_.group_size);
   const int64_t codes = codes_per_row(format_, g_.k, g_.group_size);
@@ -391,10 +514,10 @@ void Avx2Kernel::repack_lut(const PackedWeights& w) {
           if (!valid)
             throw std::runtime_error("corrupt tl2 weights: row " + std::to_string(n) + " holds an invalid code");
         }
-        uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (32 + 16 * kChunkUnits);
-        const int64_t j = u % kChunkUnits;
-        chunk[r] |= static_cast<uint8_t>((code >> 4) << j);
-        chunk[32 + 32 * (j / 2) + r] |= static_cast<uint8_t>((code & 0x0F) << (4 * (j & 1)));
+        uint8_t* chunk = group + kAlphaBytes + (u / kChunkUnits) * (kChunkSignBytes + 16 * kChunkUnits);
+        const int64_t pair = u % kChunkUnits / 2, lane = 16 * (u % 2) + r % 16, half = r / 16;
+        chunk[32 * half + lane] |= static_cast<uint8_t>((code >> 4) << (7 - pair));
+        chunk[kChunkSignBytes + 32 * pair + lane] |= static_cast<uint8_t>((code & 0x0F) << (4 * half));
       }
     }
   }
@@ -485,7 +608,9 @@ float quantize_group_avx2(const float* x, int64_t length, int8_t* xq, int32_t* s
   return amax / static_cast<float>(kActivationQmax);
 }
 
-void Avx2Kernel::prepare_row(const float* a_row, uint8_t* ws) const {
+// The tables only for a call that takes the GEMV: at prefill sizes they would cost as much as a
+// tenth of the call (128 rows x 512 units at K = 2048) and the GEMM never reads them.
+void Avx2Kernel::prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const {
   auto* xq = reinterpret_cast<int8_t*>(ws);
   auto* xsum = reinterpret_cast<int32_t*>(ws + xsum_offset_);
   auto* scale = reinterpret_cast<float*>(ws + scale_offset_);
@@ -496,34 +621,45 @@ void Avx2Kernel::prepare_row(const float* a_row, uint8_t* ws) const {
     std::memset(lanes + length, 0, static_cast<size_t>(units_[g] * unit_lanes_ - length));
   }
   std::memset(xq + lanes_, 0, xsum_offset_ - static_cast<size_t>(lanes_));
-  if (lut_format()) build_lut(xq, ws + lut_offset_);
+  const int32_t tables = lut_format() && gemv_for(call_rows);
+  std::memcpy(ws + flag_offset_, &tables, sizeof tables);
+  if (tables) build_lut(xq, ws + lut_offset_);
 }
 
-// Per unit: 16 table entries S[e] = pattern[e] . x, stored as U[16] then V[16] (S = 31*U + V).
-// One broadcast dword of activations, psignb with the patterns of 8 entries each, maddubs and hadd
-// give S for all 16 entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero).
+// Per unit: 16 table entries S[e] = pattern[e] . x, split as S = 31*U + V. One broadcast dword of
+// activations, psignb with the patterns of 8 entries each, maddubs and hadd give S for all 16
+// entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero). Per unit pair
+// (units_total_ is even: every group holds whole pairs), 64 bytes: U of the even unit | U of the odd
+// unit, then V likewise, so that one 32-byte load holds a pair's table for the two lanes of lut_pair.
 void Avx2Kernel::build_lut(const int8_t* xq, uint8_t* lut) const {
   const __m256i ones = _mm256_set1_epi8(1);
   const __m256i recip = _mm256_set1_epi16(kLutSplitRecip), split = _mm256_set1_epi16(kLutSplit);
-  for (int64_t u = 0; u < units_total_; ++u) {
+  const auto table = [&](int64_t u, __m256i& hi, __m256i& lo) {
     const __m256i x = broadcast32(xq + u * unit_lanes_);
     const __m256i s = _mm256_hadd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[0])),
                                         _mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[1])));
-    const __m256i hi = _mm256_mulhrs_epi16(s, recip);
-    const __m256i lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
-    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi, lo), 0xD8));
+    hi = _mm256_mulhrs_epi16(s, recip);
+    lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
+  };
+  for (int64_t u = 0; u < units_total_; u += 2) {
+    __m256i hi0, lo0, hi1, lo1;
+    table(u, hi0, lo0);
+    table(u + 1, hi1, lo1);
+    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi0, hi1), 0xD8));
+    store256(lut + 32 * u + 32, _mm256_permute4x64_epi64(_mm256_packs_epi16(lo0, lo1), 0xD8));
   }
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------------
 
-// The int32 dots of a segment's int16 accumulators (acc_lo: rows 0-7 | 16-23, acc_hi: rows 8-15 |
-// 24-31) in row order, plus `carry` from earlier segments of the group when it is given.
-inline void widen_rows(__m256i acc_lo, __m256i acc_hi, const int32_t* carry, __m256i (&dot)[4]) {
-  dot[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_lo));
-  dot[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_hi));
-  dot[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_lo, 1));
-  dot[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_hi, 1));
+// The int32 dots of a segment's int16 accumulators (acc[q]: rows 8q..8q+7, even units in the low
+// lane, odd units in the high lane; their sum is within the segment's int16 bound), plus `carry`
+// from earlier segments of the group when it is given.
+inline void widen_rows(const __m256i (&acc)[4], const int32_t* carry, __m256i (&dot)[4]) {
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+    dot[q] = _mm256_cvtepi16_epi32(
+        _mm_add_epi16(_mm256_castsi256_si128(acc[q]), _mm256_extracti128_si256(acc[q], 1)));
   if (carry)
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) dot[q] = _mm256_add_epi32(dot[q], load256(carry + 8 * q));
@@ -546,43 +682,52 @@ inline void scale_rows(const __m256 (&alpha)[4], float s, const __m256i (&dot)[4
     _mm256_storeu_ps(y + 8 * q, scaled_add(_mm256_loadu_ps(y + 8 * q), alpha[q], vs, dot[q]));
 }
 
-// One 32-row tile times one prepared activation row, out[r] = y of tile row r (natural order). Out of
-// line: inlined into compute(), its chunk loop lost registers to the caller.
-__attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8_t* ws, LutPrefetcher& pf,
-                                                float* out) const {
+// R prepared activation rows times one 32-row tile, out[r][i] = y of row r of A and tile row i
+// (natural order). Out of line: inlined into compute(), its chunk loop lost registers to the caller.
+template <int R>
+__attribute__((noinline)) void Avx2Kernel::lut_rows(const uint8_t* tile, const uint8_t* const (&ws)[R],
+                                                    LutPrefetcher& pf, float* const (&out)[R]) const {
   const LutConstants c;
-  const uint8_t* lut = ws + lut_offset_;
-  const auto* scale = reinterpret_cast<const float*>(ws + scale_offset_);
-  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_setzero_ps());
-  alignas(32) int32_t carry[kTileRows];  // int32 dots of a group's earlier segments
+  const uint8_t* lut[R];
+  const float* scale[R];
+  for (int r = 0; r < R; ++r) {
+    lut[r] = ws[r] + lut_offset_;
+    scale[r] = reinterpret_cast<const float*>(ws[r] + scale_offset_);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out[r] + 8 * q, _mm256_setzero_ps());
+  }
+  alignas(32) int32_t carry[R][kTileRows];  // int32 dots of a group's earlier segments
   const uint8_t* p = tile;
   for (int64_t g = 0; g < groups_; ++g) {
     const uint8_t* alpha = p;
     p += kAlphaBytes;
     for (int64_t done = 0; done < units_[g];) {
       const int64_t start = done, end = std::min(units_[g], done + kSegmentUnits);
-      __m256i acc_lo = _mm256_setzero_si256(), acc_hi = _mm256_setzero_si256();
+      __m256i acc[R][4];
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
       for (; done < end; done += kChunkUnits) {
         pf.ahead(p);
         const int64_t units = std::min(kChunkUnits, end - done);
-        switch (units) {
-          case 8: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<4>()); break;
-          case 6: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<3>()); break;
-          case 4: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<2>()); break;
-          default: lut_chunk(p, lut, acc_lo, acc_hi, c, std::make_index_sequence<1>()); break;
-        }
-        p += 32 + 16 * units;
-        lut += 32 * units;
+        lut_rows_chunk_of<R>(units, p, lut, acc, c);
+        p += kChunkSignBytes + 16 * units;
+        for (int r = 0; r < R; ++r) lut[r] += 32 * units;
       }
-      __m256i dot[4];
-      widen_rows(acc_lo, acc_hi, start > 0 ? carry : nullptr, dot);
       if (end < units_[g]) {
+        for (int r = 0; r < R; ++r) {
+          __m256i dot[4];
+          widen_rows(acc[r], start > 0 ? carry[r] : nullptr, dot);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) store256(carry + 8 * q, dot[q]);
+          for (int q = 0; q < 4; ++q) store256(carry[r] + 8 * q, dot[q]);
+        }
       } else {
         __m256 a[4];
         load_alpha(alpha, false, a);
-        scale_rows(a, scale[g], dot, out);
+        for (int r = 0; r < R; ++r) {
+          __m256i dot[4];
+          widen_rows(acc[r], start > 0 ? carry[r] : nullptr, dot);
+          scale_rows(a, scale[r][g], dot, out[r]);
+        }
       }
     }
   }
@@ -652,12 +797,11 @@ __attribute__((noinline)) void Avx2Kernel::gemv(const uint8_t* tile, const uint8
 
 // ---- GEMM: decode a group of a tile to int8 (w+1) dwords, panel[k4][32 rows][4 lanes] ------------
 
-// Lane planes p < kLanes (byte r: w_p + 1 of row r) of one unit of 32 rows: one pshufb per sign
-// looks up the unit's 4 lanes as 2-bit fields, blendv picks by the sign in bit 7, shifts split them.
+// Lane planes p < kLanes (byte r: w_p + 1 of row r) of one unit of 32 rows from its packed 2-bit
+// fields (lane p at bit 2p).
 template <int kLanes>
-inline void decode_unit(__m256i idx, __m256i sign, __m256i pos, __m256i neg, __m256i* planes) {
+inline void split_planes(__m256i packed, __m256i* planes) {
   const __m256i mask = _mm256_set1_epi8(0x03);
-  const __m256i packed = _mm256_blendv_epi8(_mm256_shuffle_epi8(pos, idx), _mm256_shuffle_epi8(neg, idx), sign);
   planes[0] = _mm256_and_si256(packed, mask);
   planes[1] = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
   planes[2] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
@@ -665,8 +809,10 @@ inline void decode_unit(__m256i idx, __m256i sign, __m256i pos, __m256i neg, __m
 }
 
 // Decodes one group of a tile (its codes start at w) to panel[k4][32 rows in panel order][4 lanes].
-// A sherry unit is one k4 step; tl2 units go by 4 (12 lanes, 3 steps), which the padding of every
-// group to 4 triples allows.
+// Per pair and half (lut_chunk's layout), one pshufb per sign looks up the units' lanes as packed
+// 2-bit fields (w+1) and blendv picks by the sign, moved to bit 7; two lane permutes then give each
+// unit of the pair its 32 rows. A sherry unit is one k4 step; tl2 units go by 4 (12 lanes, 3
+// steps), which the padding of every group to 4 triples allows.
 template <int kLanes>
 void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg, LutPrefetcher& pf, uint8_t* panel) {
   constexpr int kStep = kLanes == 4 ? 2 : 4;  // units decoded together
@@ -674,25 +820,29 @@ void decode_lut_group(const uint8_t* w, int64_t units, __m256i pos, __m256i neg,
   for (int64_t done = 0; done < units; done += kChunkUnits) {
     pf.ahead(w);
     const int64_t chunk = std::min(kChunkUnits, units - done);
-    const __m256i signs = load256(w);
+    const __m256i signs[2] = {load256(w), load256(w + 32)};
     for (int j = 0; j < chunk; j += kStep) {
       __m256i planes[4 * kLanes];
 #pragma GCC unroll 2
-      for (int pair = 0; pair < kStep / 2; ++pair) {
-        const int u = j + 2 * pair;
-        const __m256i v = load256(w + 32 + 16 * u);
-        // The sign of unit u is bit u of the sign bytes; decode_unit wants it in bit 7.
-        decode_unit<kLanes>(_mm256_and_si256(v, nibble), _mm256_sll_epi16(signs, _mm_cvtsi32_si128(7 - u)), pos, neg,
-                            planes + 2 * pair * kLanes);
-        decode_unit<kLanes>(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                            _mm256_sll_epi16(signs, _mm_cvtsi32_si128(6 - u)), pos, neg,
-                            planes + (2 * pair + 1) * kLanes);
+      for (int k = 0; k < kStep / 2; ++k) {
+        const int pair = j / 2 + k;
+        const __m256i v = load256(w + kChunkSignBytes + 32 * pair);
+        const __m128i shift = _mm_cvtsi32_si128(pair);  // the pair's sign bit 7 - pair to bit 7
+        __m256i packed[2];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i idx = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, nibble);
+          packed[h] = _mm256_blendv_epi8(_mm256_shuffle_epi8(pos, idx), _mm256_shuffle_epi8(neg, idx),
+                                         _mm256_sll_epi16(signs[h], shift));
+        }
+        split_planes<kLanes>(_mm256_permute2x128_si256(packed[0], packed[1], 0x20), planes + 2 * k * kLanes);
+        split_planes<kLanes>(_mm256_permute2x128_si256(packed[0], packed[1], 0x31), planes + (2 * k + 1) * kLanes);
       }
 #pragma GCC unroll 3
       for (int q = 0; q < kStep * kLanes; q += 4, panel += kPanelStepBytes)
         interleave_planes(planes[q], planes[q + 1], planes[q + 2], planes[q + 3], panel);
     }
-    w += 32 + 16 * chunk;
+    w += kChunkSignBytes + 16 * chunk;
   }
 }
 
@@ -809,16 +959,47 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
   const size_t stride = row_bytes_;
   const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
   alignas(32) float out[kTileRows];
+  alignas(32) float outs[kLutRows][kTileRows];
 
-  const int64_t gemm_min_rows =
-      format_ == Format::kSherry ? kGemmMinRowsSherry : format_ == Format::kTL2 ? kGemmMinRowsTL2 : kGemmMinRowsI2S;
-  if (m < gemm_min_rows) {
-    // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
-    for (int64_t t = t_begin; t < t_end; ++t)
-      for (int64_t r = 0; r < m; ++r) {
-        gemv(tile(t), ws + r * stride, pf, out);
-        store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
+  // The lookup-table formats follow the rows (all rows of a call hold the same flag): the op may
+  // hand over a chunk of fewer rows than the call had.
+  int32_t tables = 0;
+  std::memcpy(&tables, ws + flag_offset_, sizeof tables);
+  if (lut_format() ? tables != 0 : gemv_for(m)) {
+    if constexpr (std::is_same_v<Prefetch, LutPrefetcher>) {
+      // Blocks of kLutRows rows of A outer, tiles inner: a block's tables (32 bytes per unit and
+      // row) stay in L2 while it meets every tile of the item, whose weights come from DRAM once
+      // (the first block), then from cache. Tiles outer would stream every row's tables once per
+      // tile: more than L2 holds from about 64 rows of A at K = 2048.
+      for (int64_t r = 0; r < m;) {
+        const int64_t rows = std::min<int64_t>(kLutRows, m - r);
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const auto run = [&](auto count) {
+            constexpr int kR = decltype(count)::value;
+            const uint8_t* rows_ws[kR];
+            float* rows_out[kR];
+            for (int i = 0; i < kR; ++i) rows_ws[i] = ws + (r + i) * stride, rows_out[i] = outs[i];
+            lut_rows<kR>(tile(t), rows_ws, pf, rows_out);
+          };
+          switch (rows) {
+            case 4: run(std::integral_constant<int, 4>()); break;
+            case 3: run(std::integral_constant<int, 3>()); break;
+            case 2: run(std::integral_constant<int, 2>()); break;
+            default: run(std::integral_constant<int, 1>()); break;
+          }
+          for (int64_t i = 0; i < rows; ++i)
+            store_tile(outs[i], t * kTileRows, n_begin, n_end, bias, y + (r + i) * g_.n);
+        }
+        r += rows;
       }
+    } else {
+      // Tile outer, rows of A inner: a tile's weights come from DRAM once, then from cache.
+      for (int64_t t = t_begin; t < t_end; ++t)
+        for (int64_t r = 0; r < m; ++r) {
+          gemv(tile(t), ws + r * stride, pf, out);
+          store_tile(out, t * kTileRows, n_begin, n_end, bias, y + r * g_.n);
+        }
+    }
     return;
   }
 

@@ -265,7 +265,7 @@ const uint8_t* thread_prepared_rows(const MatMulKernel& kernel, const float* x, 
   // the buffer, and it prepares the rows anyway.
   uint8_t* rows = buffer.reserve(static_cast<size_t>(m) * stride);
   if (rows != nullptr && prepared_call != call) {
-    for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x + r * k, rows + r * stride);
+    for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x + r * k, m, rows + r * stride);
     prepared_call = call;
   }
   return rows;
@@ -416,7 +416,7 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
   const Split rows = split(m, work_items(m * g.k));
   parallel_for(context, rows.count, [&](int64_t item) {
     for (int64_t r = item * rows.size, end = std::min(m, r + rows.size); r < end; ++r)
-      kernel.prepare_row(x + r * g.k, ws + r * stride);
+      kernel.prepare_row_for(x + r * g.k, m, ws + r * stride);
   });
   // 2. The output tiles.
   parallel_for(context, items, [&](int64_t item) { compute_item(item, ws); });

@@ -224,7 +224,7 @@ std::vector<float> run_op(const MatMulKernel& kernel, const Geometry& g, const s
                           int64_t shift = 0) {
   const size_t stride = kernel.activation_row_bytes();
   const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, garbage);
-  for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x.data() + r * g.k, ws.get() + r * stride);
+  for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * g.k, m, ws.get() + r * stride);
   const size_t count = static_cast<size_t>(m * g.n);
   const Output y(count, NAN, shift);
   const int64_t item = kernel.row_tile() * tiles_per_item;
@@ -315,7 +315,7 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
     const int64_t lo = 5, hi = n - 3;
     const size_t stride = fast->activation_row_bytes();
     const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, 0x5A);
-    for (int64_t r = 0; r < m; ++r) fast->prepare_row(x.data() + r * k, ws.get() + r * stride);
+    for (int64_t r = 0; r < m; ++r) fast->prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
     const size_t count = static_cast<size_t>(m * n);
     const Output got(count, -7.f, 0);
     std::vector<float> want = expect;
@@ -561,7 +561,7 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
   const Buffer ws = aligned_buffer(ws_bytes, 0xA5);
   auto prepare = [&](const MatMulKernel& kernel) {
     const size_t stride = kernel.activation_row_bytes();
-    for (int64_t r = 0; r < m; ++r) kernel.prepare_row(x.data() + r * k, ws.get() + r * stride);
+    for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
   };
   auto timed = [&](const MatMulKernel& kernel) {
     const double t0 = now_us();
