@@ -25,7 +25,7 @@ inference with ONNX and onnxruntime.
 
 Start with `sherry demo`: it exports the shipped Sherry model (trained with Sherry + Arenas QAT) in
 every format, times decode side by side and scores accuracy. Then `sherry export
-sherry-arenas-scratch-10m -o out` and `sherry generate out --prompt "Once upon a time"`.
+sherry-qat-5m -o out` and `sherry generate out --prompt "Once upon a time"`.
 """
 
 
@@ -262,7 +262,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and the tokenizer; the folder the shipped models are, which `sherry export` and `sherry compare` take. "
         "A trained checkpoint packs its trained ternary weights; a float model is projected post-training first "
         "(quantize_ with PTQConfig), which destroys a pretrained LLM, and the record says so.",
-        epilog="examples:\n  sherry pack runs/arenas -o models/sherry-arenas-scratch-10m --format sherry\n"
+        epilog="examples:\n  sherry pack runs/arenas -o models/sherry-qat-5m --format sherry\n"
         "  sherry pack angelslim-ckpt --qat sherry --group-size 128 -o out/angelslim-packed --format tl2\n"
         "  sherry pack smollm2 -o out/smollm2-packed --format i2s   (post-training: sizes and speed only)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -285,14 +285,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "quantization-aware checkpoint keep their trained ternary weights (a folder of latent float weights, "
         "like AngelSlim's, needs --qat); plain float layers are projected post-training, which destroys a "
         "pretrained LLM (the manifest's provenance says which).",
-        epilog="examples:\n  sherry export sherry-arenas-scratch-10m -o out/ship\n"
+        epilog="examples:\n  sherry export sherry-qat-5m -o out/ship\n"
         "  sherry export angelslim-ckpt --qat sherry --group-size 128 -o out/angelslim-sherry\n"
         "  sherry export smollm2 -o out/smollm2-sherry --format sherry   (post-training: sizes and speed only)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument(
         "source",
-        help="a shipped model (sherry-arenas-scratch-10m, ...), 'smollm2', a .gguf file, or a Hugging Face "
+        help="a shipped model (sherry-qat-5m, ...), 'smollm2', a .gguf file, or a Hugging Face "
         "Llama-family folder",
     )
     export.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")

@@ -48,13 +48,13 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource(folder, SMOLLM2_GGUF, "SmolLM2-135M-Instruct (de-quantized Q4_1 GGUF)")
 
 
-SHIPPED_MODEL_NAMES = ("sherry-arenas-scratch-10m", "ternary-scratch-10m", "fp-scratch-10m")
+SHIPPED_MODEL_NAMES = ("sherry-qat-5m", "ternary-qat-5m", "fp-5m")
 """The trained models that ship with the package: a source argument may name them without a path."""
-DEFAULT_MODEL = shipped_model("sherry-arenas-scratch-10m")
-"""The shipped Sherry + Arenas model: the default of ``sherry demo`` and the tests."""
-DEFAULT_TERNARY_MODEL = shipped_model("ternary-scratch-10m")
+DEFAULT_MODEL = shipped_model("sherry-qat-5m")
+"""The shipped Sherry QAT model: the default of ``sherry demo`` and the tests."""
+DEFAULT_TERNARY_MODEL = shipped_model("ternary-qat-5m")
 """The shipped dense-ternary model trained the same way, scored next to the Sherry one."""
-DEFAULT_FP_MODEL = shipped_model("fp-scratch-10m")
+DEFAULT_FP_MODEL = shipped_model("fp-5m")
 """The shipped full-precision model trained the same way (float16 weights), scored next to the Sherry one."""
 
 SHAPE_PREFIX = "shape:"

@@ -118,7 +118,7 @@ def test_trained_and_float_exports_carry_no_post_training_note(tmp_path, capsys)
     """The note is for projected ternary weights only: the shipped trained model and a float export say nothing."""
     from sherry_export.models import tiny_llama
 
-    assert main(["export", "sherry-arenas-scratch-10m", "-o", str(tmp_path / "ship")]) == 0
+    assert main(["export", "sherry-qat-5m", "-o", str(tmp_path / "ship")]) == 0
     assert "note:" not in capsys.readouterr().err
     generate = ["generate", str(tmp_path / "ship"), "--prompt", "Once", "--max-new-tokens", "2", "--threads", "1"]
     assert main(generate) == 0

@@ -547,7 +547,7 @@ def test_shipped_sherry_model_matches_kernel_reference(tmp_path):
     from sherry_export.export.llm import export_llm
     from sherry_export.models import load_causal_lm, load_tokenizer, resolve_source
 
-    folder = "models/sherry-arenas-scratch-10m"
+    folder = "models/sherry-qat-5m"
     model, _ = load_causal_lm(folder)
     result = export_llm(folder, tmp_path / "ship", ExportOptions(format="sherry"))
     assert result.provenance == "quantization-aware (packed checkpoint)"
@@ -566,7 +566,7 @@ def test_shipped_model_decodes_in_the_shared_buffer_as_forward(tmp_path, fmt):
     from sherry_export.export.llm import export_llm
     from sherry_export.models import load_tokenizer, resolve_source
 
-    folder = "models/sherry-arenas-scratch-10m"
+    folder = "models/sherry-qat-5m"
     lm = OnnxCausalLM(export_llm(folder, tmp_path / fmt, ExportOptions(format=fmt)).model_path, threads=2)
     ids = load_tokenizer(resolve_source(folder))(HELD_OUT).input_ids[:48]
     assert_shared_decode_equals_forward(lm, [(ids, 32)])

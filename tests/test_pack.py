@@ -16,7 +16,7 @@ from sherry_export.packed_model import PACKED_KEY, read_config
 from sherry_export.qat import SherryConfig, quantize_, recipe
 from sherry_export.resources import shipped_model
 
-SHIPPED_PACKED = ("sherry-arenas-scratch-10m", "ternary-scratch-10m")
+SHIPPED_PACKED = ("sherry-qat-5m", "ternary-qat-5m")
 
 
 def record(folder) -> dict:
@@ -35,7 +35,7 @@ def test_a_packed_float_model_exports_as_the_model_itself(tmp_path, capsys):
     """The shipped full-precision model packed post-training and then exported is the very model that
     exporting it directly gives: same weight files, same logits, same provenance."""
     packed, direct, via_pack = tmp_path / "packed", tmp_path / "direct", tmp_path / "via-pack"
-    assert main(["pack", "fp-scratch-10m", "-o", str(packed), "--format", "sherry"]) == 0
+    assert main(["pack", "fp-5m", "-o", str(packed), "--format", "sherry"]) == 0
     captured = capsys.readouterr()
     assert "(post-training projection)" in captured.out
     notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
@@ -43,7 +43,7 @@ def test_a_packed_float_model_exports_as_the_model_itself(tmp_path, capsys):
     assert record(packed)["projected_with"] == {"projection": "sherry", "group_size": 128}
     assert record(packed)["trained_with"] is None
     assert main(["export", str(packed), "-o", str(via_pack), "--format", "sherry"]) == 0
-    assert main(["export", "fp-scratch-10m", "-o", str(direct), "--format", "sherry"]) == 0
+    assert main(["export", "fp-5m", "-o", str(direct), "--format", "sherry"]) == 0
     assert [manifest(f)["provenance"] for f in (via_pack, direct)] == ["post-training projection"] * 2
     assert manifest(via_pack)["checksums"] == manifest(direct)["checksums"]
     ids = np.random.default_rng(0).integers(0, 8192, (1, 24))

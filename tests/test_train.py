@@ -237,7 +237,7 @@ def test_cli_trains_from_scratch_on_a_text_file(tmp_path, capsys):
         "train", "--data", str(FIXTURE), "--cache", str(tmp_path / "cache"), "--output", str(output),
         "--hidden", "64", "--layers", "1", "--heads", "2", "--vocab", "300", "--group-size", "32",
         "--steps", "4", "--batch", "2", "--seq-len", "32", "--save-every", "2", "--log-every", "2",
-        "--eval-every", "4", "--eval-batches", "1", "--threads", "1", "--diagnostics",
+        "--eval-every", "4", "--eval-batches", "1", "--threads", "1", "--diagnostics", "--arenas",
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out

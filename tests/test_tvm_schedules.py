@@ -109,8 +109,8 @@ def test_unsupported_n() -> None:
 def test_model_shapes_of_the_shipped_model() -> None:
     from tvm_schedules.tune import model_shapes
 
-    shapes = model_shapes(Path(__file__).resolve().parent.parent / "models" / "sherry-arenas-scratch-10m")
-    assert shapes == [(320, 320, 128), (320, 896, 128), (896, 320, 128)]
+    shapes = model_shapes(Path(__file__).resolve().parent.parent / "models" / "sherry-qat-5m")
+    assert shapes == [(256, 256, 128), (256, 768, 128), (768, 256, 128)]
 
 
 def test_knob_space_is_what_the_tuner_samples() -> None:

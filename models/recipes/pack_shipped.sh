@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate models/ from the training runs (docs/experiments.md): train, then `sherry pack` each run
-# into the packed folder that ships. The runs are not in the repository (about an hour each on one
-# thread); the command chain is
-#   sherry train ... --output runs/X            (the recipes below, or models/recipes/scratch_ablation.sh)
-#   sherry pack runs/X -o models/NAME --format F
+# Regenerate models/ from the training runs of docs/experiments.md: train what is missing, then
+# `sherry pack` the chosen runs into the packed folders that ship. The chain is
+#   python models/recipes/arenas_ablation.py all --out RUNS/arenas    (pretrain, sweep, arms × seeds, report)
+#   sherry pack RUN -o models/NAME --format F
+# The shipped Sherry model is the Sherry run (any arm, any seed) with the lowest held-out perplexity
+# in RUNS/arenas/results.json; the dense-ternary model is the dense-ternary run of the same seed (the
+# same data order); the full-precision model is the pretrained starting point, in float16.
 # `sherry pack` keeps the recipe a run recorded (config.json's sherry_qat -> sherry_packed.trained_with),
 # so the exports read "quantization-aware (packed checkpoint)". Packing a shipped folder again in its
 # own format gives it back byte for byte (tests/test_pack.py), so
@@ -14,12 +16,13 @@
 #        models/recipes/pack_shipped.sh --repack OUT
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+packed=(sherry-qat-5m:sherry ternary-qat-5m:i2s)
 
 if [[ ${1:-} == --repack ]]; then
     out=${2:?give the output folder}
-    sherry pack "$here/sherry-arenas-scratch-10m" -o "$out/sherry-arenas-scratch-10m" --format sherry
-    sherry pack "$here/ternary-scratch-10m" -o "$out/ternary-scratch-10m" --format i2s
-    for name in sherry-arenas-scratch-10m ternary-scratch-10m; do
+    for entry in "${packed[@]}"; do
+        name=${entry%%:*}
+        sherry pack "$here/$name" -o "$out/$name" --format "${entry##*:}"
         for file in config.json weights.safetensors tokenizer.json tokenizer_config.json; do
             cmp "$here/$name/$file" "$out/$name/$file"
         done
@@ -30,21 +33,24 @@ fi
 
 runs=${1:-runs}
 out=${2:-$here}
-# The commands of the models' README files (the ablation runs add scratch_ablation.sh's eval/save flags)
-common=(--init scratch --hidden 320 --layers 6 --heads 5 --vocab 8192 --steps 1000 --batch 8 --seq-len 256
-        --lr 1e-3 --lr-schedule cosine --lr-warmup-ratio 0.05 --seed 0 --bf16 --threads 1)
-ablation=(--eval-every 250 --eval-batches 20 --save-every 500 --save-limit 1)
-train() { local run=$1; shift; [[ -f $run/config.json ]] || sherry train "${common[@]}" "$@" --output "$run"; }
+python "$here/recipes/arenas_ablation.py" all --out "$runs/arenas"
+read -r best ternary < <(python - "$runs/arenas/results.json" <<'PY'
+import json
+import sys
+from pathlib import Path
 
-sherry data --tokenize bpe
-train "$runs/arenas-sweep/lmax0.1" --quant sherry --arenas --lambda-max 0.1   # Sherry + Arenas, group 128
-train "$runs/ablation-1000/ternary" --quant ternary "${ablation[@]}"           # BitNet b1.58 absmean, per tensor
-train "$runs/ablation-1000/fp" --quant none "${ablation[@]}"                   # full precision
-
-sherry pack "$runs/arenas-sweep/lmax0.1" -o "$out/sherry-arenas-scratch-10m" --format sherry
-sherry pack "$runs/ablation-1000/ternary" -o "$out/ternary-scratch-10m" --format i2s
+arms = json.loads(Path(sys.argv[1]).read_text())["regimes"]["pretrained"]
+best = min((run for arm, runs in arms.items() if arm.startswith("sherry") for run in runs),
+           key=lambda run: run["heldout_ppl"])
+seed = Path(best["folder"]).name if Path(best["folder"]).name.startswith("seed") else "seed0"
+print(best["folder"], Path(arms["dense ternary"][0]["folder"]).parent / seed)
+PY
+)
+echo "shipping $best (best Sherry run) and $ternary (dense ternary, same seed)"
+sherry pack "$best" -o "$out/sherry-qat-5m" --format sherry
+sherry pack "$ternary" -o "$out/ternary-qat-5m" --format i2s
 # The full-precision reference ships unpacked (a plain Hugging Face folder in float16): nothing to pack.
-python - "$runs/ablation-1000/fp" "$out/fp-scratch-10m" <<'PY'
+python - "$runs/arenas/pretrain" "$out/fp-5m" <<'PY'
 import sys
 
 import torch

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        description="Export the shipped Sherry + Arenas model (models/sherry-arenas-scratch-10m) to every "
+        description="Export the shipped Sherry model (models/sherry-qat-5m) to every "
         "format, time decode side by side, score held-out perplexity and zero-shot accuracy on small "
         "subsets, score the shipped dense-ternary and full-precision models next to it, and print the "
         "headline table. For full runs use `sherry compare` (docs/results.md).",
