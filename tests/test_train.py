@@ -201,9 +201,9 @@ def test_resume_errors(checkpoint, tmp_path):
         (dict(lr=float("inf")), "learning rate"),
         (dict(quant="int4"), "unknown --quant"),
         (dict(steps=0), "steps must be a positive integer"),
-        (dict(warmup_ratio=1.5), "warmup_ratio"),
-        (dict(steps=3, warmup_ratio=0.9), "no decay"),
-        (dict(lambda_max=-1.0), "lambda_max"),
+        (dict(warmup_ratio=1.5, arenas=True), "warmup_ratio"),
+        (dict(steps=3, warmup_ratio=0.9, arenas=True), "no decay"),
+        (dict(lambda_max=-1.0, arenas=True), "lambda_max"),
         (dict(quant="none", arenas=True), "needs a quantized model"),
         (dict(quant="ternary", group_size="channel"), "not per channel"),
         (dict(quant="sherry", group_size="tensor"), "not per tensor"),
@@ -223,7 +223,7 @@ def test_bad_hyperparameters(overrides, message, tmp_path):
 def test_cli_reports_bad_hyperparameters(tmp_path, capsys):
     assert main(["train", "--lr", "-0.1", "--output", str(tmp_path)]) == 2
     assert "learning rate must be a positive" in capsys.readouterr().err
-    assert main(["train", "--steps", "4", "--warmup-ratio", "0.9", "--output", str(tmp_path)]) == 2
+    assert main(["train", "--arenas", "--steps", "4", "--warmup-ratio", "0.9", "--output", str(tmp_path)]) == 2
     assert "no decay" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--quant", "int4"])
