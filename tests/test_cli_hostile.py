@@ -206,8 +206,8 @@ CASES: dict[str, Callable[[Fixtures, Path], Run]] = {
         ["weights.safetensors", "damaged or truncated"],
     ),
     "export: config contradicts itself": lambda fx, t: Run(
-        export(damaged(fx, t, "config.json", lambda p: edit_config(p, hidden_size=96), "packed"), t),
-        ["config.json is inconsistent", "hidden size (96)"],
+        export(damaged(fx, t, "config.json", lambda p: edit_config(p, hidden_size=90), "packed"), t),
+        ["config.json is inconsistent", "hidden size (90)"],
     ),
     "export: config contradicts the weights": lambda fx, t: Run(
         export(damaged(fx, t, "config.json", lambda p: edit_config(p, hidden_size=640), "packed"), t),
