@@ -58,7 +58,7 @@ using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&, std::str
 Factory factory(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return make_avx512_kernel;
-    case KernelPath::kAVX2: return make_avx2_kernel;
+    case KernelPath::kAVX2: return make_avx2_path_kernel;
     case KernelPath::kTVM: return [](const PackedWeights& w, std::string*) { return make_tvm_kernel(w, false); };
     case KernelPath::kScalar: break;
   }
