@@ -307,13 +307,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lm-head",
         default=FP32,
         choices=LM_HEADS,
-        help="LM head precision, kept the same across formats for fair comparisons (default: %(default)s)",
+        help="LM head precision, kept the same across formats for fair comparisons: fp32, onnxruntime's "
+        "MatMulNBits at 8 or 4 bits, or int8 (our Int8MatMul, 8 bits with float16 scales) (default: %(default)s)",
     )
     export.add_argument(
         "--embedding",
         default="auto",
         choices=EMBEDDINGS,
-        help="input embedding precision; nbits8/nbits4 use onnxruntime's GatherBlockQuantized. auto: a tied "
+        help="input embedding precision; nbits8/nbits4/int8 use onnxruntime's GatherBlockQuantized. auto: a tied "
         "embedding (tie_word_embeddings) takes the LM head's precision and shares its one stored table, "
         "an untied one stays fp32 (default: auto)",
     )

@@ -1,10 +1,12 @@
 """The weight formats: one registry that the packer, the kernels, the exporter and the harness read.
 
-Every format takes the same input, ternary values ``t`` (int8 ``[N, K]``) and per-group scales
-``[N, G]`` from :mod:`sherry_export.quant`, so one model packs into each format and compares like
-for like. ``docs/formats.md`` is the bit-by-bit specification; ``custom_ops/src/formats.h`` mirrors
-it in C++, in one traits table (``kFormats``) that ``tests/test_format_table.py`` checks against
-:data:`FORMATS`. Each format is a :class:`WeightFormat`: a row layout plus the trio of reference
+Every ternary format (:data:`FORMATS`: the projections) takes the same input, ternary values ``t``
+(int8 ``[N, K]``) and per-group scales ``[N, G]`` from :mod:`sherry_export.quant`, so one model packs
+into each format and compares like for like. :data:`HEAD_FORMATS` holds the formats of wider weights
+that the same ops and numerics serve, for the LM head: ``int8`` (values in [-127, 127]).
+``docs/formats.md`` is the bit-by-bit specification; ``custom_ops/src/formats.h`` mirrors it in C++,
+in one traits table (``kFormats``) that ``tests/test_format_table.py`` checks against
+:data:`ALL_FORMATS`. Each format is a :class:`WeightFormat`: a row layout plus the trio of reference
 functions (encode, decode, and the matmul in :func:`reference_matmul`).
 """
 
@@ -31,8 +33,9 @@ ACTIVATION_QMAX = 127
 """Activations are quantized to int8 in [-127, 127] per row and scale group."""
 INT32_MAX = 2**31 - 1
 MAX_GROUP_SIZE = INT32_MAX // ACTIVATION_QMAX
-"""The longest scale group (16,909,320 columns): its exact dot product Σ t·xq reaches 127 x its length
-and must fit the int32 every kernel accumulates it in (docs/formats.md, "Scale groups")."""
+"""The longest scale group of ternary weights (16,909,320 columns): its exact dot product Σ t·xq reaches
+127 x its length and must fit the int32 every kernel accumulates it in (docs/formats.md, "Scale groups").
+A format of wider weights has a shorter bound (:meth:`WeightFormat.max_group_size`)."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -217,6 +220,46 @@ def _tl2_decode(data: np.ndarray, k: int, group_size: int) -> np.ndarray:
     return lanes[:, columns >= 0]
 
 
+# --- int8: 8 bits, for LM heads -----------------------------------------------------------------
+
+INT8_MAX = 127
+"""int8 weights lie in [-127, 127]; the code is w + 128, so code 0 (-128) is invalid."""
+
+
+def _int8_row_bytes(k: int, group_size: int) -> int:
+    return k
+
+
+def _int8_encode(values: np.ndarray, group_size: int) -> np.ndarray:
+    return (values.astype(np.int16) + 128).astype(np.uint8)
+
+
+def _int8_decode(data: np.ndarray, k: int, group_size: int) -> np.ndarray:
+    if (data == 0).any():
+        row, column = (int(i) for i in np.argwhere(data == 0)[0])
+        raise ValueError(f"corrupt int8 data: row {row}, column {column} holds code 0 (-128; int8 weights lie in ±127)")
+    return (data.astype(np.int16) - 128).astype(np.int8)
+
+
+def quantize_int8(weight: np.ndarray, group_size: int) -> Ternary:
+    """Symmetric round-to-nearest of a float ``weight [N, K]`` to the ``int8`` format: per row and scale group,
+    α = max|w| / 127 rounded to float16 (the stored scale), q = clip(rint(w / α), ±127); an all-zero group
+    gets α = 0, q = 0. Returns int8 values and float32 scales (exact float16 values) for :func:`pack`."""
+    weight = np.asarray(weight, np.float32)
+    n, k = weight.shape
+    groups = num_groups(k, group_size)
+    padded = np.zeros((n, groups * group_size), np.float32)
+    padded[:, :k] = weight
+    grouped = padded.reshape(n, groups, group_size)
+    amax = np.abs(grouped).max(axis=-1)
+    if amax.max(initial=0.0) / INT8_MAX > np.finfo(SCALE_DTYPE).max:
+        raise ValueError(f"a weight of magnitude {amax.max():g} needs a scale past float16's range; rescale the layer")
+    alpha = (amax / np.float32(INT8_MAX)).astype(SCALE_DTYPE).astype(np.float32)
+    safe = np.where(alpha > 0, alpha, np.float32(1))
+    q = np.clip(np.rint(grouped / safe[..., None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return Ternary(q.reshape(n, -1)[:, :k], alpha)
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 
@@ -236,22 +279,31 @@ class WeightFormat:
     """group_size must be a multiple of this."""
     lanes_per_code: int
     """Weights per code of the canonical row: 4 per Sherry block, 3 per TL2 triple, 1 per i2s 2-bit code."""
-    projection: str
+    projection: str | None
     """The post-training projection (``ternary.PROJECTION_NAMES``) whose values this format holds for any float
-    weight: Sherry's 3:4 rule for a format of 3:4 blocks, BitNet's dense absmean rule for one of any ternary."""
+    weight: Sherry's 3:4 rule for a format of 3:4 blocks, BitNet's dense absmean rule for one of any ternary;
+    ``None`` for a format of wider weights (``HEAD_FORMATS``), which no ternary projection fills."""
+    max_weight: int
+    """The largest |w| a code stands for: 1 for the ternary formats, 127 for int8."""
     row_bytes: Callable[[int, int], int]
     encode: Callable[[np.ndarray, int], np.ndarray]
     decode: Callable[[np.ndarray, int, int], np.ndarray]
+
+    @property
+    def max_group_size(self) -> int:
+        """The longest scale group: 127 x max_weight x group_size must fit int32 (``MAX_GROUP_SIZE`` for ternary)."""
+        return INT32_MAX // (ACTIVATION_QMAX * self.max_weight)
 
     def check_geometry(self, k: int, group_size: int | None) -> int:
         """Validate K and group_size for this format; return the resolved group size."""
         if k <= 0 or k % self.k_multiple:
             raise ValueError(f"format {self.name!r} needs K divisible by {self.k_multiple}, got K={k}")
         group_size = check_group_size(group_size, k, multiple_of=self.group_multiple)
-        if group_size > MAX_GROUP_SIZE:
+        if group_size > self.max_group_size:
+            weight = "" if self.max_weight == 1 else f"{self.max_weight} x "
             raise ValueError(
-                f"group_size must be at most {MAX_GROUP_SIZE} (127 x group_size must fit the int32 dot product of a "
-                f"scale group), got {group_size}; use smaller scale groups"
+                f"group_size must be at most {self.max_group_size} (127 x {weight}group_size must fit the int32 dot "
+                f"product of a scale group), got {group_size}; use smaller scale groups"
             )
         return group_size
 
@@ -268,6 +320,7 @@ FORMATS: dict[str, WeightFormat] = {
             SHERRY_BLOCK,
             SHERRY_BLOCK,
             "sherry",
+            1,
             _sherry_row_bytes,
             _sherry_encode,
             _sherry_decode,
@@ -281,6 +334,7 @@ FORMATS: dict[str, WeightFormat] = {
             1,
             3,
             "absmean",
+            1,
             _tl2_row_bytes,
             _tl2_encode,
             _tl2_decode,
@@ -294,23 +348,45 @@ FORMATS: dict[str, WeightFormat] = {
             1,
             1,
             "absmean",
+            1,
             _i2s_row_bytes,
             _i2s_encode,
             _i2s_decode,
         ),
     )
 }
+"""The ternary formats, the projections' packings: what ``sherry pack``, ``compare`` and the benchmarks iterate."""
 REFERENCE_FORMAT = "sherry"
 """The format the project is about: the default wherever a format is chosen, and the one whose speed-ups
 the reports give over every other."""
 FP32 = "fp32"
 """Dense float32 weights in a plain ``MatMul``: a projection format, and an LM head and embedding precision."""
+HEAD_FORMATS: dict[str, WeightFormat] = {
+    "int8": WeightFormat(
+        "int8",
+        "Int8MatMul",
+        "signed 8-bit weights in [-127, 127] per scale group (LM heads)",
+        8.0,
+        1,
+        1,
+        1,
+        None,
+        INT8_MAX,
+        _int8_row_bytes,
+        _int8_encode,
+        _int8_decode,
+    ),
+}
+"""Formats of wider weights on the same ops and numerics, for the LM head (``--lm-head int8``)."""
+ALL_FORMATS: dict[str, WeightFormat] = {**FORMATS, **HEAD_FORMATS}
+"""Every op of the library, in the order of the C++ ``Format`` values (``kFormats``)."""
 NBITS_FORMATS = {"nbits2": 2, "nbits4": 4}
 """onnxruntime's own ``MatMulNBits`` at these bit widths, carrying the same ternary values: the baselines."""
 EXPORT_FORMATS = (*FORMATS, *NBITS_FORMATS, FP32)
 """Every projection format an export can use: ours, ``MatMulNBits``, and dense float32."""
-LM_HEADS = (FP32, "nbits8", "nbits4")
-"""LM head precisions: float32 or ``MatMulNBits`` at 8 or 4 bits, the same for every format."""
+LM_HEADS = (FP32, "nbits8", "nbits4", *HEAD_FORMATS)
+"""LM head precisions, the same for every format: float32, ``MatMulNBits`` at 8 or 4 bits, or our ``int8``
+format (``Int8MatMul``: fp16 scales, our AVX-512 VNNI and AVX2 kernels)."""
 SPEED_BASELINES = (*(f for f in FORMATS if f != REFERENCE_FORMAT), "nbits2")
 """What the reference format's speed-up is reported over: every other format of ours, and ``MatMulNBits``
 at the bit width nearest ours (the strongest like-for-like baseline on the same runtime)."""
@@ -324,11 +400,11 @@ stored table, read by ``GatherBlockQuantized``); an untied one stays fp32."""
 
 
 def get_format(name: str) -> WeightFormat:
-    """Look a format up by name, with an error that lists the known ones."""
+    """Look a format up by name (any of :data:`ALL_FORMATS`), with an error that lists the known ones."""
     try:
-        return FORMATS[name]
+        return ALL_FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown weight format {name!r}; choose one of {', '.join(FORMATS)}") from None
+        raise ValueError(f"unknown weight format {name!r}; choose one of {', '.join(ALL_FORMATS)}") from None
 
 
 @dataclass(frozen=True)
@@ -391,8 +467,12 @@ def pack(format: str, ternary: Ternary, group_size: int | None) -> PackedWeight:
             f"scales must have shape {(n, num_groups(k, group_size))} for K={k} and "
             f"group_size={group_size}, got {scales.shape}"
         )
-    if ((values < -1) | (values > 1)).any():
-        raise ValueError("ternary values must lie in {-1, 0, +1}")
+    if ((values < -fmt.max_weight) | (values > fmt.max_weight)).any():
+        raise ValueError(
+            "ternary values must lie in {-1, 0, +1}"
+            if fmt.max_weight == 1
+            else f"{format} values must lie in [-{fmt.max_weight}, {fmt.max_weight}]"
+        )
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise ValueError("scales must be finite and non-negative")
     if (np.abs(scales) > np.finfo(SCALE_DTYPE).max).any():

@@ -28,7 +28,8 @@ PTQ_KEY = "sherry_ptq"
 
 
 class Ternary(NamedTuple):
-    """Ternary values (int8, {-1, 0, +1}, ``[N, K]``) and their float32 scales (``[N, G]``)."""
+    """Ternary values (int8, {-1, 0, +1}, ``[N, K]``) and their float32 scales (``[N, G]``); the int8 head format
+    takes the same pair with values in [-127, 127] (``formats.quantize_int8``)."""
 
     values: torch.Tensor
     scales: torch.Tensor

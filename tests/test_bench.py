@@ -4,6 +4,7 @@ at a tiny size (its full run, minutes long, stays out of CI)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,23 @@ def test_candidate_labels_name_the_op_and_the_path() -> None:
             assert "MatMulNBits" in c.label and str(NBITS_FORMATS[c.format]) in c.label
         else:
             assert "MatMul" in c.label and c.format in c.label
+
+
+def test_head_benchmark_times_every_head_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sherry bench head` at a tiny shape: a row per head type, block and thread count, with the bytes each
+    reads (nbits: codes plus float32 scales per block; int8: codes plus float16 scales per group)."""
+    from sherry_export.bench.head import Candidate, head_model
+
+    rc = main(["bench", "head", "--vocab", "100", "--hidden", "128", "--threads", "1", "--rounds", "1", "--runs", "2"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    for label in ("nbits8 (block 32, accuracy_level 4)", "nbits4 (block 32, accuracy_level 4)", "int8 (group 32)"):
+        assert re.search(rf"\| {re.escape(label)} +\| 1 +\|", table), label
+    rng = np.random.default_rng(0)
+    assert head_model(Candidate("nbits8", 32, 4), 100, 128, rng)[1] == 100 * 128 + 4 * 100 * 4
+    assert head_model(Candidate("int8", 32, 0), 100, 128, rng)[1] == 100 * 128 + 2 * 100 * 4
+    model = onnx.load_from_string(head_model(Candidate("nbits4", 64, 0), 100, 128, rng)[0])
+    (node,) = model.graph.node
+    attributes = {a.name: a.i for a in node.attribute}
+    assert node.name == "lm_head" and attributes["bits"] == 4 and attributes["block_size"] == 64
+    assert attributes["accuracy_level"] == 0

@@ -259,7 +259,9 @@ def test_accounting_matches_the_formats(tiny_model, tmp_path, fmt, code_bpw, bpw
     assert a.achieved_gb_per_s(0.01) == pytest.approx(a.decode_weight_bytes / 1e7)
 
 
-@pytest.mark.parametrize(("head", "embedding"), [("fp32", "auto"), ("nbits4", "auto"), ("fp32", "nbits8")])
+@pytest.mark.parametrize(
+    ("head", "embedding"), [("fp32", "auto"), ("nbits4", "auto"), ("fp32", "nbits8"), ("int8", "auto")]
+)
 def test_accounting_of_tied_and_quantized_embeddings(tmp_path, head, embedding):
     """A tied table stored once is the LM head's weight, read whole each step (the embedding stores nothing of
     its own); a table only gathered, quantized or not, is the embedding's, read one row per token."""
@@ -270,7 +272,8 @@ def test_accounting_of_tied_and_quantized_embeddings(tmp_path, head, embedding):
     a = account(tmp_path)
     config = tied.config
     v, h = config.vocab_size, config.hidden_size
-    head_bits = {"fp32": 32, "nbits4": 4 + 32 / 32}[head]  # nbits: a float32 scale per block of 32
+    # nbits: a float32 scale per block of 32; int8: a float16 one
+    head_bits = {"fp32": 32, "nbits4": 4 + 32 / 32, "int8": 8 + 16 / 32}[head]
     assert a.lm_head.weights == v * h and a.lm_head.bits_per_weight == head_bits
     shared = result.options.embedding == head
     table = 0 if shared else v * h + 4 * v * h // 32  # nbits8 codes and float32 scales
@@ -320,9 +323,11 @@ def test_decode_bandwidth_shares_and_thread_scaling():
     assert one.step_fraction == pytest.approx(0.5)  # of the best 1-thread probe, 10 GB/s
     assert one.projections_gb_per_s == pytest.approx(8.0) and one.projections_fraction == pytest.approx(0.8)
     assert one.lm_head_gb_per_s == pytest.approx(8.0) and one.scaling is None
+    assert one.lm_head_ms == pytest.approx(4.0) and one.lm_head_fraction == pytest.approx(0.8)
     two = decode_bandwidth(results, "sherry", 2)
     assert two.step_fraction == pytest.approx(50e6 / 0.006 / 1e9 / 20)
     assert two.projections_fraction == pytest.approx(16.0 / 20) and two.lm_head_gb_per_s is None
+    assert two.lm_head_ms is None and two.lm_head_fraction is None
     assert two.scaling == pytest.approx(2.0)  # median of 10/6, 12/6, 10/4
     targets = {row[0]: row[2:] for row in target_rows(results)}
     assert targets["sherry decode step, share of the probed bandwidth (1 thread)"] == ["50.0%", "NOT met"]

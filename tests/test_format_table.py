@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sherry_export.formats import FORMATS, MAX_GROUP_SIZE, WeightFormat
+from sherry_export.formats import ALL_FORMATS, MAX_GROUP_SIZE, WeightFormat
 from sherry_export.runtime import get_library_path
 
 
@@ -37,14 +37,15 @@ def library_entry(name: str) -> dict[str, Any]:
 
 
 def test_same_formats_in_the_same_order() -> None:
-    """Index i of FORMATS is the C++ Format value i (the TVM build and the kernels pass formats by value)."""
-    assert [entry["name"] for entry in library_table()] == list(FORMATS)
+    """Index i of ALL_FORMATS (the ternary formats, then the head formats) is the C++ Format value i (the TVM
+    build and the kernels pass formats by value)."""
+    assert [entry["name"] for entry in library_table()] == list(ALL_FORMATS)
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", list(ALL_FORMATS))
 def test_traits_agree(name: str) -> None:
-    fmt, entry = FORMATS[name], library_entry(name)
-    for field in ("op_type", "k_multiple", "group_multiple", "lanes_per_code"):
+    fmt, entry = ALL_FORMATS[name], library_entry(name)
+    for field in ("op_type", "k_multiple", "group_multiple", "lanes_per_code", "max_weight"):
         assert entry[field] == getattr(fmt, field), f"{name}: {field} differs between formats.h and formats.py"
 
 
@@ -57,10 +58,10 @@ def python_row_bytes(fmt: WeightFormat, k: int, group_size: int) -> int:
     return fmt.row_bytes(k, group_size)
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", list(ALL_FORMATS))
 def test_geometry_rules_and_row_bytes_agree(name: str) -> None:
     """Every probe is accepted by both or refused by both, and accepted ones take the same row bytes."""
-    fmt, probes = FORMATS[name], library_entry(name)["row_bytes"]
+    fmt, probes = ALL_FORMATS[name], library_entry(name)["row_bytes"]
     mismatches = [
         (k, gs, cpp, python_row_bytes(fmt, k, gs)) for k, gs, cpp in probes if python_row_bytes(fmt, k, gs) != cpp
     ]
@@ -70,13 +71,16 @@ def test_geometry_rules_and_row_bytes_agree(name: str) -> None:
 
 
 def test_probes_reach_every_rule() -> None:
-    """The probes meet each refusal on its own: K, group_size out of [1, K], the int32 group bound, the multiples."""
+    """The probes meet each refusal on its own: K, group_size out of [1, K], each format's int32 group bound (at
+    it and just past it), the multiples."""
     probes = {(k, gs) for entry in library_table() for k, gs, _ in entry["row_bytes"]}
     assert any(k <= 0 for k, _ in probes)
     assert any(gs <= 0 < k for k, gs in probes)
     assert any(0 < k < gs <= MAX_GROUP_SIZE for k, gs in probes)
-    assert any(MAX_GROUP_SIZE < gs <= k for k, gs in probes)
-    for fmt in FORMATS.values():
+    for fmt in ALL_FORMATS.values():
+        assert any(gs == fmt.max_group_size <= k for k, gs in probes), fmt.name
+        assert any(fmt.max_group_size < gs <= k for k, gs in probes), fmt.name
+    for fmt in ALL_FORMATS.values():
         if fmt.k_multiple > 1:
             assert any(k % fmt.k_multiple and 0 < gs <= min(k, MAX_GROUP_SIZE) for k, gs in probes), fmt.name
         if fmt.group_multiple > 1:

@@ -99,7 +99,7 @@ using Factory = std::unique_ptr<MatMulKernel> (*)(const PackedWeights&, std::str
 Factory factory(KernelPath path) {
   switch (path) {
     case KernelPath::kAVX512: return make_avx512_kernel;
-    case KernelPath::kAVX2: return make_avx2_kernel;
+    case KernelPath::kAVX2: return make_avx2_path_kernel;
     case KernelPath::kTVM: return make_tvm_kernel;
     case KernelPath::kScalar: break;
   }

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,10 +16,12 @@
 namespace {
 
 // K values around each format's multiples, the SmolLM2 shape, and a K whose row_bytes must not walk
-// its groups; group sizes that divide or do not divide them, and the int32 bound (kMaxGroupSize).
+// its groups; group sizes that divide or do not divide them, and the int32 bounds (kMaxGroupSize for
+// ternary weights, a 127x shorter one for int8).
 constexpr int64_t kProbeK[] = {0, 1, 3, 4, 8, 35, 70, 576, 2048, int64_t{1} << 40};
-constexpr int64_t kProbeGroup[] = {0, 1, 3, 4, 32, 35, 128, sherry::kMaxGroupSize - 4, sherry::kMaxGroupSize,
-                                   sherry::kMaxGroupSize + 3};
+constexpr int64_t kInt8MaxGroup = std::numeric_limits<int32_t>::max() / (127 * 127);  // max_group_size(kInt8)
+constexpr int64_t kProbeGroup[] = {0, 1, 3, 4, 32, 35, 128, kInt8MaxGroup, kInt8MaxGroup + 1, sherry::kMaxGroupSize - 4,
+                                   sherry::kMaxGroupSize, sherry::kMaxGroupSize + 3};
 
 std::vector<std::pair<int64_t, int64_t>> probes() {
   std::vector<std::pair<int64_t, int64_t>> out;
@@ -37,7 +40,8 @@ std::string table_json() {
     json += std::string("{\"name\": \"") + t.name + "\", \"op_type\": \"" + t.op_type +
             "\", \"k_multiple\": " + std::to_string(t.k_multiple) +
             ", \"group_multiple\": " + std::to_string(t.group_multiple) +
-            ", \"lanes_per_code\": " + std::to_string(t.lanes_per_code) + ", \"row_bytes\": [";
+            ", \"lanes_per_code\": " + std::to_string(t.lanes_per_code) +
+            ", \"max_weight\": " + std::to_string(t.max_weight) + ", \"row_bytes\": [";
     bool first = true;
     for (const auto& [k, gs] : probes()) {
       const bool valid = sherry::check_geometry(t.id, 1, k, gs).empty();

@@ -13,8 +13,9 @@
 
 namespace sherry {
 
-// The formats, in the order of Format's values: kFormats (below) is indexed by them.
-enum class Format : int { kSherry = 0, kTL2 = 1, kI2S = 2 };
+// The formats, in the order of Format's values: kFormats (below) is indexed by them. The first three
+// hold ternary weights (the projections); kInt8 holds signed 8-bit weights, for LM heads.
+enum class Format : int { kSherry = 0, kTL2 = 1, kI2S = 2, kInt8 = 3 };
 
 // ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (which overflows for a K near INT64_MAX).
 inline constexpr int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
@@ -23,9 +24,11 @@ constexpr int kSherryBlock = 4;     // weights per Sherry block (exactly one zer
 constexpr int kActivationQmax = 127;
 
 // The longest scale group a kernel may take (docs/formats.md, "Scale groups"): a group's exact dot
-// product sum(t * xq) reaches 127 * length in magnitude and must fit int32, because every kernel
-// accumulates it there. 16,909,320 columns; past that the dot product would wrap around silently.
+// product sum(w * xq) reaches 127 * max|w| * length in magnitude and must fit int32, because every
+// kernel accumulates it there. For ternary weights (max|w| = 1) that is 16,909,320 columns; past it the
+// dot product would wrap around silently. max_group_size(Format) gives each format's bound.
 constexpr int64_t kMaxGroupSize = std::numeric_limits<int32_t>::max() / kActivationQmax;
+constexpr int kInt8Max = 127;  // int8 weights lie in [-127, 127]: code 0 (-128) is invalid
 
 // Shape of one packed weight [N, K] with scale groups of `group_size` along K (the last may be short).
 struct Geometry {
@@ -120,6 +123,18 @@ inline bool i2s_decode_row(const uint8_t* row, int64_t k, int64_t /*group_size*/
   return true;
 }
 
+// int8: one byte per weight, the code w + 128 (MatMulNBits' 8-bit layout with its default zero point,
+// so GatherBlockQuantized reads the same bytes); w in [-127, 127], code 0 is invalid.
+inline int64_t int8_codes(int64_t k, int64_t /*group_size*/) { return k; }
+inline int64_t int8_row_bytes(int64_t k, int64_t /*group_size*/) { return k; }
+inline bool int8_decode_row(const uint8_t* row, int64_t k, int64_t /*group_size*/, int8_t* out) {
+  for (int64_t i = 0; i < k; ++i) {
+    if (row[i] == 0) return false;
+    out[i] = static_cast<int8_t>(static_cast<int>(row[i]) - 128);
+  }
+  return true;
+}
+
 // Everything the op library knows about one format. Adding a format is one entry in kFormats (and
 // its kernels); sherry_export/formats.py's FORMATS holds the same facts for Python, and
 // tests/test_format_table.py checks the two against each other through SherryFormatTable().
@@ -130,16 +145,18 @@ struct FormatTraits {
   int k_multiple;       // K must be a multiple of this
   int group_multiple;   // group_size must be a multiple of this
   int lanes_per_code;   // weights per code of the canonical row
+  int max_weight;       // the largest |w| a code stands for: 1 for ternary, 127 for int8
   int64_t (*codes_per_row)(int64_t k, int64_t group_size);
   int64_t (*row_bytes)(int64_t k, int64_t group_size);
   bool (*decode_row)(const uint8_t* row, int64_t k, int64_t group_size, int8_t* out);
 };
 
 inline constexpr FormatTraits kFormats[] = {
-    {Format::kSherry, "sherry", "SherryMatMul", kSherryBlock, kSherryBlock, kSherryBlock, sherry_codes,
+    {Format::kSherry, "sherry", "SherryMatMul", kSherryBlock, kSherryBlock, kSherryBlock, 1, sherry_codes,
      sherry_row_bytes, sherry_decode_row},
-    {Format::kTL2, "tl2", "TL2MatMul", 1, 1, 3, tl2_triples, tl2_row_bytes, tl2_decode_row},
-    {Format::kI2S, "i2s", "I2SMatMul", 1, 1, 1, i2s_codes, i2s_row_bytes, i2s_decode_row},
+    {Format::kTL2, "tl2", "TL2MatMul", 1, 1, 3, 1, tl2_triples, tl2_row_bytes, tl2_decode_row},
+    {Format::kI2S, "i2s", "I2SMatMul", 1, 1, 1, 1, i2s_codes, i2s_row_bytes, i2s_decode_row},
+    {Format::kInt8, "int8", "Int8MatMul", 1, 1, 1, kInt8Max, int8_codes, int8_row_bytes, int8_decode_row},
 };
 inline constexpr int kFormatCount = static_cast<int>(sizeof kFormats / sizeof kFormats[0]);
 
@@ -159,16 +176,23 @@ inline bool decode_row(Format f, const uint8_t* row, int64_t k, int64_t group_si
   return traits(f).decode_row(row, k, group_size, out);
 }
 
+// The longest scale group of format f: 127 x max|w| x group_size must fit int32.
+inline int64_t max_group_size(Format f) {
+  return std::numeric_limits<int32_t>::max() / (int64_t{kActivationQmax} * traits(f).max_weight);
+}
+
 // Empty string if (format, K, group_size) is a valid geometry, else what is wrong.
 inline std::string check_geometry(Format f, int64_t n, int64_t k, int64_t group_size) {
   if (n <= 0) return "N must be positive, got " + std::to_string(n);
   if (k <= 0) return "K must be positive, got " + std::to_string(k);
   if (group_size <= 0 || group_size > k)
     return "group_size must be in [1, K=" + std::to_string(k) + "], got " + std::to_string(group_size);
-  if (group_size > kMaxGroupSize)
-    return "group_size must be at most " + std::to_string(kMaxGroupSize) + " (127 x group_size must fit the int32 " +
-           "dot product of a scale group), got " + std::to_string(group_size) + "; use smaller scale groups";
   const FormatTraits& t = traits(f);
+  if (group_size > max_group_size(f))
+    return "group_size must be at most " + std::to_string(max_group_size(f)) + " (127 x " +
+           (t.max_weight == 1 ? std::string() : std::to_string(t.max_weight) + " x ") +
+           "group_size must fit the int32 dot product of a scale group), got " + std::to_string(group_size) +
+           "; use smaller scale groups";
   if (k % t.k_multiple || group_size % t.group_multiple) {
     const std::string rule = t.k_multiple == t.group_multiple
                                  ? "K and group_size divisible by " + std::to_string(t.k_multiple)

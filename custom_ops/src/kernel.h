@@ -146,6 +146,12 @@ std::unique_ptr<MatMulKernel> make_or_decline(const PackedWeights& w, std::strin
 std::unique_ptr<MatMulKernel> make_scalar_kernel(const PackedWeights& w);
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined);
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined);
+// The int8 format's SIMD kernels (kernel_int8_avx2.cc, kernel_int8_avx512.cc); make_avx512_kernel and
+// make_avx2_path_kernel hand int8 weights to them.
+std::unique_ptr<MatMulKernel> make_int8_avx2_kernel(const PackedWeights& w, std::string* declined);
+std::unique_ptr<MatMulKernel> make_int8_avx512_kernel(const PackedWeights& w, std::string* declined);
+// The AVX2 path for any format (kernel_paths.cc): make_int8_avx2_kernel or make_avx2_kernel.
+std::unique_ptr<MatMulKernel> make_avx2_path_kernel(const PackedWeights& w, std::string* declined);
 // The TVM-tuned kernel (kernel_tvm.cc) for these exact weights, if the library was built with one
 // this CPU can run; else nullptr, with the reason in *declined when that is not null.
 std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::string* declined);

@@ -47,9 +47,6 @@
 // -Wmaybe-uninitialized reports at every inlined intrinsic.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-#if __has_include(<sys/mman.h>)
-#include <sys/mman.h>  // madvise
-#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -62,6 +59,7 @@
 #include <vector>
 
 #include "kernel.h"
+#include "weight_buffer.h"
 
 namespace sherry {
 namespace {
@@ -71,39 +69,6 @@ constexpr size_t kAlphaBytes = 32;       // 16 float16 scales per tile and group
 constexpr int kSmallBatch = 4;           // up to this many rows of A, weights stream through once
 
 inline size_t round_up_64(size_t bytes) { return (bytes + 63) / 64 * 64; }
-
-// One cache line; vectors of these are 64-byte aligned storage for zmm data (std::vector<__m512i>
-// would drop the vector type's attributes).
-struct alignas(64) Line {
-  uint8_t bytes[64];
-};
-
-// The private weights, 64-byte aligned. The whole 2 MiB pages inside them are marked for
-// transparent huge pages (Linux, where enabled): the cold weight stream then needs few TLB entries
-// (measured here: 5-15% faster decode on cold weights).
-class WeightBuffer {
- public:
-  explicit WeightBuffer(size_t lines) : size_(lines * sizeof(Line)) {
-    data_.reset(static_cast<uint8_t*>(std::aligned_alloc(sizeof(Line), std::max(size_, sizeof(Line)))));
-    if (!data_) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data_.get()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(data_.get()) + size_) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: failure is fine
-#endif
-  }
-  uint8_t* data() { return data_.get(); }
-  const uint8_t* data() const { return data_.get(); }
-  size_t size() const { return size_; }
-
- private:
-  struct Free {
-    void operator()(uint8_t* p) const noexcept { std::free(p); }
-  };
-  size_t size_;
-  std::unique_ptr<uint8_t, Free> data_;
-};
 
 inline float* as_floats(std::vector<Line>& v) { return reinterpret_cast<float*>(v.data()); }
 
@@ -980,6 +945,7 @@ std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::st
     case Format::kSherry: return make_or_decline<Code5Kernel<SherryCodes>>(w, declined);
     case Format::kTL2: return make_or_decline<Code5Kernel<TL2Codes>>(w, declined);
     case Format::kI2S: return make_or_decline<I2SKernel>(w, declined);
+    case Format::kInt8: return make_int8_avx512_kernel(w, declined);
   }
   return nullptr;
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sherry_export.arguments import lazy_command, thread_count
-from sherry_export.formats import EXPORT_FORMATS, REFERENCE_FORMAT
+from sherry_export.formats import EXPORT_FORMATS, FP32, LM_HEADS, REFERENCE_FORMAT
 from sherry_export.runtime import KERNEL_PATHS
 
 LLAMA_1B_SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]
@@ -87,5 +87,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--format", default=REFERENCE_FORMAT, choices=EXPORT_FORMATS, help="(default: %(default)s)")
     export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     export.set_defaults(func=lazy_command("sherry_export.bench.export", "cmd_export"))
+    head = sub.add_parser(
+        "head",
+        help="time the LM head alone (MatMulNBits 8/4-bit, our int8) against the probed bandwidth",
+        description=(
+            "The LM head node the exporter emits for each --lm-head, alone, on random codes of the head's "
+            "shape; interleaved rounds, a bandwidth probe per round; every call reads the whole table."
+        ),
+        epilog="example: sherry bench head --threads 1 2",
+    )
+    head.add_argument("--threads", nargs="+", type=thread_count, default=[1, 2], help="intra-op threads (default: 1 2)")
+    head.add_argument("--vocab", type=int, default=128256, help="rows of the head (default: LLaMA-3.2's 128256)")
+    head.add_argument("--hidden", type=int, default=2048, help="columns of the head (default: 2048)")
+    quantized_heads = [h for h in LM_HEADS if h != FP32]
+    head.add_argument(
+        "--heads", nargs="+", choices=quantized_heads, default=quantized_heads, help="head types (default: all)"
+    )
+    head.add_argument("--blocks", nargs="+", type=int, help="block / group sizes (default: the exporter's, 32)")
+    head.add_argument(
+        "--accuracy-levels",
+        nargs="+",
+        type=int,
+        default=[4],
+        help="MatMulNBits accuracy_level values (default: 4, int8 activations, the exporter's)",
+    )
+    head.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default: 4)")
+    head.add_argument("--runs", type=int, default=10, help="calls per candidate and round (default: 10)")
+    head.set_defaults(func=lazy_command("sherry_export.bench.head", "cmd_head"))
     pack_bench = sub.add_parser("pack", help="time the Sherry projection and each packer on 1e9 weights (LLaMA-3.2-1B)")
     pack_bench.set_defaults(func=lazy_command("sherry_export.bench.pack", "cmd_pack"))

@@ -58,6 +58,8 @@ class DecodeBandwidth:
     step_fraction: float
     projections_gb_per_s: float | None
     projections_fraction: float | None
+    lm_head_ms: float | None
+    """The LM head's node time per decode step in the profiled pass (ms)."""
     lm_head_gb_per_s: float | None
     lm_head_fraction: float | None
     scaling: float | None
@@ -74,10 +76,12 @@ def decode_bandwidth(results: CompareResults, fmt: str, threads: int) -> DecodeB
     def rate(nbytes: int, step_us: float) -> float | None:
         return nbytes / step_us / 1e3 if step_us > 0 else None  # bytes per µs / 1e3 = GB/s
 
-    projections = lm_head = None
+    projections = lm_head = lm_head_ms = None
     if profile is not None:
         projections = rate(size.projections.total_bytes, _projection_us(profile.step_us))
-        lm_head = rate(size.lm_head.total_bytes, profile.step_us.get(LM_HEAD_GROUP, 0.0))
+        head_us = profile.step_us.get(LM_HEAD_GROUP, 0.0)
+        lm_head = rate(size.lm_head.total_bytes, head_us)
+        lm_head_ms = head_us / 1e3 if head_us > 0 else None
     scaling = speed.thread_scaling(fmt, threads) if threads != 1 and 1 in speed.bandwidth_gb_per_s else None
     return DecodeBandwidth(
         step_bytes=step_bytes,
@@ -85,6 +89,7 @@ def decode_bandwidth(results: CompareResults, fmt: str, threads: int) -> DecodeB
         step_fraction=step / probe,
         projections_gb_per_s=projections,
         projections_fraction=None if projections is None else projections / probe,
+        lm_head_ms=lm_head_ms,
         lm_head_gb_per_s=lm_head,
         lm_head_fraction=None if lm_head is None else lm_head / probe,
         scaling=scaling,
@@ -159,6 +164,7 @@ def speed_detail_table(results: CompareResults) -> str:
         "step GB/s",
         "step % of probe",
         "projections % of probe",
+        "LM head ms",
         "LM head % of probe",
     ]
     rows = []
@@ -180,6 +186,7 @@ def speed_detail_table(results: CompareResults) -> str:
                     f"{b.step_gb_per_s:.2f}",
                     _percent(b.step_fraction),
                     _percent(b.projections_fraction),
+                    "" if b.lm_head_ms is None else f"{b.lm_head_ms:.3f}",
                     _percent(b.lm_head_fraction),
                 ]
             )
@@ -388,9 +395,9 @@ def markdown_report(results: CompareResults) -> str:
             "(`sherry_export/bandwidth.py`). In the speed table: step MB read = every weight a decode step "
             "reads (LM head and one embedding row included) plus the KV cache at the middle timed step's "
             f"context ({sp.decode_context(sp.decode_steps):g} positions); step GB/s = that over the median "
-            "step time; projections and LM head % of probe = their weight bytes over their node time in "
-            "the profiled pass; × 1-thread decode = decode tok/s over 1 thread's, median of per-repetition "
-            "ratios.",
+            "step time; LM head ms = the head node's time per step in the profiled pass; projections and LM "
+            "head % of probe = their weight bytes over their node time in the profiled pass; × 1-thread "
+            "decode = decode tok/s over 1 thread's, median of per-repetition ratios.",
             "",
             bandwidth_table(results),
         ]

@@ -30,8 +30,20 @@ from sherry_export.export.projections import (
     nbits_weight,
     quantize_float_nbits,
 )
-from sherry_export.formats import EMBEDDINGS, EXPORT_FORMATS, FP32, LM_HEADS, REFERENCE_FORMAT
+from sherry_export.formats import (
+    EMBEDDINGS,
+    EXPORT_FORMATS,
+    FORMATS,
+    FP32,
+    HEAD_FORMATS,
+    LM_HEADS,
+    REFERENCE_FORMAT,
+    get_format,
+    pack,
+    quantize_int8,
+)
 from sherry_export.models import SUPPORTED_ARCHITECTURES
+from sherry_export.onnx_ops import SHERRY_DOMAIN
 from sherry_export.qat import PTQConfig, quantized_linear
 from sherry_export.quant import Ternary, dequantize_ternary
 from sherry_export.ternary import PROJECTION_NAMES
@@ -64,6 +76,11 @@ class ExportOptions:
             raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
         if self.projection not in PROJECTION_NAMES:
             raise ValueError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTION_NAMES)}")
+
+    @property
+    def uses_op_library(self) -> bool:
+        """Whether the graph has ``ai.sherry`` nodes: ternary projections, or an LM head in one of our formats."""
+        return self.format in FORMATS or self.lm_head in HEAD_FORMATS
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
@@ -274,8 +291,23 @@ def resolve_embedding(options: ExportOptions, tied: bool) -> ExportOptions:
     return replace(options, embedding=options.lm_head if tied else FP32)
 
 
-Table = ir.Value | NBitsWeight
-"""A ``[vocab, hidden]`` table in the graph: a float32 initializer, or a block-quantized MatMulNBits weight."""
+@dataclass(frozen=True)
+class PackedTable:
+    """A ``[V, H]`` table in one of our head formats (``HEAD_FORMATS``): its codes ``B [V, H]`` (uint8, w + 128)
+    and float16 ``scales [V, blocks]``, which ``Int8MatMul`` and ``GatherBlockQuantized`` (8 bits, its default
+    zero point 128) both read as they are."""
+
+    format: str
+    b: ir.Value
+    scales: ir.Value
+    n: int
+    k: int
+    group_size: int
+
+
+Table = ir.Value | NBitsWeight | PackedTable
+"""A ``[vocab, hidden]`` table in the graph: a float32 initializer, a block-quantized MatMulNBits weight, or one
+in our int8 format."""
 
 
 def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gather_only: bool = False) -> Table:
@@ -283,15 +315,43 @@ def store_table(b: GraphBuilder, name: str, weight: np.ndarray, kind: str, gathe
     the LM head both read this form, so a tied table serves both (``gather_only``: no matmul reads it)."""
     if kind == FP32:
         return b.initializer(f"{name}.weight", weight)
+    if kind in HEAD_FORMATS:
+        packed = pack(kind, quantize_int8(weight, LM_HEAD_BLOCK), LM_HEAD_BLOCK)
+        return PackedTable(
+            kind,
+            b.initializer(f"{name}.B", packed.data),
+            b.initializer(f"{name}.scales", packed.scales),
+            packed.n,
+            packed.k,
+            packed.group_size,
+        )
     bits = int(kind.removeprefix("nbits"))
     q, scales = quantize_float_nbits(weight, bits, LM_HEAD_BLOCK)
     return nbits_weight(b, name, q, scales, bits, LM_HEAD_BLOCK, gather_only=gather_only)
 
 
 def emit_embedding(b: GraphBuilder, ids: ir.Value, table: Table) -> ir.Value:
-    """Rows ``ids`` of the table: ``Gather`` on float32, ``GatherBlockQuantized`` on the quantized bytes."""
+    """Rows ``ids`` of the table: ``Gather`` on float32, ``GatherBlockQuantized`` on the quantized bytes.
+
+    An int8 table's rows come out of ``GatherBlockQuantized`` in float16 (the type of its scales) and are cast
+    to float32: each value is the float16 rounding of (w·α), 2^-11 relative, far below the 8-bit step.
+    """
     if isinstance(table, NBitsWeight):
         return gather_nbits(b, ids, EMBED_NODE, table)
+    if isinstance(table, PackedTable):
+        rows = b.op(
+            "GatherBlockQuantized",
+            table.b,
+            ids,
+            table.scales,
+            domain=MS_DOMAIN,
+            name=EMBED_NODE,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=table.group_size,
+            bits=8,
+        )
+        return b.op("Cast", rows, to=FLOAT, name=f"{EMBED_NODE}.float")
     return b.op("Gather", table, ids, name=EMBED_NODE)
 
 
@@ -305,6 +365,18 @@ def emit_lm_head(b: GraphBuilder, x: ir.Value, table: Table) -> ir.Value:
     """
     if isinstance(table, NBitsWeight):
         return nbits_matmul(b, x, LM_HEAD_NODE, table)
+    if isinstance(table, PackedTable):
+        return b.op(
+            get_format(table.format).op_type,
+            x,
+            table.b,
+            table.scales,
+            domain=SHERRY_DOMAIN,
+            name=LM_HEAD_NODE,
+            K=table.k,
+            N=table.n,
+            group_size=table.group_size,
+        )
     return b.op("FusedMatMul", x, table, domain=MS_DOMAIN, name=LM_HEAD_NODE, transB=1)
 
 

@@ -19,7 +19,7 @@ from sherry_export.errors import output_folder
 from sherry_export.export.graph import save_model
 from sherry_export.export.llama import ExportOptions, build_decoder, resolve_embedding, tied_embedding
 from sherry_export.export.sizes import size_split
-from sherry_export.formats import FORMATS, FP32
+from sherry_export.formats import FP32
 from sherry_export.models import load_causal_lm, load_tokenizer
 from sherry_export.provenance import (
     ORIGIN_CHECKPOINT,
@@ -153,7 +153,7 @@ def export_model(
     onnx.checker.check_model(os.fspath(out / MODEL_FILE), full_check=True)  # by path: works past 2 GiB
     split = size_split(onnx.load(out / MODEL_FILE, load_external_data=False))
     context = min(int(model.config.max_position_embeddings), 4096)
-    custom_ops = options.format in FORMATS
+    custom_ops = options.uses_op_library
     (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer, context, custom_ops), indent=2))
     files.append(out / "genai_config.json")
     if custom_ops:  # the copy onnxruntime-genai loads (x86-64, every kernel path: it picks one at run time)

@@ -11,9 +11,10 @@ import onnx
 
 from sherry_export.export.graph import stored_bytes
 from sherry_export.export.llama import EMBED_NODE, LM_HEAD_NODE
-from sherry_export.formats import FORMATS
+from sherry_export.formats import ALL_FORMATS
 
-TERNARY_OPS = frozenset(f.op_type for f in FORMATS.values())
+TERNARY_OPS = frozenset(f.op_type for f in ALL_FORMATS.values())
+"""Our ops (the ternary formats' and the int8 head's): matmuls on a packed weight and its scales."""
 PARTS = ("projections", "embedding", "lm_head", "other")
 
 
