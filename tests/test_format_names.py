@@ -9,8 +9,9 @@ as a literal elsewhere, so a new format cannot be missed by a layer that lists t
 
 What counts as naming a format:
 
-- a string literal equal to a format's name. ``sherry`` and ``fp32`` are also the names of other things
-  (the Sherry projection and QAT method, sherry's own runner, the program; the float32 LM head), so for
+- a string literal equal to a format's name. ``sherry``, ``fp32`` and ``int8`` are also the names of other
+  things (the Sherry projection and QAT method, sherry's own runner, the program; the float32 LM head; the
+  kernels' int8 activations and numpy's dtype), so for
   them only a literal in a format position counts: compared with, assigned to, or the default or keyword
   value of a name that says ``format``/``fmt``, or the default of a ``--format`` option;
 - a collection literal (tuple, list, set, dict keys) holding two or more format names, whatever they are.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from sherry_export.formats import EXPORT_FORMATS, FORMATS, LM_HEADS, NBITS_FORMATS, REFERENCE_FORMAT
+from sherry_export.formats import EXPORT_FORMATS, FORMATS, FP32, HEAD_FORMATS, LM_HEADS, NBITS_FORMATS, REFERENCE_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("sherry_export", "tvm_schedules", "models/recipes")
@@ -36,7 +37,7 @@ KERNEL_MODULES = {
     Path("tvm_schedules/kernels.py"): "the TVM kernels' per-format decode instructions",
 }
 NAMES = frozenset(EXPORT_FORMATS) | frozenset(LM_HEADS)
-AMBIGUOUS = frozenset({REFERENCE_FORMAT, "fp32"})
+AMBIGUOUS = frozenset({REFERENCE_FORMAT, FP32, *HEAD_FORMATS})
 """Format names that are also the names of other things: a literal of them counts only in a format position."""
 
 

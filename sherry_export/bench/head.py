@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from sherry_export.bandwidth import read_bandwidth
 from sherry_export.export.graph import FLOAT, GraphBuilder
@@ -64,9 +65,8 @@ def head_model(candidate: Candidate, vocab: int, hidden: int, rng: np.random.Gen
         codes = rng.integers(0, 1 << bits, (vocab, hidden), dtype=np.uint8)
         table = nbits_weight(b, "lm_head", codes, scales, bits, candidate.block)
         nbytes = vocab * groups * candidate.block * bits // 8 + scales.nbytes
-    emit_lm_head(b, x, table)
-    b.add_output("logits", FLOAT, [1, 1, vocab])
-    model = b.model()
+    b.add_output(emit_lm_head(b, x, table), "logits", FLOAT, [1, 1, vocab])
+    model = ir.to_proto(b.model())
     for node in model.graph.node:  # the accuracy_level under test (the exporter's is NBITS_ACCURACY_LEVEL)
         for attribute in node.attribute:
             if attribute.name == "accuracy_level":
