@@ -11,7 +11,15 @@ import numpy as np
 import onnx
 import pytest
 
-from sherry_export.bench.kernels import bench_model, candidates, projection_for, replicate
+from sherry_export.bench.kernels import (
+    Candidate,
+    Timing,
+    bench_model,
+    candidates,
+    projection_for,
+    ratio_rows,
+    replicate,
+)
 from sherry_export.cli import main
 from sherry_export.formats import EXPORT_FORMATS, FORMATS, NBITS_FORMATS, pack
 from sherry_export.runtime import get_library_path, make_session
@@ -63,18 +71,43 @@ def test_kernel_benchmark_runs_and_writes_its_tables(tmp_path: Path) -> None:
             "3",
             "--cold-runs",
             "1",
+            "--repetitions",
+            "2",
+            "--bandwidth-bytes",
+            "1e6",
             "-o",
             str(tmp_path),
         ]
     )
     assert rc == 0
-    timings = json.loads((tmp_path / "kernels.json").read_text())["timings"]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    timings = result["timings"]
     labels = {c.label for c in candidates(["scalar"])}
     assert {t["candidate"] for t in timings} == labels
     assert {(t["batch"], t["mode"]) for t in timings} == {(1, "hot"), (1, "cold"), (128, "hot")}
+    assert sorted(t["repetition"] for t in timings) == sorted([0, 1] * (len(labels) * 3))
     assert all(t["median_us"] > 0 and t["weight_bytes"] > 0 for t in timings)
+    assert set(result["bandwidth_gb_per_s"]) == {"1"} and result["bandwidth_gb_per_s"]["1"] > 0
     table = (tmp_path / "kernels.md").read_text()
-    assert "i2s/sherry[scalar]" in table and f"{K}" in table
+    assert "i2s/sherry[scalar]" in table and f"{K}" in table and "sherry[scalar] cold % of probe" in table
+
+
+def test_ratios_are_paired_per_repetition_and_shares_use_the_probe() -> None:
+    """A ratio cell is the median (range) of the per-repetition ratios, each from the candidates timed side
+    by side in that repetition; the cold share is the reference format's read rate over the probed GB/s."""
+    paths = ["avx2"]
+    reference, baseline = Candidate("sherry", "avx2").label, Candidate("i2s", "avx2").label
+    timings = [
+        Timing(reference, K, N, 1, 1, "cold", 10.0, 10_000, 0),
+        Timing(baseline, K, N, 1, 1, "cold", 20.0, 20_000, 0),
+        Timing(reference, K, N, 1, 1, "cold", 40.0, 10_000, 1),  # a slow spell hits both candidates
+        Timing(baseline, K, N, 1, 1, "cold", 40.0, 20_000, 1),
+    ]
+    headers, (row,) = ratio_rows(timings, paths, bandwidth={1: 0.5})
+    cells = dict(zip(headers, row, strict=True))
+    assert cells[f"{reference} µs"] == 25.0
+    assert cells["i2s/sherry[avx2]"] == "1.50 (1.00–2.00)"
+    assert cells["sherry[avx2] cold % of probe"] == "125% (50–200%)"
 
 
 def test_candidate_labels_name_the_op_and_the_path() -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sherry_export.arguments import lazy_command, thread_count
+from sherry_export.arguments import lazy_command, positive_int, thread_count
+from sherry_export.bandwidth import DEFAULT_BYTES
 from sherry_export.formats import EXPORT_FORMATS, FP32, LM_HEADS, REFERENCE_FORMAT
 from sherry_export.runtime import KERNEL_PATHS
 
@@ -76,6 +77,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="calls timed in hot mode at batch 1 (default: 100; at batch 128, a tenth)",
     )
     kernels.add_argument("--cold-runs", type=int, default=2, help="passes over all nodes in cold mode (default: 2)")
+    kernels.add_argument(
+        "--repetitions",
+        type=positive_int,
+        default=3,
+        help="interleaved repetitions of every timing; ratios are given as median (range) (default: 3)",
+    )
+    kernels.add_argument(
+        "--bandwidth-bytes",
+        type=float,
+        default=DEFAULT_BYTES,
+        help="bytes the read-bandwidth probe reads per pass, well above the caches (default: %(default).3g)",
+    )
     kernels.add_argument("-o", "--output", type=Path, default=Path("results/bench"), help="where JSON/Markdown go")
     kernels.set_defaults(func=lazy_command("sherry_export.bench.kernels", "cmd_kernels"))
     export = sub.add_parser(

@@ -16,6 +16,7 @@ import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
+from sherry_export.bandwidth import read_bandwidth
 from sherry_export.bench import GROUP_SIZE, LLAMA_1B_SHAPES, MAX_COLD_NODES, PREFILL_BATCH, cold_copies
 from sherry_export.export.graph import FLOAT, GraphBuilder
 from sherry_export.export.projections import Projection, emit_projection, packed_matmul
@@ -61,6 +62,7 @@ class Timing:
     mode: str
     median_us: float
     weight_bytes: int
+    repetition: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -167,13 +169,19 @@ def run_kernel_bench(
     cold_bytes: float,
     hot_runs: int,
     cold_runs: int,
+    repetitions: int = 1,
 ) -> list[Timing]:
-    """Time every candidate on every configuration; returns one Timing each."""
+    """Time every candidate on every configuration ``repetitions`` times; returns one Timing each.
+
+    The repetitions of a configuration follow each other, every one over all candidates in an order
+    rotated by one, so that a slow spell of a shared machine falls on all candidates alike and no
+    candidate always runs right after the same one.
+    """
     timings: list[Timing] = []
     configs = list(configurations(shapes, threads))
     todo = candidates(paths)
     rng = np.random.default_rng(0)
-    with tqdm(total=len(configs) * len(todo), desc="bench kernels", unit="run") as bar:
+    with tqdm(total=len(configs) * len(todo) * repetitions, desc="bench kernels", unit="run") as bar:
         for k, n in shapes:
             projections = {c.format: projection_for(c.format, k, n) for c in todo}
             packed = {f: pack(f, projections[f].ternary, GROUP_SIZE) for f in FORMATS if f in projections}
@@ -181,57 +189,92 @@ def run_kernel_bench(
                 if (k_, n_) != (k, n):
                     continue
                 a = rng.standard_normal((batch, k), dtype=np.float32)
+                graphs: dict[Candidate, tuple[bytes, int, int]] = {}
                 for cand in todo:
-                    bar.set_postfix_str(f"{cand.label} {k}->{n} b{batch} t{t} {mode}")
                     model, per_node = bench_model(
                         cand.format, projections[cand.format], packed.get(cand.format), batch, k
                     )
                     copies = 1 if mode == "hot" else cold_copies(cold_bytes, per_node)
-                    # Prefill calls are long and steady: a tenth of the calls suffices.
-                    runs = cold_runs if mode == "cold" else hot_runs if batch == 1 else max(5, hot_runs // 10)
-                    nodes = copies * len(model.graph.node)
-                    try:
-                        times = profiled_node_times(replicate(model, copies), nodes, cand, t, a, runs)
-                    except Exception as e:  # the tvm path has kernels for the tuned shapes only
-                        if cand.path != "tvm" or "no tuned TVM kernel" not in str(e):
-                            raise
+                    graphs[cand] = (replicate(model, copies), copies * len(model.graph.node), per_node)
+                # Prefill calls are long and steady: a tenth of the calls suffices.
+                runs = cold_runs if mode == "cold" else hot_runs if batch == 1 else max(5, hot_runs // 10)
+                for rep in range(repetitions):
+                    for cand in todo[rep % len(todo) :] + todo[: rep % len(todo)]:
+                        bar.set_postfix_str(f"{cand.label} {k}->{n} b{batch} t{t} {mode} #{rep + 1}")
+                        blob, nodes, per_node = graphs[cand]
+                        try:
+                            times = profiled_node_times(blob, nodes, cand, t, a, runs)
+                        except Exception as e:  # the tvm path has kernels for the tuned shapes only
+                            if cand.path != "tvm" or "no tuned TVM kernel" not in str(e):
+                                raise
+                            bar.update()
+                            continue
+                        median = statistics.median(times)
+                        timings.append(Timing(cand.label, k, n, batch, t, mode, median, per_node, rep))
                         bar.update()
-                        continue
-                    timings.append(Timing(cand.label, k, n, batch, t, mode, statistics.median(times), per_node))
-                    bar.update()
     return timings
 
 
-def ratio_rows(timings: list[Timing], paths: list[str]) -> tuple[list[str], list[list[object]]]:
-    """One row per configuration: each candidate's median µs, then the reference format's speed-up over each
-    of :data:`~sherry_export.formats.SPEED_BASELINES` on each path."""
+def spread(values: list[float], digits: int = 2, unit: str = "") -> str:
+    """The median of ``values``, and their range when they differ: ``1.23 (1.18–1.30)``, ``61% (58–64%)``."""
+    median = f"{statistics.median(values):.{digits}f}{unit}"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return median if low == high else f"{median} ({low}–{high}{unit})"
+
+
+def ratio_rows(
+    timings: list[Timing], paths: list[str], bandwidth: dict[int, float] | None = None
+) -> tuple[list[str], list[list[object]]]:
+    """One row per configuration: each candidate's median µs (the median over repetitions of each
+    repetition's median), then the reference format's speed-up over each of
+    :data:`~sherry_export.formats.SPEED_BASELINES` on each path, as the median and range of the
+    per-repetition ratios (the candidates of one repetition ran side by side). With ``bandwidth``
+    (GB/s probed per thread count), the cold rows also give the share of it at which the reference
+    format's kernel reads its weights on each path."""
     labels = list(dict.fromkeys(t.candidate for t in timings))
-    by_config: dict[tuple, dict[str, Timing]] = {}
+    by_config: dict[tuple, dict[str, dict[int, Timing]]] = {}
     for t in timings:
-        by_config.setdefault((t.k, t.n, t.batch, t.threads, t.mode), {})[t.candidate] = t
+        by_config.setdefault((t.k, t.n, t.batch, t.threads, t.mode), {}).setdefault(t.candidate, {})[t.repetition] = t
     ratio_headers = [f"{b}/{REFERENCE_FORMAT}[{path}]" for path in paths for b in SPEED_BASELINES]
+    share_headers = [f"{REFERENCE_FORMAT}[{path}] cold % of probe" for path in paths] if bandwidth else []
     headers = ["K->N", "batch", "threads", "weights", *[f"{label} µs" for label in labels], *ratio_headers]
+    headers += share_headers
     rows = []
     for (k, n, batch, threads, mode), cands in by_config.items():
         row: list[object] = [f"{k}->{n}", batch, threads, mode]
-        row += [round(cands[c].median_us, 1) if c in cands else "-" for c in labels]  # tvm: tuned shapes only
+        for c in labels:  # tvm: tuned shapes only
+            row.append(round(statistics.median(t.median_us for t in cands[c].values()), 1) if c in cands else "-")
         for path in paths:
-            reference = cands.get(Candidate(REFERENCE_FORMAT, path).label)
-            for other in (Candidate(b, path).label for b in SPEED_BASELINES):
-                row.append(cands[other].median_us / reference.median_us if reference and other in cands else "-")
+            reference = cands.get(Candidate(REFERENCE_FORMAT, path).label, {})
+            for other in (cands.get(Candidate(b, path).label, {}) for b in SPEED_BASELINES):
+                ratios = [other[r].median_us / reference[r].median_us for r in reference if r in other]
+                row.append(spread(ratios) if ratios else "-")
+        for path in paths if bandwidth else []:
+            reference = cands.get(Candidate(REFERENCE_FORMAT, path).label, {})
+            if mode != "cold" or not reference:
+                row.append("-")
+                continue
+            shares = [100 * t.gb_per_s / bandwidth[threads] for t in reference.values()]
+            row.append(spread(shares, 0, "%"))
         rows.append(row)
     return headers, rows
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else LLAMA_1B_SHAPES
-    timings = run_kernel_bench(shapes, args.threads, args.paths, args.cold_bytes, args.hot_runs, args.cold_runs)
-    headers, rows = ratio_rows(timings, args.paths)
+    bandwidth = {t: read_bandwidth(t, args.bandwidth_bytes) for t in args.threads}
+    timings = run_kernel_bench(
+        shapes, args.threads, args.paths, args.cold_bytes, args.hot_runs, args.cold_runs, args.repetitions
+    )
+    headers, rows = ratio_rows(timings, args.paths, bandwidth)
     table = markdown_table(headers, rows)
     machine = machine_description()
+    probes = ", ".join(f"{v:.1f} GB/s on {t} thread{'s' if t > 1 else ''}" for t, v in bandwidth.items())
     print(
-        f"\n{machine}; median µs per call, from onnxruntime's profiler; cold = batch 1 over "
-        f"{args.cold_bytes / 1e9:.2f} GB of distinct weights per candidate (at most {MAX_COLD_NODES} nodes)\n\n{table}"
+        f"\n{machine}; median µs per call, from onnxruntime's profiler, over {args.repetitions} interleaved "
+        f"repetitions (ratios: median and range of the per-repetition ratios); cold = batch 1 over "
+        f"{args.cold_bytes / 1e9:.2f} GB of distinct weights per candidate (at most {MAX_COLD_NODES} nodes); "
+        f"read bandwidth probed at {probes}\n\n{table}"
     )
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "kernels.json").write_text(
@@ -239,11 +282,13 @@ def cmd_kernels(args: argparse.Namespace) -> int:
             {
                 "machine": machine,
                 "cold_bytes": args.cold_bytes,
+                "repetitions": args.repetitions,
+                "bandwidth_gb_per_s": bandwidth,
                 "timings": [asdict(t) | {"gb_per_s": t.gb_per_s} for t in timings],
             },
             indent=1,
         )
     )
-    (args.output / "kernels.md").write_text(f"Machine: {machine}\n\n{table}\n")
+    (args.output / "kernels.md").write_text(f"Machine: {machine}; read bandwidth probed at {probes}\n\n{table}\n")
     print(f"\nwrote {args.output / 'kernels.json'} and {args.output / 'kernels.md'}")
     return 0
