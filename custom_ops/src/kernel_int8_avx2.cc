@@ -121,6 +121,7 @@ class Int8Avx2Kernel final : public MatMulKernel {
       for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
       int64_t q = q0;
       for (; q + 2 <= q1; q += 2) {
+        prefetch_int8_weights(tile + q * 32);  // the 64-byte line of both quads
         const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + q * 32));
         const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + (q + 1) * 32));
         for (int i = 0; i < R; ++i) {

@@ -119,6 +119,8 @@ class Int8Avx512Kernel final : public MatMulKernel {
       for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
       int64_t q = q0;
       for (; q + 2 <= q1; q += 2) {  // two chains per row: vpdpbusd's latency
+        prefetch_int8_weights(tile + q * 64);
+        prefetch_int8_weights(tile + (q + 1) * 64);
         const __m512i w0 = _mm512_load_si512(tile + q * 64), w1 = _mm512_load_si512(tile + (q + 1) * 64);
         for (int i = 0; i < R; ++i) {
           dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * q));
