@@ -414,6 +414,17 @@ void check_extreme_groups(const std::vector<Path>& paths) {
         }
         expect_same(run_op(*fast, w.g, x, 1, nullptr, 1 << 20, 1, 0x33), want,
                     describe(p.name, f, n, k, k, 1) + " extreme group");
+        if (n == 1) continue;
+        // The prefill paths (AVX-512 planes, AVX2 GEMM) on the same rows: their unsigned w + 1 sums
+        // pass 2^31 and wrap, and the -Σxq correction brings them back.
+        constexpr int64_t kRows = 33;
+        std::vector<float> rows, want_rows;
+        for (int64_t r = 0; r < kRows; ++r) {
+          rows.insert(rows.end(), x.begin(), x.end());
+          want_rows.insert(want_rows.end(), want.begin(), want.end());
+        }
+        expect_same(run_op(*fast, w.g, rows, kRows, nullptr, 1 << 20, kRows, 0x33), want_rows,
+                    describe(p.name, f, n, k, k, kRows) + " extreme group");
       }
     }
   }
