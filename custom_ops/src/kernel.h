@@ -2,10 +2,12 @@
 // code stays apart from the arithmetic. A kernel owns its private repacked copy of the weights,
 // made once from the canonical layout in docs/formats.md.
 //
-// One Compute of the op runs:
-//   1. prepare_row_for(A[m], M, workspace + m * activation_row_bytes())  for every row m of A (in parallel);
+// One Compute of the op runs (stride = activation_row_bytes_for(M)):
+//   1. prepare_row_for(A[m], M, workspace + m * stride)            for every row m of A (in parallel);
 //   2. compute(workspace, M, n_begin, n_end, bias, Y)             for output-row tiles (in parallel),
 //      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
+// The op cuts N into groups of row tiles first and the rows of A into chunks (of at least
+// min_row_chunk() rows) only as far as the threads need.
 // At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
 // into a workspace of its own (matmul_op.cc), so prepare_row must be callable from any thread.
 // Both steps run inside onnxruntime's parallel sections. A kernel should allocate what they need when
@@ -50,6 +52,14 @@ class MatMulKernel {
   // Bytes of workspace one prepared activation row takes (a multiple of 64).
   virtual size_t activation_row_bytes() const = 0;
 
+  // The same for a call of `call_rows` rows of A, the rows' stride in such a call's workspace: a
+  // kernel whose layout depends on the call (prepare_row_for) may need less for some calls, and then
+  // finds the stride, as it finds its path, from what the rows hold. At most activation_row_bytes().
+  virtual size_t activation_row_bytes_for(int64_t call_rows) const {
+    (void)call_rows;
+    return activation_row_bytes();
+  }
+
   // Quantize and lay out one row of A (K floats) into `workspace_row` (64-byte aligned).
   // Padding contract: the op hands over the workspace uninitialised (no memset per call), with
   // whatever earlier calls left in it. prepare_row must therefore write every byte that compute may
@@ -68,8 +78,17 @@ class MatMulKernel {
     prepare_row(a_row, workspace_row);
   }
 
+  // The fewest rows of A worth one compute() call, for a call of `call_rows` rows. A kernel whose
+  // path for such a call decodes its weights once per compute() (and then runs them over every row
+  // it is given) says how many rows make that decode worth it; the op cuts the rows of A into chunks
+  // no smaller than that, unless N has too few work items to feed the threads (matmul_op.cc).
+  virtual int64_t min_row_chunk(int64_t call_rows) const {
+    (void)call_rows;
+    return 1;
+  }
+
   // Y[m, n] for m in [0, M), n in [n_begin, n_end), row stride N; bias (N floats) may be null.
-  // `workspace` holds M prepared rows at stride activation_row_bytes().
+  // `workspace` holds M prepared rows at stride activation_row_bytes_for(the call's rows).
   virtual void compute(const uint8_t* workspace, int64_t m, int64_t n_begin, int64_t n_end,
                        const float* bias, float* y) const = 0;
 };

@@ -76,6 +76,11 @@ constexpr int64_t kGemmSegmentSteps = 64;  // GEMM int16 bound: 64 * 508 <= 3251
 constexpr int64_t kGemmMinRowsSherry = 64;
 constexpr int64_t kGemmMinRowsTL2 = 12;
 constexpr int64_t kGemmMinRowsI2S = 6;
+// The fewest rows of A a GEMM compute() call should get (min_row_chunk): each call decodes its tiles
+// once. Through onnxruntime at 128 rows, 1 thread (Zen 4): 2048->512 ran 5-8% faster in chunks of
+// 64 or 128 rows than in chunks of 32; 8192->2048 3-4% slower in chunks of 128 (128 rows of xq at
+// K = 8192 outgrow L2), the other shapes within the noise.
+constexpr int64_t kGemmMinChunk = 64;
 constexpr int kLutRows = 4;              // rows of A per lookup pass: 8 int8 accumulators + 6 shared
 constexpr int kGemmRows = 6;             // rows of A per micro-kernel: 12 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kAlphaBytes = kTileRows * 2;  // 32 fp16 scales per tile and group
@@ -339,8 +344,13 @@ class Avx2Kernel final : public MatMulKernel {
   KernelPath path() const override { return KernelPath::kAVX2; }
   int64_t row_tile() const override { return kRowTile; }
   size_t activation_row_bytes() const override { return row_bytes_; }
+  // A call that builds no lookup tables (see prepare_row_for) leaves out their room.
+  size_t activation_row_bytes_for(int64_t call_rows) const override {
+    return lut_format() && gemv_for(call_rows) ? row_bytes_ : lut_offset_;
+  }
   void prepare_row(const float* a_row, uint8_t* ws) const override { prepare_row_for(a_row, 1, ws); }
   void prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const override;
+  int64_t min_row_chunk(int64_t call_rows) const override { return gemv_for(call_rows) ? 1 : kGemmMinChunk; }
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
@@ -383,7 +393,7 @@ class Avx2Kernel final : public MatMulKernel {
   int64_t tile_bytes_ = 0;
 
   // Workspace row: xq in lane space | int32 sum(xq) per group, then the int32 "tables built" flag |
-  // float s per group | LUT (32 B/unit, only when the flag is set).
+  // float s per group | LUT (32 B/unit, only when the flag is set: rows without lie lut_offset_ apart).
   size_t xsum_offset_ = 0, flag_offset_ = 0, scale_offset_ = 0, lut_offset_ = 0, row_bytes_ = 0;
 
   // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
@@ -956,15 +966,15 @@ void Avx2Kernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t 
 template <class Prefetch>
 void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end,
                               const float* bias, float* y) const {
-  const size_t stride = row_bytes_;
   const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(n_end, kTileRows);
   alignas(32) float out[kTileRows];
   alignas(32) float outs[kLutRows][kTileRows];
 
-  // The lookup-table formats follow the rows (all rows of a call hold the same flag): the op may
-  // hand over a chunk of fewer rows than the call had.
+  // The lookup-table formats follow the rows (all rows of a call hold the same flag), for the path
+  // and the rows' stride: the op may hand over a chunk of fewer rows than the call had.
   int32_t tables = 0;
   std::memcpy(&tables, ws + flag_offset_, sizeof tables);
+  const size_t stride = tables ? row_bytes_ : lut_offset_;
   if (lut_format() ? tables != 0 : gemv_for(m)) {
     if constexpr (std::is_same_v<Prefetch, LutPrefetcher>) {
       // Blocks of kLutRows rows of A outer, tiles inner: a block's tables (32 bytes per unit and

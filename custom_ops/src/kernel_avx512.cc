@@ -17,13 +17,22 @@
 // by 16) for the exact Σ w·xq of 512 weights. Decoding the codes to weight planes instead (vpermb
 // per lane, then vpdpbusd per lane, as i2s does) costs 8 such ops per piece instead of ~3.5; on
 // the AMD Zen 4 this was tuned on, vpermb and vpdpbusd share execution pipes, and the plane decode
-// left Sherry compute-bound at half the memory speed.
+// left Sherry compute-bound at half the memory speed at batch 1.
 //
 // i2s (2-bit codes) decodes to weight planes by masking: plane p of a piece is the code byte &
 // (3 << 2p), multiplied by the plane-p activation dword; one accumulator per plane, scaled back by
-// 4^-p (exactly) at the group end, and the +1 offset removed via -Σxq. Prefill (batch > 4) decodes
-// two tiles at a time, a block of groups at a time, into an L1 buffer of w+1 planes and runs a
-// 4 x 32 VNNI micro-kernel over all rows of A.
+// 4^-p (exactly) at the group end, and the +1 offset removed via -Σxq.
+//
+// Prefill, every format ("weight planes" below): from 5 rows of A in a call (i2s) or kPlaneMinRows
+// (sherry 32, tl2 16), the weights of two tiles are decoded, a block of groups at a time, into an
+// L1 buffer of w + 1 planes (i2s by shift and mask; sherry and tl2 by one vpermb per lane on the
+// 5-bit codes), and one 4 x 32 VNNI micro-kernel runs over all rows of A given: per row of A one
+// vpdpbusd per 4 weights and 16 rows, the decode shared by all rows. Per row that is a little
+// cheaper than the lookups (4 vpermi2b, 2 adds, 2 vpdpbusd per 512 weights), so the planes win from
+// the row count where the decode is paid off. Such a call's prepare_row_for writes plane activations
+// (i2s's layout; sherry and tl2 behind a head that marks the rows' layout) instead of tables, a
+// sixteenth of their bytes; compute() follows the mark, since it may get a chunk of the call's rows,
+// and min_row_chunk keeps those chunks long enough to amortize the decode.
 //
 // Private weight layouts (built once by the factory), ordered exactly as the kernels read them, so
 // that a work item streams forward through memory:
@@ -158,6 +167,7 @@ struct Plan {
 
   // piece_cols: columns per piece; group_weight_bytes(pieces): a group's code bytes per tile.
   template <class GroupBytes>
+  // with_corr: an int32 -Σxq per group (the plane path's correction for weights stored as w + 1).
   Plan(const Geometry& geometry, int64_t piece_cols, size_t piece_act_bytes, bool with_corr,
        GroupBytes group_weight_bytes)
       : g(geometry) {
@@ -188,10 +198,10 @@ struct Plan {
 };
 
 // Cache lines for `weight_bytes` of private weights, once check_memory_budget has accepted them,
-// the per-thread `scratch_bytes` and the plan's prepared activation row.
-inline size_t budgeted_lines(const PackedWeights& w, const Plan& plan, size_t weight_bytes, size_t scratch_bytes) {
+// the per-thread `scratch_bytes` and the (largest) prepared activation row, `row_bytes`.
+inline size_t budgeted_lines(const PackedWeights& w, size_t row_bytes, size_t weight_bytes, size_t scratch_bytes) {
   check_memory_budget(w, static_cast<double>(weight_bytes) + static_cast<double>(scratch_bytes),
-                      static_cast<double>(plan.act_row_bytes));
+                      static_cast<double>(row_bytes));
   return (weight_bytes + sizeof(Line) - 1) / sizeof(Line);
 }
 
@@ -203,6 +213,196 @@ inline void store_tile(const float* ysum, size_t ysum_stride, int64_t rows, int6
     _mm512_mask_storeu_ps(y + i * n + t * kTileRows, mask, add_exact(_mm512_load_ps(ysum + i * ysum_stride), b));
 }
 
+// --- weight planes: the prefill path of every format ---------------------------------------------
+//
+// From some rows of A on (kSmallBatch for i2s, kPlaneMinRows for sherry and tl2), every format
+// multiplies like a GEMM: the weights of kPlaneTiles tiles are decoded, a block of groups at a time,
+// into an L1 buffer of w + 1 weight planes, and one VNNI micro-kernel (kPlaneRows rows of A x
+// kPlaneTiles tiles) runs over all the rows of A it is given; a format brings only its decode.
+// A *step* is 4 columns of a piece: lane p of its 4 blocks of 4 (sherry, i2s) or of its 4 triples
+// (tl2); a piece has Lanes steps (4 or 3). A step's plane is one zmm per tile whose byte 4r + j holds
+// w + 1 of row r at lane p of block or triple j; a prepared row holds per group one dword per step
+// (byte j: xq of that column), -Σxq and s (PlaneRows). vpdpbusd multiplies the unsigned w + 1 by the
+// signed xq, and the accumulators start at -Σxq, which takes the +1 back out.
+
+constexpr int kPlaneTiles = 2;                   // tiles decoded together: one micro-kernel column each
+constexpr int kPlaneRows = 4;                    // rows of A per micro-kernel call
+constexpr size_t kPlaneBufferBytes = 24 * 1024;  // decoded weight block target (L1)
+// The fewest rows of A a compute() call on the plane path should get (min_row_chunk): each call
+// decodes its tiles once. Measured through onnxruntime at 128 rows, 1 thread (Zen 4): chunks of 128
+// rows ran sherry and tl2 2-5% faster than chunks of 64 and 4-8% faster than 32 (i2s: 0-3%).
+constexpr int64_t kPlaneMinChunk = 128;
+
+// Per-thread scratch of compute(), reused across calls (no allocation once warm).
+struct Scratch {
+  std::vector<Line> planes;  // plane path: decoded weight block, [step][tile] zmm
+  std::vector<Line> alpha;   // plane path: [group in block][tile] 16 float scales
+  std::vector<Line> y;       // [row of A][tile] 16 float partial sums
+  std::vector<Line> carry;   // code5 lookups: int32 sums of a group split over chunks
+};
+
+// Where the plane activations of a prepared row lie (the layout of a Plan with 4 x lanes activation
+// bytes per piece and corrections): group g at g * group_bytes, a piece's Lanes step dwords after
+// another; one int32 -Σxq and one float s per group. Rows lie row_bytes apart: the plan's, and the
+// `head` bytes a kernel keeps before each (the layout starts after them).
+struct PlaneRows {
+  size_t row_bytes, group_bytes, piece_bytes, corr_offset, scale_offset;
+  int64_t groups, pieces_full, pieces_last;
+  // lanes: steps per piece (the plan's pieces are 4 x lanes columns).
+  PlaneRows(const Plan& plan, int lanes, size_t head = 0)
+      : row_bytes(head + plan.act_row_bytes),
+        group_bytes(static_cast<size_t>(plan.pieces_full) * 4 * static_cast<size_t>(lanes)),
+        piece_bytes(4 * static_cast<size_t>(lanes)),
+        corr_offset(plan.act_corr_offset),
+        scale_offset(plan.act_scale_offset),
+        groups(plan.groups),
+        pieces_full(plan.pieces_full),
+        pieces_last(plan.pieces_last) {}
+  int64_t pieces(int64_t g) const { return g + 1 == groups ? pieces_last : pieces_full; }
+  int32_t correction(const uint8_t* row, int64_t g) const {
+    return reinterpret_cast<const int32_t*>(row + corr_offset)[g];
+  }
+  float scale(const uint8_t* row, int64_t g) const { return reinterpret_cast<const float*>(row + scale_offset)[g]; }
+};
+
+// The per-thread scratch the plane path decodes into: kPlaneBufferBytes, or one group's planes.
+inline size_t plane_scratch_bytes(const PlaneRows& a) {
+  return std::max<size_t>(kPlaneBufferBytes,
+                          static_cast<size_t>(a.pieces_full) * a.piece_bytes / 4 * kPlaneTiles * sizeof(Line));
+}
+
+// vpermb indices that turn 4 pieces of 4 x lanes quantized columns, piece v in bytes [16v, 16v + 4
+// lanes) (column lanes j + p: lane p of block or triple j), into their step dwords, packed: byte
+// 4 lanes v + 4p + j.
+inline __m512i plane_order(int lanes) {
+  alignas(64) uint8_t index[64] = {};
+  for (int v = 0; v < 4; ++v)
+    for (int p = 0; p < lanes; ++p)
+      for (int j = 0; j < 4; ++j) index[4 * lanes * v + 4 * p + j] = static_cast<uint8_t>(16 * v + lanes * j + p);
+  return _mm512_load_si512(index);
+}
+
+// The plane activations (layout `a`, Lanes = piece_bytes / 4), -Σxq and s of every group of one row;
+// `order` is plane_order(Lanes).
+inline void prepare_plane_row(const Plan& plan, const PlaneRows& a, __m512i order, const float* a_row,
+                              uint8_t* ws) {
+  const Geometry& g = plan.g;
+  const int64_t piece_cols = static_cast<int64_t>(a.piece_bytes);  // one byte per column
+  auto* corr = reinterpret_cast<int32_t*>(ws + a.corr_offset);
+  auto* scale = reinterpret_cast<float*>(ws + a.scale_offset);
+  for (int64_t gi = 0; gi < plan.groups; ++gi) {
+    const float* x = a_row + g.group_begin(gi);
+    const int64_t length = g.group_length(gi), pieces = plan.pieces(gi);
+    uint8_t* out = ws + gi * a.group_bytes;
+    const float amax = group_amax(x, length);
+    if (!(amax > 0.f)) {
+      std::memset(out, 0, static_cast<size_t>(pieces) * a.piece_bytes);
+      corr[gi] = 0;
+      scale[gi] = std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
+    // Σxq from the bytes themselves (offset-binary sums of 8), so a NaN product counts as its 0 byte.
+    __m512i sum = _mm512_setzero_si512();
+    int64_t summed = 0;
+    for (int64_t piece = 0, c = 0; piece < pieces; piece += 4, c += 4 * piece_cols, summed += 64) {
+      __m512i bytes = _mm512_setzero_si512();
+      for (int v = 0; v < 4 && c + piece_cols * v < length; ++v) {
+        const int64_t first = c + piece_cols * v;
+        bytes = _mm512_mask_broadcast_i32x4(bytes, static_cast<__mmask16>(0xF << (4 * v)),  // 128-bit lane v
+                                            _mm512_cvtepi32_epi8(quantize16(x + first,
+                                                                            std::min(piece_cols, length - first), inv)));
+      }
+      sum = _mm512_add_epi64(sum, _mm512_sad_epu8(_mm512_xor_si512(bytes, _mm512_set1_epi8(-128)), _mm512_setzero_si512()));
+      const int64_t stored = std::min<int64_t>(4, pieces - piece) * piece_cols;
+      const __mmask64 store = stored == 64 ? ~0ull : (1ull << stored) - 1;
+      _mm512_mask_storeu_epi8(out + piece * piece_cols, store, _mm512_permutexvar_epi8(order, bytes));
+    }
+    corr[gi] = static_cast<int32_t>(128 * summed - _mm512_reduce_add_epi64(sum));
+    scale[gi] = amax / static_cast<float>(kActivationQmax);
+  }
+}
+
+// Rows [0, MR) of A against the decoded block of groups [g_begin, g_end) of NT tiles in s; adds each
+// group's contribution to ysum[row][tile][16], in group order.
+template <int Lanes, int MR, int NT>
+void plane_micro_kernel(const PlaneRows& a, const uint8_t* ws, int64_t g_begin, int64_t g_end, const Scratch& s,
+                        float* ysum) {
+  const auto* b = reinterpret_cast<const __m512i*>(s.planes.data());
+  const auto* alpha = reinterpret_cast<const float*>(s.alpha.data());
+  for (int64_t gi = g_begin; gi < g_end; ++gi) {
+    __m512i acc[MR][NT];
+    const uint8_t* act[MR];
+    for (int i = 0; i < MR; ++i) {
+      act[i] = ws + i * a.row_bytes + gi * a.group_bytes;
+      const __m512i corr = _mm512_set1_epi32(a.correction(ws + i * a.row_bytes, gi));
+      for (int t = 0; t < NT; ++t) acc[i][t] = corr;
+    }
+    for (int64_t piece = 0, pieces = a.pieces(gi); piece < pieces; ++piece) {
+#pragma GCC unroll 4
+      for (int p = 0; p < Lanes; ++p, b += NT) {
+        __m512i bt[NT];
+        for (int t = 0; t < NT; ++t) bt[t] = _mm512_load_si512(b + t);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+          const __m512i x = broadcast_dword(act[i] + piece * 4 * Lanes + 4 * p);
+          for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], bt[t], x);
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m512 al = _mm512_load_ps(alpha + ((gi - g_begin) * NT + t) * kTileRows);
+      for (int i = 0; i < MR; ++i)
+        accumulate_group(ysum + (i * NT + t) * kTileRows, acc[i][t], al, a.scale(ws + i * a.row_bytes, gi));
+    }
+  }
+}
+
+// Tiles [t, t + NT) against rows [0, m) of A, block of groups after block: decode(tile, g_begin,
+// g_end, NT, planes, alpha) writes the tile's planes of the block's steps at planes[NT * step] and
+// the 16 float scales of each group g at alpha[(g - g_begin) * NT * 16]; ysum[row][tile][16].
+template <int Lanes, int NT, class Decode>
+void plane_tiles(const PlaneRows& a, const uint8_t* ws, int64_t m, int64_t t, float* ysum, Scratch& s,
+                 const Decode& decode) {
+  const size_t group_lines = static_cast<size_t>(a.pieces_full) * Lanes * NT;
+  const int64_t block_groups = std::max<int64_t>(1, static_cast<int64_t>(kPlaneBufferBytes / (group_lines * sizeof(Line))));
+  const int64_t max_groups = std::min(block_groups, a.groups);
+  s.planes.resize(static_cast<size_t>(max_groups) * group_lines);
+  s.alpha.resize(static_cast<size_t>(max_groups) * NT);
+  for (int64_t g_begin = 0; g_begin < a.groups; g_begin += block_groups) {
+    const int64_t g_end = std::min(a.groups, g_begin + block_groups);
+    for (int tt = 0; tt < NT; ++tt)
+      decode(t + tt, g_begin, g_end, NT, reinterpret_cast<__m512i*>(s.planes.data()) + tt,
+             as_floats(s.alpha) + tt * kTileRows);
+    for (int64_t m0 = 0; m0 < m; m0 += kPlaneRows) {
+      dispatch<kPlaneRows>(static_cast<int>(std::min<int64_t>(kPlaneRows, m - m0)), [&](auto rows) {
+        plane_micro_kernel<Lanes, decltype(rows)::value, NT>(a, ws + m0 * a.row_bytes, g_begin, g_end, s,
+                                                             ysum + m0 * NT * kTileRows);
+      });
+    }
+  }
+}
+
+// The plane path of compute(): rows [0, m) of A prepared at ws, output rows [n_begin, n_end) of N,
+// kPlaneTiles tiles at a time (see plane_tiles for decode).
+template <int Lanes, class Decode>
+void plane_compute(const PlaneRows& a, const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, int64_t n,
+                   const float* bias, float* y, Scratch& s, const Decode& decode) {
+  const int64_t t_begin = n_begin / kTileRows, t_end = ceil_div(std::min(n_end, n), kTileRows);
+  for (int64_t t = t_begin; t < t_end;) {
+    const int nt = static_cast<int>(std::min<int64_t>(kPlaneTiles, t_end - t));
+    s.y.assign(static_cast<size_t>(m * nt), Line{});
+    float* ysum = as_floats(s.y);
+    dispatch<kPlaneTiles>(nt, [&](auto tiles) {
+      plane_tiles<Lanes, decltype(tiles)::value>(a, ws, m, t, ysum, s, decode);
+    });
+    for (int tt = 0; tt < nt; ++tt)
+      store_tile(ysum + tt * kTileRows, static_cast<size_t>(nt) * kTileRows, m, t + tt,
+                 Plan::rows_of(t + tt, n_begin, n_end), bias, y, n);
+    t += nt;
+  }
+}
+
 // --- sherry and tl2: 5-bit codes, activation lookup tables ---------------------------------------
 
 struct SherryCodes {
@@ -212,6 +412,10 @@ struct SherryCodes {
   // Lanes of the positive code with index idx.
   static void lanes(int idx, int8_t out[4]) { sherry_lanes(static_cast<uint8_t>(idx), out); }
   static int64_t codes_in_group(int64_t length) { return length / kSherryBlock; }
+  // From this many rows of A in a call on, the plane path. Crossover measured on Zen 4, 1 thread,
+  // group 128 (lookups / planes): 0.87-0.94 at 16 rows, 0.95-1.05 at 24, 0.97-1.09 at 32 and
+  // 1.02-1.11 at 48 over the four LLaMA-3.2-1B shapes.
+  static constexpr int64_t kPlaneMinRows = 32;
 };
 
 struct TL2Codes {
@@ -222,6 +426,9 @@ struct TL2Codes {
     if (!tl2_lanes(static_cast<uint8_t>(idx), out)) std::fill(out, out + 3, int8_t{0});  // 14, 15: never used
   }
   static int64_t codes_in_group(int64_t length) { return ceil_div(length, 3); }
+  // Crossover (lookups / planes; 2048->2048, 2048->512, 8192->2048): 0.66-1.03 at 8 rows, 0.82-1.09
+  // at 12, 1.00-1.19 at 16, 1.06-1.28 at 24.
+  static constexpr int64_t kPlaneMinRows = 16;
 };
 
 constexpr int kBlockTiles = 8;         // tiles (128 rows) interleaved in one weight stream
@@ -233,7 +440,7 @@ inline size_t code5_group_bytes(int64_t pieces) {
   return static_cast<size_t>(pieces / 2) * kPairBytes + static_cast<size_t>(pieces % 2) * kHalfBytes;
 }
 
-// The constants of table building and lookups.
+// The constants of table building and lookups, and of the plane path's decode.
 struct LutConstants {
   // Entry 16j + idx of the positive sums: Σ_p (x[col(j, p)] ^ flip[p]) + negatives, where
   // shuffle[p] selects that column (or zero, 0x80, where lane p of idx is 0) and flip[p] is -1 where
@@ -244,6 +451,11 @@ struct LutConstants {
   __m512i block_bits[2];        // byte i: (i % 4) << 4 (block slot of code i), without / with the sign bit 6
   __m512i ones = _mm512_set1_epi8(1);
   __m512i sixteens = _mm512_set1_epi8(16);
+  // The plane path: entry `code` (5 bits: index | sign << 4) of plane[p] is w + 1 of lane p of the
+  // code; code_sign is the code's sign bit, plane_order the activations' (plane_order).
+  __m512i plane[4];
+  __m512i code_sign = _mm512_set1_epi8(0x10);
+  __m512i plane_order;
 };
 
 template <class F>
@@ -268,6 +480,15 @@ LutConstants make_lut_constants() {
     for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(sign << 6 | (i % 4) << 4);
     c.block_bits[sign] = _mm512_load_si512(bytes);
   }
+  for (int p = 0; p < 4; ++p) {
+    for (int e = 0; e < 64; ++e) {
+      int8_t lanes[4] = {0, 0, 0, 0};
+      F::lanes(e & 0x0F, lanes);
+      bytes[e] = static_cast<uint8_t>(p < F::kLanes ? ((e & 0x10) ? -lanes[p] : lanes[p]) + 1 : 0);
+    }
+    c.plane[p] = _mm512_load_si512(bytes);
+  }
+  c.plane_order = plane_order(F::kLanes);
   return c;
 }
 
@@ -287,11 +508,20 @@ inline void build_tables(const int8_t* xl, const int8_t* xh, uint8_t* out, const
   }
 }
 
-// Table index (sign << 6 | j << 4 | idx) of each code of a piece from its nibbles (index in bits
-// 0-3, anything above) and sign mask. Blend + ternlog: two cheap ops, no register copies.
+// (nibbles & 0x0F) | (sign ? set : clear) per byte: an index from a code's nibble (index in bits
+// 0-3, anything above) and its sign mask. Blend + ternlog: two cheap ops, no register copies.
+inline __m512i nibble_index(__m512i nibbles, __mmask64 sign, __m512i low_nibble, __m512i clear, __m512i set) {
+  return _mm512_ternarylogic_epi32(nibbles, low_nibble, _mm512_mask_blend_epi8(sign, clear, set), 0xEA);
+}
+
+// Table index (sign << 6 | j << 4 | idx) of each code of a piece.
 inline __m512i table_index(__m512i nibbles, __mmask64 sign, const LutConstants& c) {
-  const __m512i high = _mm512_mask_blend_epi8(sign, c.block_bits[0], c.block_bits[1]);
-  return _mm512_ternarylogic_epi32(nibbles, c.low_nibble, high, 0xEA);  // (nibbles & 0x0F) | high
+  return nibble_index(nibbles, sign, c.low_nibble, c.block_bits[0], c.block_bits[1]);
+}
+
+// The 5-bit code (idx | sign << 4) of each code of a piece: the plane tables' index.
+inline __m512i code_index(__m512i nibbles, __mmask64 sign, const LutConstants& c) {
+  return nibble_index(nibbles, sign, c.low_nibble, _mm512_setzero_si512(), c.code_sign);
 }
 
 // A K-chunk of the code5 layout: whole groups [g_begin, g_end), or the pairs [pair_begin,
@@ -342,12 +572,25 @@ class Code5Kernel final : public MatMulKernel {
 
   KernelPath path() const override { return KernelPath::kAVX512; }
   int64_t row_tile() const override { return superblock_ * kBlockTiles * kTileRows; }
-  size_t activation_row_bytes() const override { return plan_.act_row_bytes; }
-  void prepare_row(const float* a_row, uint8_t* ws) const override;
+  // A prepared row: kRowHead bytes whose first dword marks the layout (compute() may get a chunk of
+  // fewer rows than the call has, and follows the mark), then the lookup tables (plan_) for a call
+  // of fewer than F::kPlaneMinRows rows, else the plane activations (plane_plan_), 16x smaller.
+  size_t activation_row_bytes() const override { return table_stride(); }
+  size_t activation_row_bytes_for(int64_t call_rows) const override {
+    return plane_path(call_rows) ? planes_.row_bytes : table_stride();
+  }
+  void prepare_row(const float* a_row, uint8_t* ws) const override { prepare_row_for(a_row, 1, ws); }
+  void prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const override;
+  int64_t min_row_chunk(int64_t call_rows) const override {
+    return plane_path(call_rows) ? kPlaneMinChunk : 1;
+  }
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
  private:
+  static constexpr size_t kRowHead = 64;
+  static bool plane_path(int64_t call_rows) { return call_rows >= F::kPlaneMinRows; }
+  size_t table_stride() const { return kRowHead + plan_.act_row_bytes; }
   // Block b holds tiles [8b, 8b + block_tiles(b)); a short last block is laid out as a power of
   // two of tiles (block_alloc), so that passes of 2^k tiles cover it.
   int block_tiles(int64_t b) const {
@@ -361,6 +604,9 @@ class Code5Kernel final : public MatMulKernel {
   // Byte offset of chunk c of block b: superblocks, then chunks, then blocks (see the top).
   size_t chunk_offset(int64_t b, size_t c) const;
   void repack(const PackedWeights& w);
+  void prepare_tables(const float* a_row, uint8_t* ws) const;
+  // The plane path's decode of tile t (plane_tiles): planes and scales of groups [g_begin, g_end).
+  void decode_planes(int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out, float* alpha) const;
   template <int MB, int NT>
   void lut_pass(const uint8_t* ws, int64_t block, int t_first, const Chunk& chunk, float* ysum, size_t ysum_row,
                 __m512i* carry) const;
@@ -371,11 +617,15 @@ class Code5Kernel final : public MatMulKernel {
   void lookup_half(__m512i (&acc)[MB][NT], const uint8_t* const (&halves)[NT],
                    const uint8_t* const (&tables)[MB]) const;
 
-  Plan plan_;
+  Plan plan_;         // the weights, and the lookup tables of a prepared row
+  Plan plane_plan_;   // the plane activations of a prepared row
+  PlaneRows planes_;  // ... as the plane path reads them
   int64_t blocks_;
   int64_t superblock_;  // blocks per superblock
   std::vector<Chunk> chunks_;
   std::vector<size_t> chunk_prefix_;  // weight bytes per tile of the chunks before each
+  // Per group: its (first) chunk, and the weight bytes per tile of the chunk's groups before it.
+  std::vector<size_t> group_chunk_, group_offset_;
   LutConstants lut_;
   WeightBuffer weights_;
 };
@@ -383,13 +633,15 @@ class Code5Kernel final : public MatMulKernel {
 template <class F>
 Code5Kernel<F>::Code5Kernel(const PackedWeights& w)
     : plan_(w.geometry, F::kPieceCols, kTableBytes, false, code5_group_bytes),
+      plane_plan_(w.geometry, F::kPieceCols, 4 * F::kLanes, true, code5_group_bytes),
+      planes_(plane_plan_, F::kLanes, kRowHead),
       blocks_(ceil_div(plan_.tiles, kBlockTiles)),
       superblock_(superblock_blocks(blocks_)),
       lut_(make_lut_constants<F>()),
-      weights_(budgeted_lines(w, plan_,
+      weights_(budgeted_lines(w, std::max(table_stride(), planes_.row_bytes),
                               plan_.tile_wbytes * static_cast<size_t>((blocks_ - 1) * kBlockTiles +
                                                                       block_alloc(blocks_ - 1)),
-                              0)) {
+                              plane_scratch_bytes(planes_))) {
   // Chunks of about 16 pieces (4 KiB of tables per row of A); a lone block reuses no tables, so
   // it takes K in one chunk.
   const int64_t kChunkPieces = superblock_ > 1 ? 16 : std::numeric_limits<int64_t>::max();
@@ -420,6 +672,16 @@ Code5Kernel<F>::Code5Kernel(const PackedWeights& w)
   }
   chunk_prefix_.push_back(0);
   for (const Chunk& c : chunks_) chunk_prefix_.push_back(chunk_prefix_.back() + c.tile_bytes);
+  group_chunk_.resize(static_cast<size_t>(plan_.groups));
+  group_offset_.resize(static_cast<size_t>(plan_.groups));
+  for (size_t c = chunks_.size(); c-- > 0;) {  // backwards: a split group keeps its first chunk
+    size_t offset = 0;
+    for (int64_t gi = chunks_[c].g_begin; gi < chunks_[c].g_end; ++gi) {
+      group_chunk_[gi] = c;
+      group_offset_[gi] = offset;
+      offset += code5_group_bytes(plan_.pieces(gi)) + kAlphaBytes;
+    }
+  }
   repack(w);
 }
 
@@ -486,7 +748,15 @@ void Code5Kernel<F>::repack(const PackedWeights& w) {
 }
 
 template <class F>
-void Code5Kernel<F>::prepare_row(const float* a_row, uint8_t* ws) const {
+void Code5Kernel<F>::prepare_row_for(const float* a_row, int64_t call_rows, uint8_t* ws) const {
+  const int32_t planes = plane_path(call_rows);
+  std::memcpy(ws, &planes, sizeof planes);
+  if (planes) prepare_plane_row(plane_plan_, planes_, lut_.plane_order, a_row, ws + kRowHead);
+  else prepare_tables(a_row, ws + kRowHead);
+}
+
+template <class F>
+void Code5Kernel<F>::prepare_tables(const float* a_row, uint8_t* ws) const {
   const Geometry& g = plan_.g;
   constexpr int64_t kUnitCols = 4 * F::kPieceCols;  // columns quantized at a time: 4 pieces
   auto* scale = reinterpret_cast<float*>(ws + plan_.act_scale_offset);
@@ -605,7 +875,7 @@ void Code5Kernel<F>::lut_pass(const uint8_t* ws, int64_t block, int t_first, con
     const bool last = !chunk.split() || pair_end == pieces / 2;
     const uint8_t* tables[MB];
     for (int i = 0; i < MB; ++i)
-      tables[i] = ws + i * plan_.act_row_bytes + gi * plan_.act_group_bytes + 2 * pair_begin * kTableBytes;
+      tables[i] = ws + i * table_stride() + gi * plan_.act_group_bytes + 2 * pair_begin * kTableBytes;
     __m512i acc[MB][NT];
     for (int i = 0; i < MB; ++i)
       for (int t = 0; t < NT; ++t) acc[i][t] = pair_begin > 0 ? carry[i * ysum_row + t] : _mm512_setzero_si512();
@@ -629,31 +899,75 @@ void Code5Kernel<F>::lut_pass(const uint8_t* ws, int64_t block, int t_first, con
       const __m512 alpha = load_alpha(w + (t_first + t) * kAlphaBytes);
       for (int i = 0; i < MB; ++i)
         accumulate_group(ysum + (i * ysum_row + t) * kTileRows, acc[i][t], alpha,
-                         plan_.scales(ws + i * plan_.act_row_bytes)[gi]);
+                         plan_.scales(ws + i * table_stride())[gi]);
     }
     w += alloc * kAlphaBytes;
   }
 }
 
-// Per-thread scratch of compute(), reused across calls (no allocation once warm).
-struct Scratch {
-  std::vector<Line> planes;  // i2s prefill: decoded weight block, [piece][plane][tile] zmm
-  std::vector<Line> alpha;   // i2s prefill: [group in block][tile] 16 float scales
-  std::vector<Line> y;       // [row of A][tile] 16 float partial sums
-  std::vector<Line> carry;   // code5: int32 sums of a group split over chunks
-};
+// Walks the layout as lut_pass does, for one tile: per pair of pieces, the two pieces' 5-bit codes
+// (nibble + sign mask, as table_index) and one vpermb per lane into w + 1 planes; the half pair of
+// an odd group likewise; then the group's 16 scales.
+template <class F>
+void Code5Kernel<F>::decode_planes(int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out,
+                                   float* alpha) const {
+  const LutConstants& c = lut_;
+  const int64_t block = t / kBlockTiles;
+  const int64_t tile = t % kBlockTiles;
+  const int alloc = block_alloc(block);
+  auto planes = [&](__m512i code) {
+    for (int p = 0; p < F::kLanes; ++p, out += nt) _mm512_store_si512(out, _mm512_permutexvar_epi8(code, c.plane[p]));
+  };
+  for (int64_t gi = g_begin; gi < g_end; ++gi) {
+    const int64_t pieces = plan_.pieces(gi);
+    for (size_t ci = group_chunk_[gi];; ++ci) {  // the chunks of a split group follow each other
+      const Chunk& chunk = chunks_[ci];
+      const uint8_t* w = weights_.data() + chunk_offset(block, ci) + alloc * group_offset_[gi];
+      const int64_t pair_begin = chunk.split() ? chunk.pair_begin : 0;
+      const int64_t pair_end = chunk.split() ? chunk.pair_end : pieces / 2;
+      for (int64_t pair = pair_begin; pair < pair_end; ++pair, w += alloc * kPairBytes) {
+        const uint8_t* e = w + tile * kPairBytes;
+        const __m512i nibbles = _mm512_loadu_si512(e);
+        planes(code_index(nibbles, load_mask64(e + 64), c));
+        planes(code_index(_mm512_srli_epi16(nibbles, 4), load_mask64(e + 72), c));
+      }
+      if (chunk.split() && pair_end != pieces / 2) continue;
+      if (pieces % 2) {  // codes 0-31 in the low nibbles of 32 bytes, 32-63 in the high nibbles
+        const uint8_t* h = w + tile * kHalfBytes;
+        const __m512i both = _mm512_maskz_broadcast_i64x4(0xFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+        planes(code_index(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), load_mask64(h + 32), c));
+        w += alloc * kHalfBytes;
+      }
+      _mm512_store_ps(alpha, load_alpha(w + tile * kAlphaBytes));
+      alpha += nt * kTileRows;
+      break;
+    }
+  }
+}
 
-// Superblock after superblock of the range. Decode (M <= 4): chunk after chunk along K (their
-// tables stay in L1 while every block of the superblock runs over them), block after block, all
-// rows of A in each pass: the weights stream through once. Prefill: 3 rows of A at a time, and for
-// each, the same chunk-then-block order: like a GEMM with the superblock's weights (<= 720 KiB for
-// K = 2048) held in L2, the rows' chunk tables in L1, and only their partial sums live.
+// The rows' mark picks the path. Plane path (F::kPlaneMinRows rows of A or more in the call): see
+// plane_compute. Lookups, superblock after superblock of the range. Decode (M <= 4): chunk after
+// chunk along K (their tables stay in L1 while every block of the superblock runs over them), block
+// after block, all rows of A in each pass: the weights stream through once. Larger M: 3 rows of A at
+// a time, and for each, the same chunk-then-block order: like a GEMM with the superblock's weights
+// (<= 720 KiB for K = 2048) held in L2, the rows' chunk tables in L1, and only their partial sums
+// live.
 template <class F>
 void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                              float* y) const {
   if (m <= 0 || n_begin >= n_end) return;
   const int64_t n = plan_.g.n, rows_per_sb = superblock_ * kBlockTiles * kTileRows;
   thread_local Scratch scratch;
+  int32_t planes = 0;
+  std::memcpy(&planes, ws, sizeof planes);
+  ws += kRowHead;  // both layouts start after the head
+  if (planes) {
+    plane_compute<F::kLanes>(planes_, ws, m, n_begin, n_end, n, bias, y, scratch,
+                             [this](int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out, float* alpha) {
+                               decode_planes(t, g_begin, g_end, nt, out, alpha);
+                             });
+    return;
+  }
   constexpr int kPrefillRows = 3;
   const int64_t rows_per_step = m <= kSmallBatch ? m : kPrefillRows;
   for (int64_t sb = n_begin / rows_per_sb, sb_end = ceil_div(std::min(n_end, n), rows_per_sb); sb < sb_end; ++sb) {
@@ -674,7 +988,7 @@ void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int6
             dispatch_pow2<pass_tiles(MB)>(std::min(alloc, pass_tiles(MB)), [&](auto nt) {
               constexpr int NT = decltype(nt)::value;
               for (int t = 0; t < alloc; t += NT)
-                lut_pass<MB, NT>(ws + m0 * plan_.act_row_bytes, b, t, chunk,
+                lut_pass<MB, NT>(ws + m0 * table_stride(), b, t, chunk,
                                  ysum + (m0 * tiles + tile0 + t) * kTileRows, tiles,
                                  carry + m0 * tiles + tile0 + t);
             });
@@ -694,8 +1008,7 @@ void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int6
 // --- i2s: 2-bit codes, weight planes ------------------------------------------------------------
 
 constexpr size_t kI2SPieceBytes = 64;
-constexpr int kPrefillTiles = 2;     // i2s prefill: tiles decoded together (one micro-kernel column each)
-constexpr size_t kPrefillBufferBytes = 24 * 1024;  // i2s prefill: decoded weight block target (L1)
+constexpr int kI2SLanes = 4;              // steps per piece: lanes of a block of 4
 constexpr size_t kI2SActPieceBytes = 16;  // planes as dwords: dword p = xq of lane p of blocks 0..3
 // Pieces after which the decode folds its plane accumulators: plane p holds sum(4^p (w+1) xq),
 // up to 4 * 2 * 64 * 127 = 65,024 per piece for p = 3, which must not leave int32 before the shift
@@ -708,17 +1021,20 @@ class I2SKernel final : public MatMulKernel {
   explicit I2SKernel(const PackedWeights& w)
       : plan_(w.geometry, 16, kI2SActPieceBytes, true,
               [](int64_t pieces) { return static_cast<size_t>(pieces) * kI2SPieceBytes; }),
-        weights_(budgeted_lines(w, plan_, plan_.tile_wbytes * static_cast<size_t>(plan_.tiles),
-                                // prefill_tiles's decoded planes: one group's at least
-                                std::max<size_t>(kPrefillBufferBytes, static_cast<size_t>(plan_.pieces_full) *
-                                                                          4 * kPrefillTiles * sizeof(Line)))) {
+        planes_(plan_, kI2SLanes),
+        order_(plane_order(kI2SLanes)),
+        weights_(budgeted_lines(w, plan_.act_row_bytes, plan_.tile_wbytes * static_cast<size_t>(plan_.tiles),
+                                plane_scratch_bytes(planes_))) {
     repack(w);
   }
 
   KernelPath path() const override { return KernelPath::kAVX512; }
   int64_t row_tile() const override { return 4 * kTileRows; }
   size_t activation_row_bytes() const override { return plan_.act_row_bytes; }
-  void prepare_row(const float* a_row, uint8_t* ws) const override;
+  void prepare_row(const float* a_row, uint8_t* ws) const override {
+    prepare_plane_row(plan_, planes_, order_, a_row, ws);
+  }
+  int64_t min_row_chunk(int64_t call_rows) const override { return call_rows > kSmallBatch ? kPlaneMinChunk : 1; }
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override;
 
@@ -727,12 +1043,12 @@ class I2SKernel final : public MatMulKernel {
   const uint8_t* tile_weights(int64_t t) const { return weights_.data() + t * plan_.tile_wbytes; }
   template <int MB>
   void decode_tile(const uint8_t* ws, int64_t t, float* ysum) const;
-  template <int NT>
-  void prefill_tiles(const uint8_t* ws, int64_t m, int64_t t, float* ysum, Scratch& s) const;
-  template <int MR, int NT>
-  void micro_kernel(const uint8_t* ws, int64_t g_begin, int64_t g_end, const Scratch& s, float* ysum) const;
+  // The plane path's decode of tile t (plane_tiles): planes and scales of groups [g_begin, g_end).
+  void decode_planes(int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out, float* alpha) const;
 
   Plan plan_;
+  PlaneRows planes_;  // the prepared rows (the same layout for both paths)
+  __m512i order_;     // plane_order(kI2SLanes)
   WeightBuffer weights_;
 };
 
@@ -759,42 +1075,6 @@ void I2SKernel::repack(const PackedWeights& w) {
       }
       std::memcpy(group + plan_.pieces(gi) * kI2SPieceBytes + 2 * r, &w.scales[n * plan_.groups + gi], 2);
     }
-  }
-}
-
-void I2SKernel::prepare_row(const float* a_row, uint8_t* ws) const {
-  const Geometry& g = plan_.g;
-  auto* corr = reinterpret_cast<int32_t*>(ws + plan_.act_corr_offset);
-  auto* scale = reinterpret_cast<float*>(ws + plan_.act_scale_offset);
-  // Within each 16-column piece, column 4j + p goes to byte 4p + j (a 4x4 byte transpose).
-  const __m512i transpose = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
-  for (int64_t gi = 0; gi < plan_.groups; ++gi) {
-    const float* x = a_row + g.group_begin(gi);
-    const int64_t length = g.group_length(gi), pieces = plan_.pieces(gi);
-    uint8_t* out = ws + gi * plan_.act_group_bytes;
-    const float amax = group_amax(x, length);
-    if (!(amax > 0.f)) {
-      std::memset(out, 0, static_cast<size_t>(pieces) * kI2SActPieceBytes);
-      corr[gi] = 0;
-      scale[gi] = std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
-      continue;
-    }
-    const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
-    // Σxq from the bytes themselves (offset-binary sums of 8), so a NaN product counts as its 0 byte.
-    __m512i sum = _mm512_setzero_si512();
-    int64_t summed = 0;
-    for (int64_t piece = 0, c = 0; piece < pieces; piece += 4, c += 64, summed += 64) {
-      __m512i bytes = _mm512_setzero_si512();
-      for (int v = 0; v < 4 && c + 16 * v < length; ++v)
-        bytes = _mm512_mask_broadcast_i32x4(bytes, static_cast<__mmask16>(0xF << (4 * v)),  // lane v
-                                            _mm512_cvtepi32_epi8(quantize16(x + c + 16 * v, length - c - 16 * v, inv)));
-      sum = _mm512_add_epi64(sum, _mm512_sad_epu8(_mm512_xor_si512(bytes, _mm512_set1_epi8(-128)), _mm512_setzero_si512()));
-      const int64_t left = std::min<int64_t>(4, pieces - piece);
-      const __mmask64 store = left == 4 ? ~0ull : (1ull << (16 * left)) - 1;
-      _mm512_mask_storeu_epi8(out + piece * kI2SActPieceBytes, store, _mm512_shuffle_epi8(bytes, transpose));
-    }
-    corr[gi] = static_cast<int32_t>(128 * summed - _mm512_reduce_add_epi64(sum));
-    scale[gi] = amax / static_cast<float>(kActivationQmax);
   }
 }
 
@@ -838,72 +1118,19 @@ void I2SKernel::decode_tile(const uint8_t* ws, int64_t t, float* ysum) const {
   }
 }
 
-// Prefill micro-kernel: rows [0, MR) of A against the decoded block of groups [g_begin, g_end) of
-// NT tiles; adds each group's contribution to ysum[row][tile][16].
-template <int MR, int NT>
-void I2SKernel::micro_kernel(const uint8_t* ws, int64_t g_begin, int64_t g_end, const Scratch& s,
-                             float* ysum) const {
-  const size_t stride = plan_.act_row_bytes;
-  const auto* b = reinterpret_cast<const __m512i*>(s.planes.data());
-  const auto* alpha = reinterpret_cast<const float*>(s.alpha.data());
-  for (int64_t gi = g_begin; gi < g_end; ++gi) {
-    __m512i acc[MR][NT];
-    const uint8_t* act[MR];
-    for (int i = 0; i < MR; ++i) {
-      act[i] = ws + i * stride + gi * plan_.act_group_bytes;
-      const __m512i corr = _mm512_set1_epi32(plan_.corrections(ws + i * stride)[gi]);
-      for (int t = 0; t < NT; ++t) acc[i][t] = corr;
-    }
-    for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces; ++piece) {
-#pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p, b += NT) {
-        __m512i bt[NT];
-        for (int t = 0; t < NT; ++t) bt[t] = _mm512_load_si512(b + t);
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
-          const __m512i a = broadcast_dword(act[i] + piece * kI2SActPieceBytes + 4 * p);
-          for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], bt[t], a);
-        }
-      }
-    }
-    for (int t = 0; t < NT; ++t) {
-      const __m512 al = _mm512_load_ps(alpha + ((gi - g_begin) * NT + t) * kTileRows);
-      for (int i = 0; i < MR; ++i)
-        accumulate_group(ysum + (i * NT + t) * kTileRows, acc[i][t], al, plan_.scales(ws + i * stride)[gi]);
-    }
-  }
-}
-
-template <int NT>
-void I2SKernel::prefill_tiles(const uint8_t* ws, int64_t m, int64_t t, float* ysum, Scratch& s) const {
-  constexpr int kRows = 4;                         // rows of A per micro-kernel call
-  const size_t piece_bytes = 4 * NT * sizeof(Line);
-  const int64_t block_groups = std::max<int64_t>(1, static_cast<int64_t>(kPrefillBufferBytes / (plan_.pieces_full * piece_bytes)));
-  const int64_t max_groups = std::min(block_groups, plan_.groups);
-  s.planes.resize(static_cast<size_t>(max_groups * plan_.pieces_full) * 4 * NT);
-  s.alpha.resize(static_cast<size_t>(max_groups) * NT);
+// Tile t's planes: plane p of a piece is (code byte >> 2p) & 3 = w + 1.
+void I2SKernel::decode_planes(int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out, float* alpha) const {
   const __m512i two_bits = _mm512_set1_epi8(0x03);
-  for (int64_t g_begin = 0; g_begin < plan_.groups; g_begin += block_groups) {
-    const int64_t g_end = std::min(plan_.groups, g_begin + block_groups);
-    for (int tt = 0; tt < NT; ++tt) {
-      const uint8_t* w = tile_weights(t + tt) + g_begin * plan_.group_wbytes;
-      auto* out = reinterpret_cast<__m512i*>(s.planes.data()) + tt;
-      for (int64_t gi = g_begin; gi < g_end; ++gi) {
-        for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces; ++piece, w += kI2SPieceBytes) {
-          const __m512i v = _mm512_loadu_si512(w);
-          for (int p = 0; p < 4; ++p, out += NT)
-            _mm512_store_si512(out, _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), two_bits));
-        }
-        _mm512_store_ps(as_floats(s.alpha) + ((gi - g_begin) * NT + tt) * kTileRows, load_alpha(w));
-        w += kAlphaBytes;
-      }
+  const uint8_t* w = tile_weights(t) + g_begin * plan_.group_wbytes;
+  for (int64_t gi = g_begin; gi < g_end; ++gi) {
+    for (int64_t piece = 0, pieces = plan_.pieces(gi); piece < pieces; ++piece, w += kI2SPieceBytes) {
+      const __m512i v = _mm512_loadu_si512(w);
+      for (int p = 0; p < kI2SLanes; ++p, out += nt)
+        _mm512_store_si512(out, _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), two_bits));
     }
-    for (int64_t m0 = 0; m0 < m; m0 += kRows) {
-      dispatch<kRows>(static_cast<int>(std::min<int64_t>(kRows, m - m0)), [&](auto rows) {
-        micro_kernel<decltype(rows)::value, NT>(ws + m0 * plan_.act_row_bytes, g_begin, g_end, s,
-                                                ysum + m0 * NT * kTileRows);
-      });
-    }
+    _mm512_store_ps(alpha, load_alpha(w));
+    alpha += nt * kTileRows;
+    w += kAlphaBytes;
   }
 }
 
@@ -921,16 +1148,10 @@ void I2SKernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n
     }
     return;
   }
-  for (int64_t t = t_begin; t < t_end;) {
-    const int nt = static_cast<int>(std::min<int64_t>(kPrefillTiles, t_end - t));
-    scratch.y.assign(static_cast<size_t>(m * nt), Line{});
-    float* ysum = as_floats(scratch.y);
-    dispatch<kPrefillTiles>(nt, [&](auto tiles) { prefill_tiles<decltype(tiles)::value>(ws, m, t, ysum, scratch); });
-    for (int tt = 0; tt < nt; ++tt)
-      store_tile(ysum + tt * kTileRows, static_cast<size_t>(nt) * kTileRows, m, t + tt,
-                 Plan::rows_of(t + tt, n_begin, n_end), bias, y, n);
-    t += nt;
-  }
+  plane_compute<kI2SLanes>(planes_, ws, m, n_begin, n_end, n, bias, y, scratch,
+                           [this](int64_t t, int64_t g_begin, int64_t g_end, int nt, __m512i* out, float* alpha) {
+                             decode_planes(t, g_begin, g_end, nt, out, alpha);
+                           });
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <new>
 #include <optional>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -134,6 +135,23 @@ Split split(int64_t units, int64_t chunks) {
 }
 
 int64_t work_items(int64_t cost) { return std::clamp<int64_t>(cost / kMinItemCost, 1, kMaxItems); }
+
+// The most threads a parallel section can keep busy: the hardware threads (onnxruntime's intra-op
+// pool has at most one per core by default). Only bounds how far rows of A are cut, below.
+int64_t hardware_threads() {
+  static const int64_t count = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return count;
+}
+
+// How many chunks to cut the `m` rows of A of a call into, when N gives `col_items` work items
+// and the call's cost asks for `wanted` items in all. Enough for `wanted`, but a kernel that decodes
+// its weights once per compute() call would repeat that decode for every chunk: chunks stay at
+// least kernel.min_row_chunk(m) rows, unless the column items alone cannot feed the threads.
+int64_t row_chunks_for(const MatMulKernel& kernel, int64_t m, int64_t col_items, int64_t wanted) {
+  const int64_t min_rows = std::max<int64_t>(1, kernel.min_row_chunk(m));
+  const int64_t worth = std::max(ceil_div(m, min_rows), ceil_div(hardware_threads(), col_items));
+  return std::min(ceil_div(wanted, col_items), worth);
+}
 
 // The first exception of the items of a parallel section, kept to be rethrown after it.
 class FirstError {
@@ -377,17 +395,17 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
   if (m == 0) return;
   const float* x = a.GetTensorData<float>();
   const MatMulKernel& kernel = *kernel_;
-  const size_t stride = kernel.activation_row_bytes();
+  const size_t stride = kernel.activation_row_bytes_for(m);
   if (m > static_cast<int64_t>(std::numeric_limits<size_t>::max() / stride))
     fail("input A has too many rows (" + std::to_string(m) + ") for one workspace");
   const int64_t tile = kernel.row_tile();
   const int64_t wanted = work_items(m * g.n * g.k);
   const Split cols = split(ceil_div(g.n, tile), wanted);
-  const Split row_chunks = split(m, ceil_div(wanted, cols.count));
+  const Split row_chunks = split(m, row_chunks_for(kernel, m, cols.count, wanted));
   const int64_t items = cols.count * row_chunks.count;
   // Output tiles: groups of the kernel's row tiles along N, every row of A at once (each weight tile
-  // is read once for all of them); when N has too few tiles to feed the threads (small N, or a long
-  // prefill), the rows of A are cut into chunks as well.
+  // is read once for all of them); when N has too few tiles for the call's work (small N, or a long
+  // prefill), the rows of A are cut into chunks as well (row_chunks_for).
   auto compute_item = [&](int64_t item, const uint8_t* rows) {
     const int64_t n_begin = (item % cols.count) * cols.size * tile;
     const int64_t n_end = std::min(g.n, n_begin + cols.size * tile);

@@ -228,7 +228,7 @@ struct Output {
 std::vector<float> run_op(const MatMulKernel& kernel, const Geometry& g, const std::vector<float>& x, int64_t m,
                           const float* bias, int64_t tiles_per_item, int64_t row_chunk, uint8_t garbage,
                           int64_t shift = 0) {
-  const size_t stride = kernel.activation_row_bytes();
+  const size_t stride = kernel.activation_row_bytes_for(m);
   const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, garbage);
   for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * g.k, m, ws.get() + r * stride);
   const size_t count = static_cast<size_t>(m * g.n);
@@ -319,7 +319,7 @@ void check_case(const std::vector<Path>& paths, Format f, int64_t n, int64_t k, 
     if (!ok || n <= 20) continue;
     // A range that starts and ends inside tiles: rows outside it must stay untouched.
     const int64_t lo = 5, hi = n - 3;
-    const size_t stride = fast->activation_row_bytes();
+    const size_t stride = fast->activation_row_bytes_for(m);
     const Buffer ws = aligned_buffer(static_cast<size_t>(m) * stride, 0x5A);
     for (int64_t r = 0; r < m; ++r) fast->prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
     const size_t count = static_cast<size_t>(m * n);
@@ -414,6 +414,17 @@ void check_extreme_groups(const std::vector<Path>& paths) {
         }
         expect_same(run_op(*fast, w.g, x, 1, nullptr, 1 << 20, 1, 0x33), want,
                     describe(p.name, f, n, k, k, 1) + " extreme group");
+        if (n == 1) continue;
+        // The prefill paths (AVX-512 planes, AVX2 GEMM) on the same rows: their unsigned w + 1 sums
+        // pass 2^31 and wrap, and the -Σxq correction brings them back.
+        constexpr int64_t kRows = 33;
+        std::vector<float> rows, want_rows;
+        for (int64_t r = 0; r < kRows; ++r) {
+          rows.insert(rows.end(), x.begin(), x.end());
+          want_rows.insert(want_rows.end(), want.begin(), want.end());
+        }
+        expect_same(run_op(*fast, w.g, rows, kRows, nullptr, 1 << 20, kRows, 0x33), want_rows,
+                    describe(p.name, f, n, k, k, kRows) + " extreme group");
       }
     }
   }
@@ -470,20 +481,32 @@ int run_checks() {
   // Geometries only formats without a K or group multiple (tl2, i2s) allow: odd K, odd and tiny groups.
   const std::vector<Shape> odd = {{19, 1, 1},   {23, 7, 3},  {50, 333, 100},    {18, 99, 5},
                                   {33, 577, 128}, {20, 130, 1}, {65, 1001, 1001}, {16, 250, 31}};
-  const std::vector<int64_t> ms = {1, 2, 3, 4, 5, 8, 13, 64, 128}, few = {1, 2, 5}, odd_ms = {1, 3, 7, 40};
+  // Prefill row counts (the plane path of the AVX-512 kernels, the AVX2 GEMM) on the chunked layouts
+  // and awkward geometries: K tails, tiny and split groups, N not a multiple of any tile; odd row
+  // counts leave short micro-kernel calls.
+  const std::vector<Shape> prefill = {{2048 + 37, 1024, 1024}, {4096 + 16, 512, 128}, {2100, 2048, 2048},
+                                      {8192 + 80, 256, 64},    {200, 2052, 8},        {77, 4100, 100},
+                                      {130, 1100, 1100}};
+  const std::vector<Shape> odd_prefill = {{50, 333, 100}, {20, 130, 1}, {65, 1001, 1001}, {131, 577, 128}};
+  const std::vector<int64_t> ms = {1, 2, 3, 4, 5, 8, 13, 64, 128}, few = {1, 2, 5}, odd_ms = {1, 3, 7, 9, 40},
+                             prefill_ms = {17, 35}, odd_prefill_ms = {11, 66};
   for (const FormatTraits& t : kFormats) {
     const Format f = t.id;
-    auto run = [&](const std::vector<Shape>& list, const std::vector<int64_t>& rows) {
+    auto run = [&](const std::vector<Shape>& list, const std::vector<int64_t>& rows, int64_t max_cost = 40'000'000) {
       for (const Shape& s : list)
         for (const int64_t m : rows) {
-          if (s.k * s.n * m > int64_t{40'000'000}) continue;
+          if (s.k * s.n * m > max_cost) continue;
           // The slow reference only on small cases: the scalar kernel is the same loop.
           check_case(paths, f, s.n, s.k, s.gs, m, rng, s.k * s.n * m <= int64_t{2'000'000}), ++cases;
         }
     };
     run(shapes, ms);
     run(large, few);
-    if (t.k_multiple == 1 && t.group_multiple == 1) run(odd, odd_ms);
+    run(prefill, prefill_ms, 80'000'000);
+    if (t.k_multiple == 1 && t.group_multiple == 1) {
+      run(odd, odd_ms);
+      run(odd_prefill, odd_prefill_ms);
+    }
   }
   check_corrupt(paths, rng);
   check_extreme_groups(paths);
@@ -566,13 +589,13 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
     for (const Path& p : paths) {
       Contender c{std::string(format_name(f)) + "[" + p.name + "]", f, {}, 0, {}, {}, {}};
       for (int i = 0; i < copies; ++i) c.copies.push_back(p.make(w.view(), nullptr));
-      ws_bytes = std::max(ws_bytes, c.copies[0]->activation_row_bytes() * static_cast<size_t>(m));
+      ws_bytes = std::max(ws_bytes, c.copies[0]->activation_row_bytes_for(m) * static_cast<size_t>(m));
       all.push_back(std::move(c));
     }
   }
   const Buffer ws = aligned_buffer(ws_bytes, 0xA5);
   auto prepare = [&](const MatMulKernel& kernel) {
-    const size_t stride = kernel.activation_row_bytes();
+    const size_t stride = kernel.activation_row_bytes_for(m);
     for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * k, m, ws.get() + r * stride);
   };
   auto timed = [&](const MatMulKernel& kernel) {
