@@ -241,16 +241,22 @@ def _int8_decode(data: np.ndarray, k: int, group_size: int) -> np.ndarray:
     return (data.astype(np.int16) - 128).astype(np.int8)
 
 
+def in_groups(a: np.ndarray, group_size: int) -> np.ndarray:
+    """``a [rows, K]`` as float32 ``[rows, groups, group_size]``, the last group padded with zeros."""
+    rows, k = a.shape
+    groups = num_groups(k, group_size)
+    padded = np.zeros((rows, groups * group_size), np.float32)
+    padded[:, :k] = a
+    return padded.reshape(rows, groups, group_size)  # explicit groups: rows may be 0
+
+
 def quantize_int8(weight: np.ndarray, group_size: int) -> Ternary:
     """Symmetric round-to-nearest of a float ``weight [N, K]`` to the ``int8`` format: per row and scale group,
     α = max|w| / 127 rounded to float16 (the stored scale), q = clip(rint(w / α), ±127); an all-zero group
     gets α = 0, q = 0. Returns int8 values and float32 scales (exact float16 values) for :func:`pack`."""
     weight = np.asarray(weight, np.float32)
     n, k = weight.shape
-    groups = num_groups(k, group_size)
-    padded = np.zeros((n, groups * group_size), np.float32)
-    padded[:, :k] = weight
-    grouped = padded.reshape(n, groups, group_size)
+    grouped = in_groups(weight, group_size)
     amax = np.abs(grouped).max(axis=-1)
     if amax.max(initial=0.0) / INT8_MAX > np.finfo(SCALE_DTYPE).max:
         raise ValueError(f"a weight of magnitude {amax.max():g} needs a scale past float16's range; rescale the layer")
@@ -504,16 +510,13 @@ def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     an infinity gets s = NaN and xq = 0, so the outputs of that row are NaN, as in a float matmul.
     """
     m, k = x.shape
-    groups = num_groups(k, group_size)
-    padded = np.zeros((m, groups * group_size), np.float32)
-    padded[:, :k] = x
-    grouped = padded.reshape(m, groups, group_size)
+    grouped = in_groups(x, group_size)
     finite = np.isfinite(grouped).all(axis=-1)
     amax = np.where(finite, np.abs(np.where(np.isfinite(grouped), grouped, 0)).max(axis=-1, initial=0.0), 0)
     inv = np.divide(np.float32(ACTIVATION_QMAX), amax, out=np.zeros_like(amax), where=amax > 0)
     xq = np.clip(np.rint(np.where(finite[..., None], grouped, 0) * inv[..., None]), -ACTIVATION_QMAX, ACTIVATION_QMAX)
     scales = np.where(finite, amax / np.float32(ACTIVATION_QMAX), np.float32(np.nan)).astype(np.float32)
-    return xq.astype(np.int8).reshape(m, groups * group_size)[:, :k], scales  # explicit: m may be 0
+    return xq.astype(np.int8).reshape(m, grouped.shape[1] * group_size)[:, :k], scales  # explicit: m may be 0
 
 
 def reference_matmul(
