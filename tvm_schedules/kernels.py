@@ -207,7 +207,7 @@ def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) 
     return kernel
 
 
-MX_ROWS = {"avx512": 8, "avx2": 2}
+MX_ROWS = {"avx512": 8, "avx2": 8}
 """Rows of A that share one decode in the block function (``_mx``, prefill: the op calls it per block
 of this many rows, and the M = 1 function for the rest): each decoded weight vector meets this many
 activation rows, one accumulator register each."""
