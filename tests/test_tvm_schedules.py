@@ -78,10 +78,10 @@ def intrinsic_function(isa: str, fmt: str | None = None, planes: int = 4) -> tvm
     with it (the way the kernels' schedule applies it): ``fmt``'s decode, or (None) the dot."""
     from tvm.script import tirx as T
 
-    from tvm_schedules.intrinsics import LOOKUP_LANES, PLANES_OF, VECTOR_LANES, lane_value
+    from tvm_schedules.intrinsics import LOOKUP_LANES, VECTOR_LANES, lane_value
 
     if fmt is not None:
-        lanes, planes = LOOKUP_LANES[isa], PLANES_OF[fmt]
+        lanes, planes = LOOKUP_LANES[isa], Shape(fmt, 4, 16, 4).lanes_per_code
 
         @T.prim_func(s_tir=True)
         def decode(C: T.Buffer((2, lanes), "uint8"), Out: T.Buffer((2, planes, lanes), "uint8")) -> None:

@@ -26,12 +26,14 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from tvm_schedules.layout import LANES_PER_CODE
+
 VECTOR_LANES = {"avx512": 16, "avx2": 8}
 """int32 lanes of one vector register: the output rows of one dot."""
 LOOKUP_LANES = {"avx512": 64, "avx2": 32}
 """Code bytes one decode intrinsic decodes (into every plane)."""
-PLANES_OF = {"sherry": 4, "tl2": 3, "i2s": 4}
-"""Weights per code: the planes a code decodes to, which the dot intrinsic sums."""
+TABLE_FORMATS = ("sherry", "tl2")
+"""The formats of 5-bit codes, which decode through a constant table (i2s shifts and masks)."""
 
 
 def decode_name(fmt: str, isa: str) -> str:
@@ -90,7 +92,7 @@ def _select(p: tirx.PrimExpr, vectors: list[tirx.PrimExpr]) -> tirx.PrimExpr:
 
 
 def _decode(fmt: str, isa: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    lanes, planes = LOOKUP_LANES[isa], PLANES_OF[fmt]
+    lanes, planes = LOOKUP_LANES[isa], LANES_PER_CODE[fmt]
     u8 = f"uint8x{lanes}"
     table = lane_values(fmt)
     if isa == "avx512":
@@ -192,10 +194,10 @@ def _dot(isa: str, planes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 def register() -> None:
     """Register every intrinsic once per process (a second import finds them registered)."""
     for isa in VECTOR_LANES:
-        for fmt in ("sherry", "tl2"):
+        for fmt in TABLE_FORMATS:
             if TensorIntrin.get(decode_name(fmt, isa), allow_missing=True) is None:
                 TensorIntrin.register(decode_name(fmt, isa), *_decode(fmt, isa))
-        for planes in sorted(set(PLANES_OF.values())):
+        for planes in sorted(set(LANES_PER_CODE.values())):
             if TensorIntrin.get(dot_name(isa, planes), allow_missing=True) is None:
                 TensorIntrin.register(dot_name(isa, planes), *_dot(isa, planes))
 
