@@ -540,7 +540,7 @@ def test_tvm_kernels_of_the_database_match_reference(
     rng = np.random.default_rng(4)
     for threads in (1, 2):
         session = make_session(model, threads=threads, kernel="tvm")
-        for m in (1, 3):
+        for m in (1, 3, 9):  # 9: blocks of rows sharing a decode, then single rows
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[0, :group_size] = 0  # a zero group: scale 0
             check_against_reference(session.run(None, {"A": x})[0], reference_matmul(x, packed, bias, "int8"))

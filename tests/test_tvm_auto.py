@@ -47,9 +47,9 @@ def verified(entry: dict, hot: tuple[float, float], cold: tuple[float, float], c
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The op library with a database of the committed records of the host ISA's 320x320 kernels, whose
+    """The op library with a database of the committed records of the host ISA's 256x256 kernels, whose
     tuned.json says: sherry wins on this CPU model; tl2 wins on another one; i2s keeps its committed
-    (losing) times, measured on this model; sherry 320x896 wins hot and loses cold here."""
+    (losing) times, measured on this model; sherry 256x768 wins hot and loses cold here."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
@@ -63,10 +63,10 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     committed = {(e["format"], e["k"], e["n"]): e for e in load_entries(DATABASE / ISA / "tuned.json")}
     here = cpu_model()
     entries = [
-        verified(committed["sherry", 320, 320], (3.0, 4.0), (5.0, 8.0), here),
-        verified(committed["tl2", 320, 320], (3.0, 4.0), (5.0, 8.0), OTHER_CPU),
-        verified(committed["i2s", 320, 320], (7.0, 4.0), (13.0, 9.0), here),
-        verified(committed["sherry", 320, 896], (4.0, 5.0), (12.0, 10.0), here),
+        verified(committed["sherry", 256, 256], (3.0, 4.0), (5.0, 8.0), here),
+        verified(committed["tl2", 256, 256], (3.0, 4.0), (5.0, 8.0), OTHER_CPU),
+        verified(committed["i2s", 256, 256], (7.0, 4.0), (13.0, 9.0), here),
+        verified(committed["sherry", 256, 768], (4.0, 5.0), (12.0, 10.0), here),
     ]
     (db / "tuned.json").write_text(json.dumps(entries, indent=1) + "\n")
     kernels = tmp / "tvm_kernels"
@@ -104,7 +104,7 @@ def auto_report(
 def test_auto_takes_the_tvm_kernel_the_database_timed_faster_on_this_cpu(
     library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    report = auto_report(library, "sherry", 320, 320, monkeypatch, capfd)
+    report = auto_report(library, "sherry", 256, 256, monkeypatch, capfd)
     assert "uses the tvm kernel (requested: auto by default; why: tvm: the tuning database timed" in report
     assert f"the TVM kernel ({ISA} target) at 1.33x the speed of {ISA} hot and 1.60x cold" in report
     assert f"on this CPU ({cpu_model()[1]}, {cpu_model()[0]})" in report
@@ -113,13 +113,13 @@ def test_auto_takes_the_tvm_kernel_the_database_timed_faster_on_this_cpu(
 def test_auto_ignores_a_win_measured_on_another_cpu_model(
     library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    report = auto_report(library, "tl2", 320, 320, monkeypatch, capfd)
+    report = auto_report(library, "tl2", 256, 256, monkeypatch, capfd)
     assert f"uses the {ISA} kernel (requested: auto by default; why: {ISA}: the tuning database timed" in report
     assert f"on another CPU model ({OTHER_CPU[1]}, {OTHER_CPU[0]}), not this one" in report
 
 
 @pytest.mark.parametrize(
-    ("fmt", "n", "ratios"), [("i2s", 320, "0.57x the speed of {isa} hot and 0.69x cold"), ("sherry", 896, "1.25x")]
+    ("fmt", "n", "ratios"), [("i2s", 256, "0.57x the speed of {isa} hot and 0.69x cold"), ("sherry", 768, "1.25x")]
 )
 def test_auto_keeps_the_hand_written_kernel_unless_tvm_wins_hot_and_cold(
     library: Path,
@@ -129,7 +129,7 @@ def test_auto_keeps_the_hand_written_kernel_unless_tvm_wins_hot_and_cold(
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    report = auto_report(library, fmt, 320, n, monkeypatch, capfd)
+    report = auto_report(library, fmt, 256, n, monkeypatch, capfd)
     assert f"uses the {ISA} kernel" in report
     assert ratios.format(isa=ISA) in report
     assert "on this CPU" in report and "not faster both hot and cold" in report
@@ -148,9 +148,9 @@ def test_the_forced_tvm_path_runs_a_kernel_auto_passes_over(
     library: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(LIBRARY_ENV, str(library))
-    packed = weight("i2s", 320, 320)
+    packed = weight("i2s", 256, 256)
     session = make_session(matmul_model(packed), kernel="tvm", report_kernel=True)
     assert "uses the tvm kernel (requested: session config sherry.kernel=tvm)" in capfd.readouterr().err
-    x = np.random.default_rng(2).standard_normal((1, 320)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
     expected = reference_matmul(x, packed, activations="int8")
     np.testing.assert_allclose(session.run(None, {"A": x})[0], expected, atol=1e-5 * np.abs(expected).max())

@@ -17,7 +17,8 @@ from sherry_export.quant import absmean_ternarize, sherry_ternarize
 from tvm_schedules.layout import Shape, activations, repack
 
 tvm = pytest.importorskip("tvm")
-from tvm_schedules.kernels import ORDERS, Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
+from tvm_schedules.intrinsics import decode_name, dot_name  # noqa: E402
+from tvm_schedules.kernels import MX_ROWS, ORDERS, Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
 from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
 ISAS = ["avx2", "avx512"] if host_isa() == "avx512" else ["avx2"]
@@ -30,10 +31,11 @@ def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWei
 
 
 def run(
-    fmt: str, k: int, n: int, gs: int, m: int, knobs: Knobs, dynamic: bool, isa: str = "avx2"
+    fmt: str, k: int, n: int, gs: int, m: int | None, knobs: Knobs, isa: str = "avx2", m_rows: int = 1, rows: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel for ``m`` rows (None: the dynamic-M function), in blocks of ``m_rows``, run on ``rows`` rows."""
     shape = Shape(fmt, k, n, gs)
-    return run_module(shape, scheduled_module(shape, None if dynamic else m, knobs, isa=isa), m, isa)
+    return run_module(shape, scheduled_module(shape, m, knobs, isa=isa, m_rows=m_rows), rows, isa)
 
 
 def run_module(shape: Shape, module: tvm.IRModule, m: int, isa: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,28 +55,126 @@ def run_module(shape: Shape, module: tvm.IRModule, m: int, isa: str) -> tuple[np
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
 @pytest.mark.parametrize(
-    ("k", "n", "gs", "m", "dynamic"),
-    [(256, 64, 128, 1, False), (320, 96, 128, 1, False), (320, 32, 64, 3, True), (512, 48, 512, 2, True)],
+    ("k", "n", "gs", "m", "blocks"),
+    [(256, 64, 128, 1, False), (320, 96, 128, 1, False), (320, 32, 64, None, False), (512, 48, 512, None, True)],
 )
-def test_kernel_matches_reference(fmt: str, k: int, n: int, gs: int, m: int, dynamic: bool, isa: str) -> None:
-    """Exact int dots; only the float sum over groups may round differently (contraction to FMA)."""
-    order = "tile" if dynamic else "quad"  # both loop orders of the design space
+def test_kernel_matches_reference_bit_exactly(
+    fmt: str, k: int, n: int, gs: int, m: int | None, blocks: bool, isa: str
+) -> None:
+    """Exact int dots, then y = Σ_g (α·s)·dot in group order with every product rounded on its own (no
+    FMA): the int8 reference's float32 arithmetic, bit for bit. M = 1, the dynamic-M function (Relax's,
+    3 rows) and the block function (MX_ROWS rows sharing each decode), in both loop orders."""
+    order = "quad" if m == 1 else "tile"
     knobs = Knobs(tiles=tile_choices(Shape(fmt, k, n, gs))[-1], unroll=1 if fmt == "tl2" else 2, order=order)
-    y, ref = run(fmt, k, n, gs, m, knobs, dynamic, isa)
-    assert_matches(y, ref, k, gs)
+    if blocks:
+        y, ref = run(fmt, k, n, gs, MX_ROWS[isa], knobs, isa, MX_ROWS[isa], MX_ROWS[isa])
+    else:
+        y, ref = run(fmt, k, n, gs, m, knobs, isa, rows=m or 3)
+    np.testing.assert_array_equal(y, ref)
 
 
-def assert_matches(y: np.ndarray, ref: np.ndarray, k: int, gs: int) -> None:
-    bound = 4 * np.finfo(np.float32).eps * np.abs(ref).max(axis=1, keepdims=True) * (k // gs + 1)
-    assert np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
+def intrinsic_function(isa: str, fmt: str | None = None, planes: int = 4) -> tvm.IRModule:
+    """A small function whose one block is what an intrinsic describes, over several vectors, tensorized
+    with it (the way the kernels' schedule applies it): ``fmt``'s decode, or (None) the dot."""
+    from tvm.script import tirx as T
+
+    from tvm_schedules.intrinsics import LOOKUP_LANES, VECTOR_LANES, lane_value
+
+    if fmt is not None:
+        lanes, planes = LOOKUP_LANES[isa], Shape(fmt, 4, 16, 4).lanes_per_code
+
+        @T.prim_func(s_tir=True)
+        def decode(C: T.Buffer((2, lanes), "uint8"), Out: T.Buffer((2, planes, lanes), "uint8")) -> None:
+            for v, p, i in T.grid(2, planes, lanes):
+                with T.sblock("decode"):
+                    vv, vp, vi = T.axis.remap("SSS", [v, p, i])
+                    Out[vv, vp, vi] = lane_value(fmt, vp, C[vv, vi])
+
+        sch = tvm.s_tir.Schedule(decode)
+        sch.tensorize(sch.get_loops(sch.get_sblock("decode"))[1], decode_name(fmt, isa))
+        return sch.mod
+    vw = VECTOR_LANES[isa]
+
+    @T.prim_func(s_tir=True)
+    def dot(
+        D: T.Buffer((3, planes, 4 * vw), "uint8"), X: T.Buffer((3, 4 * planes), "int8"), C: T.Buffer((3, vw), "int32")
+    ) -> None:
+        for v, p, r, j in T.grid(3, planes, vw, 4):
+            with T.sblock("dot"):
+                vv, vp, vr, vj = T.axis.remap("SRSR", [v, p, r, j])
+                with T.init():
+                    C[vv, vr] = 0
+                C[vv, vr] = C[vv, vr] + T.Cast("int32", D[vv, vp, vr * 4 + vj]) * T.Cast("int32", X[vv, vp * 4 + vj])
+
+    sch = tvm.s_tir.Schedule(dot)
+    block = sch.get_sblock("dot")
+    _, p, _, _ = sch.get_loops(block)
+    sch.decompose_reduction(block, p)
+    sch.tensorize(p, dot_name(isa, planes))
+    return sch.mod
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["sherry", "tl2"])
+def test_decode_intrinsic_is_the_format_decode_table(fmt: str, isa: str) -> None:
+    """Out[p, i] = weight + 1 at lane p of code C[i], for every 5-bit code, against the format's numpy
+    decode table (vpermb; vpshufb + blend on avx2)."""
+    from sherry_export.formats import SHERRY_DECODE, TL2_DECODE
+    from tvm_schedules.intrinsics import LOOKUP_LANES
+
+    lanes = LOOKUP_LANES[isa]
+    lib = tvm.compile(intrinsic_function(isa, fmt), target=tvm.target.Target(TARGETS[isa]))
+    codes = np.arange(2 * lanes, dtype=np.uint8).reshape(2, lanes) % 32  # every code, at every position
+    np.random.default_rng(5).shuffle(codes.reshape(-1))
+    table = (SHERRY_DECODE if fmt == "sherry" else TL2_DECODE).astype(np.int64) + 1  # [32, lanes per code]
+    out = tvm.runtime.tensor(np.zeros((2, table.shape[1], lanes), np.uint8))
+    lib["main"](tvm.runtime.tensor(codes), out)
+    np.testing.assert_array_equal(out.numpy(), table[codes].transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("planes", [3, 4])
+def test_dot_intrinsic_is_the_exact_integer_dot(isa: str, planes: int) -> None:
+    """C[r] += Σ_{p, j} D[p, 4r + j] · X[4p + j] exactly for weights + 1 (0..2) and int8 activations, the
+    extremes included (AVX2 adds the planes in int16 first)."""
+    from tvm_schedules.intrinsics import VECTOR_LANES
+
+    vw = VECTOR_LANES[isa]
+    lib = tvm.compile(intrinsic_function(isa, planes=planes), target=tvm.target.Target(TARGETS[isa]))
+    rng = np.random.default_rng(6)
+    d = rng.integers(0, 3, (3, planes, 4 * vw), dtype=np.uint8)
+    x = rng.integers(-127, 128, (3, 4 * planes), dtype=np.int8)
+    d[0], x[0] = 2, -127  # the largest magnitudes: |Σ| = 4 · 2 · 127 per plane
+    d[1], x[1] = 2, 127
+    c = tvm.runtime.tensor(np.full((3, vw), 7, np.int32))
+    lib["main"](tvm.runtime.tensor(d), tvm.runtime.tensor(x), c)
+    expected = np.einsum("vprj,vpj->vr", d.reshape(3, planes, vw, 4).astype(np.int64), x.reshape(3, planes, 4))
+    np.testing.assert_array_equal(c.numpy(), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
-def test_single_group_is_bit_exact(fmt: str, isa: str) -> None:
-    """With one scale group there is no float sum to reorder: y = (α·s)·dot exactly."""
-    y, ref = run(fmt, 96, 32, 96, 2, Knobs(tiles=1, unroll=1), dynamic=True, isa=isa)
-    np.testing.assert_array_equal(y, ref)
+def test_schedule_tensorizes_and_allocates_nothing(fmt: str, isa: str) -> None:
+    """The schedule applies the dot intrinsic (and for sherry and tl2 the decode) as trace instructions,
+    the code has their instructions, and even the largest step (8 tiles, 4 quads unrolled; the block
+    function's rows, the dynamic-M function) keeps its intermediates on the stack: no workspace call."""
+    from tvm_schedules.kernels import prim_func, schedule, workload
+
+    shape = Shape(fmt, 256, 128, 128)
+    knobs = Knobs(tiles=8, unroll=4 if fmt != "tl2" else 1, order="tile")
+    sch = tvm.s_tir.Schedule(workload(shape, 1, isa))
+    schedule(sch, knobs.order, knobs)
+    used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
+    assert used == {dot_name(isa, shape.lanes_per_code)} | ({decode_name(fmt, isa)} if fmt != "i2s" else set())
+    mnemonics = {"avx512": ["vpdpbusd", "vpermb"], "avx2": ["vpmaddubsw", "vpmaddwd", "vpshufb"]}[isa]
+    for m, rows in ((1, 1), (MX_ROWS[isa], MX_ROWS[isa]), (None, 1)):
+        lib = tvm.compile(
+            tvm.IRModule({"main": prim_func(shape, m, knobs, isa, m_rows=rows)}), target=tvm.target.Target(TARGETS[isa])
+        )
+        assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
+        asm = lib.mod.inspect_source("asm")
+        for mnemonic in mnemonics if fmt != "i2s" else mnemonics[:1]:
+            assert mnemonic in asm, mnemonic
 
 
 def test_nan_row_and_zero_row() -> None:
@@ -160,16 +260,17 @@ def test_tuning_writes_a_metaschedule_database(tuned_db: Path) -> None:
     assert entry["tvm_us"] == round(float(np.mean([float(t) for t in best.run_secs])) * 1e6, 2)
 
 
-@pytest.mark.parametrize(("bucket", "m"), [("m1", 1), ("mx", 3)])
+@pytest.mark.parametrize(("bucket", "m"), [("m1", 1), ("mx", MX_ROWS["avx2"])])
 def test_the_database_schedule_matches_reference(tuned_db: Path, bucket: str, m: int) -> None:
-    """The build's functions (the best trace replayed on the M = 1 and the dynamic-M workloads)."""
+    """The build's functions (the best trace replayed on the M = 1 workload, its decisions on the block)."""
     from tvm_schedules.build import tuned_functions
     from tvm_schedules.tune import database
 
-    funcs, _ = tuned_functions(database(tuned_db / "avx2"), TUNED, "avx2", "avx2")
+    funcs, _, block_rows = tuned_functions(database(tuned_db / "avx2"), TUNED, "avx2", "avx2")
+    assert block_rows == MX_ROWS["avx2"]
     [func] = [f for name, f in funcs.items() if name.endswith(bucket)]
     y, ref = run_module(TUNED, tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), m, "avx2")
-    assert_matches(y, ref, TUNED.k, TUNED.group_size)
+    np.testing.assert_array_equal(y, ref)
 
 
 def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path: Path) -> None:
@@ -189,7 +290,8 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path:
         assert any(line.endswith(" T " + name) for line in symbols)
         assert name in table
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
-    assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}," in table  # tl2, K, N, group_size, avx2, rows per task
+    # tl2, K, N, group_size, avx2, rows per task, rows of A per block call
+    assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}, {MX_ROWS['avx2']}," in table
     assert '_mx, 0.0, 0.0, "", "", "avx2"}' in table  # not timed as nodes (sherry tune --verify): auto never takes it
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
 
@@ -211,13 +313,15 @@ def test_table_carries_the_verified_speedups_and_their_cpu() -> None:
     from tvm_schedules.build import table_source
 
     entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2"}
-    names, rows = {0: ("a_m1", "a_mx")}, {0: 32}
-    assert '__tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2"}' in table_source([entry], names, rows)  # not verified
+    names, rows, blocks = {0: ("a_m1", "a_mx")}, {0: 32}, {0: 2}
+    assert '{1, 320, 64, 128, 1, 32, 2, __tvm_ffi_a_m1, __tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2"}' in table_source(
+        [entry], names, rows, blocks
+    )  # not verified
     entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 8.0, "hand_cold_us": 6.0}
     entry |= {"cpu": "AuthenticAMD family 25 model 17", "cpu_name": 'AMD "EPYC" 9654'}
     assert (
         '__tvm_ffi_a_mx, 1.25, 0.75, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", "avx2"}'
-        in table_source([entry], names, rows)
+        in table_source([entry], names, rows, blocks)
     )
 
 

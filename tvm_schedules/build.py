@@ -3,13 +3,14 @@
 ``python -m tvm_schedules.build DB_DIR OUT_DIR`` reads ``DB_DIR/<target>/tuned.json`` for every target
 folder and, for each entry, the best record of the target's MetaSchedule database
 (``database_workload.json``, ``database_tuning_record.json``): its trace is replayed on the M = 1
-workload, and on the dynamic-M workload (the same blocks and loops with M a variable, which the
-tuner cannot time), so both functions carry the tuned decisions. Nothing is tuned here. Both go into
-one object file per target (``OUT_DIR/tvm_<target>.o``), and ``OUT_DIR/tvm_table.cc`` is the table
-kernel_tvm.cc searches: (format, K, N, group_size, ISA) → the two functions, the rows per parallel
-task, and auto mode's inputs (the verified speed-ups and the CPU model that measured them). The
-objects export ``__tvm_ffi_<name>`` and need no TVM runtime (kernel_tvm.cc supplies the hooks); the
-TVM FFI headers are copied to ``OUT_DIR/include``. Nothing is rebuilt when the inputs have not changed.
+workload, and its decisions schedule the block function (a block of rows of A that share each
+weight decode, which the op calls for M > 1), so both functions carry the tuned decisions. Nothing
+is tuned here. Both go into one object file per target (``OUT_DIR/tvm_<target>.o``), and
+``OUT_DIR/tvm_table.cc`` is the table kernel_tvm.cc searches: (format, K, N, group_size, ISA) → the
+two functions, the rows per parallel task and per block, and auto mode's inputs (the verified
+speed-ups and the CPU model that measured them). The objects export ``__tvm_ffi_<name>`` and need no
+TVM runtime (kernel_tvm.cc supplies the hooks); the TVM FFI headers are copied to
+``OUT_DIR/include``. Nothing is rebuilt when the inputs have not changed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ FORMAT_ENUM = {name: value for value, name in enumerate(FORMATS)}
 """The C++ ``Format`` value of each format: its position in the registry (tests/test_format_table.py)."""
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "kernels.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]
+SOURCES = [HERE / "kernels.py", HERE / "intrinsics.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]
 
 
 def database_entries(db_dir: Path) -> list[dict]:
@@ -60,8 +61,11 @@ def _c_string(text: str | None) -> str:
     return json.dumps(text or "")  # a JSON string of printable text is a valid C string literal
 
 
-def table_source(entries: list[dict], names: dict[int, tuple[str, str]], rows: dict[int, int]) -> str:
-    """The C++ table; ``names`` holds each entry's two functions, ``rows`` its rows per parallel task. Auto
+def table_source(
+    entries: list[dict], names: dict[int, tuple[str, str]], rows: dict[int, int], blocks: dict[int, int]
+) -> str:
+    """The C++ table; ``names`` holds each entry's two functions, ``rows`` its rows per parallel task,
+    ``blocks`` the rows of A of one call of its block function. Auto
     mode's inputs are the verified speed-ups and the CPU model that measured them (kernel_tvm.cc
     ``make_tvm_kernel_if_faster`` decides at run time, on the CPU it runs on)."""
     lines = [
@@ -78,11 +82,12 @@ def table_source(entries: list[dict], names: dict[int, tuple[str, str]], rows: d
         m1, mx = names[i]
         lines.append(
             f"    {{{FORMAT_ENUM[e['format']]}, {e['k']}, {e['n']}, {e['group_size']}, {ISA_ENUM[e['isa']]}, "
-            f"{rows[i]}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, {_speedup(e, 'node')!r}, {_speedup(e, 'cold')!r}, "
+            f"{rows[i]}, {blocks[i]}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, "
+            f"{_speedup(e, 'node')!r}, {_speedup(e, 'cold')!r}, "
             f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}}},"
         )
     if not entries:
-        lines.append('    {0, 0, 0, 0, 0, 0, nullptr, nullptr, 0.0, 0.0, "", "", ""},')
+        lines.append('    {0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, 0.0, 0.0, "", "", ""},')
     lines += [
         "};",
         f"const size_t kTvmEntryCount = {len(entries)};",
@@ -93,12 +98,14 @@ def table_source(entries: list[dict], names: dict[int, tuple[str, str]], rows: d
     return "\n".join(lines)
 
 
-def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[dict[str, Any], int]:
-    """The entry's M = 1 (``_m1``) and dynamic-M (``_mx``) functions, scheduled by the database's best
-    trace for the M = 1 workload, and the rows of one parallel task that trace chose."""
+def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[dict[str, Any], int, int]:
+    """The entry's M = 1 function (``_m1``: the database's best trace for the M = 1 workload, replayed) and
+    block function (``_mx``: the same decisions on a block of ``MX_ROWS`` rows of A that share each
+    decode, which the op calls block by block for M > 1), the rows of one parallel task that trace
+    chose, and the rows of a block."""
     import tvm
 
-    from tvm_schedules.kernels import function_name, knobs_of, rows_per_step, workload
+    from tvm_schedules.kernels import MX_ROWS, function_name, knobs_of, rows_per_step, schedule, workload
     from tvm_schedules.tune import best_record
 
     record = best_record(db, shape, isa)
@@ -107,13 +114,18 @@ def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[
             f"the {target_name} database has no record for {shape.key} (its workload changed, or it was never "
             f"tuned): run `sherry tune --target {target_name}` for it and commit the database"
         )
+    knobs, rows = knobs_of(record.trace), MX_ROWS[isa]
     funcs = {}
-    for bucket, m in (("m1", 1), ("mx", None)):
-        sch = tvm.s_tir.Schedule(workload(shape, m, isa))
-        record.trace.apply_to_schedule(sch, remove_postproc=False)
+    for bucket in ("m1", "mx"):
+        if bucket == "m1":
+            sch = tvm.s_tir.Schedule(workload(shape, 1, isa))
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
+        else:
+            sch = tvm.s_tir.Schedule(workload(shape, rows, isa, rows))
+            schedule(sch, knobs.order, knobs, rows)
         name = function_name(shape, target_name, bucket)
         funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
-    return funcs, rows_per_step(knobs_of(record.trace))
+    return funcs, rows_per_step(knobs), rows
 
 
 def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
@@ -135,6 +147,7 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
     by_target: dict[str, list[int]] = {}
     names: dict[int, tuple[str, str]] = {}
     rows: dict[int, int] = {}
+    blocks: dict[int, int] = {}
     for i, e in enumerate(entries):
         by_target.setdefault(e["target"], []).append(i)
     objects = []
@@ -146,7 +159,7 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
         funcs = {}
         for i in indices:
             e = entries[i]
-            pair, rows[i] = tuned_functions(
+            pair, rows[i], blocks[i] = tuned_functions(
                 db, Shape(e["format"], e["k"], e["n"], e["group_size"]), e["isa"], target_name
             )
             funcs |= pair
@@ -156,7 +169,7 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
         lib.mod.write_to_file(str(obj))
         objects.append(obj)
         print(f"compiled {len(indices)} tuned kernels ({2 * len(indices)} functions) for {target_name} into {obj}")
-    (out_dir / "tvm_table.cc").write_text(table_source(entries, names, rows))
+    (out_dir / "tvm_table.cc").write_text(table_source(entries, names, rows, blocks))
     include = out_dir / "include"
     if include.exists():
         shutil.rmtree(include)

@@ -1,40 +1,45 @@
-"""TensorIR kernels for the sherry, tl2 and i2s formats: byte-permute decode and integer dot instructions.
+"""TensorIR kernels for the sherry, tl2 and i2s formats: a weight-decode block and an integer-dot block,
+each tensorized with x86 intrinsics, under a schedule that MetaSchedule searches.
 
 One PrimFunc computes ``Y[m, n] = Σ_g (α[n, g] · s[m, g]) · dot[m, n, g]`` from workspace rows that
 hold the already quantized int8 activations, their float32 group scales and int32 group sums
 (layout.py), and the tiled code bytes of the weights, exactly as docs/formats.md ("Activations")
-says: the dots are exact int32, the float sum runs over the groups in order.
+says: the dots are exact int32, the float sum runs over the groups in order, each product rounded
+on its own.
 
 "Rows in lanes", as the hand-written AVX-512 kernels do: a tile is 16 output rows, one per int32 lane.
-For each quad (4 codes) of a tile the kernel loads its 64 code bytes (byte 4r + j: code j of row
-r) and, for each weight position p of the codes, decodes them to 64 weights + 1 as u8: sherry and tl2
-with one byte permute of a constant 32-entry table (``vpermb``; AVX2: two ``vpshufb`` and a blend on
-the sign bit), i2s with a shift and a mask. A dot instruction then multiplies them with the
-activation dword of position p (the 4 activations that meet position p of the quad's codes,
-broadcast) and adds each row's 4 products into its lane: ``vpdpbusd`` on AVX-512 (VNNI), ``vpmaddubsw``
-+ ``vpmaddwd`` on AVX2. At the end of a group, dot = lane − Σ xq of the group (the +1 of the weights),
-and y += (α·s)·float(dot).
+A quad (4 codes) of a tile is 64 code bytes (byte 4r + j: code j of row r). The workload
+(:func:`workload`) is element-wise TensorIR in separate blocks: ``decode`` turns the code bytes into
+weight planes (plane p: weight + 1 at lane p of each code, as u8), ``dot`` reduces planes times
+activations into exact int32 per row and group, ``group`` scales and sums the groups, ``store``
+writes Y. The schedule (:func:`schedule`) tensorizes the decode with the ``decode`` intrinsic
+(sherry and tl2: a byte permute of a constant 32-entry table per plane, ``vpermb``; AVX2: two
+``vpshufb`` and a blend) or vectorizes it (i2s: a shift and a mask), and the dot with the ``dot`` intrinsic
+(``vpdpbusd`` per plane on AVX-512; ``vpmaddubsw`` per plane and one ``vpmaddwd`` on AVX2), both in
+tvm_schedules/intrinsics.py. The activation dword of plane p (the 4 activations that meet lane p of
+the quad's codes) is broadcast to every row. At the end of a group, dot = lane − Σ xq of the group
+(the +1 of the weights), and y += (α·s)·float(dot).
 
-The kernel is a TensorIR workload (TVMScript with LLVM intrinsics, :func:`workload`) of three
-sblocks; the decode and dot instructions are the body of the ``dot`` block, which no schedule
-primitive rewrites: LLVM does not find table lookups or dot-product instructions in an arithmetic
-form. The schedule (:func:`schedule`, MetaSchedule's design space :func:`design_space`) decides the
-rest (:class:`Knobs`): ``tiles`` (tiles processed together, sharing the activation loads: the rows
-per step are 16·tiles, which is also the op's work item), ``unroll`` (of the quad loop within a
-group) and ``order`` (of the quad and tile loops). The outer loop over steps is ``parallel``; the op
-runs its tasks on onnxruntime's threads (kernel_tvm.cc).
+The schedule's knobs (:class:`Knobs`, MetaSchedule decisions): ``tiles`` (tiles processed together,
+sharing the activation loads: the rows per step are 16·tiles, which is also the op's work item),
+``unroll`` (of the quad loop within a group) and ``order`` (of the quad and tile loops). The outer
+loop over steps is ``parallel``; the op runs its tasks on onnxruntime's threads (kernel_tvm.cc).
+For M > 1 the op calls a block function, :data:`MX_ROWS` rows of A that share each decoded weight
+vector, then the M = 1 function for the remaining rows; the whole-model Relax path compiles the
+dynamic-M function (``m`` None), row after row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.script import tirx as T
 
+from tvm_schedules.intrinsics import VECTOR_LANES, decode_name, dot_name, lane_value
 from tvm_schedules.layout import TILE, Shape
 
 MAX_TILES = 8
@@ -44,6 +49,11 @@ ORDERS = ("quad", "tile")
 """Loop orders inside a group: ``quad``: for each quad, every tile of the step (the tiles share the
 activation dwords); ``tile``: for each tile, its ``unroll`` quads in a row."""
 ISAS = ("avx512", "avx2")
+ISA_KEY, FORMAT_KEY = "sherry.isa", "sherry.format"
+"""The workload's function attributes that name its ISA and format (the intrinsics the schedule
+tensorizes with)."""
+ORDER_KEY = "sherry.order"
+"""The block annotation that records a design space's loop order in its trace."""
 
 
 @dataclass(frozen=True)
@@ -81,128 +91,115 @@ def function_name(shape: Shape, target_name: str, bucket: str) -> str:
     return f"sherry_tvm_{target_name}_{shape.key}_{bucket}"
 
 
-def _lane_values(fmt: str) -> np.ndarray:
-    """[32, L]: weight + 1 (0..2) of each lane of every 5-bit code (sherry, tl2)."""
-    from sherry_export.formats import SHERRY_DECODE, TL2_DECODE
-
-    return (SHERRY_DECODE if fmt == "sherry" else TL2_DECODE).astype(np.int64) + 1
-
-
-def _const_u8(values: list[int], lanes: int) -> tirx.PrimExpr:
-    """A constant u8 vector (values 0..3) written as shifts of a ramp, which LLVM folds to a constant."""
-    lo = sum((v & 1) << i for i, v in enumerate(values))
-    hi = sum((v >> 1 & 1) << i for i, v in enumerate(values))
-
-    def b(v: int) -> tirx.PrimExpr:
-        return tirx.Broadcast(tirx.const(v, "uint64"), lanes)
-
-    r = tirx.Ramp(tirx.const(0, "uint64"), tirx.const(1, "uint64"), lanes) & b(63)
-    return (((b(lo) >> r) & b(1)) | (((b(hi) >> r) & b(1)) << b(1))).astype(f"uint8x{lanes}")
-
-
-def _decoder(shape: Shape, isa: str) -> callable:
-    """decode(codes, p): the u8 vector of weights + 1 at position p of the code bytes ``codes``."""
-    lanes = 64 if isa == "avx512" else 32
-    u8 = f"uint8x{lanes}"
-
-    def bc(v: int) -> tirx.PrimExpr:
-        return tirx.Broadcast(tirx.const(v, "uint8"), lanes)
-
-    if shape.format == "i2s":
-        return lambda codes, p: (codes >> bc(2 * p)) & bc(3)
-    table = _lane_values(shape.format)
-    if isa == "avx512":
-        tables = [_const_u8([int(table[c % 32, p]) for c in range(64)], 64) for p in range(shape.lanes_per_code)]
-        return lambda codes, p: tirx.call_llvm_pure_intrin(u8, "llvm.x86.avx512.permvar.qi.512", tables[p], codes)
-    pos = [_const_u8([int(table[c % 16, p]) for c in range(32)], 32) for p in range(shape.lanes_per_code)]
-    neg = [_const_u8([int(table[16 + c % 16, p]) for c in range(32)], 32) for p in range(shape.lanes_per_code)]
-
-    def decode(codes: tirx.PrimExpr, p: int) -> tirx.PrimExpr:
-        lo = tirx.call_llvm_pure_intrin(u8, "llvm.x86.avx2.pshuf.b", pos[p], codes)
-        hi = tirx.call_llvm_pure_intrin(u8, "llvm.x86.avx2.pshuf.b", neg[p], codes)
-        return tirx.Select((codes & bc(16)) != bc(0), hi, lo)
-
-    return decode
-
-
-def workload(shape: Shape, m: int | None, isa: str = "avx512") -> tirx.PrimFunc:
+def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) -> tirx.PrimFunc:
     """The unscheduled kernel for M = ``m`` rows of A (None: any M) on ``isa``: what MetaSchedule tunes.
+    ``m_rows`` > 1: the rows in blocks of ``m_rows`` (a static ``m``, a multiple), which :func:`schedule`
+    makes share each decode.
 
-    Three sblocks, each in its own loop nest over (tile, row of A, group, ...): ``dot`` (a reduction
-    over the quads of a group into the exact int32 lanes ``acc``: decode and dot instructions, left
-    whole by the schedule), ``group`` (a reduction over the groups in order: y += (α·s)·(acc − Σ xq))
-    and ``store``. The intermediates hold whole vectors (``int32x16`` elements), so every region has
-    a block variable in every dimension, which compute-at needs. ``h`` runs over the vectors of a
-    tile (1 on AVX-512, 2 on AVX2). After :func:`schedule` places them in one nest, buffer compaction
-    shrinks ``acc`` and ``yacc`` to the tiles of one step, which LLVM keeps in registers."""
+    Sblocks, each in its own loop nest, element by element:
+
+    - ``decode``: the weight planes, ``D[t, q, h, p, i]`` = weight + 1 at lane p of code byte i of
+      vector h of quad q of tile t: the format's decode table (sherry, tl2: :func:`lane_value`, the
+      ``decode`` intrinsic), or ``(byte >> 2p) & 3`` (i2s, vectorized);
+    - ``dot``: a reduction over the quads of a group, their planes and codes into the exact int32
+      ``acc[m, t, g, row]`` (the ``dot`` intrinsic): Σ int32(D) · int32(X), with the activation of
+      plane p, code j at byte 4p + j of the quad's workspace bytes;
+    - ``group``: the in-order reduction over the groups, a vector of ``VW`` rows at a time:
+      yacc += (α·s)·float(acc − Σ xq), the product kept from contracting into an FMA
+      (``llvm.arithmetic.fence``), so each product rounds on its own as formats.md says;
+    - ``store``.
+
+    ``h`` runs over the vectors of a tile (1 on AVX-512, 2 on AVX2). The group and store blocks keep
+    whole vectors as elements (``float32x16``), so that each has a block variable per dimension,
+    which compute-at needs; :func:`schedule` places all of them in one nest, where buffer compaction
+    shrinks the intermediates to one step, which LLVM keeps in registers."""
     if problem := shape.supported():
         raise ValueError(problem)
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}")
+    if m_rows > 1 and (m is None or m % m_rows):
+        raise ValueError(f"blocks of {m_rows} rows need a static M that is a multiple of it, not {m}")
     L, Q, G = shape.lanes_per_code, shape.quads_per_group, shape.groups
-    RB, N, QB, tiles = shape.row_bytes, shape.n, 4 * L, shape.tiles
-    decode = _decoder(shape, isa)
-    VW = 16 if isa == "avx512" else 8  # vector width in int32 lanes
+    RB, N, QB, tiles, quads = shape.row_bytes, shape.n, 4 * L, shape.tiles, shape.quads
+    VW = VECTOR_LANES[isa]  # int32 lanes of a vector: rows per dot
     H = TILE // VW  # vectors per tile
     CB = 4 * VW  # code bytes per vector
-
-    def dot(acc: tirx.PrimExpr, codes: tirx.PrimExpr, xw: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-        """acc (int32 x VW) + the dots of the decoded codes with the activation dwords (int32 scalar) xw[p]."""
-        if isa == "avx512":
-            for p in range(L):
-                x8 = tirx.reinterpret("int8x64", tirx.Broadcast(xw[p], 16))
-                # LLVM 22's signature: (<16 x i32>, <64 x i8> unsigned, <64 x i8> signed)
-                acc = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, decode(codes, p), x8)
-            return acc
-        total = None
-        for p in range(L):
-            x8 = tirx.reinterpret("int8x32", tirx.Broadcast(xw[p], 8))
-            prod = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", decode(codes, p), x8)
-            total = prod if total is None else total + prod  # |Σ| ≤ 3 · 2 · 2 · 127: no overflow
-        ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
-        return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", total, ones)
-
-    def xword(X: tirx.Buffer, mi: tirx.PrimExpr, quad: tirx.PrimExpr) -> list[tirx.PrimExpr]:
-        return [tirx.reinterpret("int32", X.vload([mi, quad * QB + 4 * p], "int8x4")) for p in range(L)]
-
+    fmt = shape.format
     M = tirx.Var("M", "int64") if m is None else m
-    i32v, f32v, u8v = f"int32x{VW}", f"float32x{VW}", f"uint8x{CB}"
+    R = m_rows if m is not None else tirx.const(1, "int64")  # rows in MO blocks of R (R: M's type)
+    MO = M // m_rows
+    f32v = f"float32x{VW}"
+
+    def weight(W: tirx.Buffer, t: tirx.PrimExpr, q: tirx.PrimExpr, i: tirx.PrimExpr, p: tirx.PrimExpr) -> tirx.PrimExpr:
+        code = W[t, q, i]
+        if fmt == "i2s":
+            return (code >> tirx.Cast("uint8", 2 * p)) & tirx.const(3, "uint8")
+        return lane_value(fmt, p, code)
 
     @T.prim_func(s_tir=True)
     def kernel(
         X: T.Buffer((M, RB), "int8"),
         S: T.Buffer((M, RB // 4), "float32"),
-        W: T.Buffer((tiles, shape.quads, 64), "uint8"),
+        W: T.Buffer((tiles, quads, 64), "uint8"),
         A: T.Buffer((tiles, G, TILE), "float32"),
         Y: T.Buffer((M, N), "float32"),
     ):
         # estimated_flops: MetaSchedule's flop counter knows no vector intrinsics (2·K·N per row of A)
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "estimated_flops": 2 * shape.k * N})
-        acc = T.alloc_buffer((M, tiles, G, H), i32v)
-        yacc = T.alloc_buffer((M, tiles, H), f32v)
-        for t, mi, g, q, h in T.grid(tiles, M, G, Q, H):
+        T.func_attr(
+            {
+                "global_symbol": "main",
+                "tirx.noalias": True,
+                "estimated_flops": 2 * shape.k * N,
+                ISA_KEY: isa,
+                FORMAT_KEY: fmt,
+            }
+        )
+        D = T.sblock_alloc_buffer((tiles, quads, H, L, CB), "uint8")
+        acc = T.sblock_alloc_buffer((M, tiles, G, TILE), "int32")
+        yacc = T.sblock_alloc_buffer((M, tiles, H), f32v)
+        for t, q, h, p, i in T.grid(tiles, quads, H, L, CB):
+            with T.sblock("decode"):
+                vt, vq, vh, vp, vi = T.axis.remap("SSSSS", [t, q, h, p, i])
+                D[vt, vq, vh, vp, vi] = weight(W, vt, vq, vh * CB + vi, vp)
+        for t, mo, mb, g, q, h, p, r, j in T.grid(tiles, MO, R, G, Q, H, L, VW, 4):
             with T.sblock("dot"):
-                vt, vm, vg, vq, vh = T.axis.remap("SSSRS", [t, mi, g, q, h])
-                T.reads(W[vt, vg * Q + vq, vh * CB : vh * CB + CB], X[vm, (vg * Q + vq) * QB : (vg * Q + vq + 1) * QB])
-                T.writes(acc[vm, vt, vg, vh])
+                vt = T.axis.spatial(tiles, t)
+                vm = T.axis.spatial(M, mo * R + mb)
+                vg, vq, vh, vp, vr, vj = T.axis.remap("SRSRSR", [g, q, h, p, r, j])
                 with T.init():
-                    acc[vm, vt, vg, vh] = T.Broadcast(T.int32(0), VW)
-                acc[vm, vt, vg, vh] = dot(
-                    acc[vm, vt, vg, vh], W.vload([vt, vg * Q + vq, vh * CB], u8v), xword(X, vm, vg * Q + vq)
-                )
-        for t, mi, g, h in T.grid(tiles, M, G, H):
+                    acc[vm, vt, vg, vh * VW + vr] = 0
+                acc[vm, vt, vg, vh * VW + vr] = acc[vm, vt, vg, vh * VW + vr] + T.Cast(
+                    "int32", D[vt, vg * Q + vq, vh, vp, vr * 4 + vj]
+                ) * T.Cast("int32", X[vm, (vg * Q + vq) * QB + vp * 4 + vj])
+        for t, mo, mb, g, h in T.grid(tiles, MO, R, G, H):
             with T.sblock("group"):
-                vt, vm, vg, vh = T.axis.remap("SSRS", [t, mi, g, h])
-                T.reads(A[vt, vg, vh * VW : vh * VW + VW], S[vm, vg], S[vm, G + vg], acc[vm, vt, vg, vh])
+                vt = T.axis.spatial(tiles, t)
+                vm = T.axis.spatial(M, mo * R + mb)
+                vg, vh = T.axis.remap("RS", [g, h])
+                T.reads(
+                    A[vt, vg, vh * VW : vh * VW + VW],
+                    S[vm, vg],
+                    S[vm, G + vg],
+                    acc[vm, vt, vg, vh * VW : vh * VW + VW],
+                )
                 T.writes(yacc[vm, vt, vh])
                 with T.init():
                     yacc[vm, vt, vh] = T.Broadcast(T.float32(0), VW)
-                yacc[vm, vt, vh] = yacc[vm, vt, vh] + (
-                    A.vload([vt, vg, vh * VW], f32v) * T.Broadcast(S[vm, vg], VW)
-                ) * T.Cast(f32v, acc[vm, vt, vg, vh] - T.Broadcast(T.reinterpret("int32", S[vm, G + vg]), VW))
-        for t, mi, h in T.grid(tiles, M, H):
+                yacc[vm, vt, vh] = yacc[vm, vt, vh] + T.call_llvm_pure_intrin(
+                    f32v,
+                    "llvm.arithmetic.fence",
+                    (A.vload([vt, vg, vh * VW], f32v) * T.Broadcast(S[vm, vg], VW))
+                    * T.Cast(
+                        f32v,
+                        acc.vload([vm, vt, vg, vh * VW], f"int32x{VW}")
+                        - T.Broadcast(T.reinterpret("int32", S[vm, G + vg]), VW),
+                    ),
+                )
+        for t, mo, mb, h in T.grid(tiles, MO, R, H):
             with T.sblock("store"):
-                vt, vm, vh = T.axis.remap("SSS", [t, mi, h])
+                vt = T.axis.spatial(tiles, t)
+                vm = T.axis.spatial(M, mo * R + mb)
+                vh = T.axis.remap("S", [h])
                 T.reads(yacc[vm, vt, vh])
                 T.writes(Y[vm, vt * TILE + vh * VW : vt * TILE + vh * VW + VW])
                 Y[vm, vt * TILE + vh * VW : vt * TILE + vh * VW + VW] = yacc[vm, vt, vh]
@@ -210,11 +207,21 @@ def workload(shape: Shape, m: int | None, isa: str = "avx512") -> tirx.PrimFunc:
     return kernel
 
 
-ORDER_KEY = "sherry.order"
-"""The block annotation that records a design space's loop order in its trace."""
+MX_ROWS = {"avx512": 8, "avx2": 8}
+"""Rows of A that share one decode in the block function (``_mx``, prefill: the op calls it per block
+of this many rows, and the M = 1 function for the rest): each decoded weight vector meets this many
+activation rows, one accumulator register each."""
 
 
-def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
+def _loops_after(sch: Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
+    """The loops of ``block`` nested inside ``loop``."""
+    target = sch.get(loop)
+    loops = sch.get_loops(block)
+    k = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(target))
+    return loops[k + 1 :]
+
+
+def schedule(sch: Schedule, order: str, knobs: Knobs | None = None, m_rows: int = 1) -> None:
     """Schedule the workload in loop order ``order``. With ``knobs`` None the two tile sizes are
     sampled (a design space for MetaSchedule), else they are ``knobs``' (a fixed point).
 
@@ -223,26 +230,52 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
     - unroll: ``sample_perfect_tile`` of the quad loop (innermost ≤ 4), its inner loop unrolled;
     - ``order``: the loops inside a group (:data:`ORDERS`).
 
-    The tiles of a step, the group and store epilogues and the accumulator initializations are
-    unrolled, so the accumulators live in registers as in the hand-written kernels."""
-    dot, group, store = (sch.get_sblock(name) for name in ("dot", "group", "store"))
-    t, mi, g, q, h = sch.get_loops(dot)
-    tiles, quads = (int(sch.get(loop).extent) for loop in (t, q))
+    ``m_rows`` 1 (the M = 1 function, what is tuned): per group, quad and tile (in ``order``) the
+    decode, then the dots. ``m_rows`` > 1 (the block function): each step tile by tile, per group and
+    quad the decode, then its dots with every row of the block, so that a decoded vector serves
+    ``m_rows`` rows.
+
+    The decode and the dot are tensorized with the ISA's intrinsics (tvm_schedules/intrinsics.py);
+    the tiles of a step, the planes, the group and store epilogues and the accumulator
+    initializations are unrolled, so the accumulators live in registers as in the hand-written
+    kernels."""
+    isa, fmt = (str(sch.mod["main"].attrs[key]) for key in (ISA_KEY, FORMAT_KEY))
+    dot, decode, group, store = (sch.get_sblock(name) for name in ("dot", "decode", "group", "store"))
+    t, mo, mb, g, q, h, p, *_ = sch.get_loops(dot)
+    tiles, quads, planes = (int(sch.get(loop).extent) for loop in (t, q, p))
     tile_split = knobs and [tiles // knobs.tiles, knobs.tiles]
     quad_split = knobs and [quads // knobs.unroll, knobs.unroll]
     step, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
     qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=quad_split))
-    sch.reorder(step, mi, g, qo, *((qi, ts) if order == "quad" else (ts, qi)), h)
+    if m_rows == 1:
+        pair = (qi, ts) if order == "quad" else (ts, qi)
+        sch.reorder(step, mo, mb, g, qo, *pair, h)
+        inner, store_at = pair[-1], mb
+    else:
+        sch.reorder(step, mo, ts, g, qo, qi, mb, h)
+        inner, store_at = qi, ts
     sch.annotate(dot, ORDER_KEY, order)
     # unit loops kept: the loop count must not depend on the decisions, or traces do not replay
+    sch.compute_at(decode, inner, preserve_unit_loops=True)
     sch.reverse_compute_at(group, g, preserve_unit_loops=True)
-    sch.reverse_compute_at(store, mi, preserve_unit_loops=True)
+    sch.reverse_compute_at(store, store_at, preserve_unit_loops=True)
     sch.parallel(step)
-    for loop in (qi, ts, h, *sch.get_loops(group)[3:], *sch.get_loops(store)[2:]):
+    dh, dp, di = sch.get_loops(decode)[-3:]
+    for loop in (qi, ts, mb, h, dh, *_loops_after(sch, group, g), *_loops_after(sch, store, store_at)):
         sch.unroll(loop)
     # the reductions' initializations out of the loops, after `parallel` (which wants whole reductions)
-    sch.decompose_reduction(dot, qo)
+    init = sch.decompose_reduction(dot, qo)
+    *init_outer, init_lanes = _loops_after(sch, init, g)
+    for loop in init_outer:
+        sch.unroll(loop)
+    sch.vectorize(init_lanes)
     sch.decompose_reduction(group, g)
+    sch.tensorize(sch.get_loops(dot)[-3], dot_name(isa, planes))
+    if fmt == "i2s":  # a shift and a mask: LLVM vectorizes it
+        sch.unroll(dp)
+        sch.vectorize(di)
+    else:
+        sch.tensorize(dp, decode_name(fmt, isa))
 
 
 def design_space(sch: Schedule) -> list[Schedule]:
@@ -268,16 +301,19 @@ def knobs_of(trace: tvm.s_tir.schedule.Trace) -> Knobs:
     return Knobs(tiles=tiles[0], unroll=tiles[1], order=order)
 
 
-def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main") -> tirx.PrimFunc:
-    """The kernel for M = ``m`` rows of A (None: any M) scheduled at the knob point ``knobs``."""
+def prim_func(
+    shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main", m_rows: int = 1
+) -> tirx.PrimFunc:
+    """The kernel for M = ``m`` rows of A (None: any M) scheduled at the knob point ``knobs``; with
+    ``m_rows`` > 1 (:data:`MX_ROWS`) in blocks of that many rows, each decode shared by the block."""
     if knobs not in knob_space(shape):
         raise ValueError(f"knobs {knobs} do not divide {shape.key}")
-    sch = Schedule(workload(shape, m, isa))
-    schedule(sch, knobs.order, knobs)
+    sch = Schedule(workload(shape, m, isa, m_rows))
+    schedule(sch, knobs.order, knobs, m_rows)
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def scheduled_module(
-    shape: Shape, m: int | None, knobs: Knobs, name: str = "main", isa: str = "avx512"
+    shape: Shape, m: int | None, knobs: Knobs, name: str = "main", isa: str = "avx512", m_rows: int = 1
 ) -> tvm.IRModule:
-    return tvm.IRModule({name: prim_func(shape, m, knobs, isa, name)})
+    return tvm.IRModule({name: prim_func(shape, m, knobs, isa, name, m_rows)})

@@ -1,8 +1,9 @@
 """``sherry tune``: MetaSchedule tuning of the TVM kernels, per (format, shape, target), into a database.
 
-Each kernel is a TensorIR workload (:func:`tvm_schedules.kernels.workload`) whose decode and dot
-instructions are fixed; its design space (:func:`tvm_schedules.kernels.design_space`) samples the
-tiles per parallel step and the quad unroll (``sample_perfect_tile``) in two loop orders. MetaSchedule's
+Each kernel is a TensorIR workload (:func:`tvm_schedules.kernels.workload`) of element-wise decode,
+dot and epilogue blocks; its design space (:func:`tvm_schedules.kernels.design_space`) samples the
+tiles per parallel step and the quad unroll (``sample_perfect_tile``) in two loop orders and
+tensorizes the decode and the dot with the target ISA's intrinsics (tvm_schedules/intrinsics.py). MetaSchedule's
 evolutionary search (XGBoost cost model, tile-size mutation) builds and times the candidates in this
 process on one thread (M = 1, hot), ``--trials`` per kernel, and appends every measured trace to the
 target's JSON database (``<target>/database_workload.json``, ``database_tuning_record.json``). The
@@ -234,8 +235,11 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
 
 def database(target_dir: Path) -> Any:
     """The MetaSchedule JSON database of one target folder (workloads and tuning records, one JSON
-    line each), created empty if missing."""
+    line each), created empty if missing. Its traces name our tensor intrinsics, which loading them
+    needs registered."""
     from tvm.s_tir import meta_schedule as ms
+
+    import tvm_schedules.intrinsics  # noqa: F401  (registers the intrinsics on import)
 
     return ms.database.JSONDatabase(
         str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")

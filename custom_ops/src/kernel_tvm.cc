@@ -165,10 +165,11 @@ class TvmKernel final : public MatMulKernel {
       : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
     const Geometry& g = w.geometry;
     if (entry.lane_block <= 0 || entry.lane_block > kMaxLaneBlock || entry.lane_block % kTvmTile != 0 ||
-        g.n % entry.lane_block != 0)
+        g.n % entry.lane_block != 0 || entry.block_rows < 1)
       throw std::runtime_error("the TVM kernel table's entry (" + std::string(entry.target) + ") has " +
                                std::to_string(entry.lane_block) + " rows per parallel step for N=" +
-                               std::to_string(g.n) + ": rebuild the library (make lib)");
+                               std::to_string(g.n) + " and blocks of " + std::to_string(entry.block_rows) +
+                               " rows of A: rebuild the library (make lib)");
     const TvmLayout& L = layout_;
     const int64_t blocks = g.n / L.lane_block;
     planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
@@ -239,7 +240,8 @@ class TvmKernel final : public MatMulKernel {
   }
 
   // The blocks (lane_block rows) wholly inside [n_begin, n_end) go straight into Y when it is 64-byte
-  // aligned (TVM assumes so), in one call. A block the range cuts, or any block of an unaligned Y, is
+  // aligned (TVM assumes so; rows of Y stay aligned, N being a multiple of 16): one call per block of
+  // block_rows rows of A, one per remaining row. A block the range cuts, or any block of an unaligned Y, is
   // computed row by row with the M = 1 function into a block on the stack, then copied: the function
   // writes only its block's columns, so it is handed the stack block shifted back by the block's offset.
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
@@ -248,8 +250,14 @@ class TvmKernel final : public MatMulKernel {
     const int64_t first = n_begin / lb, last = ceil_div(n_end, lb);
     int64_t whole_begin = ceil_div(n_begin, lb), whole_end = n_end / lb;
     if (reinterpret_cast<uintptr_t>(y) % 64 != 0 || whole_begin >= whole_end) whole_begin = whole_end = last;
-    if (whole_begin < whole_end)
-      call(m == 1 ? entry_.m1 : entry_.mx, ws, m, y, TaskRange{whole_begin, whole_end, blocks});
+    if (whole_begin < whole_end) {
+      const TaskRange whole{whole_begin, whole_end, blocks};
+      const int64_t rows = entry_.block_rows, row_bytes = layout_.row_bytes;
+      int64_t r = 0;
+      if (m > 1)  // blocks of rows that share each weight decode, then row by row
+        for (; r + rows <= m; r += rows) call(entry_.mx, ws + r * row_bytes, rows, y + r * n, whole);
+      for (; r < m; ++r) call(entry_.m1, ws + r * row_bytes, 1, y + r * n, whole);
+    }
     alignas(64) float block[kMaxLaneBlock];
     for (int64_t b = first; b < last; ++b) {
       if (b >= whole_begin && b < whole_end) continue;
