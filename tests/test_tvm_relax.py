@@ -111,6 +111,15 @@ def test_tied_embedding_matches_onnxruntime(head: str, tmp_path: Path) -> None:
             assert np.abs(a - b).max() <= 1e-2 * np.ptp(b)
 
 
+def test_int8_head_is_refused_with_what_to_do(model: torch.nn.Module, tmp_path: Path) -> None:
+    """An export whose LM head is in our int8 format has no Relax converter yet: the import says which op
+    and how to re-export, before any compilation."""
+    out = tmp_path / "int8-head"
+    export_model(model, out, ExportOptions(format="sherry", group_size=GROUP_SIZES["sherry"], lm_head="int8"))
+    with pytest.raises(tvm.error.OpNotImplemented, match=r"Int8MatMul.*re-export with --lm-head fp32 or nbits8"):
+        RelaxCausalLM(out)
+
+
 def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
     """Bytes of the Relax module's constants, by dtype (the weights the compiled model holds)."""
     total: dict[str, int] = {}

@@ -41,7 +41,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
 from sherry_export.export.projections import dequantize_nbits
-from sherry_export.formats import FORMATS, PackedWeight
+from sherry_export.formats import FORMATS, HEAD_FORMATS, LM_HEADS, PackedWeight
 from sherry_export.generate import ForwardDecoder, OnnxCausalLM
 from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
@@ -553,7 +553,14 @@ class DecoderImporter(frontend.ONNXGraphImporter):
         known = set(frontend._get_convert_map()) | set(self.extra) | {"If", "Constant"}
         missing = sorted({node.op_type for node in graph.node} - known)
         if missing:
-            raise tvm.error.OpNotImplemented(f"no Relax converter for: {', '.join(missing)}")
+            heads = sorted(name for name, spec in HEAD_FORMATS.items() if spec.op_type in missing)
+            hint = (
+                f"; the LM head is in our {' / '.join(heads)} format, which the Relax path does not convert yet: "
+                f"re-export with --lm-head {' or '.join(h for h in LM_HEADS if h not in HEAD_FORMATS)}"
+                if heads
+                else ""
+            )
+            raise tvm.error.OpNotImplemented(f"no Relax converter for: {', '.join(missing)}{hint}")
 
     def _convert_operator(self, op_name: str, inputs: list[relax.Expr], attrs: dict, opset: int) -> Any:
         if op_name not in self.extra:
