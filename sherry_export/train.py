@@ -334,10 +334,22 @@ def run(cfg: TrainConfig) -> Trainer:
     return trainer
 
 
+def end_distributed() -> None:
+    """Leave the process group a distributed run (torchrun) started, once every rank is done.
+
+    A process that exits with its gloo group alive can abort in the group's worker threads at
+    interpreter exit ("terminate called without an active exception", SIGABRT) after all its work
+    is saved; the barrier keeps a fast rank from tearing the group down under a slow one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``sherry train``: the settings from the command line, then :func:`run`."""
     trainer = run(from_options(TrainConfig, args))
     final = [entry for entry in trainer.state.log_history if "train_runtime" in entry]
     if final and trainer.is_world_process_zero():
         print(f"train loss {final[-1].get('train_loss', float('nan')):.4f} in {final[-1]['train_runtime']:.1f} s")
+    end_distributed()
     return 0

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from sherry_export.cli import main
 from sherry_export.models import tiny_llama
 from sherry_export.qat import ArenasConfig, SherryConfig, TernaryConfig, arenas_schedule, load_qat_model, quantize_
-from sherry_export.train import TrainConfig, check_checkpoint, run, train
+from sherry_export.train import TrainConfig, check_checkpoint, end_distributed, run, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_corpus.txt"
 
@@ -267,6 +267,7 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
         "lambda": arenas_schedule(model).value,
     }
     Path(folder, f"rank{rank}.json").write_text(json.dumps(record))
+    end_distributed()
 
 
 def free_port() -> int:
