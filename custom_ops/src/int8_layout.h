@@ -20,17 +20,6 @@
 
 namespace sherry {
 
-// The int8 kernels stream their weights with software prefetches this many bytes ahead, into L2 (T1;
-// the activations stay in L1). At batch 1 the kernel is a pure stream with little arithmetic per line,
-// and the hardware prefetchers alone left it at about 60 % of the read-bandwidth probe on one Zen 4 core
-// (LLaMA-3.2's 128256 x 2048 head, `sherry bench head --threads 1`, 3 interleaved runs each: 13.8-14.3 ms
-// without, 12.2-12.4 ms with 2 KiB T1; 1 and 4 KiB T1, 2 KiB T0 and NTA, 4 KiB T2 and 8 KiB T1 were slower).
-constexpr size_t kInt8PrefetchAhead = 2048;
-
-inline void prefetch_int8_weights(const uint8_t* line) {
-  _mm_prefetch(reinterpret_cast<const char*>(line + kInt8PrefetchAhead), _MM_HINT_T1);
-}
-
 class Int8Layout {
  public:
   explicit Int8Layout(const Geometry& g) : g_(g), first_quad_(static_cast<size_t>(g.groups()) + 1) {
@@ -77,6 +66,74 @@ class Int8Layout {
  private:
   Geometry g_;
   std::vector<int64_t> first_quad_;  // quads before each group; the last entry is the total
+};
+
+// Where a kernel tile's bytes go: one forward stream of segments, each the float16 scales of a few
+// groups (2 bytes per row of the tile and group, padded to whole lines) followed by those groups' quads
+// (quad_bytes each). The kernel touches a segment's scale lines into L1 as it enters the segment
+// (touch_scales) and then reads its quads in order, each group's scales from L1.
+//
+// Why: at batch 1 the kernel is a pure stream, and the hardware prefetchers keep it at the memory's
+// pace only while its other accesses hit L1. With a whole tile's scales behind its weights, read one
+// group at a time as the weights streamed past, a microbenchmark of the AVX2 loop over 256 MiB read
+// 13.7 GB/s on one Zen 4 core, against 33.9 GB/s with the scales first and touched (a plain read:
+// 35 GB/s); touching them into L2 only (prefetcht1) was as slow as not at all, and prefetching the
+// weights 2 KiB ahead, the earlier remedy, no longer helps. On LLaMA-3.2's 128256 x 2048 head
+// (`sherry_kernel_check bench --formats int8 --shapes 2048x128256 --gs 32 --m 1`, Zen 4, 3 runs) the
+// AVX2 kernel went from 19.1-20.0 ms to 8.9-9.3 ms and the AVX-512 kernel from 11.7-12.3 ms to
+// 11.0-11.3 ms. A segment holds about kSegmentWeightBytes of weights (2 and 32 KiB were slower), so its
+// scales stay in L1 until its last group even where a whole tile would not fit (16 rows x K = 2048 at
+// AVX-512 are 34 KiB).
+class Int8TileLayout {
+ public:
+  static constexpr size_t kSegmentWeightBytes = 8192;
+
+  Int8TileLayout(const Int8Layout& layout, int64_t tile_rows, size_t quad_bytes)
+      : quad_bytes_(quad_bytes), scales_offset_(static_cast<size_t>(layout.geometry().groups())),
+        quads_offset_(static_cast<size_t>(layout.geometry().groups())) {
+    const int64_t groups = layout.geometry().groups();
+    size_t at = 0;
+    for (int64_t first = 0; first < groups;) {
+      int64_t end = first;
+      size_t weights = 0;
+      while (end < groups && (end == first || weights + quad_bytes * layout.group_quads(end) <= kSegmentWeightBytes))
+        weights += quad_bytes * static_cast<size_t>(layout.group_quads(end++));
+      const size_t scales = Int8Layout::round_up_64(2 * static_cast<size_t>(tile_rows * (end - first)));
+      segments_.push_back({first, end, at, scales});
+      for (int64_t group = first; group < end; ++group) {
+        scales_offset_[group] = at + 2 * static_cast<size_t>(tile_rows * (group - first));
+        quads_offset_[group] = at + scales + quad_bytes * static_cast<size_t>(layout.first_quad(group) -
+                                                                               layout.first_quad(first));
+      }
+      at += scales + Int8Layout::round_up_64(weights);
+      first = end;
+    }
+    tile_bytes_ = at;
+  }
+
+  struct Segment {
+    int64_t first_group, end_group;
+    size_t offset, scales_bytes;  // from the tile's start; the scales come first
+  };
+
+  size_t tile_bytes() const { return tile_bytes_; }
+  const std::vector<Segment>& segments() const { return segments_; }
+  // From the tile's start: the group's float16 scales (one per tile row), and its first quad.
+  size_t scales_offset(int64_t group) const { return scales_offset_[group]; }
+  size_t quad_offset(int64_t group, int64_t quad_in_group) const {
+    return quads_offset_[group] + quad_bytes_ * static_cast<size_t>(quad_in_group);
+  }
+
+  static void touch_scales(const uint8_t* tile, const Segment& segment) {
+    for (size_t line = 0; line < segment.scales_bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(tile + segment.offset + line), _MM_HINT_T0);
+  }
+
+ private:
+  size_t quad_bytes_;
+  std::vector<size_t> scales_offset_, quads_offset_;
+  std::vector<Segment> segments_;
+  size_t tile_bytes_ = 0;
 };
 
 }  // namespace sherry

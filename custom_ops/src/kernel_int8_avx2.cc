@@ -8,8 +8,8 @@
 // then widens to int32. Exact per group; y += (α·s)·float(dot) in group order without FMA
 // contraction, bit-identical to the scalar kernel.
 //
-// Private layout: tile after tile; in a tile, quad after quad (32 bytes each), then the tile's
-// float16 scales, 8 per group. Rows past N are padded with zero weights.
+// Private layout: tile after tile, each one forward stream of segments (Int8TileLayout: a few groups'
+// float16 scales, 8 per group, then their quads of 32 bytes). Rows past N are padded with zero weights.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -52,26 +52,24 @@ class Int8Avx2Kernel final : public MatMulKernel {
   explicit Int8Avx2Kernel(const PackedWeights& w)
       : layout_(w.geometry),
         tiles_(ceil_div(w.geometry.n, kTileRows)),
-        tile_bytes_(Int8Layout::round_up_64(static_cast<size_t>(layout_.quads()) * 32 +
-                                            16 * static_cast<size_t>(w.geometry.groups()))),
+        tile_layout_(layout_, kTileRows, 32),
         weights_(budgeted_lines(w)) {
     const Geometry& g = w.geometry;
     std::memset(weights_.data(), 0, weights_.size());
-    const size_t scales_at = static_cast<size_t>(layout_.quads()) * 32;
     const int64_t stride = row_bytes(w.format, g.k, g.group_size);
     std::vector<int8_t> values(static_cast<size_t>(g.k));
     for (int64_t n = 0; n < g.n; ++n) {  // padding rows stay zero: weight 0, scale 0
-      uint8_t* tile = weights_.data() + static_cast<size_t>(n / kTileRows) * tile_bytes_;
+      uint8_t* tile = weights_.data() + static_cast<size_t>(n / kTileRows) * tile_layout_.tile_bytes();
       const int lane = static_cast<int>(n % kTileRows);
-      auto* alpha = reinterpret_cast<uint16_t*>(tile + scales_at);
       if (!decode_row(w.format, w.data + n * stride, g.k, g.group_size, values.data()))
         throw std::runtime_error("corrupt int8 weights: row " + std::to_string(n) + " holds code 0 (-128)");
       for (int64_t group = 0; group < g.groups(); ++group) {
         for (int64_t q = 0; q < layout_.group_quads(group); ++q)
           for (int j = 0; j < 4; ++j)
-            tile[(layout_.first_quad(group) + q) * 32 + 4 * lane + j] =
+            tile[tile_layout_.quad_offset(group, q) + 4 * lane + j] =
                 static_cast<uint8_t>(layout_.weight(values.data(), group, q, j));
-        alpha[group * kTileRows + lane] = w.scales[n * g.groups() + group];
+        const uint16_t scale = w.scales[n * g.groups() + group];
+        std::memcpy(tile + tile_layout_.scales_offset(group) + 2 * lane, &scale, sizeof scale);
       }
     }
   }
@@ -93,7 +91,7 @@ class Int8Avx2Kernel final : public MatMulKernel {
  private:
   // The private weights' size in cache lines, after checking it against the memory budget (kernel.h).
   size_t budgeted_lines(const PackedWeights& w) const {
-    const size_t bytes = static_cast<size_t>(tiles_) * tile_bytes_;
+    const size_t bytes = static_cast<size_t>(tiles_) * tile_layout_.tile_bytes();
     check_memory_budget(w, static_cast<double>(bytes), static_cast<double>(layout_.row_bytes()));
     return bytes / sizeof(Line);
   }
@@ -104,8 +102,7 @@ class Int8Avx2Kernel final : public MatMulKernel {
             float* y) const {
     const Geometry& g = layout_.geometry();
     const size_t stride = layout_.row_bytes();
-    const uint8_t* tile = weights_.data() + static_cast<size_t>(t) * tile_bytes_;
-    const auto* alpha = reinterpret_cast<const __m128i*>(tile + static_cast<size_t>(layout_.quads()) * 32);
+    const uint8_t* tile = weights_.data() + static_cast<size_t>(t) * tile_layout_.tile_bytes();
     const int8_t* xq[R];
     const float* scale[R];
     __m256 acc[R];
@@ -115,29 +112,34 @@ class Int8Avx2Kernel final : public MatMulKernel {
       scale[i] = reinterpret_cast<const float*>(row + layout_.scales_offset());
       acc[i] = _mm256_setzero_ps();
     }
-    for (int64_t group = 0; group < g.groups(); ++group) {
-      const int64_t q0 = layout_.first_quad(group), q1 = q0 + layout_.group_quads(group);
-      __m256i dot[R][2];
-      for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
-      int64_t q = q0;
-      for (; q + 2 <= q1; q += 2) {
-        prefetch_int8_weights(tile + q * 32);  // the 64-byte line of both quads
-        const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + q * 32));
-        const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + (q + 1) * 32));
-        for (int i = 0; i < R; ++i) {
-          dot[i][0] = dot_quad(dot[i][0], w0, broadcast_dword(xq[i] + 4 * q));
-          dot[i][1] = dot_quad(dot[i][1], w1, broadcast_dword(xq[i] + 4 * (q + 1)));
+    for (const Int8TileLayout::Segment& segment : tile_layout_.segments()) {
+      Int8TileLayout::touch_scales(tile, segment);
+      for (int64_t group = segment.first_group; group < segment.end_group; ++group) {
+        const uint8_t* quads = tile + tile_layout_.quad_offset(group, 0);
+        const int64_t q0 = layout_.first_quad(group), quads_in_group = layout_.group_quads(group);
+        __m256i dot[R][2];
+        for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+        int64_t q = 0;
+        for (; q + 2 <= quads_in_group; q += 2) {
+          const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(quads + q * 32));
+          const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(quads + (q + 1) * 32));
+          for (int i = 0; i < R; ++i) {
+            dot[i][0] = dot_quad(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
+            dot[i][1] = dot_quad(dot[i][1], w1, broadcast_dword(xq[i] + 4 * (q0 + q + 1)));
+          }
         }
-      }
-      if (q < q1) {
-        const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + q * 32));
-        for (int i = 0; i < R; ++i) dot[i][0] = dot_quad(dot[i][0], w0, broadcast_dword(xq[i] + 4 * q));
-      }
-      const __m256 a = _mm256_cvtph_ps(_mm_load_si128(alpha + group));
-      for (int i = 0; i < R; ++i) {
-        const __m256 as = rounded(_mm256_mul_ps(a, _mm256_set1_ps(scale[i][group])));
-        const __m256 term = rounded(_mm256_mul_ps(as, _mm256_cvtepi32_ps(_mm256_add_epi32(dot[i][0], dot[i][1]))));
-        acc[i] = _mm256_add_ps(acc[i], term);
+        if (q < quads_in_group) {
+          const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(quads + q * 32));
+          for (int i = 0; i < R; ++i) dot[i][0] = dot_quad(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
+        }
+        const __m256 a =
+            _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tile + tile_layout_.scales_offset(group))));
+        for (int i = 0; i < R; ++i) {
+          const __m256 as = rounded(_mm256_mul_ps(a, _mm256_set1_ps(scale[i][group])));
+          const __m256 term =
+              rounded(_mm256_mul_ps(as, _mm256_cvtepi32_ps(_mm256_add_epi32(dot[i][0], dot[i][1]))));
+          acc[i] = _mm256_add_ps(acc[i], term);
+        }
       }
     }
     const int64_t lo = std::max(n_begin, t * kTileRows), hi = std::min(n_end, (t + 1) * kTileRows);
@@ -151,7 +153,7 @@ class Int8Avx2Kernel final : public MatMulKernel {
 
   Int8Layout layout_;
   int64_t tiles_;
-  size_t tile_bytes_;
+  Int8TileLayout tile_layout_;
   WeightBuffer weights_;
 };
 

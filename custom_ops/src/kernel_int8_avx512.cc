@@ -8,8 +8,8 @@
 // end takes 128·Σxq (from the prepared row) back out: exact int32, modulo 2^32 like the correction.
 // Then y += (α·s)·float(dot) in group order without FMA contraction, bit-identical to the scalar kernel.
 //
-// Private layout: tile after tile; in a tile, quad after quad (64 bytes each, groups back to back),
-// then the tile's float16 scales, 16 per group. Rows past N are padded with zero weights.
+// Private layout: tile after tile, each one forward stream of segments (Int8TileLayout: a few groups'
+// float16 scales, 16 per group, then their quads of 64 bytes). Rows past N are padded with zero weights.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 headers (see kernel_avx512.cc)
 #include <immintrin.h>
 
@@ -44,19 +44,19 @@ class Int8Avx512Kernel final : public MatMulKernel {
   explicit Int8Avx512Kernel(const PackedWeights& w)
       : layout_(w.geometry),
         tiles_(ceil_div(w.geometry.n, kTileRows)),
-        tile_bytes_(static_cast<size_t>(layout_.quads()) * 64 +
-                    Int8Layout::round_up_64(32 * static_cast<size_t>(w.geometry.groups()))),
+        tile_layout_(layout_, kTileRows, 64),
         weights_(budgeted_lines(w)) {
     const Geometry& g = w.geometry;
     std::memset(weights_.data(), 0, weights_.size());
     const int64_t stride = row_bytes(w.format, g.k, g.group_size);
     std::vector<int8_t> values(static_cast<size_t>(g.k));
     for (int64_t n = 0; n < tiles_ * kTileRows; ++n) {
-      uint8_t* tile = weights_.data() + static_cast<size_t>(n / kTileRows) * tile_bytes_;
+      uint8_t* tile = weights_.data() + static_cast<size_t>(n / kTileRows) * tile_layout_.tile_bytes();
       const int lane = static_cast<int>(n % kTileRows);
-      auto* alpha = reinterpret_cast<uint16_t*>(tile + layout_.quads() * 64);
       if (n >= g.n) {  // padding rows: weight 0 (code 128), scale 0
-        for (int64_t q = 0; q < layout_.quads(); ++q) std::memset(tile + q * 64 + 4 * lane, 128, 4);
+        for (int64_t group = 0; group < g.groups(); ++group)
+          for (int64_t q = 0; q < layout_.group_quads(group); ++q)
+            std::memset(tile + tile_layout_.quad_offset(group, q) + 4 * lane, 128, 4);
         continue;
       }
       if (!decode_row(w.format, w.data + n * stride, g.k, g.group_size, values.data()))
@@ -64,9 +64,10 @@ class Int8Avx512Kernel final : public MatMulKernel {
       for (int64_t group = 0; group < g.groups(); ++group) {
         for (int64_t q = 0; q < layout_.group_quads(group); ++q)
           for (int j = 0; j < 4; ++j)
-            tile[(layout_.first_quad(group) + q) * 64 + 4 * lane + j] =
+            tile[tile_layout_.quad_offset(group, q) + 4 * lane + j] =
                 static_cast<uint8_t>(layout_.weight(values.data(), group, q, j) + 128);
-        alpha[group * kTileRows + lane] = w.scales[n * g.groups() + group];
+        const uint16_t scale = w.scales[n * g.groups() + group];
+        std::memcpy(tile + tile_layout_.scales_offset(group) + 2 * lane, &scale, sizeof scale);
       }
     }
   }
@@ -89,7 +90,7 @@ class Int8Avx512Kernel final : public MatMulKernel {
  private:
   // The private weights' size in cache lines, after checking it against the memory budget (kernel.h).
   size_t budgeted_lines(const PackedWeights& w) const {
-    const size_t bytes = static_cast<size_t>(tiles_) * tile_bytes_;
+    const size_t bytes = static_cast<size_t>(tiles_) * tile_layout_.tile_bytes();
     check_memory_budget(w, static_cast<double>(bytes), static_cast<double>(layout_.row_bytes()));
     return bytes / sizeof(Line);
   }
@@ -98,10 +99,8 @@ class Int8Avx512Kernel final : public MatMulKernel {
   template <int R>
   void tile(const uint8_t* ws, int64_t r, int64_t t, int64_t n_begin, int64_t n_end, const float* bias, float* y,
             int64_t n) const {
-    const Geometry& g = layout_.geometry();
     const size_t stride = layout_.row_bytes();
-    const uint8_t* tile = weights_.data() + static_cast<size_t>(t) * tile_bytes_;
-    const auto* alpha = reinterpret_cast<const uint16_t*>(tile + layout_.quads() * 64);
+    const uint8_t* tile = weights_.data() + static_cast<size_t>(t) * tile_layout_.tile_bytes();
     const int8_t* xq[R];
     const float* scale[R];
     const int32_t* correction[R];
@@ -113,30 +112,34 @@ class Int8Avx512Kernel final : public MatMulKernel {
       correction[i] = reinterpret_cast<const int32_t*>(row + layout_.corrections_offset());
       acc[i] = _mm512_setzero_ps();
     }
-    for (int64_t group = 0; group < g.groups(); ++group) {
-      const int64_t q0 = layout_.first_quad(group), q1 = q0 + layout_.group_quads(group);
-      __m512i dot[R][2];
-      for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
-      int64_t q = q0;
-      for (; q + 2 <= q1; q += 2) {  // two chains per row: vpdpbusd's latency
-        prefetch_int8_weights(tile + q * 64);
-        prefetch_int8_weights(tile + (q + 1) * 64);
-        const __m512i w0 = _mm512_load_si512(tile + q * 64), w1 = _mm512_load_si512(tile + (q + 1) * 64);
-        for (int i = 0; i < R; ++i) {
-          dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * q));
-          dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w1, broadcast_dword(xq[i] + 4 * (q + 1)));
+    for (const Int8TileLayout::Segment& segment : tile_layout_.segments()) {
+      Int8TileLayout::touch_scales(tile, segment);
+      for (int64_t group = segment.first_group; group < segment.end_group; ++group) {
+        const uint8_t* quads = tile + tile_layout_.quad_offset(group, 0);
+        const int64_t q0 = layout_.first_quad(group), quads_in_group = layout_.group_quads(group);
+        __m512i dot[R][2];
+        for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
+        int64_t q = 0;
+        for (; q + 2 <= quads_in_group; q += 2) {  // two chains per row: vpdpbusd's latency
+          const __m512i w0 = _mm512_load_si512(quads + q * 64), w1 = _mm512_load_si512(quads + (q + 1) * 64);
+          for (int i = 0; i < R; ++i) {
+            dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
+            dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w1, broadcast_dword(xq[i] + 4 * (q0 + q + 1)));
+          }
         }
-      }
-      if (q < q1) {
-        const __m512i w0 = _mm512_load_si512(tile + q * 64);
-        for (int i = 0; i < R; ++i) dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * q));
-      }
-      const __m512 a = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(alpha + group * kTileRows)));
-      for (int i = 0; i < R; ++i) {
-        const __m512i exact = _mm512_sub_epi32(_mm512_add_epi32(dot[i][0], dot[i][1]),
-                                               _mm512_set1_epi32(correction[i][group]));
-        const __m512 as = mul_exact(a, _mm512_set1_ps(scale[i][group]));
-        acc[i] = add_exact(acc[i], mul_exact(as, _mm512_cvtepi32_ps(exact)));
+        if (q < quads_in_group) {
+          const __m512i w0 = _mm512_load_si512(quads + q * 64);
+          for (int i = 0; i < R; ++i)
+            dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
+        }
+        const __m512 a = _mm512_cvtph_ps(
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + tile_layout_.scales_offset(group))));
+        for (int i = 0; i < R; ++i) {
+          const __m512i exact = _mm512_sub_epi32(_mm512_add_epi32(dot[i][0], dot[i][1]),
+                                                 _mm512_set1_epi32(correction[i][group]));
+          const __m512 as = mul_exact(a, _mm512_set1_ps(scale[i][group]));
+          acc[i] = add_exact(acc[i], mul_exact(as, _mm512_cvtepi32_ps(exact)));
+        }
       }
     }
     const int64_t lo = std::max(n_begin, t * kTileRows), hi = std::min(n_end, (t + 1) * kTileRows);
@@ -148,7 +151,7 @@ class Int8Avx512Kernel final : public MatMulKernel {
 
   Int8Layout layout_;
   int64_t tiles_;
-  size_t tile_bytes_;
+  Int8TileLayout tile_layout_;
   WeightBuffer weights_;
 };
 
