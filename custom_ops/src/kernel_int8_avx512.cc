@@ -1,15 +1,25 @@
 // AVX-512 VNNI kernel for int8 weights (the LM head format): memory-bound at batch 1, so the layout
-// is one forward stream per work item and the arithmetic is one vpdpbusd per 64 weight bytes.
+// is one forward stream per tile and the arithmetic is one vpdpbusd per quad of a tile.
 //
-// "Rows in lanes", as the ternary kernels: a tile is 16 output rows, one per dword lane of a zmm; a
-// quad is 4 columns of one scale group (int8_layout.h). The tile's 64 bytes for one quad hold, in
-// lane r, row r's 4 codes as unsigned bytes w + 128 (the canonical code itself), so one vpdpbusd by
-// the quad's 4 activation bytes broadcast adds Σ (w + 128)·xq to every row's lane, and the group's
-// end takes 128·Σxq (from the prepared row) back out: exact int32, modulo 2^32 like the correction.
-// Then y += (α·s)·float(dot) in group order without FMA contraction, bit-identical to the scalar kernel.
+// "Rows in lanes", as the ternary kernels: a tile is 8 output rows, one per dword lane of a ymm; a quad
+// is 4 columns of one scale group (int8_layout.h). The tile's 32 bytes for one quad hold, in lane r,
+// row r's 4 codes as unsigned bytes w + 128 (the canonical code itself), so one vpdpbusd by the quad's
+// 4 activation bytes broadcast adds Σ (w + 128)·xq to every row's lane, and the group's end takes
+// 128·Σxq (from the prepared row) back out: exact int32, modulo 2^32 like the correction. Then
+// y += (α·s)·float(dot) in group order without FMA contraction, bit-identical to the scalar kernel.
 //
-// Private layout: tile after tile, each one forward stream of segments (Int8TileLayout: a few groups'
-// float16 scales, 16 per group, then their quads of 64 bytes). Rows past N are padded with zero weights.
+// Two ways through the same bytes (tiles come in pairs: row_tile() is 16 rows):
+//   * one row of A (decode): tile after tile in 256-bit vectors (AVX512-VL). On LLaMA-3.2's 128256 x
+//     2048 head (`sherry_kernel_check bench --formats int8 --shapes 2048x128256 --gs 32 --m 1`, Zen 4,
+//     3 runs) this read the memory in 9.2-9.6 ms where 16-row tiles of 64-byte quads in zmm took
+//     10.8-10.9 ms (same layout otherwise), though a microbenchmark of the bare zmm loop kept pace:
+//     why the real zmm kernel lost the stream is not understood.
+//   * more rows of A (prefill, compute-bound): a pair of tiles at once in 512-bit vectors, each quad
+//     joined from the two tiles' 32 bytes. The 256-bit loop took 1.35-1.4x as long at 128 rows.
+//
+// Private layout: pairs of tiles; each tile one forward stream of segments (Int8TileLayout: a few
+// groups' float16 scales, 8 per group, then their quads of 32 bytes). Rows past N are padded with
+// zero weights.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's AVX-512 headers (see kernel_avx512.cc)
 #include <immintrin.h>
 
@@ -26,25 +36,83 @@
 namespace sherry {
 namespace {
 
-constexpr int kTileRows = 16;
-constexpr int kRowBlock = 4;  // rows of A that share one pass over a tile's weights
+constexpr int kTileRows = 8;
+constexpr int kRowBlock = 4;  // rows of A that share one pass over a pair of tiles' weights
 
-inline __m512i broadcast_dword(const int8_t* p) {
+inline int32_t activation_dword(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
-  return _mm512_set1_epi32(v);
+  return v;
 }
 
-// Multiply and add that the compiler may not contract into an FMA (the scalar kernel's rounding).
-inline __m512 mul_exact(__m512 a, __m512 b) { return _mm512_maskz_mul_round_ps(0xFFFF, a, b, _MM_FROUND_CUR_DIRECTION); }
-inline __m512 add_exact(__m512 a, __m512 b) { return _mm512_maskz_add_round_ps(0xFFFF, a, b, _MM_FROUND_CUR_DIRECTION); }
+// One tile in 256-bit vectors. The product and sum are kept apart (no FMA contraction: the scalar
+// kernel's rounding) by the empty asm that makes each a value of its own.
+struct OneTile {
+  using Ints = __m256i;
+  using Floats = __m256;
+  static constexpr int kRows = kTileRows;
+  static Ints zero() { return _mm256_setzero_si256(); }
+  static Ints add_ints(Ints a, Ints b) { return _mm256_add_epi32(a, b); }  // int32 modulo 2^32, as the correction
+  static Ints quad(const uint8_t* tile, const uint8_t* /*next*/, size_t at) {
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + at));
+  }
+  static Ints dot(Ints acc, Ints w, const int8_t* x) { return _mm256_dpbusd_epi32(acc, w, _mm256_set1_epi32(activation_dword(x))); }
+  static Floats scales(const uint8_t* tile, const uint8_t* /*next*/, size_t at) {
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tile + at)));
+  }
+  static Floats group_term(Floats alpha, float s, Ints dot, int32_t correction) {
+    Floats as = _mm256_mul_ps(alpha, _mm256_set1_ps(s));
+    __asm__("" : "+x"(as));
+    Floats term = _mm256_mul_ps(as, _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, _mm256_set1_epi32(correction))));
+    __asm__("" : "+x"(term));
+    return term;
+  }
+  static Floats zero_floats() { return _mm256_setzero_ps(); }
+  static Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+  static void store(float* y, const float* bias, unsigned keep, Floats acc) {
+    const __mmask8 mask = static_cast<__mmask8>(keep);
+    const Floats b = bias ? _mm256_maskz_loadu_ps(mask, bias) : _mm256_setzero_ps();
+    _mm256_mask_storeu_ps(y, mask, _mm256_add_ps(acc, b));
+  }
+};
+
+// A pair of tiles in 512-bit vectors: lanes 0-7 the first tile's rows, 8-15 the next tile's.
+struct TilePair {
+  using Ints = __m512i;
+  using Floats = __m512;
+  static constexpr int kRows = 2 * kTileRows;
+  static Ints zero() { return _mm512_setzero_si512(); }
+  static Ints add_ints(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+  static Ints quad(const uint8_t* tile, const uint8_t* next, size_t at) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(OneTile::quad(tile, nullptr, at)), OneTile::quad(next, nullptr, at), 1);
+  }
+  static Ints dot(Ints acc, Ints w, const int8_t* x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(activation_dword(x))); }
+  static Floats scales(const uint8_t* tile, const uint8_t* next, size_t at) {
+    const __m128i first = _mm_load_si128(reinterpret_cast<const __m128i*>(tile + at));
+    const __m128i second = _mm_load_si128(reinterpret_cast<const __m128i*>(next + at));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(first), second, 1));
+  }
+  // Explicit rounding mode: the compiler cannot contract these into an FMA.
+  static Floats group_term(Floats alpha, float s, Ints dot, int32_t correction) {
+    const Floats as = _mm512_maskz_mul_round_ps(0xFFFF, alpha, _mm512_set1_ps(s), _MM_FROUND_CUR_DIRECTION);
+    const Floats exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(correction)));
+    return _mm512_maskz_mul_round_ps(0xFFFF, as, exact, _MM_FROUND_CUR_DIRECTION);
+  }
+  static Floats zero_floats() { return _mm512_setzero_ps(); }
+  static Floats add(Floats a, Floats b) { return _mm512_maskz_add_round_ps(0xFFFF, a, b, _MM_FROUND_CUR_DIRECTION); }
+  static void store(float* y, const float* bias, unsigned keep, Floats acc) {
+    const __mmask16 mask = static_cast<__mmask16>(keep);
+    const Floats b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y, mask, add(acc, b));
+  }
+};
 
 class Int8Avx512Kernel final : public MatMulKernel {
  public:
   explicit Int8Avx512Kernel(const PackedWeights& w)
       : layout_(w.geometry),
-        tiles_(ceil_div(w.geometry.n, kTileRows)),
-        tile_layout_(layout_, kTileRows, 64),
+        tiles_(2 * ceil_div(w.geometry.n, 2 * kTileRows)),
+        tile_layout_(layout_, kTileRows, 32),
         weights_(budgeted_lines(w)) {
     const Geometry& g = w.geometry;
     std::memset(weights_.data(), 0, weights_.size());
@@ -73,17 +141,21 @@ class Int8Avx512Kernel final : public MatMulKernel {
   }
 
   KernelPath path() const override { return KernelPath::kAVX512; }
-  int64_t row_tile() const override { return kTileRows; }
+  int64_t row_tile() const override { return 2 * kTileRows; }
   size_t activation_row_bytes() const override { return layout_.row_bytes(); }
   void prepare_row(const float* a_row, uint8_t* ws) const override { layout_.prepare_row(a_row, ws); }
 
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override {
-    const int64_t n = layout_.geometry().n;
-    for (int64_t t = n_begin / kTileRows; t * kTileRows < n_end; ++t) {
+    for (int64_t t = n_begin / kTileRows / 2 * 2; t * kTileRows < n_end; t += 2) {
+      if (m == 1) {
+        pass<OneTile, 1>(ws, 0, t, n_begin, n_end, bias, y);
+        pass<OneTile, 1>(ws, 0, t + 1, n_begin, n_end, bias, y);
+        continue;
+      }
       int64_t r = 0;
-      for (; r + kRowBlock <= m; r += kRowBlock) tile<kRowBlock>(ws, r, t, n_begin, n_end, bias, y, n);
-      for (; r < m; ++r) tile<1>(ws, r, t, n_begin, n_end, bias, y, n);
+      for (; r + kRowBlock <= m; r += kRowBlock) pass<TilePair, kRowBlock>(ws, r, t, n_begin, n_end, bias, y);
+      for (; r < m; ++r) pass<TilePair, 1>(ws, r, t, n_begin, n_end, bias, y);
     }
   }
 
@@ -95,58 +167,57 @@ class Int8Avx512Kernel final : public MatMulKernel {
     return bytes / sizeof(Line);
   }
 
-  // Rows [r, r + R) of A against tile t, stored into y for the tile's rows inside [n_begin, n_end).
-  template <int R>
-  void tile(const uint8_t* ws, int64_t r, int64_t t, int64_t n_begin, int64_t n_end, const float* bias, float* y,
-            int64_t n) const {
+  // Rows [r, r + R) of A against the V::kRows rows from tile t on, stored into y for those inside
+  // [n_begin, n_end).
+  template <class V, int R>
+  void pass(const uint8_t* ws, int64_t r, int64_t t, int64_t n_begin, int64_t n_end, const float* bias,
+            float* y) const {
+    const int64_t lo = std::max(n_begin, t * kTileRows), hi = std::min(n_end, t * kTileRows + V::kRows);
+    if (hi <= lo) return;
     const size_t stride = layout_.row_bytes();
     const uint8_t* tile = weights_.data() + static_cast<size_t>(t) * tile_layout_.tile_bytes();
+    const uint8_t* next = tile + tile_layout_.tile_bytes();  // read only by TilePair
     const int8_t* xq[R];
     const float* scale[R];
     const int32_t* correction[R];
-    __m512 acc[R];
+    typename V::Floats acc[R];
     for (int i = 0; i < R; ++i) {
       const uint8_t* row = ws + (r + i) * stride;
       xq[i] = reinterpret_cast<const int8_t*>(row);
       scale[i] = reinterpret_cast<const float*>(row + layout_.scales_offset());
       correction[i] = reinterpret_cast<const int32_t*>(row + layout_.corrections_offset());
-      acc[i] = _mm512_setzero_ps();
+      acc[i] = V::zero_floats();
     }
     for (const Int8TileLayout::Segment& segment : tile_layout_.segments()) {
       Int8TileLayout::touch_scales(tile, segment);
+      if (V::kRows > kTileRows) Int8TileLayout::touch_scales(next, segment);
       for (int64_t group = segment.first_group; group < segment.end_group; ++group) {
-        const uint8_t* quads = tile + tile_layout_.quad_offset(group, 0);
+        const size_t quads = tile_layout_.quad_offset(group, 0);
         const int64_t q0 = layout_.first_quad(group), quads_in_group = layout_.group_quads(group);
-        __m512i dot[R][2];
-        for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm512_setzero_si512();
+        typename V::Ints dot[R][2];
+        for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = V::zero();
         int64_t q = 0;
         for (; q + 2 <= quads_in_group; q += 2) {  // two chains per row: vpdpbusd's latency
-          const __m512i w0 = _mm512_load_si512(quads + q * 64), w1 = _mm512_load_si512(quads + (q + 1) * 64);
+          const auto w0 = V::quad(tile, next, quads + 32 * q), w1 = V::quad(tile, next, quads + 32 * (q + 1));
           for (int i = 0; i < R; ++i) {
-            dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
-            dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], w1, broadcast_dword(xq[i] + 4 * (q0 + q + 1)));
+            dot[i][0] = V::dot(dot[i][0], w0, xq[i] + 4 * (q0 + q));
+            dot[i][1] = V::dot(dot[i][1], w1, xq[i] + 4 * (q0 + q + 1));
           }
         }
         if (q < quads_in_group) {
-          const __m512i w0 = _mm512_load_si512(quads + q * 64);
-          for (int i = 0; i < R; ++i)
-            dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], w0, broadcast_dword(xq[i] + 4 * (q0 + q)));
+          const auto w0 = V::quad(tile, next, quads + 32 * q);
+          for (int i = 0; i < R; ++i) dot[i][0] = V::dot(dot[i][0], w0, xq[i] + 4 * (q0 + q));
         }
-        const __m512 a = _mm512_cvtph_ps(
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + tile_layout_.scales_offset(group))));
+        const auto alpha = V::scales(tile, next, tile_layout_.scales_offset(group));
         for (int i = 0; i < R; ++i) {
-          const __m512i exact = _mm512_sub_epi32(_mm512_add_epi32(dot[i][0], dot[i][1]),
-                                                 _mm512_set1_epi32(correction[i][group]));
-          const __m512 as = mul_exact(a, _mm512_set1_ps(scale[i][group]));
-          acc[i] = add_exact(acc[i], mul_exact(as, _mm512_cvtepi32_ps(exact)));
+          const auto sum = V::add_ints(dot[i][0], dot[i][1]);
+          acc[i] = V::add(acc[i], V::group_term(alpha, scale[i][group], sum, correction[i][group]));
         }
       }
     }
-    const int64_t lo = std::max(n_begin, t * kTileRows), hi = std::min(n_end, (t + 1) * kTileRows);
-    const __mmask16 keep = static_cast<__mmask16>(((1u << (hi - lo)) - 1) << (lo - t * kTileRows));
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + t * kTileRows) : _mm512_setzero_ps();
+    const unsigned keep = ((1u << (hi - lo)) - 1) << (lo - t * kTileRows);
     for (int i = 0; i < R; ++i)
-      _mm512_mask_storeu_ps(y + (r + i) * n + t * kTileRows, keep, add_exact(acc[i], b));
+      V::store(y + (r + i) * layout_.geometry().n + t * kTileRows, bias ? bias + t * kTileRows : nullptr, keep, acc[i]);
   }
 
   Int8Layout layout_;
