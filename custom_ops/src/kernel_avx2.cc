@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "kernel.h"
+#include "weight_buffer.h"
 
 namespace sherry {
 namespace {
@@ -119,27 +120,6 @@ inline __m256 rounded(__m256 v) {
 inline __m256 scaled_add(__m256 y, __m256 alpha, __m256 s, __m256i dot) {
   return _mm256_add_ps(y, rounded(_mm256_mul_ps(_mm256_mul_ps(alpha, s), _mm256_cvtepi32_ps(dot))));
 }
-
-// 64-byte aligned, zero-initialized bytes (whole cache lines, so prefetch granularity matches).
-class AlignedBytes {
- public:
-  AlignedBytes() = default;
-  explicit AlignedBytes(size_t size)
-      : size_(size), data_(static_cast<uint8_t*>(std::aligned_alloc(64, round_up_64(std::max<size_t>(size, 1))))) {
-    if (!data_) throw std::bad_alloc();
-    std::memset(data_.get(), 0, round_up_64(std::max<size_t>(size, 1)));
-  }
-  uint8_t* data() { return data_.get(); }
-  const uint8_t* data() const { return data_.get(); }
-  size_t size() const { return size_; }
-
- private:
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  size_t size_ = 0;
-  std::unique_ptr<uint8_t, Free> data_;
-};
 
 // Keeps software prefetches kPrefetchAhead bytes ahead of a forward stream of weight bytes, with
 // the cache-level hint kHint.
@@ -402,7 +382,7 @@ class Avx2Kernel final : public MatMulKernel {
   __m256i lut_pattern_[2];
   std::array<uint8_t, 16> decode_pos_{}, decode_neg_{};
 
-  AlignedBytes weights_;
+  WeightBuffer weights_;  // on huge pages: a cold GEMV streams it
 };
 
 // The canonical pattern of a 4-bit index (sign bit clear) as int8 lanes; tl2 indices 14 and 15 are
@@ -493,7 +473,8 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     }
   }
 
-  weights_ = AlignedBytes(static_cast<size_t>(weight_bytes));
+  weights_ = WeightBuffer(static_cast<size_t>(ceil_div(weight_bytes, sizeof(Line))));
+  std::memset(weights_.data(), 0, weights_.size());  // padding units and rows stay zero codes
   if (lut_format()) repack_lut(w);
   else repack_i2s(w);
 }

@@ -26,6 +26,7 @@ struct alignas(64) Line {
 // (measured here: 5-15% faster decode on cold weights).
 class WeightBuffer {
  public:
+  WeightBuffer() = default;
   explicit WeightBuffer(size_t lines) : size_(lines * sizeof(Line)) {
     data_.reset(static_cast<uint8_t*>(std::aligned_alloc(sizeof(Line), std::max(size_, sizeof(Line)))));
     if (!data_) throw std::bad_alloc();
@@ -44,7 +45,7 @@ class WeightBuffer {
   struct Free {
     void operator()(uint8_t* p) const noexcept { std::free(p); }
   };
-  size_t size_;
+  size_t size_ = 0;
   std::unique_ptr<uint8_t, Free> data_;
 };
 
