@@ -372,8 +372,11 @@ class NBitsShape:
 def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
     registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
-    Its own small schedule: parallel over weight blocks, the LB rows of a block vectorized, codes read in
-    order (``dot``); the group sum ``Y`` stays a plain loop nest."""
+    Its own small schedule: a task takes up to 8 weight blocks (tasks in parallel); for each group in order,
+    the group's dots of its blocks (``dot``: LB rows of a block vectorized, codes read in order, one
+    accumulator register per block, so the blocks' dependency chains overlap), then ``Y += scale · dot``
+    in registers; Y is written once. (A plain loop nest here kept the accumulators in memory and wrote
+    every group's dots out, one chain of stores and loads: 3× slower on LLaMA-3.2-1B's head.)"""
     lb, bits, bs = shape.lane_block, shape.bits, shape.block_size
     per_byte = 8 // bits
     rows = te.var("M", "int64")
@@ -405,13 +408,31 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     func = te.create_prim_func([x, w, scales, y]).with_attr("global_symbol", name)
     sch = tvm.s_tir.Schedule(tvm.IRModule({name: func}))
     sch.work_on(name)
-    block = sch.get_sblock("dot")
-    m, nb, g, lane, jj = sch.get_loops(block)
-    sch.reorder(nb, m, g, jj, lane)
-    sch.parallel(nb)
+    blocks = shape.n // lb
+    per_task = next(v for v in (8, 4, 2, 1) if blocks % v == 0)
+    y_block, dot_block = sch.get_sblock("Y"), sch.get_sblock("dot")
+    m, n, gi = sch.get_loops(y_block)
+    nb, lane = sch.split(n, [None, lb])
+    task, nbi = sch.split(nb, [None, per_task])
+    sch.reorder(task, m, gi, nbi, lane)
+    sch.parallel(task)
+    acc = sch.cache_write(y_block, 0, "local")
+    sch.reverse_compute_at(acc, m)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    # each group's dots right where Y takes them, in registers: per_task x LB accumulators, code by code
+    sch.compute_at(dot_block, gi)
+    sch.set_scope(dot_block, 0, "local")
+    d_nb, d_lane, d_j = sch.get_loops(dot_block)[-3:]
+    sch.reorder(d_j, d_nb, d_lane)
+    for loop in (d_nb, nbi):
+        sch.unroll(loop)
+    sch.vectorize(d_lane)
     sch.vectorize(lane)
-    sch.decompose_reduction(block, jj)
-    sch.vectorize(sch.get_loops(sch.get_sblock("dot_init"))[-1])
+    for block, k in ((dot_block, d_j), (y_block, gi)):
+        init = sch.decompose_reduction(block, k)
+        *_, init_nb, init_lane = sch.get_loops(init)
+        sch.unroll(init_nb)
+        sch.vectorize(init_lane)
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
 
 

@@ -23,6 +23,8 @@ class BackendSpeed:
     decode_tokens_per_second: float
     decode_range: tuple[float, float]
     """The slowest and fastest round's decode tok/s."""
+    median_step_tokens_per_second: float
+    """1 / the median decode step of all rounds: on a shared machine, what other processes' bursts move least."""
 
 
 def race(
@@ -43,6 +45,7 @@ def race(
             statistics.median(r.prefill_tokens_per_second for r in runs),
             statistics.median(r.decode_tokens_per_second for r in runs),
             (min(r.decode_tokens_per_second for r in runs), max(r.decode_tokens_per_second for r in runs)),
+            1 / statistics.median(step for r in runs for step in r.step_seconds),
         )
         for name, runs in results.items()
     ]
@@ -73,14 +76,14 @@ def cmd_tvm_run(args: argparse.Namespace) -> int:
     print("tokens:", " ".join(str(t) for t in speeds[0].tokens))
     print(
         f"| backend | prefill tok/s ({len(args.prompt_ids)} tokens) | decode tok/s (median) | decode range "
-        f"({args.rounds} rounds) | threads |"
+        f"({args.rounds} rounds) | 1 / median step | threads |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for s in speeds:
         low, high = s.decode_range
         print(
             f"| {s.name} | {s.prefill_tokens_per_second:.1f} | {s.decode_tokens_per_second:.1f} "
-            f"| {low:.0f}-{high:.0f} | {args.threads} |"
+            f"| {low:.0f}-{high:.0f} | {s.median_step_tokens_per_second:.0f} | {args.threads} |"
         )
     if len(speeds) > 1:
         ratio = speeds[0].decode_tokens_per_second / speeds[1].decode_tokens_per_second
