@@ -179,9 +179,11 @@ def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: li
     return bb.emit(call)
 
 
+@functools.cache
 def kernel_func(shape: Shape, knobs: Knobs, isa: str | None = None, m: int | None = None) -> tirx.PrimFunc:
     """The TensorIR kernel for M = ``m`` rows (None: any M) on ``isa`` (default: this host's), marked
-    scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes."""
+    scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes.
+    Cached: every layer of a model has the same few shapes, and scheduling one takes a good part of a second."""
     from tvm_schedules.tune import host_isa
 
     name = f"ternary_{shape.key}" if m is None else f"ternary_{shape.key}_m{m}"
@@ -516,6 +518,7 @@ def pair_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     return terms[0]
 
 
+@functools.cache
 def decode_attention_func(heads: int, kv_heads: int, head_dim: int, scale: float, rotary: bool) -> tirx.PrimFunc:
     """GroupQueryAttention for one new token (batch 1, sequence 1) on KV buffers of any capacity C, in place.
 
