@@ -786,6 +786,8 @@ class RelaxCausalLM(OnnxCausalLM):
         self._decoder: RelaxDecoder | None = None
         model = onnx.load(os.fspath(self.path), load_external_data=False)
         graph = model.graph
+        # an op without a converter fails here, before any module is compiled
+        DecoderImporter(converters(self.knobs), shape_dict=None, dtype_dict={})._check_for_unsupported_ops(graph)
         past = [i for i in graph.input if i.name.startswith("past_key_values.")]
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]
