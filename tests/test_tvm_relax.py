@@ -288,3 +288,28 @@ def test_threads_sets_the_tvm_pool() -> None:
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
     run = subprocess.run(probe, env={**env, "TVM_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert run.returncode != 0 and "set TVM_NUM_THREADS=2" in run.stderr, run.stderr[-2000:]
+
+
+def test_untuned_shape_borrows_the_nearest_tuned_knobs() -> None:
+    """A shape the tuning database lacks (the exporter's fused gate-up projection: twice the tuned N) takes
+    the knobs tuned for the same format, K and group size at the nearest N; a tuned shape keeps its own;
+    a K without any entry gets the default."""
+    import json
+
+    from tvm_schedules.kernels import Knobs, knob_space
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.relax_onnx import DATABASES, default_knobs, tuned_knobs
+
+    entries = [e for e in json.loads((DATABASES / "avx512" / "tuned.json").read_text()) if e["format"] == "sherry"]
+    entry = max(entries, key=lambda e: e["n"])
+
+    def knobs(e: dict) -> Knobs:
+        return Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
+
+    tuned = Shape("sherry", entry["k"], entry["n"], entry["group_size"])
+    assert tuned_knobs(tuned, "avx512") == knobs(entry)
+    wider = Shape("sherry", entry["k"], 2 * entry["n"], entry["group_size"])
+    assert not any((e["k"], e["n"]) == (wider.k, wider.n) for e in entries)
+    assert tuned_knobs(wider, "avx512") == knobs(entry) and knobs(entry) in knob_space(wider)
+    untuned_k = Shape("sherry", 4 * max(e["k"] for e in entries), 256, entry["group_size"])
+    assert tuned_knobs(untuned_k, "avx512") == default_knobs(untuned_k)
