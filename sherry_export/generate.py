@@ -17,7 +17,8 @@ Two ways to run it:
 - :meth:`OnnxCausalLM.generate` runs a :class:`SharedKVDecoder`: past and present are one
   preallocated buffer per layer that ``GroupQueryAttention`` writes into in place, so a decode step
   copies no cache and allocates no tensor. Its logits equal ``forward``'s bit for bit. Subclasses
-  that run the graph on another backend generate with a :class:`ForwardDecoder` (through ``forward``).
+  that run the graph on another backend bring their own decoder (TVM's Relax VM: ``RelaxDecoder``,
+  in place as well) or generate with a :class:`ForwardDecoder` (through ``forward``).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class OnnxCausalLM:
 
         The decoder and its buffers are kept and reused by later calls that fit in them (a warm-up
         generation and the timed one share them); a longer request replaces them. Subclasses that run
-        the graph elsewhere (TVM's Relax VM) return a :class:`ForwardDecoder` instead.
+        the graph elsewhere return their own (TVM's Relax VM: ``tvm_schedules.relax_onnx.RelaxDecoder``).
         """
         self.check_length(positions)
         if self._decoder is None or self._decoder.capacity < positions:
@@ -183,7 +184,7 @@ class Decoder(Protocol):
 class ForwardDecoder:
     """A :class:`Decoder` on :meth:`OnnxCausalLM.forward`, the cache handed from call to call.
 
-    For backends whose ``forward`` keeps the cache where it is between calls (the Relax VM's tensors);
+    For backends whose ``forward`` keeps the cache where it is between calls (tensors of their own);
     in onnxruntime it would copy the whole cache every step, which :class:`SharedKVDecoder` avoids.
     """
 

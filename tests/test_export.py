@@ -117,7 +117,7 @@ def test_shared_kv_decoder_is_reused_and_bounded(tiny, tmp_path):
     assert np.shares_memory(decoder.step(greedy[0]), decoder.step(greedy[1]))
     assert lm.generate([5, 17, 99], 11).tokens[:10] == greedy and lm.decoder(12) is not decoder
 
-    plain = ForwardDecoder(lm)  # what backends with their own cache (TVM) generate with
+    plain = ForwardDecoder(lm)  # what a backend whose forward keeps its own cache can generate with
     with pytest.raises(RuntimeError, match="prefill"):
         plain.step(1)
     np.testing.assert_array_equal(plain.prefill([5, 17, 99]), decoder.prefill([5, 17, 99]))

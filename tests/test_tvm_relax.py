@@ -208,3 +208,108 @@ def test_tvm_run_command(model: torch.nn.Module, tmp_path: Path, capsys: pytest.
     ort_tokens = OnnxCausalLM(tmp_path / "s" / "model.onnx").generate(PROMPT, 4).tokens
     assert f"tokens: {' '.join(map(str, ort_tokens))}" in out
     assert "| tvm |" in out and "| onnxruntime |" in out and "differ" not in err
+
+
+def test_decode_module_writes_the_cache_in_place(model: torch.nn.Module, tmp_path: Path) -> None:
+    """The decode module (one token, KV buffers written in place, the length from the mask's shape) against
+    onnxruntime's forward on the same fp32 export, with 4 query heads on 2 KV heads: the prompt token by
+    token, then several decode steps give the same logits to float error; the buffers hold onnxruntime's
+    present cache in their first positions and nothing was written past the sequence."""
+    lm, ort = both_backends(model, "fp32", tmp_path / "fp32")
+    tokens = decode_tokens(ort)
+    theirs, their_cache = prefill_and_decode(ort, tokens)
+    capacity = len(PROMPT) + DECODE_STEPS + 3
+    decoder = lm.decoder(capacity)
+    assert decoder.capacity == capacity
+    ours = [decoder.prefill(tokens[0])] + [decoder.step(t[0])[None, None].copy() for t in tokens[1:]]
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    length = len(PROMPT) + DECODE_STEPS
+    assert decoder.length == length
+    buffers = [
+        decoder.cache[f"past_key_values.{i}.{kv}"].numpy() for i in range(lm.num_layers) for kv in ("key", "value")
+    ]
+    for buffer, present in zip(buffers, their_cache, strict=True):
+        assert buffer.shape == (1, lm.kv_heads, capacity, lm.head_dim)
+        np.testing.assert_allclose(buffer[:, :, :length], present, atol=2e-5, rtol=1e-4)
+        assert not buffer[:, :, length:].any()
+    # a new prompt starts over on the same buffers; a full buffer refuses another token
+    assert lm.decoder(capacity) is decoder
+    again = decoder.prefill(tokens[0])
+    np.testing.assert_allclose(again, theirs[0], atol=2e-5, rtol=1e-4)
+    for _ in range(capacity - len(PROMPT)):
+        decoder.step(1)
+    with pytest.raises(ValueError, match="KV buffer is full"):
+        decoder.step(1)
+
+
+def test_decode_module_uses_static_shapes_and_tuned_kernels(model: torch.nn.Module, tmp_path: Path) -> None:
+    """The decode module's ternary calls are the static M = 1 kernels (what ``sherry tune`` tunes) and its
+    attention is the in-place function; the KV cache is never concatenated."""
+    from tvm_schedules.relax_onnx import converters, decode_model
+
+    export_model(model, tmp_path / "s", ExportOptions(format="sherry", group_size=32))
+    forward = import_onnx(onnx.load(tmp_path / "s" / "model.onnx"))
+    mod = import_onnx(decode_model(onnx.load(tmp_path / "s" / "model.onnx")), converters(shared_cache=True))
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert any(n.startswith("ternary_") and n.endswith("_m1") for n in names)
+    assert not any(n.startswith("ternary_") and not n.endswith("_m1") for n in names)
+    assert any(n.startswith("decode_attention_") for n in names)
+    assert "R.concat" in forward["main"].script() and "R.concat" not in mod["main"].script()
+
+
+THREADS_PROBE = """
+import importlib.util, sys
+import tvm
+spec = importlib.util.spec_from_file_location("relax_onnx_under_test", sys.argv[1])
+module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+for n in (2, 1, 2):
+    module.set_threads(n)
+    assert tvm.runtime.num_threads() == n, (n, tvm.runtime.num_threads())
+print("ok")
+"""
+
+
+def test_threads_sets_the_tvm_pool() -> None:
+    """``set_threads`` (``--threads``) sizes TVM's pool both ways; TVM's default on a 2-core machine is one
+    worker, which ``runtime.config_threadpool`` alone cannot raise. In a fresh process, as the pool starts
+    once per process; the module is loaded from its file, which an installed copy cannot shadow. A pool
+    started too small is an error that says what to set."""
+    import os
+    import subprocess
+    import sys
+
+    import tvm_schedules.relax_onnx as relax_onnx
+
+    probe = [sys.executable, "-c", THREADS_PROBE, relax_onnx.__file__]
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    run = subprocess.run(probe, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+    run = subprocess.run(probe, env={**env, "TVM_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert run.returncode != 0 and "set TVM_NUM_THREADS=2" in run.stderr, run.stderr[-2000:]
+
+
+def test_untuned_shape_borrows_the_nearest_tuned_knobs() -> None:
+    """A shape the tuning database lacks (the exporter's fused gate-up projection: twice the tuned N) takes
+    the knobs tuned for the same format, K and group size at the nearest N; a tuned shape keeps its own;
+    a K without any entry gets the default."""
+    import json
+
+    from tvm_schedules.kernels import Knobs, knob_space
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.relax_onnx import DATABASES, default_knobs, tuned_knobs
+
+    entries = [e for e in json.loads((DATABASES / "avx512" / "tuned.json").read_text()) if e["format"] == "sherry"]
+    entry = max(entries, key=lambda e: e["n"])
+
+    def knobs(e: dict) -> Knobs:
+        return Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
+
+    tuned = Shape("sherry", entry["k"], entry["n"], entry["group_size"])
+    assert tuned_knobs(tuned, "avx512") == knobs(entry)
+    wider = Shape("sherry", entry["k"], 2 * entry["n"], entry["group_size"])
+    assert not any((e["k"], e["n"]) == (wider.k, wider.n) for e in entries)
+    assert tuned_knobs(wider, "avx512") == knobs(entry) and knobs(entry) in knob_space(wider)
+    untuned_k = Shape("sherry", 4 * max(e["k"] for e in entries), 256, entry["group_size"])
+    assert tuned_knobs(untuned_k, "avx512") == default_knobs(untuned_k)

@@ -39,10 +39,11 @@ import onnx
 import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as frontend
+from tvm.script import tirx as T
 
 from sherry_export.export.projections import dequantize_nbits
 from sherry_export.formats import FORMATS, HEAD_FORMATS, LM_HEADS, PackedWeight
-from sherry_export.generate import ForwardDecoder, OnnxCausalLM
+from sherry_export.generate import OnnxCausalLM
 from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
@@ -72,14 +73,19 @@ def default_knobs(shape: Shape) -> Knobs:
 
 
 def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
-    """The knobs ``sherry tune`` found for this shape on this ISA, else :func:`default_knobs`."""
+    """The knobs ``sherry tune`` found for this shape on this ISA; for a shape the database lacks (the
+    exporter's fused QKV and gate-up projections), those tuned for the same format, K and group size at
+    the nearest N, when they divide this shape (at M = 1 the knobs shape the loop over K and the
+    registers of a step; N only sets the number of steps); else :func:`default_knobs`."""
     from tvm_schedules.tune import host_isa
 
     path = DATABASES / (isa or host_isa()) / "tuned.json"
-    if path.exists():
-        for e in json.loads(path.read_text()):
-            if (e["format"], e["k"], e["n"], e["group_size"]) == (shape.format, shape.k, shape.n, shape.group_size):
-                return Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
+    entries = json.loads(path.read_text()) if path.exists() else []
+    same_k = [e for e in entries if (e["format"], e["k"], e["group_size"]) == (shape.format, shape.k, shape.group_size)]
+    for e in sorted(same_k, key=lambda e: abs(e["n"] - shape.n)):
+        knobs = Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
+        if knobs in knob_space(shape):
+            return knobs
     return default_knobs(shape)
 
 
@@ -178,13 +184,15 @@ def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: li
     return bb.emit(call)
 
 
-def kernel_func(shape: Shape, knobs: Knobs, isa: str | None = None) -> tirx.PrimFunc:
-    """The TensorIR kernel for dynamic M on ``isa`` (default: this host's), marked scheduled and opaque
-    (no fusion, no re-schedule)."""
+@functools.cache
+def kernel_func(shape: Shape, knobs: Knobs, isa: str | None = None, m: int | None = None) -> tirx.PrimFunc:
+    """The TensorIR kernel for M = ``m`` rows (None: any M) on ``isa`` (default: this host's), marked
+    scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes.
+    Cached: every layer of a model has the same few shapes, and scheduling one takes a good part of a second."""
     from tvm_schedules.tune import host_isa
 
-    name = f"ternary_{shape.key}"
-    func = prim_func(shape, None, knobs, isa or host_isa(), name)
+    name = f"ternary_{shape.key}" if m is None else f"ternary_{shape.key}_m{m}"
+    func = prim_func(shape, m, knobs, isa or host_isa(), name)
     return func.with_attr({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
 
 
@@ -199,9 +207,11 @@ def emit_ternary_matmul(
     lead = list(x.ty.shape)[:-1]
     rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
     acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")
-    gv = bb.add_func(kernel_func(shape, knobs or tuned_knobs(shape)), f"ternary_{shape.key}")
-    weights = [relax.const(a) for a in (*planes, alpha)]  # one plane: [N/16, quads, 64] code bytes
     m = rows.ty.shape[0]
+    static = int(m) if isinstance(m, tirx.IntImm) else None  # the decode module's M = 1: the tuned function
+    func = kernel_func(shape, knobs or tuned_knobs(shape), m=static)
+    gv = bb.add_func(func, str(func.attrs["global_symbol"]))
+    weights = [relax.const(a) for a in (*planes, alpha)]  # one plane: [N/16, quads, 64] code bytes
     y = bb.emit(
         relax.call_tir(
             gv,
@@ -369,8 +379,11 @@ class NBitsShape:
 def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
     registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
-    Its own small schedule: parallel over weight blocks, the LB rows of a block vectorized, codes read in
-    order (``dot``); the group sum ``Y`` stays a plain loop nest."""
+    Its own small schedule: a task takes up to 8 weight blocks (tasks in parallel); for each group in order,
+    the group's dots of its blocks (``dot``: LB rows of a block vectorized, codes read in order, one
+    accumulator register per block, so the blocks' dependency chains overlap), then ``Y += scale · dot``
+    in registers; Y is written once. (A plain loop nest here kept the accumulators in memory and wrote
+    every group's dots out, one chain of stores and loads: 3× slower on LLaMA-3.2-1B's head.)"""
     lb, bits, bs = shape.lane_block, shape.bits, shape.block_size
     per_byte = 8 // bits
     rows = te.var("M", "int64")
@@ -402,13 +415,31 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     func = te.create_prim_func([x, w, scales, y]).with_attr("global_symbol", name)
     sch = tvm.s_tir.Schedule(tvm.IRModule({name: func}))
     sch.work_on(name)
-    block = sch.get_sblock("dot")
-    m, nb, g, lane, jj = sch.get_loops(block)
-    sch.reorder(nb, m, g, jj, lane)
-    sch.parallel(nb)
+    blocks = shape.n // lb
+    per_task = next(v for v in (8, 4, 2, 1) if blocks % v == 0)
+    y_block, dot_block = sch.get_sblock("Y"), sch.get_sblock("dot")
+    m, n, gi = sch.get_loops(y_block)
+    nb, lane = sch.split(n, [None, lb])
+    task, nbi = sch.split(nb, [None, per_task])
+    sch.reorder(task, m, gi, nbi, lane)
+    sch.parallel(task)
+    acc = sch.cache_write(y_block, 0, "local")
+    sch.reverse_compute_at(acc, m)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    # each group's dots right where Y takes them, in registers: per_task x LB accumulators, code by code
+    sch.compute_at(dot_block, gi)
+    sch.set_scope(dot_block, 0, "local")
+    d_nb, d_lane, d_j = sch.get_loops(dot_block)[-3:]
+    sch.reorder(d_j, d_nb, d_lane)
+    for loop in (d_nb, nbi):
+        sch.unroll(loop)
+    sch.vectorize(d_lane)
     sch.vectorize(lane)
-    sch.decompose_reduction(block, jj)
-    sch.vectorize(sch.get_loops(sch.get_sblock("dot_init"))[-1])
+    for block, k in ((dot_block, d_j), (y_block, gi)):
+        init = sch.decompose_reduction(block, k)
+        *_, init_nb, init_lane = sch.get_loops(init)
+        sch.unroll(init_nb)
+        sch.vectorize(init_lane)
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
@@ -485,6 +516,95 @@ def causal_mask_te(scores: te.Tensor) -> te.Tensor:
     )
 
 
+def pair_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The sum of ``terms`` as a balanced tree (log depth: the additions of a level are independent)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+@functools.cache
+def decode_attention_func(heads: int, kv_heads: int, head_dim: int, scale: float, rotary: bool) -> tirx.PrimFunc:
+    """GroupQueryAttention for one new token (batch 1, sequence 1) on KV buffers of any capacity C, in place.
+
+    ``(qkv [1, 1, (H + 2·KVH)·D], K, V [1, KVH, C, D], cos, sin [P, D/2], mask [1, T]) -> out [1, 1, H·D]``:
+    the token sits at position T − 1 (T, the sequence length, comes from the mask's shape, as in
+    onnxruntime's shared-buffer mode; the mask's values are not read). It writes the token's rotated key
+    and its value at that position of K and V, then for each query head h attends over positions 0..T−1
+    of kv head h // (H / KVH): scores q·k·scale (q·k in D/VL vector lanes, summed as a tree), the softmax
+    less the maximum, then Σ p·v / Σ p vectorized over D. Nothing is copied: positions ≥ T are never read.
+    """
+    H, KVH, D, half = heads, kv_heads, head_dim, head_dim // 2
+    group, width = heads // kv_heads, (heads + 2 * kv_heads) * head_dim
+    lanes = next(v for v in (16, 8, 4, 2, 1) if D % v == 0)
+    chunks = D // lanes
+    f32 = "float32"
+
+    def rotated(x: tirx.Buffer, cos: tirx.Buffer, sin: tirx.Buffer, base: Any, pos: Any, d: Any) -> tirx.PrimExpr:
+        if not rotary:
+            return x[0, 0, base + d]
+        j = tirx.Select(d < half, d, d - half)
+        low, high = x[0, 0, base + tirx.min(d + half, D - 1)], x[0, 0, base + tirx.max(d - half, 0)]
+        partner = tirx.Select(d < half, -low, high)
+        return x[0, 0, base + d] * cos[pos, j] + partner * sin[pos, j]
+
+    @T.prim_func(private=True)
+    def attention(qkv: T.handle, k_cache: T.handle, v_cache: T.handle, cos: T.handle, sin: T.handle, mask: T.handle,
+                  out: T.handle):  # fmt: skip
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        capacity, total, positions = T.int64(), T.int64(), T.int64()
+        X = T.match_buffer(qkv, (1, 1, width), f32)
+        K = T.match_buffer(k_cache, (1, KVH, capacity, D), f32)
+        V = T.match_buffer(v_cache, (1, KVH, capacity, D), f32)
+        CS = T.match_buffer(cos, (positions, half), f32)
+        SN = T.match_buffer(sin, (positions, half), f32)
+        T.match_buffer(mask, (1, total), "int64")
+        Y = T.match_buffer(out, (1, 1, H * D), f32)
+        q = T.alloc_buffer((D,), f32, scope="local")
+        part = T.alloc_buffer((lanes,), f32, scope="local")
+        acc = T.alloc_buffer((D,), f32, scope="local")
+        top = T.alloc_buffer((1,), f32, scope="local")
+        den = T.alloc_buffer((1,), f32, scope="local")
+        scores = T.alloc_buffer((total,), f32)
+        for g, d in T.grid(KVH, D):
+            K[0, g, total - 1, d] = rotated(X, CS, SN, (H + g) * D, total - 1, d)
+            V[0, g, total - 1, d] = X[0, 0, (H + KVH + g) * D + d]
+        for h in range(H):
+            for d in range(D):
+                q[d] = rotated(X, CS, SN, h * D, total - 1, d)
+            for t in range(total):
+                for lane in T.vectorized(lanes):
+                    part[lane] = T.float32(0)
+                    for c in T.unroll(chunks):
+                        part[lane] = part[lane] + q[c * lanes + lane] * K[0, h // group, t, c * lanes + lane]
+                scores[t] = pair_sum([part[i] for i in range(lanes)]) * T.float32(scale)
+            top[0] = scores[0]
+            for t in range(total):
+                top[0] = T.max(top[0], scores[t])
+            den[0] = T.float32(0)
+            for t in range(total):
+                scores[t] = T.exp(scores[t] - top[0])
+                den[0] = den[0] + scores[t]
+            for d in T.vectorized(D):
+                acc[d] = T.float32(0)
+            for t in range(total):
+                for d in T.vectorized(D):
+                    acc[d] = acc[d] + scores[t] * V[0, h // group, t, d]
+            for d in T.vectorized(D):
+                Y[0, 0, h * D + d] = acc[d] / den[0]
+
+    return attention
+
+
+def attention_config(qkv: relax.Expr, attr: dict[str, Any]) -> tuple[int, int, int, float]:
+    """Heads, KV heads, head size and score scale of a GroupQueryAttention node; refuses what is not converted."""
+    if attr.get("rotary_interleaved", 0) or attr.get("local_window_size", -1) != -1 or attr.get("softcap", 0.0):
+        raise ValueError("GroupQueryAttention: interleaved rotary, local windows and softcap are not supported")
+    heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
+    head_dim = int(qkv.ty.shape[2]) // (heads + 2 * kv_heads)
+    return heads, kv_heads, head_dim, float(attr.get("scale", 0.0)) or head_dim**-0.5
+
+
 class GroupQueryAttention(frontend.OnnxOpConverter):
     """com.microsoft GroupQueryAttention as the exporter emits it: packed QKV, do_rotary with the cos/sin
     caches, past/present KV ``[B, kv_heads, T, D]``, causal; seqlens_k/total_sequence_length are implied by
@@ -496,11 +616,8 @@ class GroupQueryAttention(frontend.OnnxOpConverter):
         cos, sin = inputs[7], inputs[8]
         if key is not None or value is not None:
             raise ValueError("GroupQueryAttention: only packed QKV (empty key/value inputs) is supported")
-        if attr.get("rotary_interleaved", 0) or attr.get("local_window_size", -1) != -1 or attr.get("softcap", 0.0):
-            raise ValueError("GroupQueryAttention: interleaved rotary, local windows and softcap are not supported")
-        heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
-        batch, seq, width = qkv.ty.shape
-        head_dim = int(width) // (heads + 2 * kv_heads)
+        heads, kv_heads, head_dim, scale = attention_config(qkv, attr)
+        batch, seq, _ = qkv.ty.shape
         q, k, v = bb.emit(relax.op.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=2))
         q = bb.emit(relax.op.reshape(q, [batch, seq, heads, head_dim]))
         k = bb.emit(relax.op.reshape(k, [batch, seq, kv_heads, head_dim]))
@@ -514,7 +631,6 @@ class GroupQueryAttention(frontend.OnnxOpConverter):
         if heads != kv_heads:  # head h reads kv head h // (heads / kv_heads)
             keys = relax.op.repeat(keys, heads // kv_heads, axis=1)
             values = relax.op.repeat(values, heads // kv_heads, axis=1)
-        scale = float(attr.get("scale", 0.0)) or head_dim**-0.5
         scores = relax.op.multiply(
             relax.op.matmul(relax.op.permute_dims(q, [0, 2, 1, 3]), relax.op.permute_dims(keys, [0, 1, 3, 2])),
             relax.const(scale, "float32"),
@@ -524,14 +640,37 @@ class GroupQueryAttention(frontend.OnnxOpConverter):
         return relax.Tuple([relax.op.reshape(out, [batch, seq, heads * head_dim]), present_k, present_v])
 
 
-def converters(knobs: KnobChoice = tuned_knobs) -> dict[str, type[frontend.OnnxOpConverter]]:
+class SharedCacheAttention(frontend.OnnxOpConverter):
+    """GroupQueryAttention for the decode module (:func:`decode_model`): one token, the past and present KV
+    being the same ``[1, kv_heads, capacity, D]`` buffers, written in place by :func:`decode_attention_func`
+    (``call_tir_inplace``), the sequence length taken from the attention mask's shape."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Sequence[Any], attr: dict[str, Any], params: Any) -> Any:
+        qkv, key, value, past_k, past_v = inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]
+        if key is not None or value is not None:
+            raise ValueError("GroupQueryAttention: only packed QKV (empty key/value inputs) is supported")
+        if [int(d) if isinstance(d, tirx.IntImm) else None for d in list(qkv.ty.shape)[:2]] != [1, 1]:
+            raise ValueError(f"the decode module takes one token of one sequence, not QKV of shape {qkv.ty.shape}")
+        heads, kv_heads, head_dim, scale = attention_config(qkv, attr)
+        func = decode_attention_func(heads, kv_heads, head_dim, scale, bool(attr.get("do_rotary", 0)))
+        gv = bb.add_func(func, f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}")
+        mask = params[0]["attention_mask"]
+        out_ty = [relax.TensorType([1, 1, heads * head_dim], "float32"), past_k.ty, past_v.ty]
+        call = relax.call_tir_inplace(gv, [qkv, past_k, past_v, inputs[7], inputs[8], mask], [-1, 1, 2], out_ty)
+        return bb.emit(call)
+
+
+def converters(
+    knobs: KnobChoice = tuned_knobs, shared_cache: bool = False
+) -> dict[str, type[frontend.OnnxOpConverter]]:
     """Every op our decoders use that the frontend lacks, by ONNX op type; ``knobs`` picks each ternary
-    kernel's schedule knobs."""
+    kernel's schedule knobs; ``shared_cache``: attention for the decode module (:class:`SharedCacheAttention`)."""
     table: dict[str, type[frontend.OnnxOpConverter]] = {
         op: ternary_converter(f, knobs) for op, f in TERNARY_OPS.items()
     }
     table["SkipSimplifiedLayerNormalization"] = SkipSimplifiedLayerNormalization
-    table["GroupQueryAttention"] = GroupQueryAttention
+    table["GroupQueryAttention"] = SharedCacheAttention if shared_cache else GroupQueryAttention
     table["MatMul"] = MatMul
     table["FusedMatMul"] = FusedMatMul
     table["MatMulNBits"] = MatMulNBits
@@ -577,8 +716,37 @@ def import_onnx(model: onnx.ModelProto, extra: dict[str, type[frontend.OnnxOpCon
 
 
 def set_threads(threads: int) -> None:
-    """Size TVM's runtime thread pool (the kernels' ``parallel`` loops)."""
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: little cores first (no big.LITTLE here)
+    """Size TVM's runtime thread pool (the kernels' ``parallel`` loops) to ``threads``.
+
+    TVM starts its pool once per process, on the first parallel loop, with ``TVM_NUM_THREADS`` workers
+    (unset: half the logical CPUs, one on a 2-core machine), and ``runtime.config_threadpool`` can use
+    fewer of them, never more. So the variable is raised to the CPU count before the pool exists, and a
+    pool that cannot give ``threads`` is an error rather than a silent single thread.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, os.cpu_count() or 1)))
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: big cores first (no big.LITTLE here)
+    if (got := tvm.runtime.num_threads()) != threads:
+        raise RuntimeError(
+            f"TVM's thread pool runs {got} thread(s), not {threads}: it was started with TVM_NUM_THREADS="
+            f"{os.environ.get('TVM_NUM_THREADS')}; set TVM_NUM_THREADS={threads} (or more) before running TVM"
+        )
+
+
+def decode_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (changed in place) with the decode module's input shapes: one token of one sequence
+    (``input_ids [1, 1]``), the attention mask ``[1, total_sequence]`` (its length is the sequence's),
+    and past KV ``[1, kv_heads, capacity, head_dim]``: the buffers :class:`RelaxDecoder` writes in place.
+    Every other shape in the module is then static."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        names = {"input_ids": [1, 1], "attention_mask": [1, "total_sequence"]}
+        shape = names.get(value.name, [1, None, "capacity", None] if value.name.startswith("past_key_values.") else [])
+        for dim, new in zip(dims, shape, strict=False):
+            if isinstance(new, int):
+                dim.dim_value = new
+            elif isinstance(new, str):
+                dim.dim_param = new
+    return model
 
 
 @dataclass
@@ -590,35 +758,41 @@ class CompileInfo:
 class RelaxCausalLM(OnnxCausalLM):
     """An exported decoder compiled by TVM and run on the Relax VM, with :class:`OnnxCausalLM`'s interface.
 
-    ``forward``, ``empty_cache`` and ``generate`` behave as onnxruntime's; the cache holds TVM tensors
-    (no copy between steps); logits come back as numpy.
+    Two modules, each compiled when first needed (:meth:`compile`):
+
+    - ``forward``: every shape symbolic (batch, sequence, past length), the KV cache grown by concatenation
+      (a new present per call). ``forward`` and ``empty_cache`` behave as onnxruntime's; the cache holds
+      TVM tensors; logits come back as numpy.
+    - ``decode``: one token of one sequence, attention in place on preallocated KV buffers
+      (:class:`SharedCacheAttention`), the ternary kernels' tuned M = 1 functions, every other shape
+      static. ``generate`` runs on it through :class:`RelaxDecoder`, prompt token by token.
     """
+
+    KINDS = ("forward", "decode")
 
     def __init__(
         self, model_path: str | os.PathLike[str], threads: int = 1, measure_knobs: bool = False, verify: bool = True
     ) -> None:
         """``measure_knobs``: time every kernel knob candidate per shape (:func:`measured_knobs`) instead of
         taking the tuning database's or the default. ``verify``: check the weights' recorded checksums first,
-        as :class:`OnnxCausalLM` does."""
+        as :class:`OnnxCausalLM` does. ``threads``: TVM's thread pool (:func:`set_threads`)."""
         path = Path(model_path)
-        path = path / "model.onnx" if path.is_dir() else path
+        self.path = path / "model.onnx" if path.is_dir() else path
         if verify:
-            verify_model_files(path)
-        start = time.perf_counter()
-        target = host_target(threads)
-        model = onnx.load(os.fspath(path))
-        choice = functools.cache(functools.partial(measured_knobs, target=target)) if measure_knobs else tuned_knobs
-        mod = import_onnx(model, converters(choice))
-        imported = time.perf_counter()
-        # The CPU backend's pipeline (legalize, fuse, lower); tvm.compile's "default" for CPU does not fuse.
-        # DLight's CPU rules are not applied: on these dynamic shapes they emit per-element index
-        # divisions that made attention 15x slower.
-        executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
-        self.info = CompileInfo(imported - start, time.perf_counter() - imported)
+            verify_model_files(self.path)
+        self.target = host_target(threads)
+        self.knobs: KnobChoice = (
+            functools.cache(functools.partial(measured_knobs, target=self.target)) if measure_knobs else tuned_knobs
+        )
         set_threads(threads)
         self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.info: dict[str, CompileInfo] = {}
+        self._vms: dict[str, relax.VirtualMachine] = {}
+        self._decoder: RelaxDecoder | None = None
+        model = onnx.load(os.fspath(self.path), load_external_data=False)
         graph = model.graph
+        # an op without a converter fails here, before any module is compiled
+        DecoderImporter(converters(self.knobs), shape_dict=None, dtype_dict={})._check_for_unsupported_ops(graph)
         past = [i for i in graph.input if i.name.startswith("past_key_values.")]
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]
@@ -630,10 +804,38 @@ class RelaxCausalLM(OnnxCausalLM):
         meta = {p.key: p.value for p in model.metadata_props}
         self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
 
-    def decoder(self, positions: int) -> ForwardDecoder:
-        """Generation runs through ``forward``: the VM's cache stays on its tensors between steps, uncopied."""
+    def compile(self, kind: str = "forward") -> relax.VirtualMachine:
+        """The VM of module ``kind`` (:data:`KINDS`), imported and compiled on first use (``self.info[kind]``
+        says how long each took)."""
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown module {kind!r}: one of {', '.join(self.KINDS)}")
+        if kind not in self._vms:
+            start = time.perf_counter()
+            model = onnx.load(os.fspath(self.path))
+            decode = kind == "decode"
+            mod = import_onnx(decode_model(model) if decode else model, converters(self.knobs, shared_cache=decode))
+            imported = time.perf_counter()
+            # The CPU backend's pipeline (legalize, fuse, lower); tvm.compile's "default" for CPU does not fuse.
+            # DLight's CPU rules are not applied: on these dynamic shapes they emit per-element index
+            # divisions that made attention 15x slower.
+            pipeline = relax.get_default_pipeline(self.target)
+            executable = tvm.compile(mod, target=self.target, relax_pipeline=pipeline)
+            self.info[kind] = CompileInfo(imported - start, time.perf_counter() - imported)
+            self._vms[kind] = relax.VirtualMachine(executable, self.device)
+        return self._vms[kind]
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        return self.compile("forward")
+
+    def decoder(self, positions: int) -> RelaxDecoder:
+        """A :class:`RelaxDecoder` on the decode module holding at least ``positions`` positions, kept and
+        reused by later calls that fit (as :meth:`OnnxCausalLM.decoder` keeps its buffers)."""
         self.check_length(positions)
-        return ForwardDecoder(self)
+        if self._decoder is None or self._decoder.capacity < positions:
+            self._decoder = None  # the old buffers go before the new ones are allocated
+            self._decoder = RelaxDecoder(self, positions)
+        return self._decoder
 
     def _tensor(self, a: Any) -> Any:
         return tvm.runtime.tensor(np.ascontiguousarray(a), self.device) if isinstance(a, np.ndarray) else a
@@ -661,3 +863,65 @@ class RelaxCausalLM(OnnxCausalLM):
         )
         present = [(outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]) for i in range(self.num_layers)]
         return outputs["logits"].numpy(), present
+
+
+class RelaxDecoder:
+    """Prefill, then decode step after step, on :class:`RelaxCausalLM`'s decode module and one preallocated
+    ``[1, kv_heads, capacity, head_dim]`` key and value buffer per layer that are past and present at once.
+
+    As onnxruntime's :class:`~sherry_export.generate.SharedKVDecoder`: each step passes the buffers and a
+    view of one preallocated row of ones, one position longer, as the attention mask (its length is the
+    sequence's); the module writes the token's key and value at the last position and attends over the
+    ones before. No cache is copied or grown. The module takes one token, so the prompt runs token by
+    token.
+    """
+
+    def __init__(self, lm: RelaxCausalLM, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the KV buffer must hold at least one position, got {capacity}")
+        self.main = lm.compile("decode")["main"]
+        self.capacity = capacity
+        self.length = 0
+        """Positions the cache holds now."""
+        device = lm.device
+        shape = (1, lm.kv_heads, capacity, lm.head_dim)
+        self.cache = {
+            f"past_key_values.{i}.{kv}": tvm.runtime.tensor(np.zeros(shape, np.float32), device)
+            for i in range(lm.num_layers)
+            for kv in ("key", "value")
+        }
+        self._ones = tvm.runtime.tensor(np.ones((1, capacity), np.int64), device)
+        self._masks: dict[int, Any] = {}  # length -> a [1, length] view of the ones, made once
+        token = tvm.runtime.tensor(np.zeros((1, 1), np.int64), device)
+        self._token = np.from_dlpack(token)  # the tensor's memory: a token is written without a copy
+        self._logits = lm.output_names.index("logits")
+        self._args: list[Any] = [self.cache.get(name) for name in lm.input_names]
+        self._args[lm.input_names.index("input_ids")] = token
+        self._mask_slot = lm.input_names.index("attention_mask")
+
+    def _run(self, token: int) -> np.ndarray:
+        """One token at position ``length``: its logits ``[vocab]``, the VM's output tensor viewed without a
+        copy (the next step makes a new one)."""
+        length = self.length + 1
+        if length not in self._masks:
+            self._masks[length] = self._ones._create_view((1, length))
+        self._token[0, 0] = token
+        self._args[self._mask_slot] = self._masks[length]
+        logits = np.from_dlpack(self.main(*self._args)[self._logits])
+        self.length = length
+        return logits[0, 0]
+
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Start a new sequence: logits ``[1, len(prompt_ids), vocab]`` of the prompt."""
+        if not 1 <= len(prompt_ids) <= self.capacity:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this KV buffer holds 1 to {self.capacity}")
+        self.length = 0
+        return np.stack([self._run(token) for token in prompt_ids])[None]
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token after the sequence so far: its logits ``[vocab]``."""
+        if self.length == 0:
+            raise RuntimeError("prefill a prompt before the first decode step")
+        if self.length >= self.capacity:
+            raise ValueError(f"the KV buffer is full ({self.capacity} positions); ask for a larger one")
+        return self._run(token)
