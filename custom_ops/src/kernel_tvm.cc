@@ -18,6 +18,7 @@
 // block on the stack. A generated function that returns an error makes compute throw, which the op
 // catches inside the parallel body (kernel.h).
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -211,13 +212,17 @@ class TvmKernel final : public MatMulKernel {
 
   KernelPath path() const override { return KernelPath::kTVM; }
   int64_t row_tile() const override { return layout_.lane_block; }
-  // Calls that take the block functions run them on their own parallel steps.
+  // Calls that take the block functions run them on their own parallel steps, and their last rows
+  // on the M = 1 function's: a tile of both, so that no step is cut (a cut step of the M = 1 function
+  // is computed whole for each row) and each work item's calls (about 1 us each, for the functions'
+  // argument checks) cover whole steps of both.
   int64_t row_tile_for(int64_t call_rows) const override {
-    return call_rows >= entry_.block_rows ? entry_.block_lane_block : layout_.lane_block;
+    return call_rows >= entry_.block_rows ? std::lcm(entry_.block_lane_block, layout_.lane_block) : layout_.lane_block;
   }
-  // A chunk of rows of A shorter than a block goes row by row through the M = 1 function.
+  // Rows of A are cut only where N's steps cannot feed the threads: every compute() call decodes its
+  // steps' weights again, and a chunk cut short of whole blocks runs its rows through the M = 1 function.
   int64_t min_row_chunk(int64_t call_rows) const override {
-    return call_rows >= entry_.chunk_rows ? entry_.chunk_rows : call_rows >= entry_.block_rows ? entry_.block_rows : 1;
+    return call_rows >= entry_.block_rows ? call_rows : 1;
   }
   size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
 
