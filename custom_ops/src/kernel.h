@@ -167,6 +167,10 @@ std::unique_ptr<MatMulKernel> make_or_decline(const PackedWeights& w, std::strin
   }
 }
 
+// quantize_group (formats.h) with AVX2 (kernel_avx2.cc): the same bytes and scale, and sum(xq) in *sum.
+// Only on a CPU with AVX2 (the TVM kernels, whose objects need AVX2 or AVX-512, use it).
+float quantize_group_simd(const float* x, int64_t length, int8_t* xq, int32_t* sum);
+
 // Each factory repacks the weights; it returns nullptr when this path cannot take the geometry,
 // with the reason in *declined when that is not null (the dispatcher then falls back), and throws
 // std::runtime_error on corrupt codes.

@@ -228,7 +228,8 @@ class TvmKernel final : public MatMulKernel {
 
   // Values quad by quad in dword order (byte 4p + j of a quad = column L j + p of it), then the float
   // scales, then the int32 sums of each group's values (layout.py activations). Each group is quantized
-  // in place in column order, then every quad is reordered through 16 bytes on the stack.
+  // in place in column order (quantize_group's bytes, with AVX2: the entry's ISA has it), then every
+  // quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
     auto* xq = reinterpret_cast<int8_t*>(ws);
@@ -240,20 +241,14 @@ class TvmKernel final : public MatMulKernel {
       const int64_t length = L.g.group_length(g);
       if (length <= 0) break;  // never: tells the compiler the length is positive
       int8_t* out = xq + g * L.padded_group;
-      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, out);
-      int32_t sum = 0;
+      scale[g] = quantize_group_simd(a_row + L.g.group_begin(g), length, out, &sums[g]);
       for (int64_t q = 0; q < L.quads_per_group; ++q) {
         int8_t* quad = out + q * quad_cols;
         int8_t columns[16];
         std::memcpy(columns, quad, static_cast<size_t>(quad_cols));
         for (int64_t j = 0; j < 4; ++j)
-          for (int64_t p = 0; p < lpc; ++p) {
-            const int8_t v = columns[j * lpc + p];
-            quad[4 * p + j] = v;
-            sum += v;
-          }
+          for (int64_t p = 0; p < lpc; ++p) quad[4 * p + j] = columns[j * lpc + p];
       }
-      sums[g] = sum;
     }
   }
 
