@@ -2,8 +2,8 @@
 for this CPU model, another one and none, compiled by ``tvm_schedules.build`` and linked into an op
 library built here, then sessions on the auto path whose kernel report must name the kernel and why.
 
-The committed databases have no TVM kernel that wins (docs/tvm.md), so only such a database shows the
-op taking one. Building the library takes a minute or more: the tests are marked slow.
+The committed databases' verdicts depend on the CPU and the load that timed them (docs/tvm.md), so
+only such a database shows every case. Building the library takes a minute or more: the tests are marked slow.
 """
 
 from __future__ import annotations
