@@ -530,7 +530,9 @@ def tvm_kernel_missing(target: str) -> str:
 def test_tvm_kernels_of_the_database_match_reference(
     target: str, fmt: str, k: int, n: int, group_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`make lib` links every database kernel; each matches the int8 reference (GEMV, GEMM, 2 threads)."""
+    """`make lib` links every database kernel; each matches the int8 reference (GEMV, GEMM, 2 threads): M = 16
+    (single blocks of the block function), 37 (a call of the block function, a single block and single
+    rows, for every rows per block it may have tuned) and, on the smaller shapes, 128."""
     if reason := tvm_kernel_missing(target):
         pytest.skip(reason)
     monkeypatch.setenv("SHERRY_TVM_TARGET", target)
@@ -540,7 +542,7 @@ def test_tvm_kernels_of_the_database_match_reference(
     rng = np.random.default_rng(4)
     for threads in (1, 2):
         session = make_session(model, threads=threads, kernel="tvm")
-        for m in (1, 3, 9):  # 9: blocks of rows sharing a decode, then single rows
+        for m in (1, 3, 16, 37, *((128,) if k * n <= 2048 * 2048 else ())):
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[0, :group_size] = 0  # a zero group: scale 0
             check_against_reference(session.run(None, {"A": x})[0], reference_matmul(x, packed, bias, "int8"))
@@ -555,13 +557,14 @@ def test_tune_verify_times_tvm_and_hand_written_as_nodes(tmp_path: Path) -> None
     if reason := tvm_kernel_missing(target):
         pytest.skip(reason)
     entry = min(json.loads((TVM_DATABASE / target / "tuned.json").read_text()), key=lambda e: e["k"] * e["n"])
-    timings = ("tvm_node_us", "hand_node_us", "tvm_cold_us", "hand_cold_us")
+    timings = ("tvm_node_us", "hand_node_us", "tvm_cold_us", "hand_cold_us", "tvm_batch_us", "hand_batch_us")
     for key in timings:
         entry.pop(key, None)
     (tmp_path / target).mkdir()
     (tmp_path / target / "tuned.json").write_text(json.dumps([entry]))
     [verified] = verify(target, tmp_path)
     assert all(verified[key] > 0 for key in timings)
+    assert (verified["batch"], verified["batch_min_rows"]) == (128, 16)
     assert (verified["cpu"], verified["cpu_name"]) == cpu_model()  # the op trusts the times on this model only
     assert json.loads((tmp_path / target / "tuned.json").read_text()) == [verified]
     assert "SHERRY_TVM_TARGET" not in os.environ

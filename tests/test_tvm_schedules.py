@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,17 @@ from tvm_schedules.layout import Shape, activations, repack
 
 tvm = pytest.importorskip("tvm")
 from tvm_schedules.intrinsics import decode_name, dot_name  # noqa: E402
-from tvm_schedules.kernels import MX_ROWS, ORDERS, Knobs, knob_space, scheduled_module, tile_choices  # noqa: E402
+from tvm_schedules.kernels import (  # noqa: E402
+    BLOCK_M,
+    BLOCK_ORDERS,
+    BLOCK_ROWS,
+    ORDERS,
+    Knobs,
+    block_knob_space,
+    knob_space,
+    scheduled_module,
+    tile_choices,
+)
 from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
 ISAS = ["avx2", "avx512"] if host_isa() == "avx512" else ["avx2"]
@@ -31,11 +42,12 @@ def packed_weight(fmt: str, k: int, n: int, gs: int, seed: int = 0) -> PackedWei
 
 
 def run(
-    fmt: str, k: int, n: int, gs: int, m: int | None, knobs: Knobs, isa: str = "avx2", m_rows: int = 1, rows: int = 1
+    fmt: str, k: int, n: int, gs: int, m: int | None, knobs: Knobs, isa: str = "avx2", rows: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel for ``m`` rows (None: the dynamic-M function), in blocks of ``m_rows``, run on ``rows`` rows."""
+    """The kernel for ``m`` rows (None: the dynamic-M function; in blocks of ``knobs.rows``), run on ``rows``
+    rows."""
     shape = Shape(fmt, k, n, gs)
-    return run_module(shape, scheduled_module(shape, m, knobs, isa=isa, m_rows=m_rows), rows, isa)
+    return run_module(shape, scheduled_module(shape, m, knobs, isa=isa), rows, isa)
 
 
 def run_module(shape: Shape, module: tvm.IRModule, m: int, isa: str) -> tuple[np.ndarray, np.ndarray]:
@@ -55,22 +67,29 @@ def run_module(shape: Shape, module: tvm.IRModule, m: int, isa: str) -> tuple[np
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
 @pytest.mark.parametrize(
-    ("k", "n", "gs", "m", "blocks"),
-    [(256, 64, 128, 1, False), (320, 96, 128, 1, False), (320, 32, 64, None, False), (512, 48, 512, None, True)],
+    ("k", "n", "gs", "m"), [(256, 64, 128, 1), (320, 96, 128, 1), (320, 32, 64, None), (512, 48, 512, None)]
 )
-def test_kernel_matches_reference_bit_exactly(
-    fmt: str, k: int, n: int, gs: int, m: int | None, blocks: bool, isa: str
-) -> None:
+def test_kernel_matches_reference_bit_exactly(fmt: str, k: int, n: int, gs: int, m: int | None, isa: str) -> None:
     """Exact int dots, then y = Σ_g (α·s)·dot in group order with every product rounded on its own (no
-    FMA): the int8 reference's float32 arithmetic, bit for bit. M = 1, the dynamic-M function (Relax's,
-    3 rows) and the block function (MX_ROWS rows sharing each decode), in both loop orders."""
+    FMA): the int8 reference's float32 arithmetic, bit for bit. M = 1 and the dynamic-M function
+    (Relax's, 3 rows), in both loop orders."""
     order = "quad" if m == 1 else "tile"
     knobs = Knobs(tiles=tile_choices(Shape(fmt, k, n, gs))[-1], unroll=1 if fmt == "tl2" else 2, order=order)
-    if blocks:
-        y, ref = run(fmt, k, n, gs, MX_ROWS[isa], knobs, isa, MX_ROWS[isa], MX_ROWS[isa])
-    else:
-        y, ref = run(fmt, k, n, gs, m, knobs, isa, rows=m or 3)
+    y, ref = run(fmt, k, n, gs, m, knobs, isa, rows=m or 3)
     np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s"])
+@pytest.mark.parametrize(("order", "rows"), [("block", 4), ("tile", 8), ("block", 12)])
+def test_block_function_matches_reference_bit_exactly(fmt: str, order: str, rows: int, isa: str) -> None:
+    """The block function (BLOCK_M rows in blocks of ``rows`` that share each decode; what the op calls
+    for M >= 16) and its single block (M = ``rows``), in both of its loop orders, with a short last
+    group: the int8 reference bit for bit."""
+    knobs = Knobs(tiles=2, unroll=1 if fmt == "tl2" else 2, order=order, rows=rows)
+    for m in (BLOCK_M, rows):
+        y, ref = run(fmt, 320, 96, 128, m, knobs, isa, rows=m)
+        np.testing.assert_array_equal(y, ref)
 
 
 def intrinsic_function(isa: str, fmt: str | None = None, planes: int = 4) -> tvm.IRModule:
@@ -167,9 +186,9 @@ def test_schedule_tensorizes_and_allocates_nothing(fmt: str, isa: str) -> None:
     used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
     assert used == {dot_name(isa, shape.lanes_per_code)} | ({decode_name(fmt, isa)} if fmt != "i2s" else set())
     mnemonics = {"avx512": ["vpdpbusd", "vpermb"], "avx2": ["vpmaddubsw", "vpmaddwd", "vpshufb"]}[isa]
-    for m, rows in ((1, 1), (MX_ROWS[isa], MX_ROWS[isa]), (None, 1)):
+    for m, point in ((1, knobs), (BLOCK_M, replace(knobs, order="block", rows=max(BLOCK_ROWS))), (None, knobs)):
         lib = tvm.compile(
-            tvm.IRModule({"main": prim_func(shape, m, knobs, isa, m_rows=rows)}), target=tvm.target.Target(TARGETS[isa])
+            tvm.IRModule({"main": prim_func(shape, m, point, isa)}), target=tvm.target.Target(TARGETS[isa])
         )
         assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
         asm = lib.mod.inspect_source("asm")
@@ -223,19 +242,42 @@ def test_knob_space_is_what_the_tuner_samples() -> None:
         scheduled_module(Shape("i2s", 256, 64, 128), 1, Knobs(tiles=3, unroll=1))
 
 
+def test_block_knob_space_is_what_the_block_tuner_samples() -> None:
+    """The block function's space: the M = 1 function's tiles and unroll, its own loop orders and rows of
+    A per block, each of which cuts BLOCK_M into whole blocks."""
+    shape = Shape("sherry", 2048, 8192, 128)
+    space = block_knob_space(shape)
+    assert len(space) == len(set(space)) == 4 * 3 * len(BLOCK_ORDERS) * len(BLOCK_ROWS)
+    assert {kn.rows for kn in space} == set(BLOCK_ROWS) and all(BLOCK_M % r == 0 for r in BLOCK_ROWS)
+    with pytest.raises(ValueError, match="do not divide"):
+        scheduled_module(shape, BLOCK_M, Knobs(tiles=2, unroll=2, order="block", rows=5))
+
+
+def test_m1_workload_keeps_the_committed_records() -> None:
+    """The M = 1 workload's structural hash is what the committed records key: the build finds them."""
+    from tvm_schedules.tune import best_record, database
+
+    for isa in ("avx512", "avx2"):
+        db = database(Path(__file__).resolve().parent.parent / "tvm_schedules" / "databases" / isa)
+        assert best_record(db, Shape("sherry", 2048, 2048, 128), isa) is not None
+        assert best_record(db, Shape("sherry", 2048, 2048, 128), isa, block=True) is not None
+
+
 TUNED = Shape("tl2", 320, 64, 128)
 
 
 @pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, into a fresh database, with
-    MetaSchedule's logs kept in ``logs/``."""
+    """A real MetaSchedule run: 4 trials of one small tl2 kernel for avx2, its M = 1 function and its block
+    function, into a fresh database, with MetaSchedule's logs kept in ``logs/``."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")
     [entry] = tune([(TUNED.k, TUNED.n, TUNED.group_size)], "avx2", 4, out, ("tl2",), log_dir=out / "logs")
     assert entry.trials == 4 and entry.tvm_us > 0 and entry.tune_seconds > 0
     assert Knobs(entry.tiles, entry.unroll, entry.order) in knob_space(TUNED)
+    assert entry.block_trials == 4 and entry.block_tvm_us and entry.block_rows in BLOCK_ROWS
+    assert Knobs(entry.block_tiles, entry.block_unroll, entry.block_order, entry.block_rows) in block_knob_space(TUNED)
     return out
 
 
@@ -254,27 +296,34 @@ def test_tuning_writes_a_metaschedule_database(tuned_db: Path) -> None:
 
     files = sorted(p.name for p in (tuned_db / "avx2").iterdir())
     assert files == ["database_tuning_record.json", "database_workload.json", "tuned.json"]
-    assert len((tuned_db / "avx2" / "database_tuning_record.json").read_text().splitlines()) == 4
-    best = best_record(database(tuned_db / "avx2"), TUNED, "avx2")
+    assert len((tuned_db / "avx2" / "database_tuning_record.json").read_text().splitlines()) == 8
+    assert len((tuned_db / "avx2" / "database_workload.json").read_text().splitlines()) == 2  # M = 1 and block
+    db = database(tuned_db / "avx2")
+    best, block = best_record(db, TUNED, "avx2"), best_record(db, TUNED, "avx2", block=True)
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
     assert entry["tvm_us"] == round(float(np.mean([float(t) for t in best.run_secs])) * 1e6, 2)
+    assert entry["block_tvm_us"] == round(float(np.mean([float(t) for t in block.run_secs])) * 1e6, 2)
 
 
-@pytest.mark.parametrize(("bucket", "m"), [("m1", 1), ("mx", MX_ROWS["avx2"])])
-def test_the_database_schedule_matches_reference(tuned_db: Path, bucket: str, m: int) -> None:
-    """The build's functions (the best trace replayed on the M = 1 workload, its decisions on the block)."""
+@pytest.mark.parametrize("bucket", ["m1", "mx", "mb"])
+def test_the_database_schedule_matches_reference(tuned_db: Path, bucket: str) -> None:
+    """The build's functions: each workload's best trace replayed (M = 1; the block function, BLOCK_M
+    rows), and the block function's decisions on one block."""
     from tvm_schedules.build import tuned_functions
     from tvm_schedules.tune import database
 
-    funcs, _, block_rows = tuned_functions(database(tuned_db / "avx2"), TUNED, "avx2", "avx2")
-    assert block_rows == MX_ROWS["avx2"]
+    funcs, tuned = tuned_functions(database(tuned_db / "avx2"), TUNED, "avx2", "avx2")
+    [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
+    assert (tuned.chunk_rows, tuned.block_rows) == (BLOCK_M, entry["block_rows"])
+    assert (tuned.lane_block, tuned.block_lane_block) == (16 * entry["tiles"], 16 * entry["block_tiles"])
     [func] = [f for name, f in funcs.items() if name.endswith(bucket)]
+    m = {"m1": 1, "mx": BLOCK_M, "mb": tuned.block_rows}[bucket]
     y, ref = run_module(TUNED, tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), m, "avx2")
     np.testing.assert_array_equal(y, ref)
 
 
 def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path: Path) -> None:
-    """The tuned database → an object exporting both functions, needing only the error hook; the
+    """The tuned database → an object exporting the three functions, needing only the error hook; the
     database is read, not changed."""
     from tvm_schedules.build import build
 
@@ -285,14 +334,16 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path:
     undefined = {line.split()[-1] for line in symbols if line.strip().startswith("U ")}
     assert undefined == {"TVMFFIErrorSetRaisedFromCStrParts"}
     table = (tmp_path / "out" / "tvm_table.cc").read_text()
-    for bucket in ("m1", "mx"):
+    for bucket in ("m1", "mx", "mb"):
         name = f"__tvm_ffi_sherry_tvm_avx2_tl2_k320_n64_g128_{bucket}"
         assert any(line.endswith(" T " + name) for line in symbols)
         assert name in table
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
-    # tl2, K, N, group_size, avx2, rows per task, rows of A per block call
-    assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}, {MX_ROWS['avx2']}," in table
-    assert '_mx, 0.0, 0.0, "", "", "avx2"}' in table  # not timed as nodes (sherry tune --verify): auto never takes it
+    # tl2, K, N, group_size, avx2, rows per task (M = 1, block), rows of A per call (mx, mb)
+    steps = f"{16 * entry['tiles']}, {16 * entry['block_tiles']}, {BLOCK_M}, {entry['block_rows']}"
+    assert f"{{1, 320, 64, 128, 1, {steps}," in table
+    # not timed as nodes (sherry tune --verify): auto never takes it
+    assert '_mb, 0.0, 0.0, 0.0, 128, 16, "", "", "avx2"}' in table
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
 
 
@@ -303,25 +354,28 @@ def test_build_without_a_record_says_to_tune(tuned_db: Path, tmp_path: Path) -> 
     db.mkdir(parents=True)
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
     (db / "tuned.json").write_text(json.dumps([entry | {"n": 32}]))
-    with pytest.raises(SystemExit, match=r"no record for tl2_k320_n32_g128.*sherry tune --target avx2"):
+    with pytest.raises(SystemExit, match=r"no record for tl2_k320_n32_g128's M = 1 .*sherry tune --target avx2"):
         build(tmp_path / "db", tmp_path / "out")
 
 
 def test_table_carries_the_verified_speedups_and_their_cpu() -> None:
-    """Auto mode's inputs in the C++ table: hand-written over TVM node time, hot and cold (0 when not
-    verified), and the CPU model that measured them; the op decides on the CPU it runs on."""
-    from tvm_schedules.build import table_source
+    """Auto mode's inputs in the C++ table: hand-written over TVM node time, M = 1 hot and cold and at
+    the batch (0 when not verified), the batch and its regime's fewest rows, and the CPU model that
+    measured them; the op decides on the CPU it runs on."""
+    from tvm_schedules.build import TunedKernel, table_source
 
     entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2"}
-    names, rows, blocks = {0: ("a_m1", "a_mx")}, {0: 32}, {0: 2}
-    assert '{1, 320, 64, 128, 1, 32, 2, __tvm_ffi_a_m1, __tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2"}' in table_source(
-        [entry], names, rows, blocks
+    names, tuned = {0: ("a_m1", "a_mx", "a_mb")}, {0: TunedKernel(32, 64, 24, 8)}
+    assert (
+        "{1, 320, 64, 128, 1, 32, 64, 24, 8, __tvm_ffi_a_m1, __tvm_ffi_a_mx, __tvm_ffi_a_mb, 0.0, 0.0, 0.0, 128, 16, "
+        '"", "", "avx2"}' in table_source([entry], names, tuned)
     )  # not verified
     entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 8.0, "hand_cold_us": 6.0}
+    entry |= {"tvm_batch_us": 400.0, "hand_batch_us": 500.0, "batch": 128, "batch_min_rows": 16}
     entry |= {"cpu": "AuthenticAMD family 25 model 17", "cpu_name": 'AMD "EPYC" 9654'}
     assert (
-        '__tvm_ffi_a_mx, 1.25, 0.75, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", "avx2"}'
-        in table_source([entry], names, rows, blocks)
+        '__tvm_ffi_a_mb, 1.25, 0.75, 1.25, 128, 16, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", '
+        '"avx2"}' in table_source([entry], names, tuned)
     )
 
 

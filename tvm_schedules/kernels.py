@@ -24,8 +24,9 @@ The schedule's knobs (:class:`Knobs`, MetaSchedule decisions): ``tiles`` (tiles 
 sharing the activation loads: the rows per step are 16·tiles, which is also the op's work item),
 ``unroll`` (of the quad loop within a group) and ``order`` (of the quad and tile loops). The outer
 loop over steps is ``parallel``; the op runs its tasks on onnxruntime's threads (kernel_tvm.cc).
-For M > 1 the op calls a block function, :data:`MX_ROWS` rows of A that share each decoded weight
-vector, then the M = 1 function for the remaining rows; the whole-model Relax path compiles the
+For M > 1 the op calls a block function (M = :data:`BLOCK_M`, tuned on its own: blocks of
+:data:`BLOCK_ROWS` rows of A that share each decoded weight vector), then the M = 1 function for the
+remaining rows; the whole-model Relax path compiles the
 dynamic-M function (``m`` None), row after row.
 """
 
@@ -64,6 +65,9 @@ class Knobs:
     tiles: int = 2
     unroll: int = 2
     order: str = "quad"
+    rows: int = 1
+    """Rows of A that share each decode: 1 for the M = 1 function, one of :data:`BLOCK_ROWS` for the block
+    function (a structural choice of its design space, like ``order``)."""
 
 
 def tile_choices(shape: Shape) -> list[int]:
@@ -91,10 +95,9 @@ def function_name(shape: Shape, target_name: str, bucket: str) -> str:
     return f"sherry_tvm_{target_name}_{shape.key}_{bucket}"
 
 
-def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) -> tirx.PrimFunc:
-    """The unscheduled kernel for M = ``m`` rows of A (None: any M) on ``isa``: what MetaSchedule tunes.
-    ``m_rows`` > 1: the rows in blocks of ``m_rows`` (a static ``m``, a multiple), which :func:`schedule`
-    makes share each decode.
+def workload(shape: Shape, m: int | None, isa: str = "avx512") -> tirx.PrimFunc:
+    """The unscheduled kernel for M = ``m`` rows of A (None: any M) on ``isa``: what MetaSchedule tunes,
+    at M = 1 and at M = :data:`BLOCK_M` (the block function, whose schedule cuts the rows into blocks).
 
     Sblocks, each in its own loop nest, element by element:
 
@@ -117,8 +120,6 @@ def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) 
         raise ValueError(problem)
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}")
-    if m_rows > 1 and (m is None or m % m_rows):
-        raise ValueError(f"blocks of {m_rows} rows need a static M that is a multiple of it, not {m}")
     L, Q, G = shape.lanes_per_code, shape.quads_per_group, shape.groups
     RB, N, QB, tiles, quads = shape.row_bytes, shape.n, 4 * L, shape.tiles, shape.quads
     VW = VECTOR_LANES[isa]  # int32 lanes of a vector: rows per dot
@@ -126,8 +127,10 @@ def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) 
     CB = 4 * VW  # code bytes per vector
     fmt = shape.format
     M = tirx.Var("M", "int64") if m is None else m
-    R = m_rows if m is not None else tirx.const(1, "int64")  # rows in MO blocks of R (R: M's type)
-    MO = M // m_rows
+    # the rows as MO x R, R a unit loop of M's type (the M = 1 workload's structure, which the committed
+    # records' hashes key; the block schedule splits MO)
+    R = 1 if m is not None else tirx.const(1, "int64")
+    MO = M
     f32v = f"float32x{VW}"
 
     def weight(W: tirx.Buffer, t: tirx.PrimExpr, q: tirx.PrimExpr, i: tirx.PrimExpr, p: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -207,10 +210,20 @@ def workload(shape: Shape, m: int | None, isa: str = "avx512", m_rows: int = 1) 
     return kernel
 
 
-MX_ROWS = {"avx512": 8, "avx2": 8}
-"""Rows of A that share one decode in the block function (``_mx``, prefill: the op calls it per block
-of this many rows, and the M = 1 function for the rest): each decoded weight vector meets this many
-activation rows, one accumulator register each."""
+BLOCK_M = 24
+"""Rows of A of the block function MetaSchedule tunes (``_mx``, M >= 16): a multiple of every
+:data:`BLOCK_ROWS`, so that each design space cuts it into whole blocks (no predicate, which
+``tensorize`` would not match). The op calls it per 24 rows, a single block (``_mb``) for what is left
+of whole blocks, and the M = 1 function for the last rows."""
+BLOCK_ROWS = (4, 8, 12)
+"""Rows of A that share one decode in the block function: each decoded weight vector meets this many
+activation rows, one accumulator register each (AVX2: two), so 12 spills on AVX2 and may pay on AVX-512."""
+BLOCK_ORDERS = ("block", "tile")
+"""Loop orders of the block function's step: ``block``: for each block of rows, the tiles of the step
+(the step's codes stream once per block); ``tile``: for each tile, every block of rows (its codes stay
+in L1 for the next block)."""
+ROWS_KEY = "sherry.rows"
+"""The block annotation that records a block design space's rows of A in its trace."""
 
 
 def _loops_after(sch: Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
@@ -221,19 +234,20 @@ def _loops_after(sch: Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
     return loops[k + 1 :]
 
 
-def schedule(sch: Schedule, order: str, knobs: Knobs | None = None, m_rows: int = 1) -> None:
+def schedule(sch: Schedule, order: str, knobs: Knobs | None = None, rows: int = 1) -> None:
     """Schedule the workload in loop order ``order``. With ``knobs`` None the two tile sizes are
     sampled (a design space for MetaSchedule), else they are ``knobs``' (a fixed point).
 
     - tiles per step: ``sample_perfect_tile`` of the tile loop (innermost factor ≤ 8); the outer
       loop over steps is ``parallel`` (the op's tasks, kernel_tvm.cc);
     - unroll: ``sample_perfect_tile`` of the quad loop (innermost ≤ 4), its inner loop unrolled;
-    - ``order``: the loops inside a group (:data:`ORDERS`).
+    - ``order``: the loops inside a group (:data:`ORDERS`), or for the block function those of a step
+      (:data:`BLOCK_ORDERS`).
 
-    ``m_rows`` 1 (the M = 1 function, what is tuned): per group, quad and tile (in ``order``) the
-    decode, then the dots. ``m_rows`` > 1 (the block function): each step tile by tile, per group and
-    quad the decode, then its dots with every row of the block, so that a decoded vector serves
-    ``m_rows`` rows.
+    ``rows`` 1 (the M = 1 function): per group, quad and tile (in ``order``) the decode, then the
+    dots. ``rows`` > 1 (the block function, a static M that is a multiple of ``rows``): the rows of A
+    in blocks of ``rows``, each step tile by tile, per group and quad the decode, then its dots with
+    every row of the block, so that a decoded vector serves ``rows`` rows.
 
     The decode and the dot are tensorized with the ISA's intrinsics (tvm_schedules/intrinsics.py);
     the tiles of a step, the planes, the group and store epilogues and the accumulator
@@ -247,13 +261,21 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None, m_rows: int 
     quad_split = knobs and [quads // knobs.unroll, knobs.unroll]
     step, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
     qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=quad_split))
-    if m_rows == 1:
+    unrolled = [qi, ts]
+    if rows == 1:
         pair = (qi, ts) if order == "quad" else (ts, qi)
         sch.reorder(step, mo, mb, g, qo, *pair, h)
         inner, store_at = pair[-1], mb
     else:
-        sch.reorder(step, mo, ts, g, qo, qi, mb, h)
-        inner, store_at = qi, ts
+        m = int(sch.get(mo).extent)
+        if m % rows:
+            raise ValueError(f"blocks of {rows} rows need a static M that is a multiple of it, not {m}")
+        bo, bi = sch.split(mo, [m // rows, rows])
+        outer = (bo, ts) if order == "block" else (ts, bo)
+        sch.reorder(step, *outer, g, qo, qi, bi, mb, h)
+        inner, store_at = qi, outer[-1]
+        sch.annotate(dot, ROWS_KEY, rows)
+        unrolled = [qi, bi] if order == "tile" else [qi, ts, bi]  # a tile loop outside the blocks stays a loop
     sch.annotate(dot, ORDER_KEY, order)
     # unit loops kept: the loop count must not depend on the decisions, or traces do not replay
     sch.compute_at(decode, inner, preserve_unit_loops=True)
@@ -261,7 +283,7 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None, m_rows: int 
     sch.reverse_compute_at(store, store_at, preserve_unit_loops=True)
     sch.parallel(step)
     dh, dp, di = sch.get_loops(decode)[-3:]
-    for loop in (qi, ts, mb, h, dh, *_loops_after(sch, group, g), *_loops_after(sch, store, store_at)):
+    for loop in (*unrolled, mb, h, dh, *_loops_after(sch, group, g), *_loops_after(sch, store, store_at)):
         sch.unroll(loop)
     # the reductions' initializations out of the loops, after `parallel` (which wants whole reductions)
     init = sch.decompose_reduction(dot, qo)
@@ -290,30 +312,56 @@ def design_space(sch: Schedule) -> list[Schedule]:
     return spaces
 
 
+def block_design_space(sch: Schedule) -> list[Schedule]:
+    """The block function's space generator: one design space per loop order (:data:`BLOCK_ORDERS`) and
+    rows per block (:data:`BLOCK_ROWS`), each sampling the tiles per step and the unroll."""
+    spaces = []
+    for order in BLOCK_ORDERS:
+        for rows in BLOCK_ROWS:
+            space = sch.copy()
+            schedule(space, order, rows=rows)
+            spaces.append(space)
+    return spaces
+
+
+def block_knob_space(shape: Shape) -> list[Knobs]:
+    """Every point of the block function's design space (4 x 3 x 2 x 3 = 72 for sherry and i2s at the
+    LLaMA shapes)."""
+    return [
+        Knobs(t, u, o, r)
+        for t in tile_choices(shape)
+        for u in unroll_choices(shape)
+        for o in BLOCK_ORDERS
+        for r in BLOCK_ROWS
+    ]
+
+
 def knobs_of(trace: tvm.s_tir.schedule.Trace) -> Knobs:
-    """The knob point a tuned trace chose: its two perfect-tile decisions and its loop order."""
-    tiles, order = [], ORDERS[0]
+    """The knob point a tuned trace chose: its two perfect-tile decisions, its loop order and (block
+    function) its rows per block."""
+    tiles, order, rows = [], ORDERS[0], 1
     for inst in trace.insts:
         if inst.kind.name == "SamplePerfectTile":
             tiles.append(int(trace.decisions[inst][-1]))
         elif inst.kind.name == "Annotate" and str(inst.attrs[0]) == ORDER_KEY:
             order = str(inst.inputs[1])
-    return Knobs(tiles=tiles[0], unroll=tiles[1], order=order)
+        elif inst.kind.name == "Annotate" and str(inst.attrs[0]) == ROWS_KEY:
+            rows = int(inst.inputs[1])
+    return Knobs(tiles=tiles[0], unroll=tiles[1], order=order, rows=rows)
 
 
-def prim_func(
-    shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main", m_rows: int = 1
-) -> tirx.PrimFunc:
+def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main") -> tirx.PrimFunc:
     """The kernel for M = ``m`` rows of A (None: any M) scheduled at the knob point ``knobs``; with
-    ``m_rows`` > 1 (:data:`MX_ROWS`) in blocks of that many rows, each decode shared by the block."""
-    if knobs not in knob_space(shape):
+    ``knobs.rows`` > 1 (a block function: a static ``m``, a multiple of it) in blocks of that many rows,
+    each decode shared by the block."""
+    if knobs not in (knob_space(shape) if knobs.rows == 1 else block_knob_space(shape)):
         raise ValueError(f"knobs {knobs} do not divide {shape.key}")
-    sch = Schedule(workload(shape, m, isa, m_rows))
-    schedule(sch, knobs.order, knobs, m_rows)
+    sch = Schedule(workload(shape, m, isa))
+    schedule(sch, knobs.order, knobs, knobs.rows)
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def scheduled_module(
-    shape: Shape, m: int | None, knobs: Knobs, name: str = "main", isa: str = "avx512", m_rows: int = 1
+    shape: Shape, m: int | None, knobs: Knobs, name: str = "main", isa: str = "avx512"
 ) -> tvm.IRModule:
-    return tvm.IRModule({name: prim_func(shape, m, knobs, isa, name, m_rows)})
+    return tvm.IRModule({name: prim_func(shape, m, knobs, isa, name)})

@@ -154,12 +154,40 @@ class Entry:
     """The CPU model that ran ``--verify`` (:func:`cpu_model`): auto mode trusts the four times on that
     model only."""
     cpu_name: str | None = None
+    block_tiles: int | None = None
+    """The block function's best trace (M = ``kernels.BLOCK_M``, tuned on its own): tiles per step."""
+    block_unroll: int | None = None
+    block_order: str | None = None
+    """Its loop order (``kernels.BLOCK_ORDERS``)."""
+    block_rows: int | None = None
+    """Its rows of A per decode (``kernels.BLOCK_ROWS``)."""
+    block_tvm_us: float | None = None
+    """The bare block function, one call of ``kernels.BLOCK_M`` rows (what its search ranks by)."""
+    block_trials: int | None = None
+    block_tune_seconds: float | None = None
+    batch: int | None = None
+    """Rows of A of the batch timing of ``--verify`` (:data:`BATCH_ROWS`)."""
+    tvm_batch_us: float | None = None
+    """The TVM kernel as one onnxruntime node at ``batch`` rows of A (one thread, hot), from ``--verify``:
+    what auto mode compares for calls of ``batch_min_rows`` rows or more."""
+    hand_batch_us: float | None = None
+    """The hand-written kernel of the same ISA at ``batch`` rows, timed interleaved with ``tvm_batch_us``."""
+    batch_min_rows: int | None = None
+    """The fewest rows of A of a call for which auto mode applies the batch verdict (:data:`BATCH_MIN_ROWS`)."""
+
+
+BATCH_ROWS = 128
+"""Rows of A of ``--verify``'s batch timing (prefill)."""
+BATCH_MIN_ROWS = 16
+"""Auto mode's batch regime, M >= this: the block function's (``kernels.BLOCK_ROWS`` rows per decode)
+and the hand-written kernels' GEMM paths (from 6 to 64 rows, kernel_avx2.cc and kernel_avx512.cc) are
+the ones that run there; below it, the M = 1 verdict holds."""
 
 
 def node_us(
-    fmt: str, k: int, n: int, gs: int, kernels: tuple[str, ...], cold: bool = False, runs: int = 100
+    fmt: str, k: int, n: int, gs: int, kernels: tuple[str, ...], cold: bool = False, runs: int = 100, rows: int = 1
 ) -> list[float] | None:
-    """Median µs of one ``fmt`` node (M = 1, one thread, onnxruntime profiler) on each kernel path of
+    """Median µs of one ``fmt`` node (M = ``rows``, one thread, onnxruntime profiler) on each kernel path of
     ``kernels`` (e.g. ``("tvm", "avx512")``), sessions run interleaved so load hits each alike. Cold:
     a graph of distinct weight copies (``COLD_BYTES`` in all), so every node reads from memory.
     None when a path cannot run (the library is not built, this CPU lacks the ISA, no tuned kernel)."""
@@ -177,9 +205,9 @@ def node_us(
     ternary = PROJECTIONS[formats.FORMATS[fmt].projection](weight, gs)  # the densest values the format holds
     packed = pack(fmt, ternary, gs)
     copies = cold_copies(COLD_BYTES, packed.data.nbytes + packed.scales.nbytes) if cold else 1
-    model = replicate(matmul_model(packed, leading_dims=(1,)), copies)
+    model = replicate(matmul_model(packed, leading_dims=(rows,)), copies)
     calls = max(2, runs // copies)
-    a = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
+    a = np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             sessions = [
@@ -208,11 +236,20 @@ def verified_faster(entry: dict) -> bool:
     return all(t is not None and h is not None and t < h for t, h in pairs)
 
 
+def verified_faster_batch(entry: dict) -> bool:
+    """Auto mode's rule for calls of ``batch_min_rows`` rows of A or more: the TVM node beat the
+    hand-written one at ``batch`` rows (on the CPU model that measured it)."""
+    t, h = entry.get("tvm_batch_us"), entry.get("hand_batch_us")
+    return t is not None and h is not None and t < h
+
+
 def verify(target_name: str, out_dir: Path) -> list[dict]:
     """Time every database entry of ``target_name`` as an onnxruntime node, TVM against the hand-written
     kernel of the same ISA, interleaved, with the op library as built now (``make lib`` from this
-    database first). The op's auto mode takes a TVM kernel only where this node-level comparison says
-    it is faster: the tuning times alone compare a bare function with a whole node."""
+    database first): M = 1 hot and cold, and :data:`BATCH_ROWS` rows hot. The op's auto mode takes a
+    TVM kernel only where this node-level comparison says it is faster (per regime: M = 1, and calls
+    of :data:`BATCH_MIN_ROWS` rows or more): the tuning times alone compare a bare function with a
+    whole node."""
     from tqdm import tqdm
 
     summary_path = out_dir / target_name / "tuned.json"
@@ -226,6 +263,9 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
             for mode in ("node", "cold"):
                 times = node_us(e["format"], e["k"], e["n"], e["group_size"], ("tvm", e["isa"]), cold=mode == "cold")
                 e[f"tvm_{mode}_us"], e[f"hand_{mode}_us"] = (None, None) if times is None else times
+            times = node_us(e["format"], e["k"], e["n"], e["group_size"], ("tvm", e["isa"]), runs=10, rows=BATCH_ROWS)
+            e["tvm_batch_us"], e["hand_batch_us"] = (None, None) if times is None else times
+            e["batch"], e["batch_min_rows"] = BATCH_ROWS, BATCH_MIN_ROWS
             e["cpu"], e["cpu_name"] = cpu, cpu_name
             summary_path.write_text(json.dumps(sorted(entries, key=_order), indent=1) + "\n")
     finally:
@@ -246,19 +286,20 @@ def database(target_dir: Path) -> Any:
     )
 
 
-def workload_module(shape: Shape, isa: str) -> Any:
-    """The M = 1 workload as MetaSchedule tunes it and the database keys it (structural hash)."""
+def workload_module(shape: Shape, isa: str, block: bool = False) -> Any:
+    """The M = 1 workload (``block``: the block function's, M = ``kernels.BLOCK_M``) as MetaSchedule
+    tunes it and the database keys it (structural hash)."""
     import tvm
 
-    from tvm_schedules.kernels import workload
+    from tvm_schedules.kernels import BLOCK_M, workload
 
-    return tvm.IRModule({"main": workload(shape, 1, isa)})
+    return tvm.IRModule({"main": workload(shape, BLOCK_M if block else 1, isa)})
 
 
-def best_record(db: Any, shape: Shape, isa: str) -> Any:
-    """The database's fastest record for this kernel, or None. Looks first, so that a miss does not
-    add the workload to the (committed) database file."""
-    mod = workload_module(shape, isa)
+def best_record(db: Any, shape: Shape, isa: str, block: bool = False) -> Any:
+    """The database's fastest record for this kernel (``block``: its block function), or None. Looks
+    first, so that a miss does not add the workload to the (committed) database file."""
+    mod = workload_module(shape, isa, block)
     if not db.has_workload(mod):
         return None
     records = db.get_top_k(db.commit_workload(mod), 1)
@@ -350,6 +391,47 @@ def _progress_callback(bar: Any) -> Any:
     return Progress()
 
 
+def _search(mod: Any, space: Any, budget: int, desc: str, target: Any, db: Any, model: Any, work: Path | None) -> int:
+    """One MetaSchedule search of ``mod`` over the design space ``space`` (a ``ScheduleFn`` generator),
+    ``budget`` trials, into ``db``; returns the candidates measured. ``work``: keep its logs there."""
+    from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    builder, runner = in_process_builder_runner()
+    # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
+        ms.tune_tir(
+            mod,
+            target,
+            str(work) if work else scratch,  # MetaSchedule's logs; the records go to `db`
+            max_trials_global=budget,
+            num_trials_per_iter=min(budget, TRIALS_PER_ITER),
+            space=ms.space_generator.ScheduleFn(
+                space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
+            ),
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16),
+            builder=builder,
+            runner=runner,
+            database=db,
+            cost_model=model,
+            # no RemoveBuildArtifact: the in-process builder writes no files
+            measure_callbacks=[
+                ms.measure_callback.AddToDatabase(),
+                ms.measure_callback.UpdateCostModel(),
+                _progress_callback(bar),
+            ],
+            task_scheduler="round-robin",
+            num_tuning_cores=1,
+            seed=0,
+        )
+        return bar.n
+
+
+FUNCTIONS = ("m1", "mx")
+"""What ``sherry tune`` searches per kernel: the M = 1 function and the block function (M >= 16)."""
+
+
 def tune(
     shapes: list[tuple[int, int, int]],
     target_name: str,
@@ -357,17 +439,17 @@ def tune(
     out_dir: Path,
     formats: tuple[str, ...] = FORMATS,
     log_dir: Path | None = None,
+    functions: tuple[str, ...] = FUNCTIONS,
 ) -> list[Entry]:
-    """Tune every (format, shape) for one target with MetaSchedule; appends the measured records to
-    ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries.
-    ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
-    ``log_dir/<target>/<kernel>/logs/`` instead of a temporary folder."""
+    """Tune every (format, shape) for one target with MetaSchedule, the M = 1 function and the block
+    function (``functions``: either alone; the other keeps its database record); appends the measured
+    records to ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its
+    entries. ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
+    ``log_dir/<target>/<kernel>[-block]/logs/`` instead of a temporary folder."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
-    from tqdm import tqdm
-    from tvm.s_tir import meta_schedule as ms
 
-    from tvm_schedules.kernels import design_space, knob_space, knobs_of
+    from tvm_schedules.kernels import BLOCK_M, block_design_space, block_knob_space, design_space, knob_space, knobs_of
 
     config, isa = target_config(target_name)
     target = tvm.target.Target(config)
@@ -388,7 +470,6 @@ def tune(
         for f in formats:
             get_format(f).check_geometry(k, gs)
     todo = [Shape(f, k, n, gs) for k, n, gs in shapes for f in formats]
-    builder, runner = in_process_builder_runner()
     model = cost_model()  # one for the run: what it learns on one kernel ranks the next one's candidates
     # MetaSchedule's task set-up imports this (about 500 TVMScript functions, 25 s or more): once, here,
     # so that the first kernel's tune_seconds does not count it
@@ -398,68 +479,73 @@ def tune(
         if problem := shape.supported():
             print(f"  skip {shape.key}: {problem}")
             continue
-        start = time.time()
+        key = (shape.format, shape.k, shape.n, shape.group_size)
+        entry = dict(entries.get(key, {}))
         desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n}"
-        budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
-        # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-        with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
-            work = str(log_dir / target_name / shape.key) if log_dir else scratch
-            ms.tune_tir(
-                workload_module(shape, isa),
-                target,
-                work,  # MetaSchedule's logs; the records go to `db`
-                max_trials_global=budget,
-                num_trials_per_iter=min(budget, TRIALS_PER_ITER),
-                space=ms.space_generator.ScheduleFn(
-                    design_space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
-                ),
-                strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16),
-                builder=builder,
-                runner=runner,
-                database=db,
-                cost_model=model,
-                # no RemoveBuildArtifact: the in-process builder writes no files
-                measure_callbacks=[
-                    ms.measure_callback.AddToDatabase(),
-                    ms.measure_callback.UpdateCostModel(),
-                    _progress_callback(bar),
-                ],
-                task_scheduler="round-robin",
-                num_tuning_cores=1,
-                seed=0,
-            )
-            measured = bar.n
-        seconds = time.time() - start
+        if "m1" in functions or best_record(db, shape, isa) is None:
+            start = time.time()
+            budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
+            work = log_dir / target_name / shape.key if log_dir else None
+            measured = _search(workload_module(shape, isa), design_space, budget, desc, target, db, model, work)
+            seconds, hand = time.time() - start, handwritten_us(shape.format, shape.k, shape.n, shape.group_size, isa)
+            entry |= {"trials": measured, "tune_seconds": round(seconds, 1)}
+            entry["hand_us"] = None if hand is None else round(hand, 2)
         best = best_record(db, shape, isa)
         if best is None:
             print(f"  {shape.key}: no candidate built and ran")
             continue
         knobs = knobs_of(best.trace)
         tvm_us = statistics.mean(float(t) for t in best.run_secs) * 1e6
-        hand = handwritten_us(shape.format, shape.k, shape.n, shape.group_size, isa)
-        entry = Entry(
-            shape.format,
-            shape.k,
-            shape.n,
-            shape.group_size,
-            target_name,
-            isa,
-            config["mcpu"],
-            knobs.tiles,
-            knobs.unroll,
-            knobs.order,
-            round(tvm_us, 2),
-            None if hand is None else round(hand, 2),
-            measured,
-            round(seconds, 1),
-        )
-        entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
+        entry |= {
+            "format": shape.format,
+            "k": shape.k,
+            "n": shape.n,
+            "group_size": shape.group_size,
+            "target": target_name,
+            "isa": isa,
+            "mcpu": config["mcpu"],
+            "tiles": knobs.tiles,
+            "unroll": knobs.unroll,
+            "order": knobs.order,
+            "tvm_us": round(tvm_us, 2),
+        }
+        entry.setdefault("hand_us", None)
+        entry.setdefault("trials", 0)  # not searched in this run nor recorded before
+        entry.setdefault("tune_seconds", 0.0)
+        if "mx" in functions:
+            start = time.time()
+            budget = min(trials, len(block_knob_space(shape)))
+            work = log_dir / target_name / f"{shape.key}-block" if log_dir else None
+            measured = _search(
+                workload_module(shape, isa, block=True),
+                block_design_space,
+                budget,
+                desc + " block",
+                target,
+                db,
+                model,
+                work,
+            )
+            entry |= {"block_trials": measured, "block_tune_seconds": round(time.time() - start, 1)}
+        block = best_record(db, shape, isa, block=True)
+        if block is not None:
+            bk = knobs_of(block.trace)
+            block_us = statistics.mean(float(t) for t in block.run_secs) * 1e6
+            entry |= {
+                "block_tiles": bk.tiles,
+                "block_unroll": bk.unroll,
+                "block_order": bk.order,
+                "block_rows": bk.rows,
+                "block_tvm_us": round(block_us, 2),
+            }
+        entries[key] = asdict(Entry(**entry))
         summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
         trained = f"trained on {model.last_train_size}" if model.booster is not None else "not trained on any"
+        hand = entry["hand_us"]
+        blocks = f"; block function {bk} {block_us:.1f} µs per {BLOCK_M} rows" if block is not None else ""
         print(
             f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
-            f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s "
+            f"{hand if hand is not None else float('nan'):.1f} µs{blocks} "
             f"({COST_MODEL} cost model {trained} of the run's {model.data_size} measured candidates)"
         )
     return [Entry(**e) for e in load_entries(summary_path)]
@@ -484,14 +570,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.verify:
         entries = verify(args.target, args.output)
         faster = [e for e in entries if verified_faster(e)]
+        faster_batch = [e for e in entries if verified_faster_batch(e)]
         for e in entries:
             print(
-                f"  {e['format']} {e['k']}x{e['n']}: tvm {e['tvm_node_us']} / {e['tvm_cold_us']} µs, hand-written "
-                f"{e['isa']} {e['hand_node_us']} / {e['hand_cold_us']} µs (onnxruntime nodes, hot / cold)"
+                f"  {e['format']} {e['k']}x{e['n']}: tvm {e['tvm_node_us']} / {e['tvm_cold_us']} / "
+                f"{e['tvm_batch_us']} µs, hand-written {e['isa']} {e['hand_node_us']} / {e['hand_cold_us']} / "
+                f"{e['hand_batch_us']} µs (onnxruntime nodes, M=1 hot / cold / M={BATCH_ROWS} hot)"
             )
         print(
-            f"{len(faster)} of {len(entries)} TVM kernels are faster hot and cold; after `make lib`, auto uses those "
-            f"on this CPU model ({entries[0].get('cpu')})"
+            f"{len(faster)} of {len(entries)} TVM kernels are faster at M=1 hot and cold, {len(faster_batch)} at "
+            f"M={BATCH_ROWS}; after `make lib`, auto uses those on this CPU model ({entries[0].get('cpu')}), the "
+            f"batch ones for calls of {BATCH_MIN_ROWS} rows or more"
         )
         return 0
     shapes: list[tuple[int, int, int]] = []
@@ -501,7 +590,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not shapes:
         shapes = [(k, n, args.group_size) for k, n in LLAMA_1B_SHAPES]
     start = time.time()
-    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats), args.log_dir)
+    entries = tune(
+        sorted(set(shapes)),
+        args.target,
+        args.trials,
+        args.output,
+        tuple(args.formats),
+        args.log_dir,
+        tuple(args.functions),
+    )
     print(
         f"tuned {len(entries)} kernels for {args.target} in {time.time() - start:.0f} s; "
         f"database: {args.output / args.target / 'tuned.json'}"
@@ -528,6 +625,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="MetaSchedule trials (candidates built and timed) per kernel, at most the design space's size "
         "(at most 64 points; 24 for sherry and i2s at the LLaMA shapes, 8 for tl2) (default: 32)",
     )
+    p.add_argument(
+        "--functions",
+        nargs="+",
+        choices=FUNCTIONS,
+        default=list(FUNCTIONS),
+        help="what to search: m1 (the M = 1 function) and mx (the block function, M >= 16; up to 72 points); "
+        "one left out keeps its database record (default: both)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(
         "--log-dir",
@@ -539,6 +644,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verify",
         action="store_true",
         help="after `make lib` from this database: time each tuned kernel against the hand-written one as "
-        "onnxruntime nodes, hot and cold, and record it; auto mode uses a TVM kernel only where it is faster in both",
+        f"onnxruntime nodes, M=1 hot and cold and M={BATCH_ROWS} hot, and record it; auto mode uses a TVM kernel "
+        "for M=1 only where it is faster in both, and for calls of "
+        f"{BATCH_MIN_ROWS} rows or more where it is faster at M={BATCH_ROWS}",
     )
     p.set_defaults(func=cmd_tune)

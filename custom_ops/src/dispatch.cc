@@ -149,7 +149,7 @@ KernelChoice make_kernel(const PackedWeights& w, const KernelRequest& request) {
       throw std::runtime_error(std::string("the ") + path_name(path) + " kernel was requested (" + request.origin +
                                ") but it does not support " + describe(w) +
                                (declined.empty() ? "" : " (" + declined + ")") + "; use auto to fall back to scalar");
-    return {std::move(kernel), ""};  // the report names the request
+    return {std::move(kernel), "", nullptr, 0};  // the report names the request
   }
   // Auto. The hand-written kernel auto runs unless TVM wins: the best ISA this CPU has.
   const std::initializer_list<KernelPath> simd = {KernelPath::kAVX512, KernelPath::kAVX2};
@@ -159,20 +159,28 @@ KernelChoice make_kernel(const PackedWeights& w, const KernelRequest& request) {
       hand = path;
       break;
     }
-  std::string reason;
-  if (std::unique_ptr<MatMulKernel> kernel = make_tvm_kernel_if_faster(w, hand, &reason))
-    return {std::move(kernel), reason};
+  TvmAutoChoice tvm = make_tvm_kernel_if_faster(w, hand);
+  // One reason when there is no tuned kernel to decide on, else one per regime.
+  const std::string batch = "M >= " + std::to_string(tvm.batch_min_rows);
+  std::string reason = tvm.batch_min_rows > 0 ? "M < " + std::to_string(tvm.batch_min_rows) + ": " + tvm.single_reason +
+                                                    "; " + batch + ": " + tvm.batch_reason
+                                              : tvm.single_reason;
+  if (tvm.single && tvm.batch) return {std::move(tvm.kernel), reason, nullptr, 0};
   // Why each faster path was passed over, after the TVM verdict.
+  std::unique_ptr<MatMulKernel> kernel;
   for (KernelPath path : simd) {
     if (const std::string& lacking = missing_cpu_features(path); !lacking.empty()) {
       reason += std::string("; ") + path_name(path) + ": this CPU lacks " + lacking;
       continue;
     }
     std::string declined;
-    if (std::unique_ptr<MatMulKernel> kernel = factory(path)(w, &declined)) return {std::move(kernel), reason};
+    if ((kernel = factory(path)(w, &declined))) break;
     reason += std::string("; ") + path_name(path) + " declined these weights (" + declined + ")";
   }
-  return {make_scalar_kernel(w), reason};
+  if (!kernel) kernel = make_scalar_kernel(w);
+  if (tvm.batch) return {std::move(kernel), reason, std::move(tvm.kernel), tvm.batch_min_rows};
+  if (tvm.single) return {std::move(tvm.kernel), reason, std::move(kernel), tvm.batch_min_rows};
+  return {std::move(kernel), reason, nullptr, 0};
 }
 
 }  // namespace sherry

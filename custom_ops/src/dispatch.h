@@ -30,16 +30,22 @@ struct KernelRequest {
 // Parses "auto" | "scalar" | "avx2" | "avx512" | "tvm"; throws std::runtime_error naming `origin` otherwise.
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin);
 
-// The kernel for a node and why it was chosen (the kernel report prints the reason).
+// The kernel for a node and why it was chosen (the kernel report prints the reason). With
+// `batch_kernel`, calls of `batch_min_rows` rows of A or more run it instead of `kernel` (auto mode's
+// regimes: the TVM kernel for one, the hand-written one for the other).
 struct KernelChoice {
   std::unique_ptr<MatMulKernel> kernel;
   std::string reason;
+  std::unique_ptr<MatMulKernel> batch_kernel;
+  int64_t batch_min_rows = 0;
 };
 
-// Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights when
-// `sherry tune --verify` timed it faster than the hand-written kernel auto would otherwise run (the
-// best ISA of this CPU) as onnxruntime nodes, hot and cold, on this CPU model (make_tvm_kernel_if_faster);
-// else it tries avx512, then avx2 (each only if the CPU has it), then scalar.
+// Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights, per regime,
+// where `sherry tune --verify` timed it faster than the hand-written kernel auto would otherwise run
+// (the best ISA of this CPU) as onnxruntime nodes on this CPU model (make_tvm_kernel_if_faster): calls
+// of fewer than its batch_min_rows rows of A where it was faster at M = 1 hot and cold, larger calls
+// where it was faster at batch 128; else (and for the other regime) it tries avx512, then avx2 (each
+// only if the CPU has it), then scalar.
 // A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights
 // (for instance because its layout of them would be over the memory budget in kernel.h).
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.

@@ -5,7 +5,7 @@
 // One Compute of the op runs (stride = activation_row_bytes_for(M)):
 //   1. prepare_row_for(A[m], M, workspace + m * stride)            for every row m of A (in parallel);
 //   2. compute(workspace, M, n_begin, n_end, bias, Y)             for output-row tiles (in parallel),
-//      each tile [i * row_tile(), min((i+1) * row_tile(), N)).
+//      each tile [i * row_tile_for(M), min((i+1) * row_tile_for(M), N)).
 // The op cuts N into groups of row tiles first and the rows of A into chunks (of at least
 // min_row_chunk() rows) only as far as the threads need.
 // At decode sizes (M <= 4) with several work items, each thread runs step 1 itself, once per call,
@@ -48,6 +48,14 @@ class MatMulKernel {
 
   // Output rows (of the weight, i.e. N) that one parallel work item covers.
   virtual int64_t row_tile() const = 0;
+
+  // The same for a call of `call_rows` rows of A: a kernel whose functions for such calls run on other
+  // row tiles says so (the TVM kernel's block function is tuned on its own). compute() must still
+  // take any range, since it may get a chunk of the call's rows.
+  virtual int64_t row_tile_for(int64_t call_rows) const {
+    (void)call_rows;
+    return row_tile();
+  }
 
   // Bytes of workspace one prepared activation row takes (a multiple of 64).
   virtual size_t activation_row_bytes() const = 0;
@@ -159,6 +167,10 @@ std::unique_ptr<MatMulKernel> make_or_decline(const PackedWeights& w, std::strin
   }
 }
 
+// quantize_group (formats.h) with AVX2 (kernel_avx2.cc): the same bytes and scale, and sum(xq) in *sum.
+// Only on a CPU with AVX2 (the TVM kernels, whose objects need AVX2 or AVX-512, use it).
+float quantize_group_simd(const float* x, int64_t length, int8_t* xq, int32_t* sum);
+
 // Each factory repacks the weights; it returns nullptr when this path cannot take the geometry,
 // with the reason in *declined when that is not null (the dispatcher then falls back), and throws
 // std::runtime_error on corrupt codes.
@@ -174,10 +186,19 @@ std::unique_ptr<MatMulKernel> make_avx2_path_kernel(const PackedWeights& w, std:
 // The TVM-tuned kernel (kernel_tvm.cc) for these exact weights, if the library was built with one
 // this CPU can run; else nullptr, with the reason in *declined when that is not null.
 std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::string* declined);
-// Auto mode's TVM kernel: only where `sherry tune --verify` timed it faster than `hand` (the
-// hand-written path auto would run otherwise; the comparison must be with that ISA) as onnxruntime
-// nodes, hot and cold, on this CPU model (cpu_model_id in dispatch.h). *reason gets why either way, for
-// the kernel report: "tvm: ..." when it returns the kernel, "<hand>: ..." when it returns nullptr.
-std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand, std::string* reason);
+// Auto mode's TVM kernel, per regime: calls of fewer than `batch_min_rows` rows of A (decode) take it
+// only where `sherry tune --verify` timed it faster than `hand` (the hand-written path auto would run
+// otherwise; the comparison must be with that ISA) as onnxruntime nodes at M = 1, hot and cold; calls
+// of `batch_min_rows` rows or more (prefill) where it timed it faster at its batch (128 rows); both on
+// this CPU model (cpu_model_id in dispatch.h). `kernel` is the TVM kernel when either regime takes it.
+// The reasons say why either way, for the kernel report: "tvm: ..." for a regime that takes it,
+// "<hand>: ..." for one that does not.
+struct TvmAutoChoice {
+  std::unique_ptr<MatMulKernel> kernel;
+  bool single = false, batch = false;  // the regimes that take `kernel`
+  int64_t batch_min_rows = 0;          // 0: no tuned kernel, so no regimes
+  std::string single_reason, batch_reason;
+};
+TvmAutoChoice make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand);
 
 }  // namespace sherry

@@ -1040,6 +1040,10 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
 
 }  // namespace
 
+float quantize_group_simd(const float* x, int64_t length, int8_t* xq, int32_t* sum) {
+  return quantize_group_avx2(x, length, xq, sum);
+}
+
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined) {
   // The dispatcher may run on any x86-64; without these instructions the scalar kernel takes over.
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {

@@ -18,6 +18,7 @@
 // block on the stack. A generated function that returns an error makes compute throw, which the op
 // catches inside the parallel body (kernel.h).
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -34,6 +35,7 @@ constexpr const char* kNoKernel = "the library has no tuned TVM kernel for this 
 
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <vector>
 
 #include "dispatch.h"
@@ -164,11 +166,15 @@ class TvmKernel final : public MatMulKernel {
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
       : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
     const Geometry& g = w.geometry;
-    if (entry.lane_block <= 0 || entry.lane_block > kMaxLaneBlock || entry.lane_block % kTvmTile != 0 ||
-        g.n % entry.lane_block != 0 || entry.block_rows < 1)
+    const auto bad_step = [&](int64_t rows) {
+      return rows <= 0 || rows > kMaxLaneBlock || rows % kTvmTile != 0 || g.n % rows != 0;
+    };
+    if (bad_step(entry.lane_block) || bad_step(entry.block_lane_block) || entry.block_rows < 1 ||
+        entry.chunk_rows < entry.block_rows || !entry.mx || !entry.mb)
       throw std::runtime_error("the TVM kernel table's entry (" + std::string(entry.target) + ") has " +
-                               std::to_string(entry.lane_block) + " rows per parallel step for N=" +
-                               std::to_string(g.n) + " and blocks of " + std::to_string(entry.block_rows) +
+                               std::to_string(entry.lane_block) + " and " + std::to_string(entry.block_lane_block) +
+                               " rows per parallel step for N=" + std::to_string(g.n) + " and calls of " +
+                               std::to_string(entry.chunk_rows) + " and " + std::to_string(entry.block_rows) +
                                " rows of A: rebuild the library (make lib)");
     const TvmLayout& L = layout_;
     const int64_t blocks = g.n / L.lane_block;
@@ -206,11 +212,24 @@ class TvmKernel final : public MatMulKernel {
 
   KernelPath path() const override { return KernelPath::kTVM; }
   int64_t row_tile() const override { return layout_.lane_block; }
+  // Calls that take the block functions run them on their own parallel steps, and their last rows
+  // on the M = 1 function's: a tile of both, so that no step is cut (a cut step of the M = 1 function
+  // is computed whole for each row) and each work item's calls (about 1 us each, for the functions'
+  // argument checks) cover whole steps of both.
+  int64_t row_tile_for(int64_t call_rows) const override {
+    return call_rows >= entry_.block_rows ? std::lcm(entry_.block_lane_block, layout_.lane_block) : layout_.lane_block;
+  }
+  // Rows of A are cut only where N's steps cannot feed the threads: every compute() call decodes its
+  // steps' weights again, and a chunk cut short of whole blocks runs its rows through the M = 1 function.
+  int64_t min_row_chunk(int64_t call_rows) const override {
+    return call_rows >= entry_.block_rows ? call_rows : 1;
+  }
   size_t activation_row_bytes() const override { return static_cast<size_t>(layout_.row_bytes); }
 
   // Values quad by quad in dword order (byte 4p + j of a quad = column L j + p of it), then the float
   // scales, then the int32 sums of each group's values (layout.py activations). Each group is quantized
-  // in place in column order, then every quad is reordered through 16 bytes on the stack.
+  // in place in column order (quantize_group's bytes, with AVX2: the entry's ISA has it), then every
+  // quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
     auto* xq = reinterpret_cast<int8_t*>(ws);
@@ -222,59 +241,76 @@ class TvmKernel final : public MatMulKernel {
       const int64_t length = L.g.group_length(g);
       if (length <= 0) break;  // never: tells the compiler the length is positive
       int8_t* out = xq + g * L.padded_group;
-      scale[g] = quantize_group(a_row + L.g.group_begin(g), length, out);
-      int32_t sum = 0;
+      scale[g] = quantize_group_simd(a_row + L.g.group_begin(g), length, out, &sums[g]);
       for (int64_t q = 0; q < L.quads_per_group; ++q) {
         int8_t* quad = out + q * quad_cols;
         int8_t columns[16];
         std::memcpy(columns, quad, static_cast<size_t>(quad_cols));
         for (int64_t j = 0; j < 4; ++j)
-          for (int64_t p = 0; p < lpc; ++p) {
-            const int8_t v = columns[j * lpc + p];
-            quad[4 * p + j] = v;
-            sum += v;
-          }
+          for (int64_t p = 0; p < lpc; ++p) quad[4 * p + j] = columns[j * lpc + p];
       }
-      sums[g] = sum;
     }
   }
 
-  // The blocks (lane_block rows) wholly inside [n_begin, n_end) go straight into Y when it is 64-byte
-  // aligned (TVM assumes so; rows of Y stay aligned, N being a multiple of 16): one call per block of
-  // block_rows rows of A, one per remaining row. A block the range cuts, or any block of an unaligned Y, is
-  // computed row by row with the M = 1 function into a block on the stack, then copied: the function
-  // writes only its block's columns, so it is handed the stack block shifted back by the block's offset.
+  // Rows of A in calls of the block function (chunk_rows rows), then of one block (block_rows), over
+  // the block function's steps (block_lane_block rows of N) wholly inside [n_begin, n_end); what they
+  // leave (the last rows of A, and the columns outside those steps) goes through the M = 1 function.
+  // Functions write straight into Y when it is 64-byte aligned (TVM assumes so; rows of Y stay
+  // aligned, N being a multiple of 16).
   void compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                float* y) const override {
-    const int64_t lb = layout_.lane_block, n = layout_.g.n, blocks = n / lb;
+    const int64_t n = layout_.g.n, row_bytes = layout_.row_bytes;
+    const bool aligned = reinterpret_cast<uintptr_t>(y) % 64 == 0;
+    int64_t r = 0, lo = n_end, hi = n_end;  // rows [0, r) are done in columns [lo, hi)
+    if (aligned && m >= entry_.block_rows) {
+      const int64_t lb = entry_.block_lane_block, first = ceil_div(n_begin, lb), last = n_end / lb;
+      if (first < last) {
+        const TaskRange steps{first, last, n / lb};
+        for (; r + entry_.chunk_rows <= m; r += entry_.chunk_rows)
+          call(entry_.mx, ws + r * row_bytes, entry_.chunk_rows, y + r * n, steps);
+        for (; r + entry_.block_rows <= m; r += entry_.block_rows)
+          call(entry_.mb, ws + r * row_bytes, entry_.block_rows, y + r * n, steps);
+        lo = first * lb;
+        hi = last * lb;
+      }
+    }
+    if (r > 0) {
+      single_rows(ws, 0, r, n_begin, lo, y);
+      single_rows(ws, 0, r, hi, n_end, y);
+    }
+    single_rows(ws, r, m, n_begin, n_end, y);
+    if (bias)
+      for (int64_t row = 0; row < m; ++row)
+        for (int64_t i = n_begin; i < n_end; ++i) y[row * n + i] += bias[i];
+  }
+
+ private:
+  // Rows [r0, r1) of A, columns [n_begin, n_end), with the M = 1 function: its steps (lane_block rows)
+  // wholly inside the range straight into an aligned Y; a step the range cuts, or any step of an
+  // unaligned Y, into a step on the stack, then copied: the function writes only its step's columns,
+  // so it is handed the stack step shifted back by the step's offset.
+  void single_rows(const uint8_t* ws, int64_t r0, int64_t r1, int64_t n_begin, int64_t n_end, float* y) const {
+    if (r0 >= r1 || n_begin >= n_end) return;
+    const int64_t lb = layout_.lane_block, n = layout_.g.n, steps = n / lb, row_bytes = layout_.row_bytes;
     const int64_t first = n_begin / lb, last = ceil_div(n_end, lb);
     int64_t whole_begin = ceil_div(n_begin, lb), whole_end = n_end / lb;
     if (reinterpret_cast<uintptr_t>(y) % 64 != 0 || whole_begin >= whole_end) whole_begin = whole_end = last;
-    if (whole_begin < whole_end) {
-      const TaskRange whole{whole_begin, whole_end, blocks};
-      const int64_t rows = entry_.block_rows, row_bytes = layout_.row_bytes;
-      int64_t r = 0;
-      if (m > 1)  // blocks of rows that share each weight decode, then row by row
-        for (; r + rows <= m; r += rows) call(entry_.mx, ws + r * row_bytes, rows, y + r * n, whole);
-      for (; r < m; ++r) call(entry_.m1, ws + r * row_bytes, 1, y + r * n, whole);
-    }
+    if (whole_begin < whole_end)
+      for (int64_t r = r0; r < r1; ++r)
+        call(entry_.m1, ws + r * row_bytes, 1, y + r * n, TaskRange{whole_begin, whole_end, steps});
     alignas(64) float block[kMaxLaneBlock];
     for (int64_t b = first; b < last; ++b) {
       if (b >= whole_begin && b < whole_end) continue;
       const uintptr_t offset = static_cast<uintptr_t>(b * lb) * sizeof(float);  // a multiple of 64
       float* shifted = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(block) - offset);
       const int64_t lo = std::max(n_begin, b * lb), hi = std::min(n_end, (b + 1) * lb);
-      for (int64_t r = 0; r < m; ++r) {
-        call(entry_.m1, ws + r * layout_.row_bytes, 1, shifted, TaskRange{b, b + 1, blocks});
+      for (int64_t r = r0; r < r1; ++r) {
+        call(entry_.m1, ws + r * row_bytes, 1, shifted, TaskRange{b, b + 1, steps});
         std::copy(block + (lo - b * lb), block + (hi - b * lb), y + r * n + lo);
       }
     }
-    if (bias)
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t i = n_begin; i < n_end; ++i) y[r * n + i] += bias[i];
   }
 
- private:
   void call(TvmFunction fn, const uint8_t* ws, int64_t m, float* y, TaskRange range) const {
     const TvmLayout& L = layout_;
     int64_t x_shape[2] = {m, L.row_bytes}, s_shape[2] = {m, L.row_bytes / 4}, y_shape[2] = {m, L.g.n};
@@ -375,45 +411,65 @@ std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights& w, std::strin
   return std::make_unique<TvmKernel>(w, *entry);
 }
 
-std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand, std::string* reason) {
+TvmAutoChoice make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand) {
   (void)hooks_installed;
+  TvmAutoChoice choice;
   const std::string passed = std::string(path_name(hand)) + ": ";
   std::string detail;
   const TvmEntry* entry = find_entry(w, &detail);
   if (!entry) {
-    *reason = passed + no_kernel("no tuned TVM kernel for this shape", detail);
-    return nullptr;
+    choice.single_reason = passed + no_kernel("no tuned TVM kernel for this shape", detail);
+    return choice;
   }
+  choice.batch_min_rows = entry->batch_min_rows;
   const std::string kernel = std::string("the TVM kernel (") + entry->target + " target)";
   const KernelPath isa = static_cast<KernelPath>(entry->isa);
   if (isa != hand) {
-    *reason = passed + kernel + " is an " + path_name(isa) + " kernel, timed against " + path_name(isa) + ", not " +
-              path_name(hand);
-    return nullptr;
+    choice.single_reason = passed + kernel + " is an " + path_name(isa) + " kernel, timed against " +
+                           path_name(isa) + ", not " + path_name(hand);
+    choice.batch_min_rows = 0;  // one reason for every call
+    return choice;
   }
-  if (!(entry->hot_speedup > 0 && entry->cold_speedup > 0)) {
-    *reason = passed + kernel + " was never timed against " + path_name(hand) + " (sherry tune --verify)";
-    return nullptr;
-  }
-  const std::string timed = "the tuning database timed " + kernel + " at " + times(entry->hot_speedup) +
-                            " the speed of " + path_name(hand) + " hot and " + times(entry->cold_speedup) +
-                            " cold (onnxruntime nodes, M=1)";
   const std::string here = cpu_model_name() + ", " + cpu_model_id();
-  if (!*entry->cpu) {
-    *reason = passed + timed + " on an unrecorded CPU; re-run sherry tune --verify on this one (" + here + ")";
-    return nullptr;
-  }
-  if (cpu_model_id() != entry->cpu) {
-    *reason = passed + timed + " on another CPU model (" + entry->cpu_name + ", " + entry->cpu + "), not this one (" +
-              here + ")";
-    return nullptr;
-  }
-  if (!(entry->hot_speedup > 1 && entry->cold_speedup > 1)) {
-    *reason = passed + timed + " on this CPU (" + here + "): not faster both hot and cold";
-    return nullptr;
-  }
-  *reason = "tvm: " + timed + " on this CPU (" + here + ")";
-  return std::make_unique<TvmKernel>(w, *entry);
+  // The verdict of one regime from its speed-ups (all > 1: TVM is faster) and their description.
+  // `regime` names the measure for a kernel never timed ("at M=1").
+  const auto decide = [&](std::initializer_list<double> speedups, const std::string& measure, const char* regime,
+                          std::string* reason) {
+    bool timed = true, faster = true;
+    for (double s : speedups) {
+      timed = timed && s > 0;
+      faster = faster && s > 1;
+    }
+    if (!timed) {
+      *reason = passed + kernel + " was never timed against " + path_name(hand) + " " + regime +
+                " (sherry tune --verify)";
+      return false;
+    }
+    const std::string timed_as = "the tuning database timed " + kernel + " at " + measure;
+    if (!*entry->cpu) {
+      *reason = passed + timed_as + " on an unrecorded CPU; re-run sherry tune --verify on this one (" + here + ")";
+      return false;
+    }
+    if (cpu_model_id() != entry->cpu) {
+      *reason = passed + timed_as + " on another CPU model (" + entry->cpu_name + ", " + entry->cpu +
+                "), not this one (" + here + ")";
+      return false;
+    }
+    *reason = (faster ? "tvm: " : passed) + timed_as + " on this CPU (" + here + ")";
+    return faster;
+  };
+  const std::string single = times(entry->hot_speedup) + " the speed of " + path_name(hand) + " hot and " +
+                             times(entry->cold_speedup) + " cold (onnxruntime nodes, M=1)";
+  choice.single = decide({entry->hot_speedup, entry->cold_speedup}, single, "at M=1", &choice.single_reason);
+  if (!choice.single && entry->hot_speedup > 0 && entry->cold_speedup > 0 && *entry->cpu &&
+      cpu_model_id() == entry->cpu)
+    choice.single_reason += ": not faster both hot and cold";
+  const std::string batch = times(entry->batch_speedup) + " the speed of " + path_name(hand) + " at batch " +
+                            std::to_string(entry->batch) + " (onnxruntime nodes, hot)";
+  choice.batch = decide({entry->batch_speedup}, batch, ("at batch " + std::to_string(entry->batch)).c_str(),
+                        &choice.batch_reason);
+  if (choice.single || choice.batch) choice.kernel = std::make_unique<TvmKernel>(w, *entry);
+  return choice;
 }
 
 }  // namespace sherry
@@ -442,9 +498,10 @@ std::unique_ptr<MatMulKernel> make_tvm_kernel(const PackedWeights&, std::string*
   return nullptr;
 }
 
-std::unique_ptr<MatMulKernel> make_tvm_kernel_if_faster(const PackedWeights&, KernelPath hand, std::string* reason) {
-  *reason = std::string(path_name(hand)) + ": " + kWithoutTvm;
-  return nullptr;
+TvmAutoChoice make_tvm_kernel_if_faster(const PackedWeights&, KernelPath hand) {
+  TvmAutoChoice choice;
+  choice.single_reason = std::string(path_name(hand)) + ": " + kWithoutTvm;
+  return choice;
 }
 }  // namespace sherry
 

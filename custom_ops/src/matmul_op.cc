@@ -353,14 +353,21 @@ MatMulNode::MatMulNode(Format format, const OrtKernelInfo* raw_info, std::string
                               static_cast<const uint16_t*>(scales.GetTensorRawData())};
   KernelChoice choice = make_kernel(weights, request);
   kernel_ = std::move(choice.kernel);
+  batch_kernel_ = std::move(choice.batch_kernel);
+  batch_min_rows_ = choice.batch_min_rows;
 
   if (const std::optional<Setting> report = read_setting(config, kReportConfigKey, kReportEnv);
-      report && report->value != "0")
-    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses the %s kernel (requested: %s%s%s)\n",
+      report && report->value != "0") {
+    std::string uses = std::string("the ") + path_name(kernel_->path()) + " kernel";
+    if (batch_kernel_)
+      uses += " for M < " + std::to_string(batch_min_rows_) + " and the " + path_name(batch_kernel_->path()) +
+              " kernel for M >= " + std::to_string(batch_min_rows_);
+    std::fprintf(stderr, "sherry_ops: %s (N=%lld, K=%lld, group_size=%lld) uses %s (requested: %s%s%s)\n",
                  label_.c_str(), static_cast<long long>(geometry_.n), static_cast<long long>(geometry_.k),
-                 static_cast<long long>(geometry_.group_size), path_name(kernel_->path()),
+                 static_cast<long long>(geometry_.group_size), uses.c_str(),
                  path ? path->origin.c_str() : "auto by default", choice.reason.empty() ? "" : "; why: ",
                  choice.reason.c_str());
+  }
 }
 
 OrtStatusPtr MatMulNode::ComputeV2(OrtKernelContext* context) const noexcept {
@@ -394,11 +401,12 @@ void MatMulNode::compute(OrtKernelContext* raw_context) const {
   float* y = context.GetOutput(0, shape).GetTensorMutableData<float>();
   if (m == 0) return;
   const float* x = a.GetTensorData<float>();
-  const MatMulKernel& kernel = *kernel_;
+  // The regime's kernel, decided per call (auto mode may run another one for large calls).
+  const MatMulKernel& kernel = batch_kernel_ && m >= batch_min_rows_ ? *batch_kernel_ : *kernel_;
   const size_t stride = kernel.activation_row_bytes_for(m);
   if (m > static_cast<int64_t>(std::numeric_limits<size_t>::max() / stride))
     fail("input A has too many rows (" + std::to_string(m) + ") for one workspace");
-  const int64_t tile = kernel.row_tile();
+  const int64_t tile = kernel.row_tile_for(m);
   const int64_t wanted = work_items(m * g.n * g.k);
   const Split cols = split(ceil_div(g.n, tile), wanted);
   const Split row_chunks = split(m, row_chunks_for(kernel, m, cols.count, wanted));

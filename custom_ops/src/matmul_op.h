@@ -39,6 +39,9 @@ class MatMulNode {
   std::string label_;  // "<op type> node 'name'", the prefix of every error
   Geometry geometry_;
   std::unique_ptr<MatMulKernel> kernel_;
+  // Auto mode's kernel for calls of batch_min_rows_ rows of A or more, when it is another one.
+  std::unique_ptr<MatMulKernel> batch_kernel_;
+  int64_t batch_min_rows_ = 0;
 };
 
 class MatMulOp : public Ort::CustomOpBase<MatMulOp, MatMulNode, /*WithStatus=*/true> {

@@ -233,7 +233,7 @@ std::vector<float> run_op(const MatMulKernel& kernel, const Geometry& g, const s
   for (int64_t r = 0; r < m; ++r) kernel.prepare_row_for(x.data() + r * g.k, m, ws.get() + r * stride);
   const size_t count = static_cast<size_t>(m * g.n);
   const Output y(count, NAN, shift);
-  const int64_t item = kernel.row_tile() * tiles_per_item;
+  const int64_t item = kernel.row_tile_for(m) * tiles_per_item;
   for (int64_t m0 = 0; m0 < m; m0 += row_chunk)
     for (int64_t n0 = 0; n0 < g.n; n0 += item)
       kernel.compute(ws.get() + m0 * stride, std::min(row_chunk, m - m0), n0, std::min(g.n, n0 + item), bias,
@@ -432,7 +432,8 @@ void check_extreme_groups(const std::vector<Path>& paths) {
 
 // Every TVM kernel the library links (tvm_table.cc, from tvm_schedules/databases) that this CPU can
 // run, on its own geometry (the only one it takes), each target in turn (SHERRY_TVM_TARGET), bit-identical
-// to the scalar kernel; 9 rows of A take the block function (MX_ROWS rows per call) and the M = 1 one.
+// to the scalar kernel; block_rows + 1 rows of A take a single block and the M = 1 function, and
+// chunk_rows + block_rows + 3 the block function, a single block and the M = 1 function.
 int check_tvm(std::mt19937_64& rng) {
   int cases = 0;
 #ifdef SHERRY_WITH_TVM
@@ -445,7 +446,7 @@ int check_tvm(std::mt19937_64& rng) {
       continue;
     }
     setenv("SHERRY_TVM_TARGET", e.target, 1);
-    for (const int64_t m : {1, 3, 9}) {
+    for (const int64_t m : {int64_t{1}, int64_t{3}, e.block_rows + 1, e.chunk_rows + e.block_rows + 3}) {
       check_case(tvm, static_cast<Format>(e.format), e.n, e.k, e.group_size, m, rng, false);
       ++cases;
     }
