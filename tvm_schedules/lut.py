@@ -333,7 +333,9 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
             with T.sblock("group"):
                 vt, vm, vg, vh = T.axis.remap("SSRS", [t, mm, g, h])
                 # the lanes indexed through vh (extent 1): compute-at solves every region for a block var
-                T.reads(A[vt, vg, vh * TILE : vh * TILE + TILE], S[vm, vg], acc[vm, vt, vg, vh * TILE : vh * TILE + TILE])
+                T.reads(
+                    A[vt, vg, vh * TILE : vh * TILE + TILE], S[vm, vg], acc[vm, vt, vg, vh * TILE : vh * TILE + TILE]
+                )
                 T.writes(yacc[vm, vt, vh])
                 with T.init():
                     yacc[vm, vt, vh] = T.Broadcast(T.float32(0), TILE)
