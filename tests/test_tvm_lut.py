@@ -1,0 +1,168 @@
+"""The lookup-table formulation of the sherry M = 1 TVM kernel (tvm_schedules/lut.py), compiled here on the spot
+for AVX-512 (skipped without AVX-512 VBMI/VNNI), against the kernels' int8 numerics reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sherry_export.formats import SHERRY_DECODE, PackedWeight, pack, quantize_activations, reference_matmul
+from sherry_export.quant import sherry_ternarize
+
+tvm = pytest.importorskip("tvm")
+from tvm_schedules import lut  # noqa: E402
+from tvm_schedules.kernels import Knobs  # noqa: E402
+from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
+
+needs_avx512 = pytest.mark.skipif(host_isa() != "avx512", reason="the LUT kernel is AVX-512 (VBMI, VNNI)")
+
+
+def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return pack("sherry", sherry_ternarize(weight, gs), gs)
+
+
+def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray) -> np.ndarray:
+    lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS["avx512"]))
+    ws, scales = lut.activations(ls, x)
+    w, alpha = lut.weights(packed_weight(ls.k, ls.n, ls.group_size))
+    y = tvm.runtime.tensor(np.full((x.shape[0], ls.n), np.nan, np.float32))
+    args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w, alpha)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
+    return y.numpy()
+
+
+@needs_avx512
+@pytest.mark.parametrize("order", lut.ORDERS)
+@pytest.mark.parametrize(
+    ("k", "n", "gs", "m"),
+    [(256, 64, 128, 1), (320, 96, 128, 1), (320, 32, 64, 3), (512, 48, 512, 1), (96, 16, 32, 2), (2048, 128, 128, 1)],
+)
+def test_lut_kernel_matches_reference_bit_exactly(k: int, n: int, gs: int, m: int, order: str) -> None:
+    """Exact int dots from the tables, then y = Σ_g (α·s)·dot in group order, no FMA: the int8 reference bit
+    for bit. K = 320 at group 128 has a short last group (64 columns: two of its four pairs are padding),
+    group 512 is per-channel, group 32 is one pair per group; every step size and the largest unroll."""
+    ls = lut.LutShape(k, n, gs)
+    x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    x[0, :3] *= 40  # an outlier: the other groups of the row keep their own scale
+    for tiles in (1, lut.tile_choices(ls)[-1]):
+        y = run(ls, Knobs(tiles, lut.unroll_choices(ls)[-1], order), x)
+        np.testing.assert_array_equal(y, reference_matmul(x, packed_weight(k, n, gs), activations="int8"))
+
+
+@needs_avx512
+def test_nan_row_and_zero_row() -> None:
+    ls = lut.LutShape(256, 32, 128)
+    x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
+    x[1, 5] = np.nan
+    x[2] = 0
+    y = run(ls, Knobs(2, 2, "pair"), x)
+    assert np.isnan(y[1]).all() and (y[2] == 0).all() and np.isfinite(y[0]).all()
+
+
+def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
+    """80 bytes per pair and tile: byte 4r + j the indices of code j of row r in pieces A (low nibble) and
+    B (high nibble), then the sign bits of A and B, bit i of each 8-byte mask: 1.25 bits per weight."""
+    packed = packed_weight(64, 16, 32)
+    w, alpha = lut.weights(packed)
+    assert w.shape == (1, 2, lut.PAIR_BYTES) and lut.LutShape(2048, 2048, 128).weight_bits == 1.25
+    values = np.asarray(packed_values(packed))
+    for pair in range(2):
+        for r in range(16):
+            for j in range(4):
+                i = 4 * r + j
+                for piece, nibble in ((0, w[0, pair, i] & 15), (1, w[0, pair, i] >> 4)):
+                    sign = w[0, pair, 64 + 8 * piece + i // 8] >> (i % 8) & 1
+                    lanes = SHERRY_DECODE[nibble | sign << 4]
+                    col = 32 * pair + 16 * piece + 4 * j
+                    np.testing.assert_array_equal(lanes, values[r, col : col + 4])
+    np.testing.assert_array_equal(alpha[0].T, packed.scales.astype(np.float32))
+
+
+def packed_values(packed: PackedWeight) -> np.ndarray:
+    from sherry_export.formats import unpack
+
+    return unpack(packed).values.numpy()
+
+
+def test_tables_hold_every_codes_signed_dot() -> None:
+    """Entry sign << 6 | j << 4 | idx of the xl (xh) table of a piece is ±Σ_p lanes(idx)[p] · xl (xh) of
+    column 4j + p, and xl + 16 xh = xq: so the two lookups give the exact Σ w · xq of a block."""
+    ls = lut.LutShape(32, 16, 32)
+    x = np.random.default_rng(3).standard_normal((1, 32), dtype=np.float32)
+    xq, _ = quantize_activations(x, 32)
+    t = lut.tables(ls, xq).astype(np.int64).reshape(2, 2, 128)  # [piece, half, entry]
+    for piece in range(2):
+        for code in range(32):
+            for j in range(4):
+                e = (code >> 4) << 6 | j << 4 | (code & 15)
+                block = xq[0, 16 * piece + 4 * j : 16 * piece + 4 * j + 4].astype(np.int64)
+                assert t[piece, 0, e] + 16 * t[piece, 1, e] == SHERRY_DECODE[code].astype(np.int64) @ block
+
+
+@needs_avx512
+def test_lut_intrinsic_alone() -> None:
+    """The intrinsic on random pair records and tables (its description: the entry each code indexes, of
+    both pieces, xl + 16·xh), against numpy, the extreme table values included."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def f(
+        W: T.Buffer((3, lut.PAIR_BYTES), "uint8"),
+        X: T.Buffer((3, lut.TABLE_BYTES), "int8"),
+        C: T.Buffer((3, 16), "int32"),
+    ) -> None:
+        for v, r, j, e in T.grid(3, 16, 4, lut.ENTRIES):
+            with T.sblock("lut"):
+                vv, vr, vj, ve = T.axis.remap("SSRR", [v, r, j, e])
+                with T.init():
+                    C[vv, vr] = 0
+                C[vv, vr] = C[vv, vr] + lut.lut_term(W, [vv], X, [vv], vr, vj, ve)
+
+    sch = tvm.s_tir.Schedule(f)
+    block = sch.get_sblock("lut")
+    _, r, _, _ = sch.get_loops(block)
+    sch.decompose_reduction(block, r)
+    sch.tensorize(r, lut.lut_name())
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
+    rng = np.random.default_rng(4)
+    w = rng.integers(0, 256, (3, lut.PAIR_BYTES), dtype=np.uint8)
+    x = rng.integers(-45, 46, (3, lut.TABLE_BYTES), dtype=np.int8)  # |xl sums| <= 45, as the tables hold
+    x[1] = 45
+    x[2, 128:256], x[2, 384:] = -24, -24  # the xh extremes
+    c = tvm.runtime.tensor(np.zeros((3, 16), np.int32))
+    lib["main"](tvm.runtime.tensor(w), tvm.runtime.tensor(x), c)
+    expected = np.zeros((3, 16), np.int64)
+    t = x.astype(np.int64)
+    for v in range(3):
+        for i in range(64):
+            r, j = divmod(i, 4)
+            for piece, nibble in ((0, int(w[v, i]) & 15), (1, int(w[v, i]) >> 4)):
+                e = (int(w[v, 64 + 8 * piece + i // 8]) >> (i % 8) & 1) << 6 | j << 4 | nibble
+                expected[v, r] += t[v, 256 * piece + e] + 16 * t[v, 256 * piece + 128 + e]
+    np.testing.assert_array_equal(c.numpy(), expected)
+
+
+@needs_avx512
+def test_schedule_tensorizes_the_lookup_and_allocates_nothing() -> None:
+    """The trace's Tensorize names the LUT intrinsic; the code has its instructions (vpermi2b/vpermt2b,
+    vpdpbusd, the sign masks through kmovq) and no workspace call at the largest step."""
+    ls = lut.LutShape(256, 128, 128)
+    sch = tvm.s_tir.Schedule(lut.workload(ls))
+    lut.schedule(sch, "pair", Knobs(8, 4, "pair"))
+    used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
+    assert used == {lut.lut_name("avx512")}
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
+    assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
+    asm = lib.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "kmovq" in asm and ("vpermi2b" in asm or "vpermt2b" in asm)
+    assert "vpermb\t" not in asm  # no plane decode
+
+
+def test_knob_space() -> None:
+    space = lut.knob_space(lut.LutShape(2048, 2048, 128))  # 128 tiles, 4 pairs per group
+    assert len(space) == 4 * 3 * 2 and {kn.order for kn in space} == set(lut.ORDERS)
+    with pytest.raises(ValueError, match="design space"):
+        lut.prim_func(lut.LutShape(256, 48, 128), Knobs(2, 1, "pair"))  # 3 tiles
+    assert "multiple of 16" in lut.LutShape(64, 40, 64).supported()
