@@ -26,9 +26,9 @@ def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
 def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray) -> np.ndarray:
     lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS["avx512"]))
     ws, scales = lut.activations(ls, x)
-    w, alpha = lut.weights(packed_weight(ls.k, ls.n, ls.group_size))
+    w = lut.weights(packed_weight(ls.k, ls.n, ls.group_size))
     y = tvm.runtime.tensor(np.full((x.shape[0], ls.n), np.nan, np.float32))
-    args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w, alpha)
+    args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w)
     lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
     return y.numpy()
 
@@ -62,22 +62,30 @@ def test_nan_row_and_zero_row() -> None:
 
 
 def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
-    """80 bytes per pair and tile: byte 4r + j the indices of code j of row r in pieces A (low nibble) and
-    B (high nibble), then the sign bits of A and B, bit i of each 8-byte mask: 1.25 bits per weight."""
-    packed = packed_weight(64, 16, 32)
-    w, alpha = lut.weights(packed)
-    assert w.shape == (1, 2, lut.PAIR_BYTES) and lut.LutShape(2048, 2048, 128).weight_bits == 1.25
-    values = np.asarray(packed_values(packed))
-    for pair in range(2):
-        for r in range(16):
-            for j in range(4):
-                i = 4 * r + j
-                for piece, nibble in ((0, w[0, pair, i] & 15), (1, w[0, pair, i] >> 4)):
-                    sign = w[0, pair, 64 + 8 * piece + i // 8] >> (i % 8) & 1
-                    lanes = SHERRY_DECODE[nibble | sign << 4]
-                    col = 32 * pair + 16 * piece + 4 * j
-                    np.testing.assert_array_equal(lanes, values[r, col : col + 4])
-    np.testing.assert_array_equal(alpha[0].T, packed.scales.astype(np.float32))
+    """Per block of tiles and group: 80 bytes per pair and tile, byte 4r + j the indices of code j of row r
+    in pieces A (low nibble) and B (high nibble), then the sign bits of A and B (bit i of each 8-byte
+    mask), pair after pair and tile after tile; then the tiles' float16 scales. 1.25 bits per weight."""
+    packed = packed_weight(128, 64, 64)  # 4 tiles (one block of 4), 2 groups of 2 pairs
+    ls = lut.LutShape(128, 64, 64)
+    w = lut.weights(packed)
+    assert ls.block_tiles == 4 and w.shape == (1, 2, 4 * (2 * lut.PAIR_BYTES + lut.SCALE_BYTES))
+    assert lut.LutShape(2048, 2048, 128).weight_bits == 1.25
+    values = packed_values(packed)
+    for g in range(2):
+        for pair in range(2):
+            for tile in range(4):
+                record = w[0, g, (pair * 4 + tile) * lut.PAIR_BYTES :]
+                for r in range(16):
+                    for j in range(4):
+                        i = 4 * r + j
+                        for piece, nibble in ((0, record[i] & 15), (1, record[i] >> 4)):
+                            sign = record[64 + 8 * piece + i // 8] >> (i % 8) & 1
+                            col = 64 * g + 32 * pair + 16 * piece + 4 * j
+                            np.testing.assert_array_equal(
+                                SHERRY_DECODE[nibble | sign << 4], values[16 * tile + r, col : col + 4]
+                            )
+        scales = w[0, g, 4 * 2 * lut.PAIR_BYTES :].view(np.float16).reshape(4 * 16)
+        np.testing.assert_array_equal(scales, packed.scales[:, g])
 
 
 def packed_values(packed: PackedWeight) -> np.ndarray:
@@ -116,6 +124,8 @@ def test_lut_intrinsic_alone() -> None:
         for v, r, j, e in T.grid(3, 16, 4, lut.ENTRIES):
             with T.sblock("lut"):
                 vv, vr, vj, ve = T.axis.remap("SSRR", [v, r, j, e])
+                T.reads(C[vv, vr], W[vv, 0 : lut.PAIR_BYTES], X[vv, 0 : lut.TABLE_BYTES])
+                T.writes(C[vv, vr])
                 with T.init():
                     C[vv, vr] = 0
                 C[vv, vr] = C[vv, vr] + lut.lut_term(W, [vv], X, [vv], vr, vj, ve)

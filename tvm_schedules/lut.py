@@ -50,6 +50,8 @@ PAIR_BYTES = 80
 """Weight bytes of a pair of one tile: 64 index bytes and two 8-byte sign masks (1.25 bits per weight)."""
 TABLE_BYTES = 512
 """Activation table bytes of a pair: per piece, xl tables (128) then xh tables (128)."""
+SCALE_BYTES = 2 * 16
+"""The float16 scales of one tile and group."""
 MAX_TILES = 8
 MAX_UNROLL = 4
 ORDERS = ("pair", "tile")
@@ -98,6 +100,22 @@ class LutShape:
         return self.n // TILE
 
     @property
+    def block_tiles(self) -> int:
+        """Tiles interleaved in one weight stream: 8 (the hand-written kernel's block), else the largest
+        power of two that divides the tiles."""
+        return next(b for b in (8, 4, 2, 1) if self.tiles % b == 0)
+
+    @property
+    def blocks(self) -> int:
+        return self.tiles // self.block_tiles
+
+    @property
+    def group_bytes(self) -> int:
+        """Weight bytes of one group of a block: its pair records, tile after tile per pair, then the
+        tiles' float16 scales."""
+        return self.block_tiles * (self.pairs_per_group * PAIR_BYTES + SCALE_BYTES)
+
+    @property
     def scale_offset(self) -> int:
         return self.pairs * TABLE_BYTES
 
@@ -109,7 +127,8 @@ class LutShape:
 
     @property
     def weight_bits(self) -> float:
-        """Bits per weight of the weight stream (1.25 where the group size is a multiple of 32)."""
+        """Bits per weight of the codes in the weight stream (1.25 where the group size is a multiple of
+        32; the float16 scales add 16 / group_size)."""
         return 8 * self.tiles * self.pairs * PAIR_BYTES / (self.k * self.n)
 
     @property
@@ -135,8 +154,11 @@ def _padded(ls: LutShape, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def weights(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray]:
-    """The weight stream (uint8 ``[N/16, pairs, 80]``) and float32 scales ``[N/16, G, 16]``."""
+def weights(packed: PackedWeight) -> np.ndarray:
+    """The weight stream, uint8 ``[blocks, G, group_bytes]``: per block of ``block_tiles`` tiles and
+    group, the pair records (80 bytes; pair after pair, the block's tiles one after the other), then
+    the tiles' float16 scales (16 each, as stored: the kernel widens them exactly). A step of the
+    kernel thus reads one forward stream, as the hand-written kernel's layout."""
     ls = LutShape(packed.k, packed.n, packed.group_size)
     if packed.format != "sherry":
         raise ValueError(f"the LUT kernel takes sherry weights, not {packed.format}")
@@ -146,14 +168,22 @@ def weights(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray]:
     # 5-bit codes per block of 4 (padding blocks code 0: they meet zero activations)
     cols = ls.groups * ls.padded_group
     codes = code_bytes(Shape("sherry", cols, TILE, cols), values)
-    c = codes.reshape(ls.tiles, TILE, ls.pairs, 2, 4).transpose(0, 2, 3, 1, 4)  # [t, pair, piece, r, j]
-    c = c.reshape(ls.tiles, ls.pairs, 2, 64)  # byte i = 4r + j
-    out = np.zeros((ls.tiles, ls.pairs, PAIR_BYTES), np.uint8)
-    out[..., :64] = (c[:, :, 0] & 15) | (c[:, :, 1] & 15) << 4
-    signs = (c >> 4).astype(np.uint8)  # [t, pair, piece, 64]
-    out[..., 64:] = np.packbits(signs, axis=-1, bitorder="little").reshape(ls.tiles, ls.pairs, 16)
-    alpha = packed.scales.astype(np.float32).reshape(ls.tiles, TILE, ls.groups).transpose(0, 2, 1)
-    return out, np.ascontiguousarray(alpha)
+    B, PG = ls.block_tiles, ls.pairs_per_group
+    c = codes.reshape(ls.blocks, B, TILE, ls.groups, PG, 2, 4)  # [b, tile, r, g, pair, piece, j]
+    c = c.transpose(0, 3, 4, 1, 5, 2, 6).reshape(ls.blocks, ls.groups, PG, B, 2, 64)  # byte i = 4r + j
+    records = np.zeros((ls.blocks, ls.groups, PG, B, PAIR_BYTES), np.uint8)
+    records[..., :64] = (c[..., 0, :] & 15) | (c[..., 1, :] & 15) << 4
+    signs = (c >> 4).astype(np.uint8)
+    records[..., 64:] = np.packbits(signs, axis=-1, bitorder="little").reshape(*records.shape[:-1], 16)
+    alpha = packed.scales.astype(np.float16).reshape(ls.blocks, B, TILE, ls.groups).transpose(0, 3, 1, 2)
+    out = np.concatenate(
+        [
+            records.reshape(ls.blocks, ls.groups, -1),
+            np.ascontiguousarray(alpha).view(np.uint8).reshape(ls.blocks, ls.groups, -1),
+        ],
+        axis=-1,
+    )
+    return np.ascontiguousarray(out)
 
 
 def tables(ls: LutShape, xq: np.ndarray) -> np.ndarray:
@@ -201,17 +231,25 @@ ENTRIES = 128
 
 
 def lut_term(
-    w: tirx.Buffer, wi: list, x: tirx.Buffer, xi: list, r: tirx.PrimExpr, j: tirx.PrimExpr, e: tirx.PrimExpr
+    w: tirx.Buffer,
+    wi: list,
+    x: tirx.Buffer,
+    xi: list,
+    r: tirx.PrimExpr,
+    j: tirx.PrimExpr,
+    e: tirx.PrimExpr,
+    w0: tirx.PrimExpr = 0,
 ) -> tirx.PrimExpr:
     """Entry ``e`` of the tables' contribution to code j of row r of a pair (both pieces), in
     element-wise TensorIR: summed over the 128 entries, the code's weights' dot with the pair's
     activations (xl table + 16 · xh table). The lookup is written as a selection of the entry that
     the code indexes, so that every buffer index stays affine: ``tensorize`` matches a
     data-dependent index only as its own expression, not through the buffers it reads. ``wi`` / ``xi``:
-    the leading indices of the pair's 80 weight bytes / 512 table bytes."""
+    the leading indices of the pair's 80 weight bytes (from ``w0`` in the last dimension) / 512 table
+    bytes."""
 
     def wb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
-        return w[(*wi, offset)]
+        return w[(*wi, w0 + offset)]
 
     def xb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
         return tirx.Cast("int32", x[(*xi, offset)])
@@ -242,6 +280,8 @@ def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
             for r, j, e in T.grid(TILE, 4, ENTRIES):
                 with T.sblock("lut"):
                     vr, vj, ve = T.axis.remap("SRR", [r, j, e])
+                    T.reads(C[vr], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
+                    T.writes(C[vr])
                     C[vr] = C[vr] + lut_term(W, [], X, [], vr, vj, ve)
 
     def bcast(value: int, dtype: str = "uint8") -> tirx.PrimExpr:
@@ -298,16 +338,21 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     ``Y [M, N]``."""
     if problem := ls.supported():
         raise ValueError(problem)
-    tiles, P, PG, G, N = ls.tiles, ls.pairs, ls.pairs_per_group, ls.groups, ls.n
+    tiles, PG, G, N = ls.tiles, ls.pairs_per_group, ls.groups, ls.n
+    B, GB, SO = ls.block_tiles, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PAIR_BYTES
     RB = ls.row_bytes
     f32v = f"float32x{TILE}"
+
+    def alpha(w: tirx.Buffer, t: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The 16 scales of tile t and group g, widened from float16 (exact)."""
+        f16 = tirx.reinterpret(f"float16x{TILE}", w.vload([t // B, g, SO + t % B * SCALE_BYTES], "uint8x32"))
+        return tirx.Cast(f32v, f16)
 
     @T.prim_func(s_tir=True)
     def kernel(
         X: T.Buffer((m, RB // TABLE_BYTES, TABLE_BYTES), "int8"),
         S: T.Buffer((m, RB // 4), "float32"),
-        W: T.Buffer((tiles, P, PAIR_BYTES), "uint8"),
-        A: T.Buffer((tiles, G, TILE), "float32"),
+        W: T.Buffer((ls.blocks, G, GB), "uint8"),
         Y: T.Buffer((m, N), "float32"),
     ):
         T.func_attr(
@@ -321,20 +366,29 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
         )
         acc = T.sblock_alloc_buffer((m, tiles, G, TILE), "int32")
         yacc = T.sblock_alloc_buffer((m, tiles, 1), f32v)
-        for t, mm, g, q, r, j, e in T.grid(tiles, m, G, PG, TILE, 4, ENTRIES):
+        for b, tb, mm, g, q, r, j, e in T.grid(ls.blocks, B, m, G, PG, TILE, 4, ENTRIES):
             with T.sblock("lut"):
-                vt, vm, vg, vq, vr, vj, ve = T.axis.remap("SSSRSRR", [t, mm, g, q, r, j, e])
+                vb, vtb, vm, vg, vq, vr, vj, ve = T.axis.remap("SSSSRSRR", [b, tb, mm, g, q, r, j, e])
+                # whole records and tables (the inferred regions differ in form from the intrinsic's)
+                T.reads(
+                    acc[vm, vb * B + vtb, vg, vr],
+                    W[vb, vg, (vq * B + vtb) * PAIR_BYTES : (vq * B + vtb) * PAIR_BYTES + PAIR_BYTES],
+                    X[vm, vg * PG + vq, 0:TABLE_BYTES],
+                )
+                T.writes(acc[vm, vb * B + vtb, vg, vr])
                 with T.init():
-                    acc[vm, vt, vg, vr] = 0
-                acc[vm, vt, vg, vr] = acc[vm, vt, vg, vr] + lut_term(
-                    W, [vt, vg * PG + vq], X, [vm, vg * PG + vq], vr, vj, ve
+                    acc[vm, vb * B + vtb, vg, vr] = 0
+                acc[vm, vb * B + vtb, vg, vr] = acc[vm, vb * B + vtb, vg, vr] + lut_term(
+                    W, [vb, vg], X, [vm, vg * PG + vq], vr, vj, ve, (vq * B + vtb) * PAIR_BYTES
                 )
         for t, mm, g, h in T.grid(tiles, m, G, 1):
             with T.sblock("group"):
                 vt, vm, vg, vh = T.axis.remap("SSRS", [t, mm, g, h])
                 # the lanes indexed through vh (extent 1): compute-at solves every region for a block var
                 T.reads(
-                    A[vt, vg, vh * TILE : vh * TILE + TILE], S[vm, vg], acc[vm, vt, vg, vh * TILE : vh * TILE + TILE]
+                    W[vt // B, vg, SO + vt % B * SCALE_BYTES : SO + vt % B * SCALE_BYTES + SCALE_BYTES],
+                    S[vm, vg],
+                    acc[vm, vt, vg, vh * TILE : vh * TILE + TILE],
                 )
                 T.writes(yacc[vm, vt, vh])
                 with T.init():
@@ -342,7 +396,7 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 yacc[vm, vt, vh] = yacc[vm, vt, vh] + T.call_llvm_pure_intrin(
                     f32v,
                     "llvm.arithmetic.fence",
-                    (A.vload([vt, vg, vh * TILE], f32v) * T.Broadcast(S[vm, vg], TILE))
+                    (alpha(W, vt, vg) * T.Broadcast(S[vm, vg], TILE))
                     * T.Cast(f32v, acc.vload([vm, vt, vg, vh * TILE], f"int32x{TILE}")),
                 )
         for t, mm, h in T.grid(tiles, m, 1):
@@ -356,7 +410,8 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
 
 
 def tile_choices(ls: LutShape) -> list[int]:
-    return [t for t in range(1, MAX_TILES + 1) if ls.tiles % t == 0]
+    """Tiles per step: the divisors of the tiles interleaved in a stream (a step reads a forward run)."""
+    return [t for t in range(1, MAX_TILES + 1) if ls.block_tiles % t == 0]
 
 
 def unroll_choices(ls: LutShape) -> list[int]:
@@ -378,14 +433,15 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
     is tensorized with :func:`lut_name`; the tiles, pairs and epilogues are unrolled, so the
     accumulators live in registers."""
     lut, group, store = (sch.get_sblock(name) for name in ("lut", "group", "store"))
-    t, mm, g, q, r, *_ = sch.get_loops(lut)
+    b, t, mm, g, q, r, *_ = sch.get_loops(lut)
     tiles, pairs = (int(sch.get(loop).extent) for loop in (t, q))
     tile_split = knobs and [tiles // knobs.tiles, knobs.tiles]
     pair_split = knobs and [pairs // knobs.unroll, knobs.unroll]
-    step, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
+    tso, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
     qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=pair_split))
     inner = (qi, ts) if order == "pair" else (ts, qi)
-    sch.reorder(step, mm, g, qo, *inner, r)
+    sch.reorder(b, tso, mm, g, qo, *inner, r)
+    step = sch.fuse(b, tso)
     sch.annotate(lut, ORDER_KEY, order)
     sch.reverse_compute_at(group, g, preserve_unit_loops=True)
     sch.reverse_compute_at(store, mm, preserve_unit_loops=True)
