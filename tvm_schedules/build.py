@@ -30,7 +30,14 @@ FORMAT_ENUM = {name: value for value, name in enumerate(FORMATS)}
 """The C++ ``Format`` value of each format: its position in the registry (tests/test_format_table.py)."""
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "kernels.py", HERE / "intrinsics.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]
+SOURCES = [
+    HERE / "kernels.py",
+    HERE / "intrinsics.py",
+    HERE / "layout.py",
+    HERE / "lut.py",
+    HERE / "tune.py",
+    Path(__file__).resolve(),
+]
 
 
 def database_entries(db_dir: Path) -> list[dict]:
@@ -84,7 +91,8 @@ def table_source(
             f"    {{{FORMAT_ENUM[e['format']]}, {e['k']}, {e['n']}, {e['group_size']}, {ISA_ENUM[e['isa']]}, "
             f"{rows[i]}, {blocks[i]}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, "
             f"{_speedup(e, 'node')!r}, {_speedup(e, 'cold')!r}, "
-            f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}}},"
+            f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}"
+            + (", 1}," if e.get("formulation") == "lut" else "},")  # TvmEntry.formulation: 0 (planes) by default
         )
     if not entries:
         lines.append('    {0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, 0.0, 0.0, "", "", ""},')
@@ -98,28 +106,38 @@ def table_source(
     return "\n".join(lines)
 
 
-def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[dict[str, Any], int, int]:
+def tuned_functions(
+    db: Any, shape: Shape, isa: str, target_name: str, formulation: str = "plane"
+) -> tuple[dict[str, Any], int, int]:
     """The entry's M = 1 function (``_m1``: the database's best trace for the M = 1 workload, replayed) and
     block function (``_mx``: the same decisions on a block of ``MX_ROWS`` rows of A that share each
     decode, which the op calls block by block for M > 1), the rows of one parallel task that trace
-    chose, and the rows of a block."""
+    chose, and the rows of a block. The ``lut`` formulation's block function runs the M = 1 loop nest
+    for each row of the block (its tables are per row; nothing is decoded to share)."""
     import tvm
 
+    from tvm_schedules import lut
     from tvm_schedules.kernels import MX_ROWS, function_name, knobs_of, rows_per_step, schedule, workload
     from tvm_schedules.tune import best_record
 
-    record = best_record(db, shape, isa)
+    record = best_record(db, shape, isa, formulation)
     if record is None:
         raise SystemExit(
-            f"the {target_name} database has no record for {shape.key} (its workload changed, or it was never "
-            f"tuned): run `sherry tune --target {target_name}` for it and commit the database"
+            f"the {target_name} database has no record for {shape.key} ({formulation}; its workload changed, or "
+            f"it was never tuned): run `sherry tune --target {target_name} --formulation {formulation}` for it "
+            "and commit the database"
         )
     knobs, rows = knobs_of(record.trace), MX_ROWS[isa]
+    ls = lut.LutShape(shape.k, shape.n, shape.group_size)
     funcs = {}
     for bucket in ("m1", "mx"):
         if bucket == "m1":
-            sch = tvm.s_tir.Schedule(workload(shape, 1, isa))
+            m1 = lut.workload(ls) if formulation == "lut" else workload(shape, 1, isa)
+            sch = tvm.s_tir.Schedule(m1)
             record.trace.apply_to_schedule(sch, remove_postproc=False)
+        elif formulation == "lut":
+            sch = tvm.s_tir.Schedule(lut.workload(ls, rows))
+            lut.schedule(sch, knobs.order, knobs)
         else:
             sch = tvm.s_tir.Schedule(workload(shape, rows, isa, rows))
             schedule(sch, knobs.order, knobs, rows)
@@ -160,7 +178,11 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
         for i in indices:
             e = entries[i]
             pair, rows[i], blocks[i] = tuned_functions(
-                db, Shape(e["format"], e["k"], e["n"], e["group_size"]), e["isa"], target_name
+                db,
+                Shape(e["format"], e["k"], e["n"], e["group_size"]),
+                e["isa"],
+                target_name,
+                e.get("formulation", "plane"),
             )
             funcs |= pair
             names[i] = tuple(pair)  # (m1, mx)

@@ -154,6 +154,10 @@ class Entry:
     """The CPU model that ran ``--verify`` (:func:`cpu_model`): auto mode trusts the four times on that
     model only."""
     cpu_name: str | None = None
+    formulation: str = "plane"
+    """The M = 1 kernel's formulation (``lut.FORMULATIONS``): ``plane`` (kernels.py: decoded weight planes,
+    a byte per code) or ``lut`` (lut.py: activation lookup tables, 1.25-bit sherry, AVX-512); entries
+    without it are plane kernels."""
 
 
 def node_us(
@@ -246,19 +250,36 @@ def database(target_dir: Path) -> Any:
     )
 
 
-def workload_module(shape: Shape, isa: str) -> Any:
+def workload_module(shape: Shape, isa: str, formulation: str = "plane") -> Any:
     """The M = 1 workload as MetaSchedule tunes it and the database keys it (structural hash)."""
     import tvm
 
+    if formulation == "lut":
+        from tvm_schedules import lut
+
+        return tvm.IRModule({"main": lut.workload(lut.LutShape(shape.k, shape.n, shape.group_size))})
     from tvm_schedules.kernels import workload
 
     return tvm.IRModule({"main": workload(shape, 1, isa)})
 
 
-def best_record(db: Any, shape: Shape, isa: str) -> Any:
+def check_formulation(formulation: str, fmt: str, isa: str) -> None:
+    """A ValueError unless ``formulation`` exists for ``fmt`` on ``isa`` (the LUT kernel: sherry, AVX-512)."""
+    from tvm_schedules.lut import FORMULATIONS
+
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose {', '.join(FORMULATIONS)}")
+    if formulation == "lut" and (fmt != "sherry" or isa != "avx512"):
+        raise ValueError(
+            f"the lut formulation is a sherry kernel for avx512, not {fmt} on {isa}: "
+            "tune other formats and targets with --formulation plane"
+        )
+
+
+def best_record(db: Any, shape: Shape, isa: str, formulation: str = "plane") -> Any:
     """The database's fastest record for this kernel, or None. Looks first, so that a miss does not
     add the workload to the (committed) database file."""
-    mod = workload_module(shape, isa)
+    mod = workload_module(shape, isa, formulation)
     if not db.has_workload(mod):
         return None
     records = db.get_top_k(db.commit_workload(mod), 1)
@@ -357,19 +378,31 @@ def tune(
     out_dir: Path,
     formats: tuple[str, ...] = FORMATS,
     log_dir: Path | None = None,
+    formulation: str = "plane",
 ) -> list[Entry]:
     """Tune every (format, shape) for one target with MetaSchedule; appends the measured records to
     ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its entries.
     ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
-    ``log_dir/<target>/<kernel>/logs/`` instead of a temporary folder."""
+    ``log_dir/<target>/<kernel>/logs/`` instead of a temporary folder. ``formulation``: the kernel
+    tuned (``lut``: sherry on avx512 only); its entry replaces the kernel's entry of the other one."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
     from tqdm import tqdm
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_schedules.kernels import design_space, knob_space, knobs_of
+    from tvm_schedules import kernels, lut
+    from tvm_schedules.kernels import knobs_of
 
     config, isa = target_config(target_name)
+    for f in formats:
+        check_formulation(formulation, f, isa)
+    design_space = lut.design_space if formulation == "lut" else kernels.design_space
+
+    def knob_space(shape: Shape) -> list:
+        if formulation == "lut":
+            return lut.knob_space(lut.LutShape(shape.k, shape.n, shape.group_size))
+        return kernels.knob_space(shape)
+
     target = tvm.target.Target(config)
     tdir = out_dir / target_name
     tdir.mkdir(parents=True, exist_ok=True)
@@ -399,14 +432,14 @@ def tune(
             print(f"  skip {shape.key}: {problem}")
             continue
         start = time.time()
-        desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n}"
+        desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n} {formulation}"
         budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
         # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
             work = str(log_dir / target_name / shape.key) if log_dir else scratch
             ms.tune_tir(
-                workload_module(shape, isa),
+                workload_module(shape, isa, formulation),
                 target,
                 work,  # MetaSchedule's logs; the records go to `db`
                 max_trials_global=budget,
@@ -431,7 +464,7 @@ def tune(
             )
             measured = bar.n
         seconds = time.time() - start
-        best = best_record(db, shape, isa)
+        best = best_record(db, shape, isa, formulation)
         if best is None:
             print(f"  {shape.key}: no candidate built and ran")
             continue
@@ -453,12 +486,13 @@ def tune(
             None if hand is None else round(hand, 2),
             measured,
             round(seconds, 1),
+            formulation=formulation,
         )
         entries[(shape.format, shape.k, shape.n, shape.group_size)] = asdict(entry)
         summary_path.write_text(json.dumps(sorted(entries.values(), key=_order), indent=1) + "\n")
         trained = f"trained on {model.last_train_size}" if model.booster is not None else "not trained on any"
         print(
-            f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
+            f"  {shape.key}: {formulation} {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
             f"{hand if hand is not None else float('nan'):.1f} µs, {measured} trials in {seconds:.0f} s "
             f"({COST_MODEL} cost model {trained} of the run's {model.data_size} measured candidates)"
         )
@@ -501,7 +535,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not shapes:
         shapes = [(k, n, args.group_size) for k, n in LLAMA_1B_SHAPES]
     start = time.time()
-    entries = tune(sorted(set(shapes)), args.target, args.trials, args.output, tuple(args.formats), args.log_dir)
+    entries = tune(
+        sorted(set(shapes)),
+        args.target,
+        args.trials,
+        args.output,
+        tuple(args.formats),
+        args.log_dir,
+        args.formulation,
+    )
     print(
         f"tuned {len(entries)} kernels for {args.target} in {time.time() - start:.0f} s; "
         f"database: {args.output / args.target / 'tuned.json'}"
@@ -527,6 +569,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=32,
         help="MetaSchedule trials (candidates built and timed) per kernel, at most the design space's size "
         "(at most 64 points; 24 for sherry and i2s at the LLaMA shapes, 8 for tl2) (default: 32)",
+    )
+    p.add_argument(
+        "--formulation",
+        choices=["plane", "lut"],
+        default="plane",
+        help="the M = 1 kernel: plane (decoded weight planes, every format) or lut (activation lookup tables "
+        "on the 1.25-bit sherry layout, --formats sherry --target avx512 only); the kernel's tuned.json entry "
+        "records it (default: plane)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(

@@ -1156,6 +1156,21 @@ void I2SKernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n
 
 }  // namespace
 
+void sherry_piece_tables_avx512(const int8_t* xq, int64_t pieces, uint8_t* out) {
+  static const LutConstants constants = make_lut_constants<SherryCodes>();
+  // Last piece first, each piece's activations copied before its tables are written: the tables of
+  // piece p (bytes 256p...) only cover activations of pieces >= p, so xq may lie at `out`.
+  for (int64_t p = pieces - 1; p >= 0; --p) {
+    alignas(16) int8_t xl[16], xh[16];
+    for (int i = 0; i < 16; ++i) {
+      const int8_t v = xq[16 * p + i];
+      xl[i] = static_cast<int8_t>(v & 15);
+      xh[i] = static_cast<int8_t>(v >> 4);  // arithmetic: xq = 16 xh + xl
+    }
+    build_tables<SherryCodes>(xl, xh, out + p * kTableBytes, constants);
+  }
+}
+
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined) {
   if (const std::string bad = check_geometry(w.format, w.geometry.n, w.geometry.k, w.geometry.group_size);
       !bad.empty()) {
