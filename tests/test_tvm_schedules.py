@@ -292,7 +292,9 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path:
     [entry] = json.loads((tuned_db / "avx2" / "tuned.json").read_text())
     # tl2, K, N, group_size, avx2, rows per task, rows of A per block call
     assert f"{{1, 320, 64, 128, 1, {16 * entry['tiles']}, {MX_ROWS['avx2']}," in table
-    assert '_mx, 0.0, 0.0, "", "", "avx2"}' in table  # not timed as nodes (sherry tune --verify): auto never takes it
+    assert (
+        '_mx, 0.0, 0.0, "", "", "avx2", 0}' in table
+    )  # not timed as nodes (sherry tune --verify): auto never takes it
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
 
 
@@ -314,13 +316,13 @@ def test_table_carries_the_verified_speedups_and_their_cpu() -> None:
 
     entry = {"format": "tl2", "k": 320, "n": 64, "group_size": 128, "target": "avx2", "isa": "avx2"}
     names, rows, blocks = {0: ("a_m1", "a_mx")}, {0: 32}, {0: 2}
-    assert '{1, 320, 64, 128, 1, 32, 2, __tvm_ffi_a_m1, __tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2"}' in table_source(
+    assert '{1, 320, 64, 128, 1, 32, 2, __tvm_ffi_a_m1, __tvm_ffi_a_mx, 0.0, 0.0, "", "", "avx2", 0}' in table_source(
         [entry], names, rows, blocks
     )  # not verified
     entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 8.0, "hand_cold_us": 6.0}
     entry |= {"cpu": "AuthenticAMD family 25 model 17", "cpu_name": 'AMD "EPYC" 9654'}
     assert (
-        '__tvm_ffi_a_mx, 1.25, 0.75, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", "avx2"}'
+        '__tvm_ffi_a_mx, 1.25, 0.75, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", "avx2", 0}'
         in table_source([entry], names, rows, blocks)
     )
 

@@ -28,6 +28,7 @@ from tvm_schedules.layout import Shape
 
 FORMAT_ENUM = {name: value for value, name in enumerate(FORMATS)}
 """The C++ ``Format`` value of each format: its position in the registry (tests/test_format_table.py)."""
+FORMULATION_ENUM = {"plane": 0, "lut": 1}  # TvmEntry.formulation
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
 SOURCES = [
@@ -92,10 +93,10 @@ def table_source(
             f"{rows[i]}, {blocks[i]}, __tvm_ffi_{m1}, __tvm_ffi_{mx}, "
             f"{_speedup(e, 'node')!r}, {_speedup(e, 'cold')!r}, "
             f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}"
-            + (", 1}," if e.get("formulation") == "lut" else "},")  # TvmEntry.formulation: 0 (planes) by default
+            f", {FORMULATION_ENUM[e.get('formulation', 'plane')]}}},"
         )
     if not entries:
-        lines.append('    {0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, 0.0, 0.0, "", "", ""},')
+        lines.append('    {0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, 0.0, 0.0, "", "", "", 0},')
     lines += [
         "};",
         f"const size_t kTvmEntryCount = {len(entries)};",

@@ -243,7 +243,7 @@ def database(target_dir: Path) -> Any:
     needs registered."""
     from tvm.s_tir import meta_schedule as ms
 
-    import tvm_schedules.intrinsics  # noqa: F401  (registers the intrinsics on import)
+    from tvm_schedules import intrinsics, lut  # noqa: F401  (register the intrinsics on import)
 
     return ms.database.JSONDatabase(
         str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")
