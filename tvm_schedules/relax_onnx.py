@@ -72,12 +72,15 @@ def default_knobs(shape: Shape) -> Knobs:
 
 
 def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
-    """The knobs ``sherry tune`` found for this shape on this ISA, else :func:`default_knobs`."""
+    """The knobs ``sherry tune`` found for this shape on this ISA, else :func:`default_knobs`. The Relax path
+    compiles the plane kernel: an entry of another formulation (``lut``) holds no plane knobs."""
     from tvm_schedules.tune import host_isa
 
     path = DATABASES / (isa or host_isa()) / "tuned.json"
     if path.exists():
         for e in json.loads(path.read_text()):
+            if e.get("formulation", "plane") != "plane":
+                continue
             if (e["format"], e["k"], e["n"], e["group_size"]) == (shape.format, shape.k, shape.n, shape.group_size):
                 return Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
     return default_knobs(shape)
