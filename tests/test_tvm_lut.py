@@ -176,3 +176,48 @@ def test_knob_space() -> None:
     with pytest.raises(ValueError, match="design space"):
         lut.prim_func(lut.LutShape(256, 48, 128), Knobs(2, 1, "pair"))  # 3 tiles
     assert "multiple of 16" in lut.LutShape(64, 40, 64).supported()
+
+
+def test_formulation_is_checked() -> None:
+    from tvm_schedules.tune import check_formulation
+
+    check_formulation("lut", "sherry", "avx512")
+    check_formulation("plane", "tl2", "avx2")
+    with pytest.raises(ValueError, match="sherry kernel for avx512, not tl2 on avx512"):
+        check_formulation("lut", "tl2", "avx512")
+    with pytest.raises(ValueError, match="not sherry on avx2"):
+        check_formulation("lut", "sherry", "avx2")
+    with pytest.raises(ValueError, match="unknown formulation"):
+        check_formulation("decode", "sherry", "avx512")
+
+
+@needs_avx512
+@pytest.mark.slow
+def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
+    the formulation, the build replays the trace (M = 1) and schedules the block function with its
+    decisions, the table marks the entry as a LUT kernel, and both functions equal the reference."""
+    from tvm_schedules.build import table_source, tuned_functions
+    from tvm_schedules.kernels import MX_ROWS
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.tune import database, tune
+
+    out = tmp_path_factory.mktemp("db")
+    [entry] = tune([(256, 64, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    assert entry.formulation == "lut" and entry.order in lut.ORDERS and entry.trials == 3
+    shape, ls = Shape("sherry", 256, 64, 128), lut.LutShape(256, 64, 128)
+    funcs, rows, block_rows = tuned_functions(database(out / "avx512"), shape, "avx512", "avx512", "lut")
+    assert rows == 16 * entry.tiles and block_rows == MX_ROWS["avx512"]
+    target = tvm.target.Target(TARGETS["avx512"])
+    for name, func in funcs.items():
+        m = 1 if name.endswith("m1") else block_rows
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        x = np.random.default_rng(5).standard_normal((m, 256), dtype=np.float32)
+        ws, scales = lut.activations(ls, x)
+        y = tvm.runtime.tensor(np.zeros((m, 64), np.float32))
+        args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed_weight(256, 64, 128)))
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
+        np.testing.assert_array_equal(y.numpy(), reference_matmul(x, packed_weight(256, 64, 128), activations="int8"))
+    names = {0: tuple(funcs)}
+    table = table_source([entry.__dict__], names, {0: rows}, {0: block_rows})
+    assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut

@@ -245,16 +245,11 @@ class TvmKernel final : public MatMulKernel {
   // in place in column order, then every quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
-    if (L.lut) {
-      // Each group quantized into the start of its tables' bytes, which the table builder may read in place.
+    if (L.lut) {  // the AVX-512 kernel's own quantization and table builder, group by group
       auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
-      std::memset(ws, 0, static_cast<size_t>(L.scale_offset));  // padding pieces: zero activations, zero tables
-      for (int64_t g = 0; g < L.g.groups(); ++g) {
-        uint8_t* tables = ws + g * L.pairs_per_group * kPairTableBytes;
-        auto* xq = reinterpret_cast<int8_t*>(tables);
-        scale[g] = quantize_group(a_row + L.g.group_begin(g), L.g.group_length(g), xq);
-        sherry_piece_tables_avx512(xq, 2 * L.pairs_per_group, tables);
-      }
+      for (int64_t g = 0; g < L.g.groups(); ++g)
+        sherry_group_tables_avx512(a_row + L.g.group_begin(g), L.g.group_length(g), 2 * L.pairs_per_group,
+                                   ws + g * L.pairs_per_group * kPairTableBytes, &scale[g]);
       return;
     }
     auto* xq = reinterpret_cast<int8_t*>(ws);
