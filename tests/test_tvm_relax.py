@@ -313,3 +313,28 @@ def test_untuned_shape_borrows_the_nearest_tuned_knobs() -> None:
     assert tuned_knobs(wider, "avx512") == knobs(entry) and knobs(entry) in knob_space(wider)
     untuned_k = Shape("sherry", 4 * max(e["k"] for e in entries), 256, entry["group_size"])
     assert tuned_knobs(untuned_k, "avx512") == default_knobs(untuned_k)
+
+
+def test_lut_entries_lend_no_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Relax path compiles the plane kernel: a ``lut`` entry's knobs (valid plane knobs here, so only
+    the formulation tells them apart) are never taken, neither for its own shape nor borrowed for
+    another N; the nearest plane entry of the same K lends its knobs, and without one the default holds."""
+    import json
+
+    from tvm_schedules import relax_onnx
+    from tvm_schedules.kernels import Knobs
+    from tvm_schedules.layout import Shape
+
+    def entry(n: int, tiles: int, unroll: int, order: str, formulation: str) -> dict:
+        shape = {"format": "sherry", "k": 2048, "n": n, "group_size": 128}
+        return shape | {"tiles": tiles, "unroll": unroll, "order": order, "formulation": formulation}
+
+    (tmp_path / "avx512").mkdir()
+    tuned = tmp_path / "avx512" / "tuned.json"
+    monkeypatch.setattr(relax_onnx, "DATABASES", tmp_path)
+    shape = Shape("sherry", 2048, 2048, 128)
+    tuned.write_text(json.dumps([entry(2048, 8, 1, "tile", "lut")]))
+    assert relax_onnx.tuned_knobs(shape, "avx512") == relax_onnx.default_knobs(shape) != Knobs(8, 1, "tile")
+    tuned.write_text(json.dumps([entry(2048, 8, 1, "tile", "lut"), entry(512, 4, 2, "tile", "plane")]))
+    assert relax_onnx.tuned_knobs(shape, "avx512") == Knobs(4, 2, "tile")
+    assert relax_onnx.tuned_knobs(Shape("sherry", 2048, 1024, 128), "avx512") == Knobs(4, 2, "tile")

@@ -343,7 +343,7 @@ def test_build_writes_objects_that_need_no_tvm_runtime(tuned_db: Path, tmp_path:
     steps = f"{16 * entry['tiles']}, {16 * entry['block_tiles']}, {BLOCK_M}, {entry['block_rows']}"
     assert f"{{1, 320, 64, 128, 1, {steps}," in table
     # not timed as nodes (sherry tune --verify): auto never takes it
-    assert '_mb, 0.0, 0.0, 0.0, 128, 16, "", "", "avx2"}' in table
+    assert '_mb, 0.0, 0.0, 0.0, 128, 16, "", "", "avx2", 0}' in table
     assert (tmp_path / "out" / "include" / "tvm" / "ffi" / "c_api.h").is_file()
 
 
@@ -368,14 +368,14 @@ def test_table_carries_the_verified_speedups_and_their_cpu() -> None:
     names, tuned = {0: ("a_m1", "a_mx", "a_mb")}, {0: TunedKernel(32, 64, 24, 8)}
     assert (
         "{1, 320, 64, 128, 1, 32, 64, 24, 8, __tvm_ffi_a_m1, __tvm_ffi_a_mx, __tvm_ffi_a_mb, 0.0, 0.0, 0.0, 128, 16, "
-        '"", "", "avx2"}' in table_source([entry], names, tuned)
+        '"", "", "avx2", 0}' in table_source([entry], names, tuned)
     )  # not verified
     entry |= {"tvm_node_us": 4.0, "hand_node_us": 5.0, "tvm_cold_us": 8.0, "hand_cold_us": 6.0}
     entry |= {"tvm_batch_us": 400.0, "hand_batch_us": 500.0, "batch": 128, "batch_min_rows": 16}
     entry |= {"cpu": "AuthenticAMD family 25 model 17", "cpu_name": 'AMD "EPYC" 9654'}
     assert (
         '__tvm_ffi_a_mb, 1.25, 0.75, 1.25, 128, 16, "AuthenticAMD family 25 model 17", "AMD \\"EPYC\\" 9654", '
-        '"avx2"}' in table_source([entry], names, tuned)
+        '"avx2", 0}' in table_source([entry], names, tuned)
     )
 
 

@@ -5,7 +5,9 @@ folder and, for each entry, the best records of the target's MetaSchedule databa
 (``database_workload.json``, ``database_tuning_record.json``) for its two workloads: the M = 1
 function's trace is replayed on the M = 1 workload (``_m1``), the block function's on the
 ``BLOCK_M``-row workload (``_mx``), and the block function's decisions also schedule a single block of
-its rows (``_mb``, for what is left of a call after whole ``_mx`` calls). Nothing is tuned here. All go
+its rows (``_mb``, for what is left of a call after whole ``_mx`` calls). A ``lut`` entry (lut.py) has
+one record, the M = 1 function's: its ``_mx`` and ``_mb`` run that loop nest row by row. Nothing is
+tuned here. All go
 into one object file per target (``OUT_DIR/tvm_<target>.o``), and ``OUT_DIR/tvm_table.cc`` is the
 table kernel_tvm.cc searches: (format, K, N, group_size, ISA) → the functions, the rows per parallel
 task and per call, and auto mode's inputs (the verified speed-ups per regime and the CPU model that
@@ -30,9 +32,17 @@ from tvm_schedules.layout import Shape
 
 FORMAT_ENUM = {name: value for value, name in enumerate(FORMATS)}
 """The C++ ``Format`` value of each format: its position in the registry (tests/test_format_table.py)."""
+FORMULATION_ENUM = {"plane": 0, "lut": 1}  # TvmEntry.formulation
 ISA_ENUM = {"avx2": 1, "avx512": 2}  # KernelPath values of the hand-written kernel of that ISA
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "kernels.py", HERE / "intrinsics.py", HERE / "layout.py", HERE / "tune.py", Path(__file__).resolve()]
+SOURCES = [
+    HERE / "kernels.py",
+    HERE / "intrinsics.py",
+    HERE / "layout.py",
+    HERE / "lut.py",
+    HERE / "tune.py",
+    Path(__file__).resolve(),
+]
 
 
 def database_entries(db_dir: Path) -> list[dict]:
@@ -95,10 +105,11 @@ def table_source(entries: list[dict], names: dict[int, tuple[str, ...]], tuned: 
             f"__tvm_ffi_{m1}, __tvm_ffi_{mx}, __tvm_ffi_{mb}, "
             f"{_speedup(e, 'node')!r}, {_speedup(e, 'cold')!r}, {_batch_speedup(e)!r}, "
             f"{e.get('batch') or BATCH_ROWS}, {e.get('batch_min_rows') or BATCH_MIN_ROWS}, "
-            f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}}},"
+            f"{_c_string(e.get('cpu'))}, {_c_string(e.get('cpu_name'))}, {_c_string(e['target'])}, "
+            f"{FORMULATION_ENUM[e.get('formulation', 'plane')]}}},"
         )
     if not entries:
-        lines.append('    {0, 0, 0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, nullptr, 0.0, 0.0, 0.0, 0, 0, "", "", ""},')
+        lines.append('    {0, 0, 0, 0, 0, 0, 0, 0, 0, nullptr, nullptr, nullptr, 0.0, 0.0, 0.0, 0, 0, "", "", "", 0},')
     lines += [
         "};",
         f"const size_t kTvmEntryCount = {len(entries)};",
@@ -121,25 +132,47 @@ class TunedKernel:
     block_rows: int
 
 
-def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[dict[str, Any], TunedKernel]:
+def tuned_functions(
+    db: Any, shape: Shape, isa: str, target_name: str, formulation: str = "plane"
+) -> tuple[dict[str, Any], TunedKernel]:
     """The entry's M = 1 function (``_m1``: the database's best trace for the M = 1 workload, replayed),
     block function (``_mx``: the best trace for the ``BLOCK_M``-row workload, replayed) and single block
-    (``_mb``: the block function's decisions on one block of its rows), and their rows."""
+    (``_mb``: the block function's decisions on one block of its rows), and their rows. The ``lut``
+    formulation tunes its M = 1 function only: its ``_mx`` and ``_mb`` run that function's loop nest
+    (its decisions) for each row of ``BLOCK_M`` and of ``lut.BLOCK_ROWS`` rows (the tables are per row;
+    nothing is decoded to share)."""
     import tvm
 
+    from tvm_schedules import lut
     from tvm_schedules.kernels import BLOCK_M, function_name, knobs_of, rows_per_step, schedule, workload
     from tvm_schedules.tune import best_record
 
-    records = {bucket: best_record(db, shape, isa, block=bucket == "mx") for bucket in ("m1", "mx")}
+    buckets = ("m1", "mx") if formulation == "plane" else ("m1",)
+    records = {b: best_record(db, shape, isa, block=b == "mx", formulation=formulation) for b in buckets}
     for bucket, record in records.items():
         if record is None:
-            what = "block function (M >= 16)" if bucket == "mx" else "M = 1 function"
+            what = "block function (M >= 16)" if bucket == "mx" else f"M = 1 function ({formulation})"
             raise SystemExit(
                 f"the {target_name} database has no record for {shape.key}'s {what} (its workload changed, or it "
-                f"was never tuned): run `sherry tune --target {target_name}` for it and commit the database"
+                f"was never tuned): run `sherry tune --target {target_name} --formulation {formulation}` for it "
+                "and commit the database"
             )
-    block = knobs_of(records["mx"].trace)
+    m1 = knobs_of(records["m1"].trace)
     funcs = {}
+    if formulation == "lut":
+        ls = lut.LutShape(shape.k, shape.n, shape.group_size)
+        for bucket in ("m1", "mx", "mb"):
+            if bucket == "m1":
+                sch = tvm.s_tir.Schedule(lut.workload(ls))
+                records["m1"].trace.apply_to_schedule(sch, remove_postproc=False)
+            else:
+                sch = tvm.s_tir.Schedule(lut.workload(ls, BLOCK_M if bucket == "mx" else lut.BLOCK_ROWS))
+                lut.schedule(sch, m1.order, m1)
+            name = function_name(shape, target_name, bucket)
+            funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+        step = rows_per_step(m1)
+        return funcs, TunedKernel(step, step, BLOCK_M, lut.BLOCK_ROWS)
+    block = knobs_of(records["mx"].trace)
     for bucket in ("m1", "mx", "mb"):
         if bucket == "mb":
             sch = tvm.s_tir.Schedule(workload(shape, block.rows, isa))
@@ -149,7 +182,6 @@ def tuned_functions(db: Any, shape: Shape, isa: str, target_name: str) -> tuple[
             records[bucket].trace.apply_to_schedule(sch, remove_postproc=False)
         name = function_name(shape, target_name, bucket)
         funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
-    m1 = knobs_of(records["m1"].trace)
     return funcs, TunedKernel(rows_per_step(m1), rows_per_step(block), BLOCK_M, block.rows)
 
 
@@ -184,7 +216,11 @@ def build(db_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
         for i in indices:
             e = entries[i]
             functions, tuned[i] = tuned_functions(
-                db, Shape(e["format"], e["k"], e["n"], e["group_size"]), e["isa"], target_name
+                db,
+                Shape(e["format"], e["k"], e["n"], e["group_size"]),
+                e["isa"],
+                target_name,
+                e.get("formulation", "plane"),
             )
             funcs |= functions
             names[i] = tuple(functions)  # (m1, mx, mb)

@@ -76,12 +76,19 @@ def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
     """The knobs ``sherry tune`` found for this shape on this ISA; for a shape the database lacks (the
     exporter's fused QKV and gate-up projections), those tuned for the same format, K and group size at
     the nearest N, when they divide this shape (at M = 1 the knobs shape the loop over K and the
-    registers of a step; N only sets the number of steps); else :func:`default_knobs`."""
+    registers of a step; N only sets the number of steps); else :func:`default_knobs`. The Relax path
+    compiles the plane kernel: an entry of another formulation (``lut``) holds no plane knobs and is
+    never borrowed from."""
     from tvm_schedules.tune import host_isa
 
     path = DATABASES / (isa or host_isa()) / "tuned.json"
     entries = json.loads(path.read_text()) if path.exists() else []
-    same_k = [e for e in entries if (e["format"], e["k"], e["group_size"]) == (shape.format, shape.k, shape.group_size)]
+    same_k = [
+        e
+        for e in entries
+        if e.get("formulation", "plane") == "plane"
+        and (e["format"], e["k"], e["group_size"]) == (shape.format, shape.k, shape.group_size)
+    ]
     for e in sorted(same_k, key=lambda e: abs(e["n"] - shape.n)):
         knobs = Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
         if knobs in knob_space(shape):

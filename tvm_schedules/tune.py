@@ -10,7 +10,9 @@ target's JSON database (``<target>/database_workload.json``, ``database_tuning_r
 summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``make lib`` compiles
 the best traces from the database (tvm_schedules/build.py) without tuning. ``sherry tune --verify``
 (after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, and the CPU model
-that measured them, which is what the op library's auto mode compares. Tuning stays out of CI.
+that measured them, which is what the op library's auto mode compares. ``--formulation lut`` tunes
+the sherry AVX-512 kernel's activation-lookup-table form instead (tvm_schedules/lut.py), its M = 1
+function only. Tuning stays out of CI.
 """
 
 from __future__ import annotations
@@ -174,6 +176,10 @@ class Entry:
     """The hand-written kernel of the same ISA at ``batch`` rows, timed interleaved with ``tvm_batch_us``."""
     batch_min_rows: int | None = None
     """The fewest rows of A of a call for which auto mode applies the batch verdict (:data:`BATCH_MIN_ROWS`)."""
+    formulation: str = "plane"
+    """The M = 1 kernel's formulation (``lut.FORMULATIONS``): ``plane`` (kernels.py: decoded weight planes,
+    a byte per code) or ``lut`` (lut.py: activation lookup tables, 1.25-bit sherry, AVX-512); entries
+    without it are plane kernels."""
 
 
 BATCH_ROWS = 128
@@ -279,27 +285,47 @@ def database(target_dir: Path) -> Any:
     needs registered."""
     from tvm.s_tir import meta_schedule as ms
 
-    import tvm_schedules.intrinsics  # noqa: F401  (registers the intrinsics on import)
+    from tvm_schedules import intrinsics, lut  # noqa: F401  (register the intrinsics on import)
 
     return ms.database.JSONDatabase(
         str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")
     )
 
 
-def workload_module(shape: Shape, isa: str, block: bool = False) -> Any:
+def workload_module(shape: Shape, isa: str, block: bool = False, formulation: str = "plane") -> Any:
     """The M = 1 workload (``block``: the block function's, M = ``kernels.BLOCK_M``) as MetaSchedule
-    tunes it and the database keys it (structural hash)."""
+    tunes it and the database keys it (structural hash). The ``lut`` formulation tunes its M = 1
+    function only (its block function runs that loop nest per row, lut.py)."""
     import tvm
 
+    if formulation == "lut":
+        if block:
+            raise ValueError("the lut formulation has no block function of its own to tune")
+        from tvm_schedules import lut
+
+        return tvm.IRModule({"main": lut.workload(lut.LutShape(shape.k, shape.n, shape.group_size))})
     from tvm_schedules.kernels import BLOCK_M, workload
 
     return tvm.IRModule({"main": workload(shape, BLOCK_M if block else 1, isa)})
 
 
-def best_record(db: Any, shape: Shape, isa: str, block: bool = False) -> Any:
+def check_formulation(formulation: str, fmt: str, isa: str) -> None:
+    """A ValueError unless ``formulation`` exists for ``fmt`` on ``isa`` (the LUT kernel: sherry, AVX-512)."""
+    from tvm_schedules.lut import FORMULATIONS
+
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose {', '.join(FORMULATIONS)}")
+    if formulation == "lut" and (fmt != "sherry" or isa != "avx512"):
+        raise ValueError(
+            f"the lut formulation is a sherry kernel for avx512, not {fmt} on {isa}: "
+            "tune other formats and targets with --formulation plane"
+        )
+
+
+def best_record(db: Any, shape: Shape, isa: str, block: bool = False, formulation: str = "plane") -> Any:
     """The database's fastest record for this kernel (``block``: its block function), or None. Looks
     first, so that a miss does not add the workload to the (committed) database file."""
-    mod = workload_module(shape, isa, block)
+    mod = workload_module(shape, isa, block, formulation)
     if not db.has_workload(mod):
         return None
     records = db.get_top_k(db.commit_workload(mod), 1)
@@ -440,18 +466,33 @@ def tune(
     formats: tuple[str, ...] = FORMATS,
     log_dir: Path | None = None,
     functions: tuple[str, ...] = FUNCTIONS,
+    formulation: str = "plane",
 ) -> list[Entry]:
     """Tune every (format, shape) for one target with MetaSchedule, the M = 1 function and the block
     function (``functions``: either alone; the other keeps its database record); appends the measured
     records to ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its
     entries. ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
-    ``log_dir/<target>/<kernel>[-block]/logs/`` instead of a temporary folder."""
+    ``log_dir/<target>/<kernel>[-block]/logs/`` instead of a temporary folder. ``formulation``: the
+    M = 1 kernel tuned (``lut``: sherry on avx512 only, which has no block function of its own to
+    search); an entry of the other formulation for the same kernel is replaced."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
 
-    from tvm_schedules.kernels import BLOCK_M, block_design_space, block_knob_space, design_space, knob_space, knobs_of
+    from tvm_schedules import kernels, lut
+    from tvm_schedules.kernels import BLOCK_M, block_design_space, block_knob_space, knobs_of
 
     config, isa = target_config(target_name)
+    for f in formats:
+        check_formulation(formulation, f, isa)
+    if formulation == "lut" and "m1" not in functions:
+        raise ValueError("the lut formulation has only an M = 1 function to search: --functions m1")
+    design_space = lut.design_space if formulation == "lut" else kernels.design_space
+
+    def knob_space(shape: Shape) -> list:
+        if formulation == "lut":
+            return lut.knob_space(lut.LutShape(shape.k, shape.n, shape.group_size))
+        return kernels.knob_space(shape)
+
     target = tvm.target.Target(config)
     tdir = out_dir / target_name
     tdir.mkdir(parents=True, exist_ok=True)
@@ -481,16 +522,19 @@ def tune(
             continue
         key = (shape.format, shape.k, shape.n, shape.group_size)
         entry = dict(entries.get(key, {}))
-        desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n}"
-        if "m1" in functions or best_record(db, shape, isa) is None:
+        if entry.get("formulation", "plane") != formulation:  # another kernel: none of its numbers hold
+            entry = {}
+        desc = f"[{i + 1}/{len(todo)}] {target_name} {shape.format} K={shape.k} N={shape.n} {formulation}"
+        if "m1" in functions or best_record(db, shape, isa, formulation=formulation) is None:
             start = time.time()
             budget = min(trials, len(knob_space(shape)))  # no more trials than points: the search has converged
             work = log_dir / target_name / shape.key if log_dir else None
-            measured = _search(workload_module(shape, isa), design_space, budget, desc, target, db, model, work)
+            module = workload_module(shape, isa, formulation=formulation)
+            measured = _search(module, design_space, budget, desc, target, db, model, work)
             seconds, hand = time.time() - start, handwritten_us(shape.format, shape.k, shape.n, shape.group_size, isa)
             entry |= {"trials": measured, "tune_seconds": round(seconds, 1)}
             entry["hand_us"] = None if hand is None else round(hand, 2)
-        best = best_record(db, shape, isa)
+        best = best_record(db, shape, isa, formulation=formulation)
         if best is None:
             print(f"  {shape.key}: no candidate built and ran")
             continue
@@ -508,11 +552,12 @@ def tune(
             "unroll": knobs.unroll,
             "order": knobs.order,
             "tvm_us": round(tvm_us, 2),
+            "formulation": formulation,
         }
         entry.setdefault("hand_us", None)
         entry.setdefault("trials", 0)  # not searched in this run nor recorded before
         entry.setdefault("tune_seconds", 0.0)
-        if "mx" in functions:
+        if "mx" in functions and formulation == "plane":
             start = time.time()
             budget = min(trials, len(block_knob_space(shape)))
             work = log_dir / target_name / f"{shape.key}-block" if log_dir else None
@@ -527,7 +572,7 @@ def tune(
                 work,
             )
             entry |= {"block_trials": measured, "block_tune_seconds": round(time.time() - start, 1)}
-        block = best_record(db, shape, isa, block=True)
+        block = best_record(db, shape, isa, block=True) if formulation == "plane" else None
         if block is not None:
             bk = knobs_of(block.trace)
             block_us = statistics.mean(float(t) for t in block.run_secs) * 1e6
@@ -544,7 +589,7 @@ def tune(
         hand = entry["hand_us"]
         blocks = f"; block function {bk} {block_us:.1f} µs per {BLOCK_M} rows" if block is not None else ""
         print(
-            f"  {shape.key}: {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
+            f"  {shape.key}: {formulation} {knobs} tvm {tvm_us:.1f} µs, hand-written {isa} "
             f"{hand if hand is not None else float('nan'):.1f} µs{blocks} "
             f"({COST_MODEL} cost model {trained} of the run's {model.data_size} measured candidates)"
         )
@@ -598,6 +643,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tuple(args.formats),
         args.log_dir,
         tuple(args.functions),
+        args.formulation,
     )
     print(
         f"tuned {len(entries)} kernels for {args.target} in {time.time() - start:.0f} s; "
@@ -632,6 +678,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(FUNCTIONS),
         help="what to search: m1 (the M = 1 function) and mx (the block function, M >= 16; up to 72 points); "
         "one left out keeps its database record (default: both)",
+    )
+    p.add_argument(
+        "--formulation",
+        choices=["plane", "lut"],
+        default="plane",
+        help="the M = 1 kernel: plane (decoded weight planes, every format) or lut (activation lookup tables "
+        "on the 1.25-bit sherry layout, --formats sherry --target avx512 only; its block functions run the M = 1 "
+        "loop nest per row and are not searched); the kernel's tuned.json entry records it (default: plane)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(

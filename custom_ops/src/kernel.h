@@ -177,6 +177,13 @@ float quantize_group_simd(const float* x, int64_t length, int8_t* xq, int32_t* s
 std::unique_ptr<MatMulKernel> make_scalar_kernel(const PackedWeights& w);
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined);
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined);
+// The sherry activation lookup tables of the AVX-512 kernel (kernel_avx512.cc group_tables) for one
+// scale group of `length` activations `x`: quantized with the shared numerics (formats.h), then 256
+// bytes per piece of 16 columns at `out`, entry (sign << 6 | j << 4 | idx) of the xl (then xh) table =
+// ±Σ_p lanes(idx)[p] · x[4j + p] with xl = xq & 15, xh = xq >> 4; `pieces` (at least the group's)
+// pieces are written, those past the group all zero. *scale: the group's activation scale. The TVM
+// LUT kernel (kernel_tvm.cc) reads the same tables. Needs AVX-512 (BW).
+void sherry_group_tables_avx512(const float* x, int64_t length, int64_t pieces, uint8_t* out, float* scale);
 // The int8 format's SIMD kernels (kernel_int8_avx2.cc, kernel_int8_avx512.cc); make_avx512_kernel and
 // make_avx2_path_kernel hand int8 weights to them.
 std::unique_ptr<MatMulKernel> make_int8_avx2_kernel(const PackedWeights& w, std::string* declined);

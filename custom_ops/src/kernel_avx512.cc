@@ -508,6 +508,35 @@ inline void build_tables(const int8_t* xl, const int8_t* xh, uint8_t* out, const
   }
 }
 
+// One scale group's tables: quantizes its `length` activations (AVX-512, the shared numerics of
+// formats.h) and writes the 256 table bytes of each of its `pieces` pieces at `out`; returns the
+// group's scale (0 for an all-zero group, NaN for a non-finite one, whose tables are all zero).
+template <class F>
+float group_tables(const float* x, int64_t length, int64_t pieces, uint8_t* out, const LutConstants& c) {
+  constexpr int64_t kUnitCols = 4 * F::kPieceCols;  // columns quantized at a time: 4 pieces
+  const float amax = group_amax(x, length);
+  if (!(amax > 0.f)) {  // xq = 0: all-zero tables
+    std::memset(out, 0, static_cast<size_t>(pieces) * kTableBytes);
+    return std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
+  }
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
+  for (int64_t piece = 0, col = 0; piece < pieces; piece += 4, col += kUnitCols) {
+    // Natural-order nibbles of 4 pieces; 16 bytes of slack for tl2's last 16-byte read.
+    alignas(64) int8_t xl[80] = {}, xh[80] = {};
+    for (int v = 0; v < 4; ++v) {
+      const int64_t left = std::min<int64_t>(length, col + kUnitCols) - (col + 16 * v);
+      if (left <= 0) break;
+      const __m512i q = quantize16(x + col + 16 * v, left, inv);
+      _mm_store_si128(reinterpret_cast<__m128i*>(xl + 16 * v),
+                      _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(15))));
+      _mm_store_si128(reinterpret_cast<__m128i*>(xh + 16 * v), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 4)));
+    }
+    for (int64_t p = 0; p < std::min<int64_t>(4, pieces - piece); ++p)
+      build_tables<F>(xl + p * F::kPieceCols, xh + p * F::kPieceCols, out + (piece + p) * kTableBytes, c);
+  }
+  return amax / static_cast<float>(kActivationQmax);
+}
+
 // (nibbles & 0x0F) | (sign ? set : clear) per byte: an index from a code's nibble (index in bits
 // 0-3, anything above) and its sign mask. Blend + ternlog: two cheap ops, no register copies.
 inline __m512i nibble_index(__m512i nibbles, __mmask64 sign, __m512i low_nibble, __m512i clear, __m512i set) {
@@ -758,35 +787,10 @@ void Code5Kernel<F>::prepare_row_for(const float* a_row, int64_t call_rows, uint
 template <class F>
 void Code5Kernel<F>::prepare_tables(const float* a_row, uint8_t* ws) const {
   const Geometry& g = plan_.g;
-  constexpr int64_t kUnitCols = 4 * F::kPieceCols;  // columns quantized at a time: 4 pieces
   auto* scale = reinterpret_cast<float*>(ws + plan_.act_scale_offset);
-  for (int64_t gi = 0; gi < plan_.groups; ++gi) {
-    const float* x = a_row + g.group_begin(gi);
-    const int64_t length = g.group_length(gi), pieces = plan_.pieces(gi);
-    uint8_t* out = ws + gi * plan_.act_group_bytes;
-    const float amax = group_amax(x, length);
-    if (!(amax > 0.f)) {  // xq = 0: all-zero tables
-      std::memset(out, 0, static_cast<size_t>(pieces) * kTableBytes);
-      scale[gi] = std::isnan(amax) ? amax : 0.f;  // a non-finite group makes the row NaN
-      continue;
-    }
-    const __m512 inv = _mm512_set1_ps(static_cast<float>(kActivationQmax) / amax);
-    for (int64_t piece = 0, c = 0; piece < pieces; piece += 4, c += kUnitCols) {
-      // Natural-order nibbles of 4 pieces; 16 bytes of slack for tl2's last 16-byte read.
-      alignas(64) int8_t xl[80] = {}, xh[80] = {};
-      for (int v = 0; v < 4; ++v) {
-        const int64_t left = std::min<int64_t>(length, c + kUnitCols) - (c + 16 * v);
-        if (left <= 0) break;
-        const __m512i q = quantize16(x + c + 16 * v, left, inv);
-        _mm_store_si128(reinterpret_cast<__m128i*>(xl + 16 * v),
-                        _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(15))));
-        _mm_store_si128(reinterpret_cast<__m128i*>(xh + 16 * v), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 4)));
-      }
-      for (int64_t p = 0; p < std::min<int64_t>(4, pieces - piece); ++p)
-        build_tables<F>(xl + p * F::kPieceCols, xh + p * F::kPieceCols, out + (piece + p) * kTableBytes, lut_);
-    }
-    scale[gi] = amax / static_cast<float>(kActivationQmax);
-  }
+  for (int64_t gi = 0; gi < plan_.groups; ++gi)
+    scale[gi] = group_tables<F>(a_row + g.group_begin(gi), g.group_length(gi), plan_.pieces(gi),
+                                ws + gi * plan_.act_group_bytes, lut_);
 }
 
 // A whole pair of pieces of NT tiles for MB rows of A: the xl sums of the two pieces are added in
@@ -1155,6 +1159,13 @@ void I2SKernel::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n
 }
 
 }  // namespace
+
+void sherry_group_tables_avx512(const float* x, int64_t length, int64_t pieces, uint8_t* out, float* scale) {
+  static const LutConstants constants = make_lut_constants<SherryCodes>();
+  const int64_t used = ceil_div(length, SherryCodes::kPieceCols);
+  *scale = group_tables<SherryCodes>(x, length, used, out, constants);
+  std::memset(out + used * kTableBytes, 0, static_cast<size_t>(pieces - used) * kTableBytes);  // padding pieces
+}
 
 std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::string* declined) {
   if (const std::string bad = check_geometry(w.format, w.geometry.n, w.geometry.k, w.geometry.group_size);

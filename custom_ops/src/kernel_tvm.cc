@@ -7,6 +7,12 @@
 // rows (byte 4r + j of a quad = code j of row r), scale groups padded to whole quads; activation rows
 // hold the int8 values from the shared quantize_group quad by quad in dword order (each group
 // padded), then the float32 group scales and the int32 group sums.
+// The sherry LUT formulation (tvm_schedules/lut.py) instead: weights as the AVX-512 kernel's 80-byte
+// pair records (1.25 bits per weight), blocks of up to 8 tiles interleaved in one stream with each
+// group's float16 scales; activation rows hold the pairs' lookup tables, built by the AVX-512
+// kernel's own table builder (sherry_group_tables_avx512), then the float32 group scales. Its block
+// functions (mx, mb) run the M = 1 loop nest per row (nothing is decoded to share), so compute() treats
+// both formulations alike.
 //
 // Threads: a kernel's outer loop runs over row blocks (`lane_block` rows: tiles x 16) as a TVM
 // `parallel` loop, which calls __TVMBackendParallelLaunch. row_tile() is one row block, so the op's own parallel tiles (on
@@ -112,11 +118,31 @@ constexpr int64_t kTvmTile = 16;
 // The largest lane_block: the design space's tiles per step are at most 8 (kernels.py).
 constexpr int64_t kMaxLaneBlock = 8 * kTvmTile;
 
+// The LUT formulation (lut.py LutShape): pairs of two pieces of 16 columns, 80 weight bytes per pair
+// and tile, 512 table bytes per pair and row of A.
+constexpr int64_t kPairCols = 32, kPairBytes = 80, kPairTableBytes = 512, kScaleBytes = 32;
+
 struct TvmLayout {
   Format format;
   Geometry g;
   int64_t lanes_per_code, quads_per_group, codes_per_group, padded_group, quads, codes, lane_block;
   int64_t planes, plane_bytes[2], scale_offset, row_bytes;
+  bool lut = false;
+  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0;  // lut only
+
+  TvmLayout(Format f, const Geometry& geometry, int64_t lb, bool lut_formulation)
+      : TvmLayout(f, geometry, lb) {
+    if (!lut_formulation) return;
+    lut = true;
+    const int64_t tiles = g.n / kTvmTile;
+    pairs_per_group = ceil_div(g.group_size, kPairCols);
+    padded_group = pairs_per_group * kPairCols;
+    block_tiles = tiles % 8 == 0 ? 8 : tiles % 4 == 0 ? 4 : tiles % 2 == 0 ? 2 : 1;
+    group_bytes = block_tiles * (pairs_per_group * kPairBytes + kScaleBytes);
+    plane_bytes[0] = g.groups() * group_bytes / block_tiles / kTvmTile;  // weight bytes per row
+    scale_offset = g.groups() * pairs_per_group * kPairTableBytes;
+    row_bytes = scale_offset + round_up(4 * g.groups(), kPairTableBytes);
+  }
 
   TvmLayout(Format f, const Geometry& geometry, int64_t lb) : format(f), g(geometry), lane_block(lb) {
     lanes_per_code = f == Format::kTL2 ? 3 : 4;
@@ -164,7 +190,7 @@ DLTensor tensor(void* data, DLDataType dtype, int64_t* shape) {
 class TvmKernel final : public MatMulKernel {
  public:
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
-      : entry_(entry), layout_(w.format, w.geometry, entry.lane_block) {
+      : entry_(entry), layout_(w.format, w.geometry, entry.lane_block, entry.formulation == 1) {
     const Geometry& g = w.geometry;
     const auto bad_step = [&](int64_t rows) {
       return rows <= 0 || rows > kMaxLaneBlock || rows % kTvmTile != 0 || g.n % rows != 0;
@@ -177,9 +203,14 @@ class TvmKernel final : public MatMulKernel {
                                std::to_string(entry.chunk_rows) + " and " + std::to_string(entry.block_rows) +
                                " rows of A: rebuild the library (make lib)");
     const TvmLayout& L = layout_;
+    if (L.lut && (w.format != Format::kSherry || L.block_tiles * kTvmTile % entry.lane_block != 0 ||
+                  L.block_tiles * kTvmTile % entry.block_lane_block != 0))
+      throw std::runtime_error(std::string("the TVM kernel table's LUT entry (") + entry.target + ") does not fit " +
+                               format_name(w.format) + " weights with N=" + std::to_string(g.n) +
+                               ": rebuild the library (make lib)");
     const int64_t blocks = g.n / L.lane_block;
     planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
-    alpha_ = aligned_array<float>(static_cast<size_t>(g.n * g.groups()));
+    alpha_ = aligned_array<float>(L.lut ? 0 : static_cast<size_t>(g.n * g.groups()));  // lut: in the stream
     std::vector<int8_t> values(static_cast<size_t>(g.k)), padded(static_cast<size_t>(g.groups() * L.padded_group));
     const int64_t stride = row_bytes(w.format, g.k, g.group_size);
     for (int64_t n = 0; n < g.n; ++n) {
@@ -189,8 +220,12 @@ class TvmKernel final : public MatMulKernel {
       std::fill(padded.begin(), padded.end(), 0);
       for (int64_t gi = 0; gi < g.groups(); ++gi)
         std::copy_n(values.data() + g.group_begin(gi), g.group_length(gi), padded.data() + gi * L.padded_group);
-      // W[tile, quad, 4 r + j]: code j of the quad, row r of the tile
       const int64_t tile = n / kTvmTile, r = n % kTvmTile;
+      if (L.lut) {
+        put_lut_row(padded.data(), tile, r, w.scales + n * g.groups());
+        continue;
+      }
+      // W[tile, quad, 4 r + j]: code j of the quad, row r of the tile
       for (int64_t c = 0; c < L.codes; ++c) {
         const int8_t* v = padded.data() + c * L.lanes_per_code;
         uint8_t code;
@@ -232,6 +267,13 @@ class TvmKernel final : public MatMulKernel {
   // quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
+    if (L.lut) {  // the AVX-512 kernel's own quantization and table builder, group by group
+      auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
+      for (int64_t g = 0; g < L.g.groups(); ++g)
+        sherry_group_tables_avx512(a_row + L.g.group_begin(g), L.g.group_length(g), 2 * L.pairs_per_group,
+                                   ws + g * L.pairs_per_group * kPairTableBytes, &scale[g]);
+      return;
+    }
     auto* xq = reinterpret_cast<int8_t*>(ws);
     auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
     auto* sums = reinterpret_cast<int32_t*>(ws + L.scale_offset) + L.g.groups();
@@ -311,6 +353,28 @@ class TvmKernel final : public MatMulKernel {
     }
   }
 
+  // Row r of tile `tile` into the LUT stream (lut.py weights): per group and pair, the pair record of
+  // the tile (index nibbles of pieces A | B << 4 at byte 4r + j, sign bits at 64 + 8 piece + i / 8),
+  // then the row's float16 scale. `padded`: the row's ternary values, groups padded to whole pairs.
+  void put_lut_row(const int8_t* padded, int64_t tile, int64_t r, const uint16_t* scales) {
+    const TvmLayout& L = layout_;
+    const int64_t bt = L.block_tiles, b = tile / bt, tb = tile % bt;
+    for (int64_t gi = 0; gi < L.g.groups(); ++gi) {
+      uint8_t* group = planes_[0].get() + (b * L.g.groups() + gi) * L.group_bytes;
+      for (int64_t q = 0; q < L.pairs_per_group; ++q) {
+        uint8_t* record = group + (q * bt + tb) * kPairBytes;
+        for (int piece = 0; piece < 2; ++piece)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t code = sherry_code(padded + gi * L.padded_group + q * kPairCols + 16 * piece + 4 * j);
+            const int i = static_cast<int>(4 * r + j);
+            record[i] = static_cast<uint8_t>(record[i] | (code & 15) << (4 * piece));
+            record[64 + 8 * piece + i / 8] = static_cast<uint8_t>(record[64 + 8 * piece + i / 8] | (code >> 4) << (i % 8));
+          }
+      }
+      std::memcpy(group + bt * L.pairs_per_group * kPairBytes + tb * kScaleBytes + 2 * r, &scales[gi], 2);
+    }
+  }
+
   void call(TvmFunction fn, const uint8_t* ws, int64_t m, float* y, TaskRange range) const {
     const TvmLayout& L = layout_;
     int64_t x_shape[2] = {m, L.row_bytes}, s_shape[2] = {m, L.row_bytes / 4}, y_shape[2] = {m, L.g.n};
@@ -321,14 +385,20 @@ class TvmKernel final : public MatMulKernel {
     auto* base = const_cast<uint8_t*>(ws);
     DLTensor tensors[6];
     int count = 0;
-    tensors[count++] = tensor(base, i8, x_shape);
+    // lut: X [m, row_bytes / 512, 512] (a pair's tables per slot), S, W [blocks, G, group_bytes], Y
+    int64_t lut_x_shape[3] = {m, L.row_bytes / kPairTableBytes, kPairTableBytes};
+    int64_t lut_w_shape[3] = {L.lut ? tiles / L.block_tiles : 0, L.g.groups(), L.group_bytes};
+    tensors[count] = tensor(base, i8, L.lut ? lut_x_shape : x_shape);
+    tensors[count++].ndim = L.lut ? 3 : 2;
     tensors[count++] = tensor(base + L.scale_offset, f32, s_shape);
     for (int64_t p = 0; p < L.planes; ++p) {
-      tensors[count] = tensor(planes_[p].get(), u8, plane_shape[p]);
+      tensors[count] = tensor(planes_[p].get(), u8, L.lut ? lut_w_shape : plane_shape[p]);
       tensors[count++].ndim = 3;
     }
-    tensors[count] = tensor(alpha_.get(), f32, alpha_shape);
-    tensors[count++].ndim = 3;
+    if (!L.lut) {  // the LUT stream carries its scales
+      tensors[count] = tensor(alpha_.get(), f32, alpha_shape);
+      tensors[count++].ndim = 3;
+    }
     tensors[count++] = tensor(y, f32, y_shape);
     TVMFFIAny args[6];
     for (int i = 0; i < count; ++i) {

@@ -32,6 +32,7 @@ struct TvmEntry {
   const char* cpu;       // the CPU that timed them, as cpu_model_id() (dispatch.h) names it; "" if unknown
   const char* cpu_name;  // its model name, for the report
   const char* target;
+  int formulation;  // 0: weight planes (kernels.py); 1: sherry activation lookup tables (lut.py)
 };
 
 extern const TvmEntry kTvmEntries[];

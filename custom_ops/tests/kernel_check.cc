@@ -7,7 +7,7 @@
 //
 //   sherry_kernel_check [check]                       correctness (exit 1 on any failure)
 //   sherry_kernel_check bench [options]               one-thread timings, candidates interleaved
-//     --paths avx512,avx2  --formats sherry,tl2,i2s  --shapes 2048x2048,2048x512,...  --m 1,128
+//     --paths avx512,avx2[,tvm]  --formats sherry,tl2,i2s  --shapes 2048x2048,2048x512,...  --m 1,128
 //     --cold-bytes 4e8  --rounds 10
 //
 // check: random canonical weights and scales over many geometries; rows of A split and N ranges
@@ -590,6 +590,11 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
     for (const Path& p : paths) {
       Contender c{std::string(format_name(f)) + "[" + p.name + "]", f, {}, 0, {}, {}, {}};
       for (int i = 0; i < copies; ++i) c.copies.push_back(p.make(w.view(), nullptr));
+      if (!c.copies[0]) {
+        std::printf("skip %s: the %s path declines K=%lld N=%lld\n", c.label.c_str(), p.name, static_cast<long long>(k),
+                    static_cast<long long>(n));
+        continue;
+      }
       ws_bytes = std::max(ws_bytes, c.copies[0]->activation_row_bytes_for(m) * static_cast<size_t>(m));
       all.push_back(std::move(c));
     }
@@ -657,6 +662,9 @@ int run_bench(const BenchOptions& o) {
   for (const std::string& name : o.paths) {
     for (Path& p : simd_paths())
       if (name == p.name && p.supported) paths.push_back(std::move(p));
+#ifdef SHERRY_WITH_TVM
+    if (name == "tvm") paths.push_back({"tvm", KernelPath::kTVM, make_tvm_kernel, true});  // linked shapes only
+#endif
   }
   if (paths.empty()) {
     std::printf("bench: none of the requested paths runs on this CPU\n");

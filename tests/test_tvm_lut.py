@@ -1,0 +1,225 @@
+"""The lookup-table formulation of the sherry M = 1 TVM kernel (tvm_schedules/lut.py), compiled here on the spot
+for AVX-512 (skipped without AVX-512 VBMI/VNNI), against the kernels' int8 numerics reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sherry_export.formats import SHERRY_DECODE, PackedWeight, pack, quantize_activations, reference_matmul
+from sherry_export.quant import sherry_ternarize
+
+tvm = pytest.importorskip("tvm")
+from tvm_schedules import lut  # noqa: E402
+from tvm_schedules.kernels import Knobs  # noqa: E402
+from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
+
+needs_avx512 = pytest.mark.skipif(host_isa() != "avx512", reason="the LUT kernel is AVX-512 (VBMI, VNNI)")
+
+
+def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return pack("sherry", sherry_ternarize(weight, gs), gs)
+
+
+def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray) -> np.ndarray:
+    lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS["avx512"]))
+    ws, scales = lut.activations(ls, x)
+    w = lut.weights(packed_weight(ls.k, ls.n, ls.group_size))
+    y = tvm.runtime.tensor(np.full((x.shape[0], ls.n), np.nan, np.float32))
+    args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
+    return y.numpy()
+
+
+@needs_avx512
+@pytest.mark.parametrize("order", lut.ORDERS)
+@pytest.mark.parametrize(
+    ("k", "n", "gs", "m"),
+    [(256, 64, 128, 1), (320, 96, 128, 1), (320, 32, 64, 3), (512, 48, 512, 1), (96, 16, 32, 2), (2048, 128, 128, 1)],
+)
+def test_lut_kernel_matches_reference_bit_exactly(k: int, n: int, gs: int, m: int, order: str) -> None:
+    """Exact int dots from the tables, then y = Σ_g (α·s)·dot in group order, no FMA: the int8 reference bit
+    for bit. K = 320 at group 128 has a short last group (64 columns: two of its four pairs are padding),
+    group 512 is per-channel, group 32 is one pair per group; every step size and the largest unroll."""
+    ls = lut.LutShape(k, n, gs)
+    x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    x[0, :3] *= 40  # an outlier: the other groups of the row keep their own scale
+    for tiles in (1, lut.tile_choices(ls)[-1]):
+        y = run(ls, Knobs(tiles, lut.unroll_choices(ls)[-1], order), x)
+        np.testing.assert_array_equal(y, reference_matmul(x, packed_weight(k, n, gs), activations="int8"))
+
+
+@needs_avx512
+def test_nan_row_and_zero_row() -> None:
+    ls = lut.LutShape(256, 32, 128)
+    x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
+    x[1, 5] = np.nan
+    x[2] = 0
+    y = run(ls, Knobs(2, 2, "pair"), x)
+    assert np.isnan(y[1]).all() and (y[2] == 0).all() and np.isfinite(y[0]).all()
+
+
+def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
+    """Per block of tiles and group: 80 bytes per pair and tile, byte 4r + j the indices of code j of row r
+    in pieces A (low nibble) and B (high nibble), then the sign bits of A and B (bit i of each 8-byte
+    mask), pair after pair and tile after tile; then the tiles' float16 scales. 1.25 bits per weight."""
+    packed = packed_weight(128, 64, 64)  # 4 tiles (one block of 4), 2 groups of 2 pairs
+    ls = lut.LutShape(128, 64, 64)
+    w = lut.weights(packed)
+    assert ls.block_tiles == 4 and w.shape == (1, 2, 4 * (2 * lut.PAIR_BYTES + lut.SCALE_BYTES))
+    assert lut.LutShape(2048, 2048, 128).weight_bits == 1.25
+    values = packed_values(packed)
+    for g in range(2):
+        for pair in range(2):
+            for tile in range(4):
+                record = w[0, g, (pair * 4 + tile) * lut.PAIR_BYTES :]
+                for r in range(16):
+                    for j in range(4):
+                        i = 4 * r + j
+                        for piece, nibble in ((0, record[i] & 15), (1, record[i] >> 4)):
+                            sign = record[64 + 8 * piece + i // 8] >> (i % 8) & 1
+                            col = 64 * g + 32 * pair + 16 * piece + 4 * j
+                            np.testing.assert_array_equal(
+                                SHERRY_DECODE[nibble | sign << 4], values[16 * tile + r, col : col + 4]
+                            )
+        scales = w[0, g, 4 * 2 * lut.PAIR_BYTES :].view(np.float16).reshape(4 * 16)
+        np.testing.assert_array_equal(scales, packed.scales[:, g])
+
+
+def packed_values(packed: PackedWeight) -> np.ndarray:
+    from sherry_export.formats import unpack
+
+    return unpack(packed).values.numpy()
+
+
+def test_tables_hold_every_codes_signed_dot() -> None:
+    """Entry sign << 6 | j << 4 | idx of the xl (xh) table of a piece is ±Σ_p lanes(idx)[p] · xl (xh) of
+    column 4j + p, and xl + 16 xh = xq: so the two lookups give the exact Σ w · xq of a block."""
+    ls = lut.LutShape(32, 16, 32)
+    x = np.random.default_rng(3).standard_normal((1, 32), dtype=np.float32)
+    xq, _ = quantize_activations(x, 32)
+    t = lut.tables(ls, xq).astype(np.int64).reshape(2, 2, 128)  # [piece, half, entry]
+    for piece in range(2):
+        for code in range(32):
+            for j in range(4):
+                e = (code >> 4) << 6 | j << 4 | (code & 15)
+                block = xq[0, 16 * piece + 4 * j : 16 * piece + 4 * j + 4].astype(np.int64)
+                assert t[piece, 0, e] + 16 * t[piece, 1, e] == SHERRY_DECODE[code].astype(np.int64) @ block
+
+
+@needs_avx512
+def test_lut_intrinsic_alone() -> None:
+    """The intrinsic on random pair records and tables (its description: the entry each code indexes, of
+    both pieces, xl + 16·xh), against numpy, the extreme table values included."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def f(
+        W: T.Buffer((3, lut.PAIR_BYTES), "uint8"),
+        X: T.Buffer((3, lut.TABLE_BYTES), "int8"),
+        C: T.Buffer((3, 16), "int32"),
+    ) -> None:
+        for v, r, j, e in T.grid(3, 16, 4, lut.ENTRIES):
+            with T.sblock("lut"):
+                vv, vr, vj, ve = T.axis.remap("SSRR", [v, r, j, e])
+                T.reads(C[vv, vr], W[vv, 0 : lut.PAIR_BYTES], X[vv, 0 : lut.TABLE_BYTES])
+                T.writes(C[vv, vr])
+                with T.init():
+                    C[vv, vr] = 0
+                C[vv, vr] = C[vv, vr] + lut.lut_term(W, [vv], X, [vv], vr, vj, ve)
+
+    sch = tvm.s_tir.Schedule(f)
+    block = sch.get_sblock("lut")
+    _, r, _, _ = sch.get_loops(block)
+    sch.decompose_reduction(block, r)
+    sch.tensorize(r, lut.lut_name())
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
+    rng = np.random.default_rng(4)
+    w = rng.integers(0, 256, (3, lut.PAIR_BYTES), dtype=np.uint8)
+    x = rng.integers(-45, 46, (3, lut.TABLE_BYTES), dtype=np.int8)  # |xl sums| <= 45, as the tables hold
+    x[1] = 45
+    x[2, 128:256], x[2, 384:] = -24, -24  # the xh extremes
+    c = tvm.runtime.tensor(np.zeros((3, 16), np.int32))
+    lib["main"](tvm.runtime.tensor(w), tvm.runtime.tensor(x), c)
+    expected = np.zeros((3, 16), np.int64)
+    t = x.astype(np.int64)
+    for v in range(3):
+        for i in range(64):
+            r, j = divmod(i, 4)
+            for piece, nibble in ((0, int(w[v, i]) & 15), (1, int(w[v, i]) >> 4)):
+                e = (int(w[v, 64 + 8 * piece + i // 8]) >> (i % 8) & 1) << 6 | j << 4 | nibble
+                expected[v, r] += t[v, 256 * piece + e] + 16 * t[v, 256 * piece + 128 + e]
+    np.testing.assert_array_equal(c.numpy(), expected)
+
+
+@needs_avx512
+def test_schedule_tensorizes_the_lookup_and_allocates_nothing() -> None:
+    """The trace's Tensorize names the LUT intrinsic; the code has its instructions (vpermi2b/vpermt2b,
+    vpdpbusd, the sign masks through kmovq) and no workspace call at the largest step."""
+    ls = lut.LutShape(256, 128, 128)
+    sch = tvm.s_tir.Schedule(lut.workload(ls))
+    lut.schedule(sch, "pair", Knobs(8, 4, "pair"))
+    used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
+    assert used == {lut.lut_name("avx512")}
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
+    assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
+    asm = lib.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "kmovq" in asm and ("vpermi2b" in asm or "vpermt2b" in asm)
+    assert "vpermb\t" not in asm  # no plane decode
+
+
+def test_knob_space() -> None:
+    space = lut.knob_space(lut.LutShape(2048, 2048, 128))  # 128 tiles, 4 pairs per group
+    assert len(space) == 4 * 3 * 2 and {kn.order for kn in space} == set(lut.ORDERS)
+    with pytest.raises(ValueError, match="design space"):
+        lut.prim_func(lut.LutShape(256, 48, 128), Knobs(2, 1, "pair"))  # 3 tiles
+    assert "multiple of 16" in lut.LutShape(64, 40, 64).supported()
+
+
+def test_formulation_is_checked() -> None:
+    from tvm_schedules.tune import check_formulation
+
+    check_formulation("lut", "sherry", "avx512")
+    check_formulation("plane", "tl2", "avx2")
+    with pytest.raises(ValueError, match="sherry kernel for avx512, not tl2 on avx512"):
+        check_formulation("lut", "tl2", "avx512")
+    with pytest.raises(ValueError, match="not sherry on avx2"):
+        check_formulation("lut", "sherry", "avx2")
+    with pytest.raises(ValueError, match="unknown formulation"):
+        check_formulation("decode", "sherry", "avx512")
+
+
+@needs_avx512
+@pytest.mark.slow
+def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
+    the formulation, the build replays the trace (M = 1) and schedules the block functions (``_mx``,
+    ``_mb``) with its decisions, row by row, the table marks the entry as a LUT kernel, and all three
+    functions equal the reference."""
+    from tvm_schedules.build import TunedKernel, table_source, tuned_functions
+    from tvm_schedules.kernels import BLOCK_M
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.tune import database, tune
+
+    out = tmp_path_factory.mktemp("db")
+    [entry] = tune([(256, 64, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    assert entry.formulation == "lut" and entry.order in lut.ORDERS and entry.trials == 3
+    assert entry.block_tiles is None  # no block function of its own was searched
+    shape, ls = Shape("sherry", 256, 64, 128), lut.LutShape(256, 64, 128)
+    funcs, tuned = tuned_functions(database(out / "avx512"), shape, "avx512", "avx512", "lut")
+    assert tuned == TunedKernel(16 * entry.tiles, 16 * entry.tiles, BLOCK_M, lut.BLOCK_ROWS)
+    target = tvm.target.Target(TARGETS["avx512"])
+    for name, func in funcs.items():
+        m = {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[name[-2:]]
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        x = np.random.default_rng(5).standard_normal((m, 256), dtype=np.float32)
+        ws, scales = lut.activations(ls, x)
+        y = tvm.runtime.tensor(np.zeros((m, 64), np.float32))
+        args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed_weight(256, 64, 128)))
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
+        np.testing.assert_array_equal(y.numpy(), reference_matmul(x, packed_weight(256, 64, 128), activations="int8"))
+    names = {0: tuple(funcs)}
+    table = table_source([entry.__dict__], names, {0: tuned})
+    assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut

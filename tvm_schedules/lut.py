@@ -1,0 +1,495 @@
+"""The activation lookup-table formulation of the sherry M = 1 kernel in TensorIR (``formulation`` lut).
+
+The plane kernel (tvm_schedules/kernels.py) decodes every code byte into one weight plane per lane
+and dots each plane with the activations: 8 shuffle or dot µops per 256 weights on AVX-512, from a
+byte per code (2 bits per weight). This formulation does what the hand-written AVX-512 kernel
+(custom_ops/src/kernel_avx512.cc, ``lookup_pair``) does instead, in TensorIR:
+
+- **Weights**, 1.25 bits per weight, the hand-written kernel's pair records: per tile (16 rows) and
+  *pair* (two pieces of 4 codes of every row, 32 columns), 80 bytes: byte ``i = 4r + j`` holds the
+  4-bit index of code j of piece A of row r in its low nibble and that of piece B in its high
+  nibble, then two 64-bit masks of the codes' sign bits (bit i: piece A, then piece B). Stored
+  ``[tiles, pairs, 80]``, one stream per tile, every group padded to whole pairs.
+- **Activations**: per pair, per piece, the 256 table bytes of the hand-written ``build_tables``:
+  the quantized activations split into low nibbles ``xl = xq & 15`` and high nibbles ``xh = xq >> 4``
+  (both then fit int8 sums of 3 lanes), and for each a 128-entry table indexed by
+  ``sign << 6 | j << 4 | idx``: ``±Σ_p lanes(idx)[p] · x[4j + p]`` (:func:`tables`). Then the float32
+  group scales.
+- **The lookup** (block ``lut``, tensorized by :func:`lut_name`): for the 64 codes of a piece of a
+  tile, the index ``sign << 6 | j << 4 | idx`` (a blend on the sign mask and a ternary-logic op),
+  one ``vpermi2b`` per table (4 per pair: A and B, xl and xh), the two pieces' bytes added in int8
+  (|xl sum| <= 90, |xh sum| <= 48), and two ``vpdpbusd`` (by 1 and by 16) into each row's int32 lane:
+  ``acc[r] += Σ_j xl-table + 16 · xh-table`` = the exact ``Σ w · xq`` of the pair's 512 weights.
+  Per 256 weights: 2 byte permutes and 1 dot, against the plane kernel's 4 and 4.
+- ``group`` and ``store`` as in the plane kernel: ``y += (α·s)·float(acc)`` in group order, the
+  product fenced from FMA contraction (``llvm.arithmetic.fence``): bit for bit the int8 reference.
+
+The design space (:func:`schedule`): ``tiles`` per parallel step, ``unroll`` (pairs of a group
+unrolled together) and ``order``: ``pair`` (each pair over every tile of the step: its 8 table
+vectors are loaded once and stay in registers across the tiles) or ``tile`` (each tile over its
+``unroll`` pairs: the tables are reloaded from L1 per tile).
+
+Only the M = 1 function is tuned. The op's block functions for M > 1 (``_mx``, ``kernels.BLOCK_M``
+rows, and ``_mb``, :data:`BLOCK_ROWS` rows; tvm_schedules/build.py) run the same loop nest with the
+M = 1 function's decisions for each row inside each parallel step: the tables are per row, so there
+is no decode to share, only the step's weight stream, which stays in cache from row to row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+
+from sherry_export.formats import SHERRY_DECODE, PackedWeight, quantize_activations, unpack
+from tvm_schedules.kernels import FORMAT_KEY, ISA_KEY, ORDER_KEY, Knobs, _loops_after
+from tvm_schedules.layout import TILE, Shape, code_bytes
+
+PAIR_COLS = 32
+"""Columns of a pair: two pieces of 4 sherry codes (16 columns each)."""
+PAIR_BYTES = 80
+"""Weight bytes of a pair of one tile: 64 index bytes and two 8-byte sign masks (1.25 bits per weight)."""
+TABLE_BYTES = 512
+"""Activation table bytes of a pair: per piece, xl tables (128) then xh tables (128)."""
+SCALE_BYTES = 2 * 16
+"""The float16 scales of one tile and group."""
+MAX_TILES = 8
+MAX_UNROLL = 4
+ORDERS = ("pair", "tile")
+BLOCK_ROWS = 8
+"""Rows of A of the LUT entry's single-block function (``_mb``), what is left of a call after whole
+``kernels.BLOCK_M``-row calls before the last rows go one by one through the M = 1 function."""
+FORMULATIONS = ("plane", "lut")
+"""The M = 1 kernel's formulations: weight planes (kernels.py) or activation lookup tables (here)."""
+
+
+def lut_name(isa: str = "avx512") -> str:
+    return f"sherry_lut_pair_{isa}"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class LutShape:
+    """The LUT kernel's geometry of one sherry weight."""
+
+    k: int
+    n: int
+    group_size: int
+
+    @property
+    def shape(self) -> Shape:
+        return Shape("sherry", self.k, self.n, self.group_size)
+
+    @property
+    def groups(self) -> int:
+        return _ceil_div(self.k, self.group_size)
+
+    @property
+    def pairs_per_group(self) -> int:
+        return _ceil_div(self.group_size, PAIR_COLS)
+
+    @property
+    def padded_group(self) -> int:
+        return self.pairs_per_group * PAIR_COLS
+
+    @property
+    def pairs(self) -> int:
+        return self.groups * self.pairs_per_group
+
+    @property
+    def tiles(self) -> int:
+        return self.n // TILE
+
+    @property
+    def block_tiles(self) -> int:
+        """Tiles interleaved in one weight stream: 8 (the hand-written kernel's block), else the largest
+        power of two that divides the tiles."""
+        return next(b for b in (8, 4, 2, 1) if self.tiles % b == 0)
+
+    @property
+    def blocks(self) -> int:
+        return self.tiles // self.block_tiles
+
+    @property
+    def group_bytes(self) -> int:
+        """Weight bytes of one group of a block: its pair records, tile after tile per pair, then the
+        tiles' float16 scales."""
+        return self.block_tiles * (self.pairs_per_group * PAIR_BYTES + SCALE_BYTES)
+
+    @property
+    def scale_offset(self) -> int:
+        return self.pairs * TABLE_BYTES
+
+    @property
+    def row_bytes(self) -> int:
+        """Workspace bytes per row of A: the tables, then the float32 group scales, in whole 512-byte
+        slots (the function reads the row as ``[slots, 512]``, a pair's tables per slot)."""
+        return self.scale_offset + _ceil_div(4 * self.groups, TABLE_BYTES) * TABLE_BYTES
+
+    @property
+    def weight_bits(self) -> float:
+        """Bits per weight of the codes in the weight stream (1.25 where the group size is a multiple of
+        32; the float16 scales add 16 / group_size)."""
+        return 8 * self.tiles * self.pairs * PAIR_BYTES / (self.k * self.n)
+
+    @property
+    def key(self) -> str:
+        return f"sherry_lut_k{self.k}_n{self.n}_g{self.group_size}"
+
+    def supported(self) -> str:
+        if self.n % TILE:
+            return f"N={self.n} is not a multiple of {TILE}"
+        if self.k % 4 or self.group_size % 4:
+            return f"sherry needs K and group_size multiples of 4, not K={self.k}, group_size={self.group_size}"
+        return ""
+
+
+def _padded(ls: LutShape, values: np.ndarray) -> np.ndarray:
+    """``values [M, K]`` with every group zero-padded to whole pairs: ``[M, G·padded_group]``."""
+    # layout.padded_values pads to whole quads of its Shape; pairs need the pair-padded geometry
+    out = np.zeros((values.shape[0], ls.groups * ls.padded_group), values.dtype)
+    for g in range(ls.groups):
+        start = g * ls.group_size
+        length = min(ls.group_size, ls.k - start)
+        out[:, g * ls.padded_group : g * ls.padded_group + length] = values[:, start : start + length]
+    return out
+
+
+def weights(packed: PackedWeight) -> np.ndarray:
+    """The weight stream, uint8 ``[blocks, G, group_bytes]``: per block of ``block_tiles`` tiles and
+    group, the pair records (80 bytes; pair after pair, the block's tiles one after the other), then
+    the tiles' float16 scales (16 each, as stored: the kernel widens them exactly). A step of the
+    kernel thus reads one forward stream, as the hand-written kernel's layout."""
+    ls = LutShape(packed.k, packed.n, packed.group_size)
+    if packed.format != "sherry":
+        raise ValueError(f"the LUT kernel takes sherry weights, not {packed.format}")
+    if problem := ls.supported():
+        raise ValueError(problem)
+    values = _padded(ls, unpack(packed).values.numpy())
+    # 5-bit codes per block of 4 (padding blocks code 0: they meet zero activations)
+    cols = ls.groups * ls.padded_group
+    codes = code_bytes(Shape("sherry", cols, TILE, cols), values)
+    B, PG = ls.block_tiles, ls.pairs_per_group
+    c = codes.reshape(ls.blocks, B, TILE, ls.groups, PG, 2, 4)  # [b, tile, r, g, pair, piece, j]
+    c = c.transpose(0, 3, 4, 1, 5, 2, 6).reshape(ls.blocks, ls.groups, PG, B, 2, 64)  # byte i = 4r + j
+    records = np.zeros((ls.blocks, ls.groups, PG, B, PAIR_BYTES), np.uint8)
+    records[..., :64] = (c[..., 0, :] & 15) | (c[..., 1, :] & 15) << 4
+    signs = (c >> 4).astype(np.uint8)
+    records[..., 64:] = np.packbits(signs, axis=-1, bitorder="little").reshape(*records.shape[:-1], 16)
+    alpha = packed.scales.astype(np.float16).reshape(ls.blocks, B, TILE, ls.groups).transpose(0, 3, 1, 2)
+    out = np.concatenate(
+        [
+            records.reshape(ls.blocks, ls.groups, -1),
+            np.ascontiguousarray(alpha).view(np.uint8).reshape(ls.blocks, ls.groups, -1),
+        ],
+        axis=-1,
+    )
+    return np.ascontiguousarray(out)
+
+
+def tables(ls: LutShape, xq: np.ndarray) -> np.ndarray:
+    """The activation tables ``[M, pairs, 512]`` (int8) of quantized activations ``xq [M, K]``: per pair
+    and piece (16 columns), for xl = xq & 15 and xh = xq >> 4, 128 entries ``sign << 6 | j << 4 | idx``
+    = ±Σ_p lanes(idx)[p] · x[4j + p], the positive sums then their negations."""
+    m = xq.shape[0]
+    x = _padded(ls, xq).astype(np.int32).reshape(m, ls.pairs, 2, 4, 4)  # [m, pair, piece, j, p]
+    lanes = SHERRY_DECODE[:16].astype(np.int32)  # [idx, p]
+    out = np.empty((m, ls.pairs, 2, 2, 2, 4, 16), np.int32)  # [m, pair, piece, half, sign, j, idx]
+    for half, part in enumerate((x & 15, x >> 4)):
+        pos = np.einsum("mqcjp,ip->mqcji", part, lanes)
+        out[:, :, :, half, 0] = pos
+        out[:, :, :, half, 1] = -pos
+    return out.astype(np.int8).reshape(m, ls.pairs, TABLE_BYTES)
+
+
+def activations(ls: LutShape, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Workspace rows for ``x [M, K]``: int8 ``[M, row_bytes]`` (tables, then scales) and their float32
+    view ``[M, row_bytes/4]`` starting at ``scale_offset``, as the plane kernel's (layout.activations)."""
+    m = x.shape[0]
+    xq, xs = quantize_activations(np.asarray(x, np.float32), ls.group_size)
+    ws = np.zeros((m + 1, ls.row_bytes), np.uint8)  # one spare row: the scale view runs past the last
+    ws[:m, : ls.scale_offset] = tables(ls, xq).reshape(m, -1).view(np.uint8)
+    flat = ws.reshape(-1)
+    scales = flat[ls.scale_offset : ls.scale_offset + m * ls.row_bytes].view(np.float32).reshape(m, -1)
+    scales[:, : ls.groups] = xs
+    return ws[:m].view(np.int8), np.ascontiguousarray(scales)
+
+
+# --- the lookup, element-wise and as an intrinsic ------------------------------------------------
+
+
+def _index(code: tirx.PrimExpr, sign: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Table index sign << 6 | j << 4 | code (int32)."""
+    return (
+        tirx.Cast("int32", code)
+        + tirx.Cast("int32", sign) * tirx.const(64, "int32")
+        + tirx.Cast("int32", j) * tirx.const(16, "int32")
+    )
+
+
+ENTRIES = 128
+"""Entries of one table: sign << 6 | j << 4 | idx."""
+
+
+def lut_term(
+    w: tirx.Buffer,
+    wi: list,
+    x: tirx.Buffer,
+    xi: list,
+    r: tirx.PrimExpr,
+    j: tirx.PrimExpr,
+    e: tirx.PrimExpr,
+    w0: tirx.PrimExpr = 0,
+) -> tirx.PrimExpr:
+    """Entry ``e`` of the tables' contribution to code j of row r of a pair (both pieces), in
+    element-wise TensorIR: summed over the 128 entries, the code's weights' dot with the pair's
+    activations (xl table + 16 · xh table). The lookup is written as a selection of the entry that
+    the code indexes, so that every buffer index stays affine: ``tensorize`` matches a
+    data-dependent index only as its own expression, not through the buffers it reads. ``wi`` / ``xi``:
+    the leading indices of the pair's 80 weight bytes (from ``w0`` in the last dimension) / 512 table
+    bytes."""
+
+    def wb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
+        return w[(*wi, w0 + offset)]
+
+    def xb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.Cast("int32", x[(*xi, offset)])
+
+    nib = wb(r * 4 + j)
+    bit = tirx.Cast("uint8", tirx.floormod(r, 2) * 4 + j)
+    one = tirx.const(1, "uint8")
+    sa = (wb(64 + tirx.floordiv(r, 2)) >> bit) & one
+    sb = (wb(72 + tirx.floordiv(r, 2)) >> bit) & one
+    ia = _index(nib & tirx.const(15, "uint8"), sa, j)
+    ib = _index(nib >> tirx.const(4, "uint8"), sb, j)
+    zero, sixteen = tirx.const(0, "int32"), tirx.const(16, "int32")
+    a = tirx.Select(ia == e, xb(e) + xb(ENTRIES + e) * sixteen, zero)
+    b = tirx.Select(ib == e, xb(2 * ENTRIES + e) + xb(3 * ENTRIES + e) * sixteen, zero)
+    return a + b
+
+
+def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    @T.prim_func(s_tir=True)
+    def desc(
+        W: T.Buffer((PAIR_BYTES,), "uint8", offset_factor=1),
+        X: T.Buffer((TABLE_BYTES,), "int8", offset_factor=1),
+        C: T.Buffer((TILE,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:TILE], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
+            T.writes(C[0:TILE])
+            for r, j, e in T.grid(TILE, 4, ENTRIES):
+                with T.sblock("lut"):
+                    vr, vj, ve = T.axis.remap("SRR", [r, j, e])
+                    T.reads(C[vr], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
+                    T.writes(C[vr])
+                    C[vr] = C[vr] + lut_term(W, [], X, [], vr, vj, ve)
+
+    def bcast(value: int, dtype: str = "uint8") -> tirx.PrimExpr:
+        return tirx.Broadcast(tirx.const(value, dtype), 64)
+
+    def block_bits(sign: int) -> tirx.PrimExpr:
+        # byte i: (i % 4) << 4 | sign << 6, from a ramp (LLVM folds it to a constant)
+        ramp = tirx.Ramp(tirx.const(0, "uint8"), tirx.const(1, "uint8"), 64)
+        return ((ramp & bcast(3)) << bcast(4)) | bcast(sign << 6)
+
+    def lookup(x: tirx.Buffer, offset: int, idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        lo, hi = x.vload([offset], "int8x64"), x.vload([offset + 64], "int8x64")
+        return tirx.call_llvm_pure_intrin(
+            "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", lo, tirx.reinterpret("int8x64", idx), hi
+        )
+
+    def value(acc: tirx.PrimExpr, w: tirx.Buffer, x: tirx.Buffer) -> tirx.PrimExpr:
+        nib = w.vload([0], "uint8x64")
+        idx = []
+        for piece, code in enumerate((nib & bcast(15), nib >> bcast(4))):
+            # the 64 sign bits as a <64 x i1> mask register (a kmovq), and a blend on it
+            bits = tirx.reinterpret("uint1x64", tirx.reinterpret("uint64", w.vload([64 + 8 * piece], "uint8x8")))
+            negative = bits != tirx.Broadcast(tirx.const(0, "uint1"), 64)
+            idx.append(code | tirx.Select(negative, block_bits(1), block_bits(0)))
+        lo = lookup(x, 0, idx[0]) + lookup(x, 256, idx[1])
+        hi = lookup(x, 128, idx[0]) + lookup(x, 384, idx[1])
+        acc = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, bcast(1), lo)
+        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, bcast(16), hi)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        W: T.Buffer((PAIR_BYTES,), "uint8", offset_factor=1),
+        X: T.Buffer((TABLE_BYTES,), "int8", offset_factor=1),
+        C: T.Buffer((TILE,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:TILE], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
+            T.writes(C[0:TILE])
+            C[0:TILE] = value(C.vload([0], "int32x16"), W, X)
+
+    return desc, impl
+
+
+def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
+    """The unscheduled LUT kernel for ``m`` rows of A (AVX-512): sblocks ``lut`` (the exact int32
+    ``acc[m, t, g, row]``, reduced over the pairs of a group, their codes j and the table entries: the
+    :func:`lut_term` selection), ``group`` (``yacc += (α·s)·float(acc)``, fenced from FMA contraction,
+    groups in order) and ``store``, as the plane kernel's (kernels.workload) without the +1 offset:
+    the tables hold signed dots.
+
+    Arguments, as the plane kernel's: the workspace rows as int8 ``X [M, row_bytes/512, 512]`` (the
+    tables of pair p at ``X[m, p]``) and their float32 view from ``scale_offset`` ``S [M, row_bytes/4]``
+    (group scales), the weight stream ``W [N/16, pairs, 80]``, the scales ``A [N/16, G, 16]`` and
+    ``Y [M, N]``."""
+    if problem := ls.supported():
+        raise ValueError(problem)
+    tiles, PG, G, N = ls.tiles, ls.pairs_per_group, ls.groups, ls.n
+    B, GB, SO = ls.block_tiles, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PAIR_BYTES
+    RB = ls.row_bytes
+    f32v = f"float32x{TILE}"
+
+    def alpha(w: tirx.Buffer, t: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The 16 scales of tile t and group g, widened from float16 (exact)."""
+        f16 = tirx.reinterpret(f"float16x{TILE}", w.vload([t // B, g, SO + t % B * SCALE_BYTES], "uint8x32"))
+        return tirx.Cast(f32v, f16)
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        X: T.Buffer((m, RB // TABLE_BYTES, TABLE_BYTES), "int8"),
+        S: T.Buffer((m, RB // 4), "float32"),
+        W: T.Buffer((ls.blocks, G, GB), "uint8"),
+        Y: T.Buffer((m, N), "float32"),
+    ):
+        T.func_attr(
+            {
+                "global_symbol": "main",
+                "tirx.noalias": True,
+                "estimated_flops": 2 * ls.k * N,
+                ISA_KEY: "avx512",
+                FORMAT_KEY: "sherry",
+            }
+        )
+        acc = T.sblock_alloc_buffer((m, tiles, G, TILE), "int32")
+        yacc = T.sblock_alloc_buffer((m, tiles, 1), f32v)
+        for b, tb, mm, g, q, r, j, e in T.grid(ls.blocks, B, m, G, PG, TILE, 4, ENTRIES):
+            with T.sblock("lut"):
+                vb, vtb, vm, vg, vq, vr, vj, ve = T.axis.remap("SSSSRSRR", [b, tb, mm, g, q, r, j, e])
+                # whole records and tables (the inferred regions differ in form from the intrinsic's)
+                T.reads(
+                    acc[vm, vb * B + vtb, vg, vr],
+                    W[vb, vg, (vq * B + vtb) * PAIR_BYTES : (vq * B + vtb) * PAIR_BYTES + PAIR_BYTES],
+                    X[vm, vg * PG + vq, 0:TABLE_BYTES],
+                )
+                T.writes(acc[vm, vb * B + vtb, vg, vr])
+                with T.init():
+                    acc[vm, vb * B + vtb, vg, vr] = 0
+                acc[vm, vb * B + vtb, vg, vr] = acc[vm, vb * B + vtb, vg, vr] + lut_term(
+                    W, [vb, vg], X, [vm, vg * PG + vq], vr, vj, ve, (vq * B + vtb) * PAIR_BYTES
+                )
+        for t, mm, g, h in T.grid(tiles, m, G, 1):
+            with T.sblock("group"):
+                vt, vm, vg, vh = T.axis.remap("SSRS", [t, mm, g, h])
+                # the lanes indexed through vh (extent 1): compute-at solves every region for a block var
+                T.reads(
+                    W[vt // B, vg, SO + vt % B * SCALE_BYTES : SO + vt % B * SCALE_BYTES + SCALE_BYTES],
+                    S[vm, vg],
+                    acc[vm, vt, vg, vh * TILE : vh * TILE + TILE],
+                )
+                T.writes(yacc[vm, vt, vh])
+                with T.init():
+                    yacc[vm, vt, vh] = T.Broadcast(T.float32(0), TILE)
+                yacc[vm, vt, vh] = yacc[vm, vt, vh] + T.call_llvm_pure_intrin(
+                    f32v,
+                    "llvm.arithmetic.fence",
+                    (alpha(W, vt, vg) * T.Broadcast(S[vm, vg], TILE))
+                    * T.Cast(f32v, acc.vload([vm, vt, vg, vh * TILE], f"int32x{TILE}")),
+                )
+        for t, mm, h in T.grid(tiles, m, 1):
+            with T.sblock("store"):
+                vt, vm, vh = T.axis.remap("SSS", [t, mm, h])
+                T.reads(yacc[vm, vt, vh])
+                T.writes(Y[vm, (vt + vh) * TILE : (vt + vh) * TILE + TILE])
+                Y[vm, (vt + vh) * TILE : (vt + vh) * TILE + TILE] = yacc[vm, vt, vh]
+
+    return kernel
+
+
+def tile_choices(ls: LutShape) -> list[int]:
+    """Tiles per step: the divisors of the tiles interleaved in a stream (a step reads a forward run)."""
+    return [t for t in range(1, MAX_TILES + 1) if ls.block_tiles % t == 0]
+
+
+def unroll_choices(ls: LutShape) -> list[int]:
+    return [u for u in range(1, MAX_UNROLL + 1) if ls.pairs_per_group % u == 0]
+
+
+def knob_space(ls: LutShape) -> list[Knobs]:
+    """Every point of the design space (4 x 3 x 2 = 24 at the LLaMA-3.2-1B shapes, group 128)."""
+    return [Knobs(t, u, o) for t in tile_choices(ls) for u in unroll_choices(ls) for o in ORDERS]
+
+
+def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
+    """Schedule the LUT workload in loop order ``order`` (:data:`ORDERS`); ``knobs`` None samples the
+    tiles per step and the pair unroll (a MetaSchedule design space), else takes ``knobs``' values.
+
+    Per parallel step (``tiles`` tiles), row of A and group: the pairs in blocks of ``unroll``; in
+    ``pair`` order each pair over every tile of the step (the pair's 8 table vectors loaded once, kept
+    in registers across the tiles), in ``tile`` order each tile over its ``unroll`` pairs. The lookup
+    is tensorized with :func:`lut_name`; the tiles, pairs and epilogues are unrolled, so the
+    accumulators live in registers."""
+    lut, group, store = (sch.get_sblock(name) for name in ("lut", "group", "store"))
+    b, t, mm, g, q, r, *_ = sch.get_loops(lut)
+    tiles, pairs = (int(sch.get(loop).extent) for loop in (t, q))
+    tile_split = knobs and [tiles // knobs.tiles, knobs.tiles]
+    pair_split = knobs and [pairs // knobs.unroll, knobs.unroll]
+    tso, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
+    qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=pair_split))
+    inner = (qi, ts) if order == "pair" else (ts, qi)
+    sch.reorder(b, tso, mm, g, qo, *inner, r)
+    step = sch.fuse(b, tso)
+    sch.annotate(lut, ORDER_KEY, order)
+    sch.reverse_compute_at(group, g, preserve_unit_loops=True)
+    sch.reverse_compute_at(store, mm, preserve_unit_loops=True)
+    sch.parallel(step)
+    for loop in (qi, ts, *_loops_after(sch, group, g), *_loops_after(sch, store, mm)):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(lut, qo)
+    *init_outer, init_lanes = _loops_after(sch, init, g)
+    for loop in init_outer:
+        sch.unroll(loop)
+    sch.vectorize(init_lanes)
+    sch.decompose_reduction(group, g)
+    sch.tensorize(sch.get_loops(lut)[-3], lut_name("avx512"))
+
+
+def design_space(sch: Schedule) -> list[Schedule]:
+    """MetaSchedule's space generator: one design space (trace) per loop order."""
+    spaces = []
+    for order in ORDERS:
+        space = sch.copy()
+        schedule(space, order)
+        spaces.append(space)
+    return spaces
+
+
+def prim_func(ls: LutShape, knobs: Knobs, m: int = 1, name: str = "main") -> tirx.PrimFunc:
+    if knobs not in knob_space(ls):
+        raise ValueError(f"knobs {knobs} are not a point of {ls.key}'s design space")
+    sch = Schedule(workload(ls, m))
+    schedule(sch, knobs.order, knobs)
+    return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def scheduled_module(ls: LutShape, knobs: Knobs, m: int = 1, name: str = "main") -> tvm.IRModule:
+    return tvm.IRModule({name: prim_func(ls, knobs, m, name)})
+
+
+def register() -> None:
+    if TensorIntrin.get(lut_name("avx512"), allow_missing=True) is None:
+        TensorIntrin.register(lut_name("avx512"), *_lut_avx512())
+
+
+register()
