@@ -223,3 +223,47 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytes
     names = {0: tuple(funcs)}
     table = table_source([entry.__dict__], names, {0: tuned})
     assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut
+
+
+@needs_avx512
+@pytest.mark.slow
+def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: a LUT entry tuned here (2 trials), compiled by ``tvm_schedules.build`` and linked into an
+    op library built here; the forced tvm path runs its three functions (M = 1; 8-row ``_mb`` and 24-row
+    ``_mx`` blocks, the per-row LUT loop, and what they leave on ``_m1``) and equals the int8 reference,
+    on 1 and 2 threads, with a bias."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from sherry_export.onnx_ops import matmul_model
+    from sherry_export.runtime import LIBRARY_ENV, make_session
+    from tvm_schedules.build import build
+    from tvm_schedules.kernels import BLOCK_M
+    from tvm_schedules.tune import tune
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    tmp = tmp_path_factory.mktemp("tvm-lut-op")
+    k, n = 256, 256
+    [entry] = tune([(k, n, 128)], "avx512", 2, tmp / "db", ("sherry",), formulation="lut")
+    assert entry.formulation == "lut"
+    kernels, out, root = tmp / "tvm_kernels", tmp / "build", Path(__file__).resolve().parent.parent
+    build(tmp / "db", kernels)  # the database holds the LUT record only
+    configure = ["-S", str(root / "custom_ops"), "-B", str(out), "-DSHERRY_TVM=ON", f"-DSHERRY_TVM_DIR={kernels}"]
+    for args in (configure, ["--build", str(out), "-j", "1"]):
+        done = subprocess.run([cmake, *args], capture_output=True, text=True)
+        assert done.returncode == 0, f"cmake {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+    monkeypatch.setenv(LIBRARY_ENV, str(out / "libsherry_ops.so"))
+    packed = packed_weight(k, n, 128)
+    bias = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    for threads in (1, 2):
+        session = make_session(matmul_model(packed, bias=bias), threads=threads, kernel="tvm")
+        for m in (1, 3, lut.BLOCK_ROWS, lut.BLOCK_ROWS + 1, BLOCK_M, BLOCK_M + lut.BLOCK_ROWS + 3):
+            x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+            expected = reference_matmul(x, packed, bias, activations="int8")
+            y = session.run(None, {"A": x})[0]
+            np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
