@@ -191,9 +191,21 @@ def test_formulation_is_checked() -> None:
         check_formulation("decode", "sherry", "avx512")
 
 
+@pytest.fixture(scope="module")
+def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A fresh database holding one LUT kernel, sherry 256x256 group 128, from a real 3-trial MetaSchedule
+    run, and its tuned.json entry: tuned once per module (a second tuning run in one process trips
+    MetaSchedule's logger set-up)."""
+    from tvm_schedules.tune import tune
+
+    out = tmp_path_factory.mktemp("db")
+    [entry] = tune([(256, 256, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    return out, entry
+
+
 @needs_avx512
 @pytest.mark.slow
-def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
     the formulation, the build replays the trace (M = 1) and schedules the block functions (``_mx``,
     ``_mb``) with its decisions, row by row, the table marks the entry as a LUT kernel, and all three
@@ -201,13 +213,12 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytes
     from tvm_schedules.build import TunedKernel, table_source, tuned_functions
     from tvm_schedules.kernels import BLOCK_M
     from tvm_schedules.layout import Shape
-    from tvm_schedules.tune import database, tune
+    from tvm_schedules.tune import database
 
-    out = tmp_path_factory.mktemp("db")
-    [entry] = tune([(256, 64, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    out, entry = lut_db
     assert entry.formulation == "lut" and entry.order in lut.ORDERS and entry.trials == 3
     assert entry.block_tiles is None  # no block function of its own was searched
-    shape, ls = Shape("sherry", 256, 64, 128), lut.LutShape(256, 64, 128)
+    shape, ls = Shape("sherry", 256, 256, 128), lut.LutShape(256, 256, 128)
     funcs, tuned = tuned_functions(database(out / "avx512"), shape, "avx512", "avx512", "lut")
     assert tuned == TunedKernel(16 * entry.tiles, 16 * entry.tiles, BLOCK_M, lut.BLOCK_ROWS)
     target = tvm.target.Target(TARGETS["avx512"])
@@ -216,10 +227,10 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytes
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         x = np.random.default_rng(5).standard_normal((m, 256), dtype=np.float32)
         ws, scales = lut.activations(ls, x)
-        y = tvm.runtime.tensor(np.zeros((m, 64), np.float32))
-        args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed_weight(256, 64, 128)))
+        y = tvm.runtime.tensor(np.zeros((m, 256), np.float32))
+        args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed_weight(256, 256, 128)))
         lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
-        np.testing.assert_array_equal(y.numpy(), reference_matmul(x, packed_weight(256, 64, 128), activations="int8"))
+        np.testing.assert_array_equal(y.numpy(), reference_matmul(x, packed_weight(256, 256, 128), activations="int8"))
     names = {0: tuple(funcs)}
     table = table_source([entry.__dict__], names, {0: tuned})
     assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut
@@ -228,9 +239,9 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(tmp_path_factory: pytes
 @needs_avx512
 @pytest.mark.slow
 def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    lut_db: tuple, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """End to end: a LUT entry tuned here (2 trials), compiled by ``tvm_schedules.build`` and linked into an
+    """End to end: the LUT entry tuned here, compiled by ``tvm_schedules.build`` and linked into an
     op library built here; the forced tvm path runs its three functions (M = 1; 8-row ``_mb`` and 24-row
     ``_mx`` blocks, the per-row LUT loop, and what they leave on ``_m1``) and equals the int8 reference,
     on 1 and 2 threads, with a bias."""
@@ -242,17 +253,14 @@ def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
     from sherry_export.runtime import LIBRARY_ENV, make_session
     from tvm_schedules.build import build
     from tvm_schedules.kernels import BLOCK_M
-    from tvm_schedules.tune import tune
 
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
     tmp = tmp_path_factory.mktemp("tvm-lut-op")
     k, n = 256, 256
-    [entry] = tune([(k, n, 128)], "avx512", 2, tmp / "db", ("sherry",), formulation="lut")
-    assert entry.formulation == "lut"
     kernels, out, root = tmp / "tvm_kernels", tmp / "build", Path(__file__).resolve().parent.parent
-    build(tmp / "db", kernels)  # the database holds the LUT record only
+    build(lut_db[0], kernels)  # the database holds the LUT record only
     configure = ["-S", str(root / "custom_ops"), "-B", str(out), "-DSHERRY_TVM=ON", f"-DSHERRY_TVM_DIR={kernels}"]
     for args in (configure, ["--build", str(out), "-j", "1"]):
         done = subprocess.run([cmake, *args], capture_output=True, text=True)
