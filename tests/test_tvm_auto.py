@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATABASE = ROOT / "tvm_schedules" / "databases"
 ISA = host_isa()
 OTHER_CPU = ("GenuineIntel family 6 model 85", "Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz")
+BATCH_FIELDS = ("tvm_batch_us", "hand_batch_us", "batch", "batch_min_rows")
 
 
 def verified(
@@ -50,9 +51,10 @@ def verified(
         "cpu": cpu[0],
         "cpu_name": cpu[1],
     }
+    unverified = {k: v for k, v in entry.items() if k not in BATCH_FIELDS}  # the committed entry's own verify
     if batch is not None:
         times |= {"tvm_batch_us": batch[0], "hand_batch_us": batch[1], "batch": 128, "batch_min_rows": 16}
-    return entry | times
+    return unverified | times
 
 
 @pytest.fixture(scope="module")
