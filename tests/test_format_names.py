@@ -36,6 +36,7 @@ KERNEL_MODULES = {
     Path("tvm_schedules/layout.py"): "the TVM kernels' code-byte layout of each format",
     Path("tvm_schedules/kernels.py"): "the TVM kernels' per-format decode instructions",
     Path("tvm_schedules/intrinsics.py"): "the TVM kernels' per-format decode intrinsics",
+    Path("tvm_schedules/lut.py"): "the TVM LUT formulation, a kernel of sherry's pair records only",
 }
 NAMES = frozenset(EXPORT_FORMATS) | frozenset(LM_HEADS)
 AMBIGUOUS = frozenset({REFERENCE_FORMAT, FP32, *HEAD_FORMATS})

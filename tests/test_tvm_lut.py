@@ -194,8 +194,7 @@ def test_formulation_is_checked() -> None:
 @pytest.fixture(scope="module")
 def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """A fresh database holding one LUT kernel, sherry 256x256 group 128, from a real 3-trial MetaSchedule
-    run, and its tuned.json entry: tuned once per module (a second tuning run in one process trips
-    MetaSchedule's logger set-up)."""
+    run, and its tuned.json entry, tuned once for the module's two slow tests."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")

@@ -4,6 +4,7 @@ small real MetaSchedule tuning run whose database the build compiles."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from dataclasses import replace
@@ -261,6 +262,25 @@ def test_m1_workload_keeps_the_committed_records() -> None:
         db = database(Path(__file__).resolve().parent.parent / "tvm_schedules" / "databases" / isa)
         assert best_record(db, Shape("sherry", 2048, 2048, 128), isa) is not None
         assert best_record(db, Shape("sherry", 2048, 2048, 128), isa, block=True) is not None
+
+
+def test_each_search_configures_meta_schedule_logging_afresh(tmp_path: Path) -> None:
+    """MetaSchedule lists its logger's handlers by name when a search sets up its logs, so an unnamed one
+    (pytest's log capture adds two) made every search after the first in one process fail there; the reset
+    before each search drops them and the earlier search's handlers."""
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from tvm_schedules.tune import reset_meta_schedule_logger
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.addHandler(logging.NullHandler())
+    with pytest.raises(AttributeError):
+        get_loggers_from_work_dir(str(tmp_path / "before"), ["task"])
+    reset_meta_schedule_logger()
+    get_loggers_from_work_dir(str(tmp_path / "after"), ["task"])
+    assert [h.get_name() for h in logger.handlers] == [f"{logger.name}.console", f"{logger.name}.file"]
+    reset_meta_schedule_logger()
+    assert logger.handlers == [] and logger.level == logging.WARNING
 
 
 TUNED = Shape("tl2", 320, 64, 128)

@@ -49,6 +49,8 @@ from sherry_export.formats import SHERRY_DECODE, PackedWeight, quantize_activati
 from tvm_schedules.kernels import FORMAT_KEY, ISA_KEY, ORDER_KEY, Knobs, _loops_after
 from tvm_schedules.layout import TILE, Shape, code_bytes
 
+LUT_FORMAT = "sherry"
+"""The one format this formulation decodes: its pair records are sherry's 5-bit codes."""
 PAIR_COLS = 32
 """Columns of a pair: two pieces of 4 sherry codes (16 columns each)."""
 PAIR_BYTES = 80
@@ -85,7 +87,7 @@ class LutShape:
 
     @property
     def shape(self) -> Shape:
-        return Shape("sherry", self.k, self.n, self.group_size)
+        return Shape(LUT_FORMAT, self.k, self.n, self.group_size)
 
     @property
     def groups(self) -> int:
@@ -168,14 +170,14 @@ def weights(packed: PackedWeight) -> np.ndarray:
     the tiles' float16 scales (16 each, as stored: the kernel widens them exactly). A step of the
     kernel thus reads one forward stream, as the hand-written kernel's layout."""
     ls = LutShape(packed.k, packed.n, packed.group_size)
-    if packed.format != "sherry":
-        raise ValueError(f"the LUT kernel takes sherry weights, not {packed.format}")
+    if packed.format != LUT_FORMAT:
+        raise ValueError(f"the LUT kernel takes {LUT_FORMAT} weights, not {packed.format}")
     if problem := ls.supported():
         raise ValueError(problem)
     values = _padded(ls, unpack(packed).values.numpy())
     # 5-bit codes per block of 4 (padding blocks code 0: they meet zero activations)
     cols = ls.groups * ls.padded_group
-    codes = code_bytes(Shape("sherry", cols, TILE, cols), values)
+    codes = code_bytes(Shape(LUT_FORMAT, cols, TILE, cols), values)
     B, PG = ls.block_tiles, ls.pairs_per_group
     c = codes.reshape(ls.blocks, B, TILE, ls.groups, PG, 2, 4)  # [b, tile, r, g, pair, piece, j]
     c = c.transpose(0, 3, 4, 1, 5, 2, 6).reshape(ls.blocks, ls.groups, PG, B, 2, 64)  # byte i = 4r + j
@@ -369,7 +371,7 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 "tirx.noalias": True,
                 "estimated_flops": 2 * ls.k * N,
                 ISA_KEY: "avx512",
-                FORMAT_KEY: "sherry",
+                FORMAT_KEY: LUT_FORMAT,
             }
         )
         acc = T.sblock_alloc_buffer((m, tiles, G, TILE), "int32")

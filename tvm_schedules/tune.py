@@ -311,13 +311,13 @@ def workload_module(shape: Shape, isa: str, block: bool = False, formulation: st
 
 def check_formulation(formulation: str, fmt: str, isa: str) -> None:
     """A ValueError unless ``formulation`` exists for ``fmt`` on ``isa`` (the LUT kernel: sherry, AVX-512)."""
-    from tvm_schedules.lut import FORMULATIONS
+    from tvm_schedules.lut import FORMULATIONS, LUT_FORMAT
 
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose {', '.join(FORMULATIONS)}")
-    if formulation == "lut" and (fmt != "sherry" or isa != "avx512"):
+    if formulation == "lut" and (fmt != LUT_FORMAT or isa != "avx512"):
         raise ValueError(
-            f"the lut formulation is a sherry kernel for avx512, not {fmt} on {isa}: "
+            f"the lut formulation is a {LUT_FORMAT} kernel for avx512, not {fmt} on {isa}: "
             "tune other formats and targets with --formulation plane"
         )
 
@@ -417,6 +417,19 @@ def _progress_callback(bar: Any) -> Any:
     return Progress()
 
 
+def reset_meta_schedule_logger() -> None:
+    """Ready MetaSchedule's logger for one more ``tune_tir``: every run configures it afresh and lists
+    the handlers it already has by name, so the handlers of an earlier run (whose log file belongs to
+    that run) and unnamed ones a host added (pytest's log capture) are closed and dropped first, or a
+    second search in one process fails inside MetaSchedule's set-up. Its level stays at WARNING: the
+    bars show the progress, and every ``tune_tir`` would otherwise log each trial at DEBUG."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.WARNING)
+
+
 def _search(mod: Any, space: Any, budget: int, desc: str, target: Any, db: Any, model: Any, work: Path | None) -> int:
     """One MetaSchedule search of ``mod`` over the design space ``space`` (a ``ScheduleFn`` generator),
     ``budget`` trials, into ``db``; returns the candidates measured. ``work``: keep its logs there."""
@@ -424,8 +437,7 @@ def _search(mod: Any, space: Any, budget: int, desc: str, target: Any, db: Any, 
     from tvm.s_tir import meta_schedule as ms
 
     builder, runner = in_process_builder_runner()
-    # the bars show the progress; set per kernel, as every tune_tir configures its loggers at DEBUG
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    reset_meta_schedule_logger()
     with tqdm(total=budget, desc=desc, unit="trial") as bar, tempfile.TemporaryDirectory() as scratch:
         ms.tune_tir(
             mod,
