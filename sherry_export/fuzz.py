@@ -24,7 +24,9 @@ again (``tests/fuzz_corpus/`` holds the ones found so far, and a test replays th
 
 For a sanitizer build, preload the sanitizer runtimes (``make fuzz-asan`` does): the harness then
 skips ``RLIMIT_AS`` (AddressSanitizer reserves terabytes of address space) and limits the child's
-resident memory by polling it instead.
+resident memory by polling it instead. Both limits count what the case adds: the forked child starts
+with its parent's address space and resident pages (a test process that has loaded torch and TVM
+already holds about 2 GiB), so the limits sit that far above the parent's size at the fork.
 """
 
 from __future__ import annotations
@@ -454,6 +456,7 @@ def _vm_kib(pid: int, field_name: str) -> int:
 def run_case(case: Case, library: str, timeout: float = 30.0, memory_mb: int = 2048) -> Outcome:
     """Run ``case`` in a forked child with a time and a memory limit, and classify what happened."""
     read_fd, write_fd = os.pipe()
+    inherited_kib = _vm_kib(os.getpid(), "VmRSS")
     with tempfile.TemporaryFile() as stderr:
         pid = os.fork()
         if pid == 0:  # the child: limits, then evaluate; never returns
@@ -471,7 +474,7 @@ def run_case(case: Case, library: str, timeout: float = 30.0, memory_mb: int = 2
             finally:
                 os._exit(0)
         os.close(write_fd)
-        outcome = _wait(pid, read_fd, timeout, memory_mb)
+        outcome = _wait(pid, read_fd, timeout, memory_mb, inherited_kib)
         if outcome.kind == "crash":
             stderr.seek(0)
             report = stderr.read().decode(errors="replace")
@@ -481,7 +484,9 @@ def run_case(case: Case, library: str, timeout: float = 30.0, memory_mb: int = 2
         return outcome
 
 
-def _wait(pid: int, read_fd: int, timeout: float, memory_mb: int) -> Outcome:
+def _wait(pid: int, read_fd: int, timeout: float, memory_mb: int, inherited_kib: int) -> Outcome:
+    """Collect the child's report; kill it past ``timeout`` or once its resident memory exceeds what it
+    inherited at the fork (``inherited_kib``) by more than ``memory_mb``."""
     start = time.monotonic()
     chunks = []
     os.set_blocking(read_fd, False)
@@ -500,7 +505,7 @@ def _wait(pid: int, read_fd: int, timeout: float, memory_mb: int) -> Outcome:
             break
         if time.monotonic() - start > timeout:
             killed = "hang"
-        elif _vm_kib(pid, "VmRSS") > memory_mb * 1024:
+        elif _vm_kib(pid, "VmRSS") - inherited_kib > memory_mb * 1024:
             killed = "oom"
         if killed:
             os.kill(pid, signal.SIGKILL)

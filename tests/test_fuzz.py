@@ -53,6 +53,16 @@ def test_harness_classifies_a_crash_and_a_hang(library: str, monkeypatch: pytest
     assert fuzz.run_case(case, library, timeout=0.5).kind == "hang"
 
 
+def test_memory_limit_counts_what_the_case_adds(library: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forked child starts with its parent's resident pages: a parent holding 300 MiB does not make a
+    case with a 200 MiB budget run out of memory (a test process holds about 2 GiB by the time it fuzzes)."""
+    held = np.ones(300 * 2**20, dtype=np.uint8)  # resident in the parent, inherited by the child
+    case = fuzz.make_case(5, 0)
+    monkeypatch.setattr(fuzz, "evaluate", lambda case, library: fuzz.Outcome("equal", ""))
+    assert fuzz.run_case(case, library, timeout=30, memory_mb=200).kind == "equal"
+    assert held[-1] == 1
+
+
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*.npz")), ids=lambda p: p.name)
 def test_committed_reproducer(path: Path, library: str) -> None:
     outcome = fuzz.replay([path], library, timeout=120)[path]
