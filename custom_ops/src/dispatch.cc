@@ -1,8 +1,10 @@
 #include "dispatch.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 
 #include <cpuid.h>
@@ -127,6 +129,11 @@ const std::string& missing_cpu_features(KernelPath path) {
 
 const std::string& cpu_model_id() { return this_cpu().id; }
 const std::string& cpu_model_name() { return this_cpu().name; }
+
+int64_t hardware_threads() {
+  static const int64_t count = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return count;
+}
 
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin) {
   if (value == "auto") return {std::nullopt, origin};

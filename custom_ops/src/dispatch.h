@@ -21,6 +21,10 @@ const std::string& missing_cpu_features(KernelPath path);
 const std::string& cpu_model_id();
 const std::string& cpu_model_name();
 
+// The hardware threads (onnxruntime's intra-op pool has at most one per core by default): the most
+// threads a parallel section can keep busy, which sizes the kernels' work items.
+int64_t hardware_threads();
+
 // What the user asked for: a specific path, or none (auto: the best that supports the weights).
 struct KernelRequest {
   std::optional<KernelPath> forced;

@@ -36,15 +36,16 @@
 //
 // Private weight layouts (built once by the factory), ordered exactly as the kernels read them, so
 // that a work item streams forward through memory:
-//   sherry/tl2: superblocks of up to 16 blocks of 8 tiles (a superblock is the op's work item,
-//     row_tile()); in a superblock, K-chunks of about 16 pieces (4 KiB of tables per row of A;
+//   sherry/tl2: superblocks of blocks of 8 tiles (a superblock is the op's work item, row_tile(),
+//     one per hardware thread: superblock_blocks); in a superblock, K-chunks of about 16 pieces (4 KiB of tables per row of A;
 //     a large group is split over chunks); in a chunk, block after block; in a block, per group,
 //     per pair of pieces, its tiles one after the other, 80 bytes each: 64 bytes of index nibbles
 //     (byte i = code i of piece A | code i of piece B << 4), then the 64-bit sign masks of A and B.
 //     A group with an odd number of pieces ends with a 40-byte half pair per tile (byte i = code i
 //     | code i+32 << 4, then the sign mask); then the tiles' 16 float16 scales of the group. A
 //     chunk's tables thus come from L2 once per superblock and from L1 for its other blocks: on
-//     cold weights that L2 traffic, not arithmetic, was what kept Sherry from the memory speed.
+//     cold weights those L2 reads, not arithmetic, are what keeps Sherry from the memory speed, so
+//     superblocks are as large as the threads allow.
 //   i2s: tile after tile; per group, 64 bytes per piece (byte i = the canonical byte, 4 two-bit
 //     codes, of row i/4, block i%4), then the tile's 16 float16 scales.
 // Groups are padded to whole pieces and tiles to 16 rows; the padding meets zero activations, so
@@ -67,6 +68,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernel.h"
 #include "weight_buffer.h"
 
@@ -562,13 +564,17 @@ struct Chunk {
   bool split() const { return pair_end >= 0; }
 };
 
-// Blocks per superblock, which is also the work item (row_tile): a chunk's tables come from L2
-// once per superblock and from L1 for its other blocks, which decides the cold decode speed
-// (measured at 2048x8192: 16 blocks about 1.2x faster than 1); yet at least 4 work items remain.
+// Blocks per superblock, which is also the work item (row_tile). A chunk's tables come from L2 once
+// per superblock and from L1 for its other blocks, and those L2 reads decide the cold decode speed:
+// with the weights streaming from memory, every chunk's switch of tables costs about 0.3 µs (Zen 4,
+// 1 thread: sherry 2048x2048 cold 40 µs with 4 superblocks, 35 with 2, 32 with 1, 30 if the tables
+// never left L1; hot 26 µs in every case). So a superblock is as large as the hardware threads
+// allow, one work item per thread, and never smaller than the old rule of at least 4 work items of
+// at most 16 blocks, which machines with many threads keep.
 inline int64_t superblock_blocks(int64_t blocks) {
   int64_t sb = 1;
   while (sb < 16 && sb * 2 * 4 <= blocks) sb *= 2;
-  return sb;
+  return std::max(sb, ceil_div(blocks, hardware_threads()));
 }
 
 // Tiles of a pass of `rows` rows of A over a block: as many as the accumulators (one zmm per row
@@ -950,12 +956,12 @@ void Code5Kernel<F>::decode_planes(int64_t t, int64_t g_begin, int64_t g_end, in
 }
 
 // The rows' mark picks the path. Plane path (F::kPlaneMinRows rows of A or more in the call): see
-// plane_compute. Lookups, superblock after superblock of the range. Decode (M <= 4): chunk after
-// chunk along K (their tables stay in L1 while every block of the superblock runs over them), block
-// after block, all rows of A in each pass: the weights stream through once. Larger M: 3 rows of A at
-// a time, and for each, the same chunk-then-block order: like a GEMM with the superblock's weights
-// (<= 720 KiB for K = 2048) held in L2, the rows' chunk tables in L1, and only their partial sums
-// live.
+// plane_compute. Lookups, superblock after superblock of the range, chunk after chunk along K.
+// Decode (M <= 4): in a chunk, block after block, all rows of A in each pass (the chunk's tables stay
+// in L1 while every block of the superblock runs over them): the weights stream through once.
+// Larger M: in a chunk, 3 rows of A at a time, and for each, block after block: like a GEMM with the
+// chunk's slice of the superblock's weights (a superblock's K / 16 pieces: 180 KiB for 8192 rows)
+// held in L2, the rows' chunk tables in L1, and only their partial sums live.
 template <class F>
 void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int64_t n_end, const float* bias,
                              float* y) const {
@@ -981,9 +987,9 @@ void Code5Kernel<F>::compute(const uint8_t* ws, int64_t m, int64_t n_begin, int6
     scratch.carry.resize(static_cast<size_t>(m * tiles));
     float* ysum = as_floats(scratch.y);
     auto* carry = reinterpret_cast<__m512i*>(scratch.carry.data());
-    for (int64_t m0 = 0; m0 < m; m0 += rows_per_step) {
-      const int rows = static_cast<int>(std::min(rows_per_step, m - m0));
-      for (const Chunk& chunk : chunks_) {
+    for (const Chunk& chunk : chunks_) {
+      for (int64_t m0 = 0; m0 < m; m0 += rows_per_step) {
+        const int rows = static_cast<int>(std::min(rows_per_step, m - m0));
         for (int64_t b = b_begin; b < b_end; ++b) {
           const int alloc = block_alloc(b);
           const int64_t tile0 = (b - b_begin) * kBlockTiles;

@@ -10,7 +10,6 @@
 #include <new>
 #include <optional>
 #include <stdexcept>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -135,13 +134,6 @@ Split split(int64_t units, int64_t chunks) {
 }
 
 int64_t work_items(int64_t cost) { return std::clamp<int64_t>(cost / kMinItemCost, 1, kMaxItems); }
-
-// The most threads a parallel section can keep busy: the hardware threads (onnxruntime's intra-op
-// pool has at most one per core by default). Only bounds how far rows of A are cut, below.
-int64_t hardware_threads() {
-  static const int64_t count = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return count;
-}
 
 // How many chunks to cut the `m` rows of A of a call into, when N gives `col_items` work items
 // and the call's cost asks for `wanted` items in all. Enough for `wanted`, but a kernel that decodes
