@@ -110,14 +110,22 @@ class Shape:
         return ""
 
 
-def padded_values(shape: Shape, values: np.ndarray) -> np.ndarray:
-    """Ternary ``[N, K]`` to ``[N, G·padded_group]``, each group zero-padded."""
-    out = np.zeros((values.shape[0], shape.groups * shape.padded_group), np.int8)
-    for g in range(shape.groups):
-        start = g * shape.group_size
-        length = min(shape.group_size, shape.k - start)
-        out[:, g * shape.padded_group : g * shape.padded_group + length] = values[:, start : start + length]
+def pad_groups(values: np.ndarray, k: int, group_size: int, padded_group: int) -> np.ndarray:
+    """``values [M, K]`` with every group of ``group_size`` columns zero-padded to ``padded_group``
+    columns: ``[M, G·padded_group]``, of the same dtype. The kernels' geometries pad to different units
+    (whole quads here, whole pairs for the LUT kernel)."""
+    groups = _ceil_div(k, group_size)
+    out = np.zeros((values.shape[0], groups * padded_group), values.dtype)
+    for g in range(groups):
+        start = g * group_size
+        length = min(group_size, k - start)
+        out[:, g * padded_group : g * padded_group + length] = values[:, start : start + length]
     return out
+
+
+def padded_values(shape: Shape, values: np.ndarray) -> np.ndarray:
+    """Ternary ``[N, K]`` to int8 ``[N, G·padded_group]``, each group zero-padded."""
+    return pad_groups(values, shape.k, shape.group_size, shape.padded_group).astype(np.int8, copy=False)
 
 
 def code_bytes(shape: Shape, values: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ from tvm.script import tirx as T
 
 from sherry_export.formats import SHERRY_DECODE, PackedWeight, quantize_activations, unpack
 from tvm_schedules.kernels import FORMAT_KEY, ISA_KEY, ORDER_KEY, Knobs, _loops_after
-from tvm_schedules.layout import TILE, Shape, code_bytes
+from tvm_schedules.layout import TILE, Shape, code_bytes, pad_groups
 
 LUT_FORMAT = "sherry"
 """The one format this formulation decodes: its pair records are sherry's 5-bit codes."""
@@ -153,17 +153,6 @@ class LutShape:
         return ""
 
 
-def _padded(ls: LutShape, values: np.ndarray) -> np.ndarray:
-    """``values [M, K]`` with every group zero-padded to whole pairs: ``[M, G·padded_group]``."""
-    # layout.padded_values pads to whole quads of its Shape; pairs need the pair-padded geometry
-    out = np.zeros((values.shape[0], ls.groups * ls.padded_group), values.dtype)
-    for g in range(ls.groups):
-        start = g * ls.group_size
-        length = min(ls.group_size, ls.k - start)
-        out[:, g * ls.padded_group : g * ls.padded_group + length] = values[:, start : start + length]
-    return out
-
-
 def weights(packed: PackedWeight) -> np.ndarray:
     """The weight stream, uint8 ``[blocks, G, group_bytes]``: per block of ``block_tiles`` tiles and
     group, the pair records (80 bytes; pair after pair, the block's tiles one after the other), then
@@ -174,7 +163,7 @@ def weights(packed: PackedWeight) -> np.ndarray:
         raise ValueError(f"the LUT kernel takes {LUT_FORMAT} weights, not {packed.format}")
     if problem := ls.supported():
         raise ValueError(problem)
-    values = _padded(ls, unpack(packed).values.numpy())
+    values = pad_groups(unpack(packed).values.numpy(), ls.k, ls.group_size, ls.padded_group)
     # 5-bit codes per block of 4 (padding blocks code 0: they meet zero activations)
     cols = ls.groups * ls.padded_group
     codes = code_bytes(Shape(LUT_FORMAT, cols, TILE, cols), values)
@@ -201,7 +190,8 @@ def tables(ls: LutShape, xq: np.ndarray) -> np.ndarray:
     and piece (16 columns), for xl = xq & 15 and xh = xq >> 4, 128 entries ``sign << 6 | j << 4 | idx``
     = ±Σ_p lanes(idx)[p] · x[4j + p], the positive sums then their negations."""
     m = xq.shape[0]
-    x = _padded(ls, xq).astype(np.int32).reshape(m, ls.pairs, 2, 4, 4)  # [m, pair, piece, j, p]
+    x = pad_groups(xq, ls.k, ls.group_size, ls.padded_group).astype(np.int32)
+    x = x.reshape(m, ls.pairs, 2, 4, 4)  # [m, pair, piece, j, p]
     lanes = SHERRY_DECODE[:16].astype(np.int32)  # [idx, p]
     out = np.empty((m, ls.pairs, 2, 2, 2, 4, 16), np.int32)  # [m, pair, piece, half, sign, j, idx]
     for half, part in enumerate((x & 15, x >> 4)):
