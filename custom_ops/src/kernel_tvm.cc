@@ -501,14 +501,15 @@ TvmAutoChoice make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand)
     return choice;
   }
   const std::string here = cpu_model_name() + ", " + cpu_model_id();
-  // The verdict of one regime from its speed-ups (all > 1: TVM is faster) and their description.
-  // `regime` names the measure for a kernel never timed ("at M=1").
+  // The verdict of one regime from its speed-ups (all >= kTvmMinSpeedup: TVM is faster) and their
+  // description. `regime` names the measure for a kernel never timed ("at M=1").
   const auto decide = [&](std::initializer_list<double> speedups, const std::string& measure, const char* regime,
                           std::string* reason) {
-    bool timed = true, faster = true;
+    bool timed = true, faster = true, ahead = true;
     for (double s : speedups) {
       timed = timed && s > 0;
-      faster = faster && s > 1;
+      faster = faster && s >= kTvmMinSpeedup;
+      ahead = ahead && s > 1;
     }
     if (!timed) {
       *reason = passed + kernel + " was never timed against " + path_name(hand) + " " + regime +
@@ -526,6 +527,7 @@ TvmAutoChoice make_tvm_kernel_if_faster(const PackedWeights& w, KernelPath hand)
       return false;
     }
     *reason = (faster ? "tvm: " : passed) + timed_as + " on this CPU (" + here + ")";
+    if (ahead && !faster) *reason += ": within the " + times(kTvmMinSpeedup) + " margin auto asks for";
     return faster;
   };
   const std::string single = times(entry->hot_speedup) + " the speed of " + path_name(hand) + " hot and " +

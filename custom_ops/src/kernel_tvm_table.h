@@ -35,6 +35,12 @@ struct TvmEntry {
   int formulation;  // 0: weight planes (kernels.py); 1: sherry activation lookup tables (lut.py)
 };
 
+// Auto mode takes a TVM kernel for a regime only where the database timed it at least this much faster
+// than the hand-written kernel (every speed-up of the regime): one `sherry tune --verify` run moves by a
+// few percent on a shared machine, and a node whose two regimes take different kernels holds its weights
+// twice. tvm_schedules/tune.py AUTO_MIN_SPEEDUP mirrors it (tests/test_tvm_auto.py checks).
+constexpr double kTvmMinSpeedup = 1.05;
+
 extern const TvmEntry kTvmEntries[];
 extern const size_t kTvmEntryCount;
 
