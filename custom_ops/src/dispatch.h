@@ -45,11 +45,11 @@ struct KernelChoice {
 };
 
 // Builds the kernel for `w`. Auto takes a linked TVM kernel for exactly these weights, per regime,
-// where `sherry tune --verify` timed it faster than the hand-written kernel auto would otherwise run
-// (the best ISA of this CPU) as onnxruntime nodes on this CPU model (make_tvm_kernel_if_faster): calls
-// of fewer than its batch_min_rows rows of A where it was faster at M = 1 hot and cold, larger calls
-// where it was faster at batch 128; else (and for the other regime) it tries avx512, then avx2 (each
-// only if the CPU has it), then scalar.
+// where `sherry tune --verify` timed it at least kTvmMinSpeedup (kernel_tvm_table.h, 1.05x) faster
+// than the hand-written kernel auto would otherwise run (the best ISA of this CPU) as onnxruntime
+// nodes on this CPU model (make_tvm_kernel_if_faster): calls of fewer than its batch_min_rows rows of
+// A where it was that much faster at M = 1 hot and cold, larger calls where it was at batch 128; else
+// (and for the other regime) it tries avx512, then avx2 (each only if the CPU has it), then scalar.
 // A forced path is used or it is an error: the CPU lacks it, or its factory declines these weights
 // (for instance because its layout of them would be over the memory budget in kernel.h).
 // Throws std::runtime_error with the reason; corrupt codes also surface as std::runtime_error.

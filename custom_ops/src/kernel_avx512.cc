@@ -37,10 +37,11 @@
 // Private weight layouts (built once by the factory), ordered exactly as the kernels read them, so
 // that a work item streams forward through memory:
 //   sherry/tl2: superblocks of blocks of 8 tiles (a superblock is the op's work item, row_tile(),
-//     one per hardware thread: superblock_blocks); in a superblock, K-chunks of about 16 pieces (4 KiB of tables per row of A;
-//     a large group is split over chunks); in a chunk, block after block; in a block, per group,
-//     per pair of pieces, its tiles one after the other, 80 bytes each: 64 bytes of index nibbles
-//     (byte i = code i of piece A | code i of piece B << 4), then the 64-bit sign masks of A and B.
+//     one per hardware thread: superblock_blocks); in a superblock, K-chunks of about 16 pieces
+//     (4 KiB of tables per row of A; a large group is split over chunks); in a chunk, block after
+//     block; in a block, per group, per pair of pieces, its tiles one after the other, 80 bytes
+//     each: 64 bytes of index nibbles (byte i = code i of piece A | code i of piece B << 4), then
+//     the 64-bit sign masks of A and B.
 //     A group with an odd number of pieces ends with a 40-byte half pair per tile (byte i = code i
 //     | code i+32 << 4, then the sign mask); then the tiles' 16 float16 scales of the group. A
 //     chunk's tables thus come from L2 once per superblock and from L1 for its other blocks: on
