@@ -315,10 +315,10 @@ def test_untuned_shape_borrows_the_nearest_tuned_knobs() -> None:
     assert tuned_knobs(untuned_k, "avx512") == default_knobs(untuned_k)
 
 
-def test_lut_entries_lend_no_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Relax path compiles the plane kernel: a ``lut`` entry's knobs (valid plane knobs here, so only
-    the formulation tells them apart) are never taken, neither for its own shape nor borrowed for
-    another N; the nearest plane entry of the same K lends its knobs, and without one the default holds."""
+def test_entries_lend_knobs_within_their_formulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two kernels' knobs mean different loops: a ``lut`` entry lends its knobs only to the LUT kernel
+    (its own shape, or borrowed for another N) and a plane entry only to the plane kernel; without an
+    entry of its formulation each kernel takes its default."""
     import json
 
     from tvm_schedules import relax_onnx
@@ -335,6 +335,78 @@ def test_lut_entries_lend_no_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     shape = Shape("sherry", 2048, 2048, 128)
     tuned.write_text(json.dumps([entry(2048, 8, 1, "tile", "lut")]))
     assert relax_onnx.tuned_knobs(shape, "avx512") == relax_onnx.default_knobs(shape) != Knobs(8, 1, "tile")
+    assert relax_onnx.tuned_knobs(shape, "avx512", formulation="lut") == Knobs(8, 1, "tile")
     tuned.write_text(json.dumps([entry(2048, 8, 1, "tile", "lut"), entry(512, 4, 2, "tile", "plane")]))
     assert relax_onnx.tuned_knobs(shape, "avx512") == Knobs(4, 2, "tile")
     assert relax_onnx.tuned_knobs(Shape("sherry", 2048, 1024, 128), "avx512") == Knobs(4, 2, "tile")
+    assert relax_onnx.tuned_knobs(Shape("sherry", 2048, 1024, 128), "avx512", formulation="lut") == Knobs(8, 1, "tile")
+    tuned.write_text(json.dumps([entry(512, 4, 2, "tile", "plane")]))
+    lut_default = relax_onnx.tuned_knobs(shape, "avx512", formulation="lut")
+    assert lut_default == relax_onnx.default_knobs(shape, "lut") == Knobs(8, 1, "pair")
+
+
+def test_decode_calls_of_sherry_take_the_lut_kernel_on_avx512() -> None:
+    """The formulation per call: the LUT kernel (1.25 bits per weight read) for sherry's M = 1 calls on
+    AVX-512; the plane kernel for any-M calls (the forward module), AVX2, other formats and shapes the LUT
+    layout cannot take."""
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.relax_onnx import formulation_for
+
+    sherry = Shape("sherry", 2048, 512, 128)
+    assert formulation_for(sherry, 1, "avx512") == "lut"
+    assert formulation_for(sherry, None, "avx512") == "plane"
+    assert formulation_for(sherry, 1, "avx2") == "plane"
+    assert formulation_for(Shape("tl2", 2048, 512, 128), 1, "avx512") == "plane"
+    assert formulation_for(Shape("i2s", 2048, 512, 128), 1, "avx512") == "plane"
+    assert formulation_for(Shape("sherry", 2048, 520, 128), 1, "avx512") == "plane"  # N not a multiple of 16
+
+
+@pytest.mark.parametrize(("k", "gs"), [(200, 64), (256, 48), (2048, 128)])
+def test_lut_tables_function_matches_numpy(k: int, gs: int) -> None:
+    """The Relax path's activation tables (a scheduled TE function, any host) are lut.activations' bytes:
+    every table of every pair, the padding of short groups, a NaN group's zero tables and NaN scale, an
+    all-zero row; and nothing but zeros past the pairs."""
+    from tvm_schedules import lut
+    from tvm_schedules.lut import LutShape
+    from tvm_schedules.relax_onnx import SHERRY_LANES, lut_activations_func
+
+    ls = LutShape(k, 64, gs)
+    x = np.random.default_rng(k).standard_normal((4, k), dtype=np.float32)
+    x[0, :5] *= 60
+    x[2, 7] = np.nan
+    x[3] = 0.0
+    slots = ls.row_bytes // lut.TABLE_BYTES
+    tables = tvm.runtime.tensor(np.full((4, slots, 2, 2, 2, 4, 16), 99, np.int8))
+    scales = tvm.runtime.tensor(np.full((4, ls.row_bytes // 4), 99, np.float32))
+    lib = tvm.compile(tvm.IRModule({"main": lut_activations_func(ls)}), target=host_target())
+    lib[f"tables_{ls.key}"](tvm.runtime.tensor(x), tvm.runtime.tensor(SHERRY_LANES), tables, scales)
+    want_tables, want_scales = lut.activations(ls, x)
+    got = tables.numpy().reshape(4, -1)
+    np.testing.assert_array_equal(got[:, : ls.scale_offset], want_tables[:, : ls.scale_offset])
+    assert not got[:, ls.scale_offset :].any()
+    np.testing.assert_array_equal(scales.numpy()[:, : ls.groups], want_scales[:, : ls.groups])
+    assert not scales.numpy()[:, ls.groups :].any()
+
+
+def test_decode_sized_sherry_op_matches_int8_reference() -> None:
+    """One sherry node of one token (the decode module's static M = 1): on AVX-512 the LUT kernel with the
+    TE tables, elsewhere the plane kernel; either way the int8 reference up to the order of the float
+    group sum, and a non-finite token gives NaN outputs."""
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.relax_onnx import formulation_for
+
+    k, n, gs = 200, 48, 64
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(4))
+    packed = pack("sherry", sherry_ternarize(weight, gs), gs)
+    bias = np.linspace(-1, 1, n, dtype=np.float32)
+    mod = import_onnx(matmul_model(packed, bias, (1, 1)))
+    lut_kernel = formulation_for(Shape("sherry", k, n, gs), 1) == "lut"
+    assert any(gv.name_hint.startswith("ternary_sherry_lut_") for gv in mod.get_global_vars()) == lut_kernel
+    vm = relax.VirtualMachine(tvm.compile(mod, target=host_target()), tvm.cpu())
+    for x in np.random.default_rng(5).standard_normal((3, 1, 1, k), dtype=np.float32):
+        y = vm["main"](tvm.runtime.tensor(x)).numpy()
+        ref = reference_matmul(x, packed, bias, activations="int8")
+        bound = 4 * np.finfo(np.float32).eps * (np.abs(ref).max() + 1) * (k // gs + 2)
+        assert np.abs(y - ref).max() <= bound
+    x[0, 0, 3] = np.inf
+    assert np.isnan(vm["main"](tvm.runtime.tensor(x)).numpy()).all()

@@ -39,16 +39,22 @@ import onnx
 import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as frontend
+from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from sherry_export.export.projections import dequantize_nbits
-from sherry_export.formats import FORMATS, HEAD_FORMATS, LM_HEADS, PackedWeight
+from sherry_export.formats import FORMATS, HEAD_FORMATS, LM_HEADS, SHERRY_DECODE, PackedWeight
 from sherry_export.generate import OnnxCausalLM
 from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
+from tvm_schedules import lut
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
+from tvm_schedules.lut import LUT_FORMAT, PAIR_COLS, TABLE_BYTES, LutShape
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
+KnobChoice = Callable[..., Knobs]
+"""Picks a ternary kernel's knobs: called as ``choice(shape, formulation=...)`` (:func:`tuned_knobs`, or
+:func:`measured_knobs` with its target bound)."""
 TERNARY_OPS = {spec.op_type: name for name, spec in FORMATS.items()}
 """The ``ai.sherry`` op of each format of the registry, converted to the format's TVM kernel."""
 DATABASES = Path(__file__).resolve().parent / "databases"
@@ -65,20 +71,41 @@ def host_target(threads: int = 1) -> tvm.target.Target:
 # --------------------------------------------------------------------------- ternary matmuls
 
 
-def default_knobs(shape: Shape) -> Knobs:
-    """Knobs valid for any shape: the largest tiles and unroll up to 2 that divide it."""
+def formulation_for(shape: Shape, m: int | None, isa: str | None = None) -> str:
+    """The kernel a Relax call of ``m`` rows (None: any) of ``shape`` compiles: ``lut`` for sherry's M = 1
+    calls (the decode module) on AVX-512, whose 1.25-bit pair records and activation tables read 1.6x
+    fewer weight bytes than the plane kernel's byte per code (at the 1B shape a decode step is a read of
+    the weights); ``plane`` for everything else (the LUT kernel has no AVX2 form, no other format, and
+    no dynamic-M function)."""
+    from tvm_schedules.tune import host_isa
+
+    lut_ok = shape.format == LUT_FORMAT and not LutShape(shape.k, shape.n, shape.group_size).supported()
+    return "lut" if m == 1 and lut_ok and (isa or host_isa()) == "avx512" else "plane"
+
+
+def default_knobs(shape: Shape, formulation: str = "plane") -> Knobs:
+    """Knobs valid for any shape: for the plane kernel the largest tiles and unroll up to 2 that divide
+    it; for the LUT kernel a whole stream block per step, each pair over its tiles (``pair`` order: the
+    pair's tables stay in registers), which ranked first of the LUT points at the LLaMA shapes cold
+    (docs/tvm.md, "The LUT formulation")."""
+    if formulation == "lut":
+        return Knobs(tiles=LutShape(shape.k, shape.n, shape.group_size).block_tiles, unroll=1, order="pair")
     return Knobs(
         tiles=[t for t in tile_choices(shape) if t <= 2][-1], unroll=[u for u in unroll_choices(shape) if u <= 2][-1]
     )
 
 
-def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
-    """The knobs ``sherry tune`` found for this shape on this ISA; for a shape the database lacks (the
-    exporter's fused QKV and gate-up projections), those tuned for the same format, K and group size at
-    the nearest N, when they divide this shape (at M = 1 the knobs shape the loop over K and the
-    registers of a step; N only sets the number of steps); else :func:`default_knobs`. The Relax path
-    compiles the plane kernel: an entry of another formulation (``lut``) holds no plane knobs and is
-    never borrowed from."""
+def formulation_knob_space(shape: Shape, formulation: str) -> list[Knobs]:
+    return lut.knob_space(LutShape(shape.k, shape.n, shape.group_size)) if formulation == "lut" else knob_space(shape)
+
+
+def tuned_knobs(shape: Shape, isa: str | None = None, formulation: str = "plane") -> Knobs:
+    """The knobs ``sherry tune`` found for this shape, ISA and formulation; for a shape the database lacks
+    (the exporter's fused QKV and gate-up projections), those tuned for the same format, K, group size
+    and formulation at the nearest N, when they are a point of this shape's space (at M = 1 the knobs
+    shape the loop over K and the registers of a step; N only sets the number of steps); else
+    :func:`default_knobs`. An entry of the other formulation is never taken: the knobs of the two
+    kernels mean different loops."""
     from tvm_schedules.tune import host_isa
 
     path = DATABASES / (isa or host_isa()) / "tuned.json"
@@ -86,70 +113,75 @@ def tuned_knobs(shape: Shape, isa: str | None = None) -> Knobs:
     same_k = [
         e
         for e in entries
-        if e.get("formulation", "plane") == "plane"
+        if e.get("formulation", "plane") == formulation
         and (e["format"], e["k"], e["group_size"]) == (shape.format, shape.k, shape.group_size)
     ]
+    space = formulation_knob_space(shape, formulation)
     for e in sorted(same_k, key=lambda e: abs(e["n"] - shape.n)):
         knobs = Knobs(tiles=e["tiles"], unroll=e["unroll"], order=e["order"])
-        if knobs in knob_space(shape):
+        if knobs in space:
             return knobs
-    return default_knobs(shape)
+    return default_knobs(shape, formulation)
 
 
-def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100) -> Knobs:
+def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100, formulation: str = "plane") -> Knobs:
     """The fastest knobs for this shape at M = 1 on this machine, timing every candidate (a few seconds):
     a quick stand-in for ``sherry tune`` for shapes its database lacks (like the fused QKV projection)."""
     from tvm_schedules.tune import host_isa
 
-    isa = host_isa()
-    arrays = [
-        np.zeros((1, shape.row_bytes), np.int8),
-        np.zeros((1, shape.row_bytes // 4), np.float32),
-        np.zeros((shape.tiles, shape.quads, 64), np.uint8),
-        np.zeros((shape.tiles, shape.groups, TILE), np.float32),
-        np.zeros((1, shape.n), np.float32),
-    ]
+    if formulation == "lut":
+        ls = LutShape(shape.k, shape.n, shape.group_size)
+        arrays = [
+            np.zeros((1, ls.row_bytes // TABLE_BYTES, TABLE_BYTES), np.int8),
+            np.zeros((1, ls.row_bytes // 4), np.float32),
+            np.zeros((ls.blocks, ls.groups, ls.group_bytes), np.uint8),
+            np.zeros((1, shape.n), np.float32),
+        ]
+    else:
+        arrays = [
+            np.zeros((1, shape.row_bytes), np.int8),
+            np.zeros((1, shape.row_bytes // 4), np.float32),
+            np.zeros((shape.tiles, shape.quads, 64), np.uint8),
+            np.zeros((shape.tiles, shape.groups, TILE), np.float32),
+            np.zeros((1, shape.n), np.float32),
+        ]
     args = [tvm.runtime.tensor(a) for a in arrays]
     timings = []
-    for knobs in knob_space(shape):
-        mod = tvm.IRModule({"main": prim_func(shape, None, knobs, isa, "main")})
+    for knobs in formulation_knob_space(shape, formulation):
+        mod = tvm.IRModule({"main": kernel_func(shape, knobs, host_isa(), 1, formulation)})
         lib = tvm.compile(mod, target=target)
-        timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
+        timer = lib.mod.time_evaluator(str(mod["main"].attrs["global_symbol"]), tvm.cpu(), number=number, repeat=3)
         timings.append((min(timer(*args).results), knobs))
     return min(timings, key=lambda timing: timing[0])[1]
 
 
-def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
-    """``x [M, K]`` float32 to the kernel's activation workspace rows (``layout.activations``): int8
-    ``[M, row_bytes]`` (each group at ``g·padded_group``, zero padded, quads in dword order) and the
-    float32 view ``[M, row_bytes/4]`` from ``scale_offset``: the G group scales, then the G int32 group
-    sums Σ xq (their bits), then zeros."""
+def quantized_groups_te(x: te.Tensor, k: int, group_size: int, padded_group: int) -> tuple[te.Tensor, te.Tensor]:
+    """``x [M, K]`` float32 to the int8 activations of docs/formats.md ("Activations") per scale group:
+    ``amax [M, G]`` (max |x|; +inf marks a group holding a NaN or an infinity) and ``qv [M, G,
+    padded_group]`` (xq, zero past the group and past K)."""
     rows = x.shape[0]
-    gs, pg, groups, k, lanes = shape.group_size, shape.padded_group, shape.groups, shape.k, shape.lanes_per_code
-    quad_bytes = CODES_PER_QUAD * lanes
+    groups = -(-k // group_size)
     f32 = "float32"
     inf = tirx.const(float("inf"), f32)
 
     def value(m: Any, g: Any, i: Any) -> tirx.PrimExpr:
-        col = g * gs + i
-        inside = tirx.all(i < gs, col < k)
+        col = g * group_size + i
+        inside = tirx.all(i < group_size, col < k)
         return tirx.if_then_else(inside, x[m, tirx.min(col, k - 1)], tirx.const(0.0, f32))
 
-    r = te.reduce_axis((0, gs), name="r")
+    r = te.reduce_axis((0, group_size), name="r")
     # max |x| over the group; a NaN or an infinity makes it +inf, which marks the group non-finite
     amax = te.compute(
         (rows, groups),
         lambda m, g: te.max(tirx.Select(tirx.isfinite(value(m, g, r)), tirx.abs(value(m, g, r)), inf), axis=r),
         name="amax",
     )
-
-    def finite(m: Any, g: Any) -> tirx.PrimExpr:
-        return amax[m, g] < inf
-
     inv = te.compute(
         (rows, groups),
         lambda m, g: tirx.Select(
-            tirx.all(finite(m, g), amax[m, g] > 0), tirx.const(ACTIVATION_QMAX, f32) / amax[m, g], tirx.const(0.0, f32)
+            tirx.all(amax[m, g] < inf, amax[m, g] > 0),
+            tirx.const(ACTIVATION_QMAX, f32) / amax[m, g],
+            tirx.const(0.0, f32),
         ),
         name="inv",
     )
@@ -159,7 +191,25 @@ def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
         q = tirx.max(tirx.min(q, tirx.const(ACTIVATION_QMAX, f32)), tirx.const(-ACTIVATION_QMAX, f32))
         return tirx.Select(inv[m, g] > 0, q, tirx.const(0.0, f32)).astype("int8")
 
-    qv = te.compute((rows, groups, pg), quantized, name="qv")  # padded group order
+    return amax, te.compute((rows, groups, padded_group), quantized, name="qv")  # padded group order
+
+
+def group_scale(amax: te.Tensor, m: Any, g: Any) -> tirx.PrimExpr:
+    """s = max|x| / 127 of a group, NaN for a non-finite group (its outputs are NaN, as in a float matmul)."""
+    f32 = "float32"
+    finite = amax[m, g] < tirx.const(float("inf"), f32)
+    return tirx.Select(finite, amax[m, g] / tirx.const(ACTIVATION_QMAX, f32), tirx.const(float("nan"), f32))
+
+
+def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
+    """``x [M, K]`` float32 to the plane kernel's activation workspace rows (``layout.activations``): int8
+    ``[M, row_bytes]`` (each group at ``g·padded_group``, zero padded, quads in dword order) and the
+    float32 view ``[M, row_bytes/4]`` from ``scale_offset``: the G group scales, then the G int32 group
+    sums Σ xq (their bits), then zeros."""
+    rows = x.shape[0]
+    pg, groups, lanes = shape.padded_group, shape.groups, shape.lanes_per_code
+    quad_bytes = CODES_PER_QUAD * lanes
+    amax, qv = quantized_groups_te(x, shape.k, shape.group_size, pg)
 
     def ordered(m: Any, c: Any) -> tirx.PrimExpr:
         # byte 4p + j of a quad is column L·j + p of it (layout.dword_order)
@@ -174,12 +224,52 @@ def quantize_te(x: te.Tensor, shape: Shape) -> tuple[te.Tensor, te.Tensor]:
 
     def scale_row(m: Any, j: Any) -> tirx.PrimExpr:
         g = tirx.min(j, groups - 1)
-        s = tirx.Select(finite(m, g), amax[m, g] / tirx.const(ACTIVATION_QMAX, f32), tirx.const(float("nan"), f32))
-        total = tirx.reinterpret(f32, sums[m, tirx.max(tirx.min(j - groups, groups - 1), 0)])
-        return tirx.Select(j < groups, s, tirx.Select(j < 2 * groups, total, tirx.const(0.0, f32)))
+        total = tirx.reinterpret("float32", sums[m, tirx.max(tirx.min(j - groups, groups - 1), 0)])
+        return tirx.Select(
+            j < groups, group_scale(amax, m, g), tirx.Select(j < 2 * groups, total, tirx.const(0.0, "float32"))
+        )
 
     scales = te.compute((rows, shape.row_bytes // 4), scale_row, name="xs")
     return xq, scales
+
+
+LUT_TABLE_AXES = (2, 2, 2, 4, 16)
+"""A pair's 512 table bytes as axes (piece, nibble half, sign, j, idx): byte ``piece·256 + half·128 +
+sign·64 + j·16 + idx`` (lut.tables)."""
+
+
+def lut_activations_te(x: te.Tensor, lanes: te.Tensor, ls: LutShape) -> tuple[te.Tensor, te.Tensor]:
+    """``x [M, K]`` float32 to the LUT kernel's workspace (``lut.activations``): the tables ``[M, slots,
+    2, 2, 2, 4, 16]`` int8 (a pair's 512 bytes per slot, :data:`LUT_TABLE_AXES`; the slots past the
+    pairs zero), which the caller views as ``[M, slots, 512]``, and the float32 ``[M, row_bytes/4]``
+    (the G group scales, then zeros). ``lanes [4, 16]`` int8: lane p of each sherry index
+    (``SHERRY_DECODE[:16]`` transposed), so the innermost loop, over the 16 indices, reads it in order."""
+    rows = x.shape[0]
+    amax, qv = quantized_groups_te(x, ls.k, ls.group_size, ls.padded_group)
+    pairs, per_group = ls.pairs, ls.pairs_per_group
+
+    def entry(m: Any, slot: Any, piece: Any, half: Any, sign: Any, j: Any, idx: Any) -> tirx.PrimExpr:
+        pair = tirx.min(slot, pairs - 1)  # Select reads both branches: keep the pair in bounds
+        base = pair % per_group * PAIR_COLS + piece * (PAIR_COLS // 2) + 4 * j
+
+        def nibbles(p: int) -> tirx.PrimExpr:  # xl = xq & 15 or xh = xq >> 4 (arithmetic), as lut.tables
+            v = qv[m, pair // per_group, base + p].astype("int32")
+            return tirx.Select(half == 0, v & 15, v >> 4)
+
+        total = sum((lanes[p, idx].astype("int32") * nibbles(p) for p in range(4)), tirx.const(0, "int32"))
+        signed = tirx.Select(sign == 0, total, -total)
+        return tirx.Select(slot < pairs, signed, tirx.const(0, "int32")).astype("int8")
+
+    slots = ls.row_bytes // TABLE_BYTES
+    tables = te.compute((rows, slots, *LUT_TABLE_AXES), entry, name="tables")
+    scales = te.compute(
+        (rows, ls.row_bytes // 4),
+        lambda m, j: tirx.Select(
+            j < ls.groups, group_scale(amax, m, tirx.min(j, ls.groups - 1)), tirx.const(0.0, "float32")
+        ),
+        name="xs",
+    )
+    return tables, scales
 
 
 def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: list[relax.Expr], name: str) -> relax.Var:
@@ -192,40 +282,86 @@ def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: li
 
 
 @functools.cache
-def kernel_func(shape: Shape, knobs: Knobs, isa: str | None = None, m: int | None = None) -> tirx.PrimFunc:
+def kernel_func(
+    shape: Shape, knobs: Knobs, isa: str | None = None, m: int | None = None, formulation: str = "plane"
+) -> tirx.PrimFunc:
     """The TensorIR kernel for M = ``m`` rows (None: any M) on ``isa`` (default: this host's), marked
-    scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes.
-    Cached: every layer of a model has the same few shapes, and scheduling one takes a good part of a second."""
+    scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes;
+    ``formulation`` ``lut`` is its LUT form (M = 1 only). Cached: every layer of a model has the same
+    few shapes, and scheduling one takes a good part of a second."""
     from tvm_schedules.tune import host_isa
 
-    name = f"ternary_{shape.key}" if m is None else f"ternary_{shape.key}_m{m}"
-    func = prim_func(shape, m, knobs, isa or host_isa(), name)
+    if formulation == "lut":
+        ls = LutShape(shape.k, shape.n, shape.group_size)
+        func = lut.prim_func(ls, knobs, m=1, name=f"ternary_{ls.key}_m1")
+    else:
+        name = f"ternary_{shape.key}" if m is None else f"ternary_{shape.key}_m{m}"
+        func = prim_func(shape, m, knobs, isa or host_isa(), name)
     return func.with_attr({"tirx.is_scheduled": True, "op_pattern": 8})  # 8: kOpaque
 
 
+@functools.cache
+def lut_activations_func(ls: LutShape) -> tirx.PrimFunc:
+    """:func:`lut_activations_te` for any number of rows, scheduled: per pair, its 32 runs of 16 table
+    entries unrolled and each run one vector (4 µs a row at K = 2048 on Zen 4, as long as the plane
+    kernel's unscheduled quantization; unscheduled, 9 µs)."""
+    rows = tirx.Var("m", "int64")
+    x = te.placeholder((rows, ls.k), "float32", name="x")
+    lanes = te.placeholder((4, 16), "int8", name="lanes")
+    sch = Schedule(te.create_prim_func([x, lanes, *lut_activations_te(x, lanes, ls)]))
+    *outer, idx = sch.get_loops(sch.get_sblock("tables"))
+    for loop in outer[2:]:  # piece, nibble half, sign, j
+        sch.unroll(loop)
+    sch.vectorize(idx)
+    return sch.mod["main"].with_attr({"global_symbol": f"tables_{ls.key}", "tirx.is_scheduled": True})
+
+
+SHERRY_LANES = np.ascontiguousarray(SHERRY_DECODE[:16].T.astype(np.int8))
+"""Lane p of each 4-bit sherry index (sign bit clear), ``[4, 16]``: what :func:`lut_activations_te` sums."""
+
+
 def emit_ternary_matmul(
-    bb: relax.BlockBuilder, x: relax.Expr, packed: PackedWeight, bias: relax.Expr | None, knobs: Knobs | None = None
+    bb: relax.BlockBuilder,
+    x: relax.Expr,
+    packed: PackedWeight,
+    bias: relax.Expr | None,
+    knobs: KnobChoice | None = None,
 ) -> relax.Expr:
-    """``x [..., K] @ Wᵀ (+ bias)`` on the packed weight: quantize (TE) then the TVM kernel (call_tir)."""
+    """``x [..., K] @ Wᵀ (+ bias)`` on the packed weight: quantize (TE) then the TVM kernel (call_tir); the
+    kernel and its workspace by :func:`formulation_for`, its knobs by ``knobs`` (default
+    :func:`tuned_knobs`)."""
     shape = Shape(packed.format, packed.k, packed.n, packed.group_size)
     if problem := shape.supported():
         raise ValueError(f"the TVM kernels cannot take {shape.key}: {problem}")
-    planes, alpha = repack(packed)
     lead = list(x.ty.shape)[:-1]
     rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
-    acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")
     m = rows.ty.shape[0]
     static = int(m) if isinstance(m, tirx.IntImm) else None  # the decode module's M = 1: the tuned function
-    func = kernel_func(shape, knobs or tuned_knobs(shape), m=static)
+    formulation = formulation_for(shape, static)
+    func = kernel_func(shape, (knobs or tuned_knobs)(shape, formulation=formulation), m=static, formulation=formulation)
     gv = bb.add_func(func, str(func.attrs["global_symbol"]))
-    weights = [relax.const(a) for a in (*planes, alpha)]  # one plane: [N/16, quads, 64] code bytes
-    y = bb.emit(
-        relax.call_tir(
-            gv,
-            [relax.TupleGetItem(acts, 0), relax.TupleGetItem(acts, 1), *weights],
-            relax.TensorType([m, shape.n], "float32"),
+    if formulation == "lut":
+        ls = LutShape(shape.k, shape.n, shape.group_size)
+        slots = ls.row_bytes // TABLE_BYTES
+        tables_gv = bb.add_func(lut_activations_func(ls), f"tables_{ls.key}")
+        acts = bb.emit(
+            relax.call_tir(
+                tables_gv,
+                [rows, relax.const(SHERRY_LANES)],
+                [
+                    relax.TensorType([m, slots, *LUT_TABLE_AXES], "int8"),
+                    relax.TensorType([m, ls.row_bytes // 4], "float32"),
+                ],
+            )
         )
-    )
+        tables = bb.emit(relax.op.reshape(relax.TupleGetItem(acts, 0), [m, slots, TABLE_BYTES]))
+        args = [tables, relax.TupleGetItem(acts, 1), relax.const(lut.weights(packed))]
+    else:
+        planes, alpha = repack(packed)
+        acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")
+        weights = [relax.const(a) for a in (*planes, alpha)]  # one plane: [N/16, quads, 64] code bytes
+        args = [relax.TupleGetItem(acts, 0), relax.TupleGetItem(acts, 1), *weights]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, shape.n], "float32")))
     if bias is not None:
         y = relax.op.add(y, bias)
     return relax.op.reshape(y, [*lead, shape.n])
@@ -237,9 +373,6 @@ def _constant(expr: relax.Expr, what: str) -> np.ndarray:
     return expr.value.numpy()
 
 
-KnobChoice = Callable[[Shape], Knobs]
-
-
 def ternary_converter(fmt: str, knobs: KnobChoice) -> type[frontend.OnnxOpConverter]:
     """The converter of one ``ai.sherry`` op: inputs X, B (packed uint8), scales (float16), optional bias."""
 
@@ -249,8 +382,7 @@ def ternary_converter(fmt: str, knobs: KnobChoice) -> type[frontend.OnnxOpConver
             packed = PackedWeight(
                 fmt, _constant(inputs[1], "B"), _constant(inputs[2], "scales"), int(attr["K"]), int(attr["group_size"])
             )
-            shape = Shape(fmt, packed.k, packed.n, packed.group_size)
-            return emit_ternary_matmul(bb, inputs[0], packed, inputs[3], knobs(shape))
+            return emit_ternary_matmul(bb, inputs[0], packed, inputs[3], knobs)
 
     TernaryMatMul.__name__ = f"{fmt.capitalize()}MatMul"
     return TernaryMatMul
