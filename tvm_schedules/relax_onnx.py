@@ -507,8 +507,12 @@ class NBitsShape:
 
     @property
     def lane_block(self) -> int:
-        """Rows interleaved per weight block (the vector lanes of :func:`nbits_func`); 0 if N does not allow it."""
-        return TILE if self.n % TILE == 0 else 0
+        """Rows interleaved per weight block, one parallel task of :func:`nbits_func`: up to 8 vectors of
+        TILE rows, so that a task reads one forward stream (8 streams of 16 rows each read 1.2x slower on
+        LLaMA-3.2-1B's head); 0 if N is not a multiple of TILE."""
+        if self.n % TILE:
+            return 0
+        return TILE * next(v for v in (8, 4, 2, 1) if self.n // TILE % v == 0)
 
     @property
     def row_bytes(self) -> int:
@@ -518,16 +522,19 @@ class NBitsShape:
 def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
     registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
-    Its own small schedule: a task takes up to 8 weight blocks (tasks in parallel); for each group in order,
-    the group's dots of its blocks (``dot``: LB rows of a block vectorized, codes read in order, one
-    accumulator register per block, so the blocks' dependency chains overlap), then ``Y += scale · dot``
-    in registers; Y is written once. (A plain loop nest here kept the accumulators in memory and wrote
-    every group's dots out, one chain of stores and loads: 3× slower on LLaMA-3.2-1B's head.)"""
+    8-bit codes come as int8 ``q - 128`` (:func:`nbits_codes`), so a weight is one sign-extending load and
+    one conversion from the float it dots with (the same float values: half the vector work per weight
+    of shifting, masking, converting and subtracting, which had made the 1B shape's head compute-bound).
+    Its own small schedule: a task takes one weight block (up to 8 vectors of TILE rows, tasks in
+    parallel); for each group in order, the group's dots of the block (``dot``: the codes read in order,
+    one accumulator register per vector of rows, so their dependency chains overlap), then ``Y += scale ·
+    dot`` in registers; Y is written once. (A plain loop nest here kept the accumulators in memory and
+    wrote every group's dots out, one chain of stores and loads: 3× slower on LLaMA-3.2-1B's head.)"""
     lb, bits, bs = shape.lane_block, shape.bits, shape.block_size
     per_byte = 8 // bits
     rows = te.var("M", "int64")
     x = te.placeholder((rows, shape.k), "float32", name="X")
-    w = te.placeholder((shape.n // lb, shape.row_bytes, lb), "uint8", name="W0")
+    w = te.placeholder((shape.n // lb, shape.row_bytes, lb), "int8" if bits == 8 else "uint8", name="W0")
     scales = te.placeholder((shape.n // lb, shape.groups, lb), "float32", name="alpha")
     j = te.reduce_axis((0, bs), name="j")
     zero_point = tirx.const(float(1 << (bits - 1)), "float32")
@@ -535,8 +542,10 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     def term(m: Any, nb: Any, g: Any, lane: Any) -> tirx.PrimExpr:
         col = g * bs + j
         byte = w[nb, col // per_byte, lane]
-        code = ((byte >> ((col % per_byte) * bits).astype("uint8")) & ((1 << bits) - 1)).astype("float32")
         value = tirx.if_then_else(col < shape.k, x[m, tirx.min(col, shape.k - 1)], tirx.const(0.0, "float32"))
+        if bits == 8:
+            return value * byte.astype("float32")  # q - 128, stored
+        code = ((byte >> ((col % per_byte) * bits).astype("uint8")) & ((1 << bits) - 1)).astype("float32")
         return value * (code - zero_point)
 
     dot = te.compute(
@@ -554,32 +563,37 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     func = te.create_prim_func([x, w, scales, y]).with_attr("global_symbol", name)
     sch = tvm.s_tir.Schedule(tvm.IRModule({name: func}))
     sch.work_on(name)
-    blocks = shape.n // lb
-    per_task = next(v for v in (8, 4, 2, 1) if blocks % v == 0)
     y_block, dot_block = sch.get_sblock("Y"), sch.get_sblock("dot")
     m, n, gi = sch.get_loops(y_block)
-    nb, lane = sch.split(n, [None, lb])
-    task, nbi = sch.split(nb, [None, per_task])
-    sch.reorder(task, m, gi, nbi, lane)
+    task, vectors, lane = sch.split(n, [None, lb // TILE, TILE])
+    sch.reorder(task, m, gi, vectors, lane)
     sch.parallel(task)
     acc = sch.cache_write(y_block, 0, "local")
     sch.reverse_compute_at(acc, m)
     sch.vectorize(sch.get_loops(acc)[-1])
-    # each group's dots right where Y takes them, in registers: per_task x LB accumulators, code by code
+    # each group's dots right where Y takes them, in registers: one accumulator per vector, code by code
     sch.compute_at(dot_block, gi)
     sch.set_scope(dot_block, 0, "local")
-    d_nb, d_lane, d_j = sch.get_loops(dot_block)[-3:]
-    sch.reorder(d_j, d_nb, d_lane)
-    for loop in (d_nb, nbi):
+    d_lanes, d_j = sch.get_loops(dot_block)[-2:]
+    d_vectors, d_lane = sch.split(d_lanes, [None, TILE])
+    sch.reorder(d_j, d_vectors, d_lane)
+    for loop in (d_vectors, vectors):
         sch.unroll(loop)
     sch.vectorize(d_lane)
     sch.vectorize(lane)
     for block, k in ((dot_block, d_j), (y_block, gi)):
         init = sch.decompose_reduction(block, k)
-        *_, init_nb, init_lane = sch.get_loops(init)
-        sch.unroll(init_nb)
+        *_, init_lanes = sch.get_loops(init)
+        init_vectors, init_lane = sch.split(init_lanes, [None, TILE])
+        sch.unroll(init_vectors)
         sch.vectorize(init_lane)
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def nbits_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits code bytes as :func:`nbits_func` reads them: 8-bit codes q as int8 q - 128 (flipping the
+    top bit: exactly q minus the default zero point), narrower codes unchanged."""
+    return (codes ^ np.uint8(0x80)).view(np.int8) if bits == 8 else codes
 
 
 class MatMulNBits(frontend.OnnxOpConverter):
@@ -595,7 +609,7 @@ class MatMulNBits(frontend.OnnxOpConverter):
         if shape.bits not in (2, 4, 8) or not shape.lane_block:
             raise ValueError(f"MatMulNBits: bits={shape.bits}, N={shape.n} (need 2/4/8 bits, N a multiple of 16)")
         lb = shape.lane_block
-        codes = _constant(inputs[1], "B").reshape(shape.n, shape.row_bytes)
+        codes = nbits_codes(_constant(inputs[1], "B").reshape(shape.n, shape.row_bytes), shape.bits)
         scales = _constant(inputs[2], "scales").astype(np.float32).reshape(shape.n, shape.groups)
         planes = [
             relax.const(np.ascontiguousarray(a.reshape(shape.n // lb, lb, -1).transpose(0, 2, 1)))
