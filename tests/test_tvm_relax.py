@@ -35,8 +35,10 @@ def model() -> torch.nn.Module:
     return tiny_llama(seed=1, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
 
 
-def both_backends(model: torch.nn.Module, fmt: str, out: Path) -> tuple[RelaxCausalLM, OnnxCausalLM]:
-    head = "nbits4" if fmt == "nbits4" else "fp32"  # MatMulNBits for the projections and the LM head
+def both_backends(
+    model: torch.nn.Module, fmt: str, out: Path, head: str | None = None
+) -> tuple[RelaxCausalLM, OnnxCausalLM]:
+    head = head or ("nbits4" if fmt == "nbits4" else "fp32")  # MatMulNBits for the projections and the LM head
     export_model(model, out, ExportOptions(format=fmt, group_size=GROUP_SIZES[fmt], lm_head=head))
     return RelaxCausalLM(out), OnnxCausalLM(out / "model.onnx")
 
@@ -72,13 +74,17 @@ def test_fp32_export_matches_onnxruntime(model: torch.nn.Module, tmp_path: Path)
     np.testing.assert_allclose(lm.forward(batch)[0], ort.forward(batch)[0], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["sherry", "tl2", "i2s", "nbits4"])
-def test_quantized_export_matches_onnxruntime(model: torch.nn.Module, fmt: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "head"), [("sherry", None), ("tl2", None), ("i2s", None), ("nbits4", None), ("sherry", "nbits8")]
+)
+def test_quantized_export_matches_onnxruntime(
+    model: torch.nn.Module, fmt: str, head: str | None, tmp_path: Path
+) -> None:
     """sherry/tl2/i2s: both run the same int8 numerics, but a float difference upstream can move one
-    activation across a rounding boundary; nbits4: TVM computes MatMulNBits in float, onnxruntime with
-    int8 activations (accuracy_level 4). So: the same top-1 everywhere, and logits within a small
-    fraction of their spread."""
-    lm, ort = both_backends(model, fmt, tmp_path / fmt)
+    activation across a rounding boundary; nbits4 and the nbits8 head: TVM computes MatMulNBits in float,
+    onnxruntime with int8 activations (accuracy_level 4). So: the same top-1 everywhere, and logits within a
+    small fraction of their spread."""
+    lm, ort = both_backends(model, fmt, tmp_path / fmt, head)
     tokens = decode_tokens(ort)
     ours, _ = prefill_and_decode(lm, tokens)
     theirs, _ = prefill_and_decode(ort, tokens)
@@ -410,3 +416,26 @@ def test_decode_sized_sherry_op_matches_int8_reference() -> None:
         assert np.abs(y - ref).max() <= bound
     x[0, 0, 3] = np.inf
     assert np.isnan(vm["main"](tvm.runtime.tensor(x)).numpy()).all()
+
+
+@pytest.mark.parametrize(("bits", "n"), [(8, 256), (8, 48), (4, 128), (2, 80)])
+def test_nbits_function_matches_the_dequantized_weight(bits: int, n: int) -> None:
+    """The MatMulNBits function on its layout (nbits_weights: one stream of up to 8 vectors of rows per
+    task, 8-bit codes stored as q - 128) against x @ dequantize_nbitsᵀ in float64: every code value, a K
+    that leaves the last block short, N in whole and partial 128-row blocks."""
+    from sherry_export.export.projections import dequantize_nbits, pack_nbits
+    from tvm_schedules.relax_onnx import NBitsShape, nbits_func, nbits_weights
+
+    k, bs = 200, 32
+    shape = NBitsShape(k, n, bits, bs)
+    rng = np.random.default_rng(bits * n)
+    q = rng.integers(0, 1 << bits, (n, k), dtype=np.uint8)
+    q[:2].reshape(-1)[: 1 << bits] = np.arange(1 << bits)  # every code value
+    codes = pack_nbits(q, bits, bs)
+    scales = rng.random((n, shape.groups), dtype=np.float32).astype(np.float16)
+    x = rng.standard_normal((3, k), dtype=np.float32)
+    lib = tvm.compile(tvm.IRModule({"main": nbits_func(shape).with_attr("global_symbol", "main")}), host_target())
+    y = tvm.runtime.tensor(np.zeros((3, n), np.float32))
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in nbits_weights(codes, scales, shape)), y)
+    want = x.astype(np.float64) @ dequantize_nbits(codes, scales, bits, bs, k).astype(np.float64).T
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())

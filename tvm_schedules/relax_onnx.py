@@ -522,7 +522,7 @@ class NBitsShape:
 def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     """``Y = X @ Wᵀ`` on MatMulNBits codes kept packed (rows interleaved in blocks of LB), dequantized in
     registers in float32: ``Y[m, n] = Σ_g scale[n, g] · Σ_j x[m, g·bs + j] · (q[n, g·bs + j] - 2^(bits-1))``.
-    8-bit codes come as int8 ``q - 128`` (:func:`nbits_codes`), so a weight is one sign-extending load and
+    8-bit codes come as int8 ``q - 128`` (:func:`nbits_weights`), so a weight is one sign-extending load and
     one conversion from the float it dots with (the same float values: half the vector work per weight
     of shifting, masking, converting and subtracting, which had made the 1B shape's head compute-bound).
     Its own small schedule: a task takes one weight block (up to 8 vectors of TILE rows, tasks in
@@ -590,10 +590,16 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     return sch.mod[name].with_attr({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def nbits_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits code bytes as :func:`nbits_func` reads them: 8-bit codes q as int8 q - 128 (flipping the
-    top bit: exactly q minus the default zero point), narrower codes unchanged."""
-    return (codes ^ np.uint8(0x80)).view(np.int8) if bits == 8 else codes
+def nbits_weights(codes: np.ndarray, scales: np.ndarray, shape: NBitsShape) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMulNBits node's B and scales as :func:`nbits_func` reads them: the rows interleaved in blocks of
+    ``lane_block`` (``[N/LB, row_bytes, LB]`` and ``[N/LB, groups, LB]``), 8-bit codes q as int8 q - 128
+    (flipping the top bit: exactly q minus the default zero point), narrower codes as they are."""
+    lb = shape.lane_block
+    rows = np.asarray(codes, np.uint8).reshape(shape.n, shape.row_bytes)
+    if shape.bits == 8:
+        rows = (rows ^ np.uint8(0x80)).view(np.int8)
+    alpha = np.asarray(scales).astype(np.float32).reshape(shape.n, shape.groups)
+    return tuple(np.ascontiguousarray(a.reshape(shape.n // lb, lb, -1).transpose(0, 2, 1)) for a in (rows, alpha))
 
 
 class MatMulNBits(frontend.OnnxOpConverter):
@@ -608,13 +614,8 @@ class MatMulNBits(frontend.OnnxOpConverter):
         shape = NBitsShape(int(attr["K"]), int(attr["N"]), int(attr["bits"]), int(attr["block_size"]))
         if shape.bits not in (2, 4, 8) or not shape.lane_block:
             raise ValueError(f"MatMulNBits: bits={shape.bits}, N={shape.n} (need 2/4/8 bits, N a multiple of 16)")
-        lb = shape.lane_block
-        codes = nbits_codes(_constant(inputs[1], "B").reshape(shape.n, shape.row_bytes), shape.bits)
-        scales = _constant(inputs[2], "scales").astype(np.float32).reshape(shape.n, shape.groups)
-        planes = [
-            relax.const(np.ascontiguousarray(a.reshape(shape.n // lb, lb, -1).transpose(0, 2, 1)))
-            for a in (codes, scales)
-        ]
+        codes, scales = _constant(inputs[1], "B"), _constant(inputs[2], "scales")
+        planes = [relax.const(a) for a in nbits_weights(codes, scales, shape)]
         x = inputs[0]
         lead = list(x.ty.shape)[:-1]
         rows = bb.normalize(relax.op.reshape(x, [-1, shape.k]))
