@@ -439,3 +439,18 @@ def test_nbits_function_matches_the_dequantized_weight(bits: int, n: int) -> Non
     lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in nbits_weights(codes, scales, shape)), y)
     want = x.astype(np.float64) @ dequantize_nbits(codes, scales, bits, bs, k).astype(np.float64).T
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("formulation", ["plane", "lut"])
+def test_measured_knobs_time_the_formulations_own_space(formulation: str) -> None:
+    """``--measure-knobs`` times every point of the call's kernel (the LUT kernel runs on AVX-512 only) and
+    returns one of them."""
+    from tvm_schedules.layout import Shape
+    from tvm_schedules.relax_onnx import formulation_knob_space, measured_knobs
+    from tvm_schedules.tune import host_isa
+
+    if formulation == "lut" and host_isa() != "avx512":
+        pytest.skip("the LUT kernel needs AVX-512")
+    shape = Shape("sherry", 256, 64, 128)
+    knobs = measured_knobs(shape, host_target(), number=3, formulation=formulation)
+    assert knobs in formulation_knob_space(shape, formulation)

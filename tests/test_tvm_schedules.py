@@ -405,3 +405,37 @@ def test_cpu_model_reads_what_the_op_library_compares() -> None:
     ident, name = cpu_model()
     assert re.fullmatch(r"\S+ family \d+ model \d+", ident), ident
     assert name
+
+
+def test_compare_times_only_the_functions_whose_knobs_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sherry tune --compare-with``: each kernel of one database against the same kernel of another, the M = 1
+    and block functions; equal knobs are the same code (not timed), different knobs are timed alternately and
+    give positive times and ratios; a kernel only one side has is left out; no common kernel is an error that
+    says what to tune."""
+    from sherry_export.cli import main
+    from tvm_schedules.tune import compare
+
+    def entry(n: int, tiles: int, block_tiles: int) -> dict:
+        return {"format": "sherry", "k": 256, "n": n, "group_size": 128, "isa": "avx2", "tiles": tiles,
+                "unroll": 1, "order": "quad", "block_tiles": block_tiles, "block_unroll": 1, "block_order": "tile",
+                "block_rows": 4}  # fmt: skip
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for root, entries in ((ours, [entry(64, 2, 1), entry(32, 1, 1)]), (theirs, [entry(64, 4, 1), entry(48, 1, 1)])):
+        (root / "avx2").mkdir(parents=True)
+        (root / "avx2" / "tuned.json").write_text(json.dumps(entries))
+    rows = compare("avx2", ours, theirs, rounds=2)
+    assert [(r["kernel"], r["function"]) for r in rows] == [
+        ("sherry_k256_n64_g128", "m1"),
+        ("sherry_k256_n64_g128", "block"),
+    ]
+    m1, block = rows
+    assert m1["ours"] == "plane 2x1 quad" and m1["theirs"] == "plane 4x1 quad"
+    assert all(t > 0 for t in (*m1["ours_us"], *m1["theirs_us"])) and 0 < m1["ratio"][0] <= m1["ratio"][1]
+    assert block["ours"] == block["theirs"] and "ratio" not in block
+    assert main(["tune", "--target", "avx2", "-o", str(ours), "--compare-with", str(theirs)]) == 0
+    assert "theirs / ours from" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="tune the same shapes and formats"):
+        compare("avx2", ours, tmp_path / "empty")

@@ -289,6 +289,83 @@ def verify(target_name: str, out_dir: Path) -> list[dict]:
     return entries
 
 
+def entry_functions(e: dict) -> dict[str, tuple[str, Any]]:
+    """The bare functions of a ``tuned.json`` entry by name, each with its knobs in words: ``m1`` (its
+    formulation's M = 1 function) and, for a plane entry with a block record, ``block``
+    (``kernels.BLOCK_M`` rows)."""
+    from tvm_schedules import kernels, lut
+
+    shape = Shape(e["format"], e["k"], e["n"], e["group_size"])
+    knobs = kernels.Knobs(e["tiles"], e["unroll"], e["order"])
+    formulation = e.get("formulation", "plane")
+    words = f"{formulation} {knobs.tiles}x{knobs.unroll} {knobs.order}"
+    if formulation == "lut":
+        return {"m1": (words, lut.prim_func(lut.LutShape(shape.k, shape.n, shape.group_size), knobs))}
+    functions = {"m1": (words, kernels.prim_func(shape, 1, knobs, e["isa"]))}
+    if e.get("block_tiles") is not None:
+        block = kernels.Knobs(e["block_tiles"], e["block_unroll"], e["block_order"], e["block_rows"])
+        words = f"{block.tiles}x{block.unroll} {block.order}, {block.rows} rows"
+        functions["block"] = (words, kernels.prim_func(shape, kernels.BLOCK_M, block, e["isa"]))
+    return functions
+
+
+def bare_timer(func: Any, target: dict) -> Any:
+    """A callable that times ``func`` once more, compiled for ``target``: µs per call, the least of 5
+    repeats of at least 20 calls (and 10 ms), on zeros (the kernels have no data-dependent branches)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    args = [tvm.runtime.tensor(np.zeros([int(d) for d in buf.shape], str(buf.dtype))) for buf in func.params]
+    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=5, min_repeat_ms=10)
+    return lambda: min(timer(*args).results) * 1e6
+
+
+def compare(target_name: str, out_dir: Path, other_dir: Path, rounds: int = 3) -> list[dict]:
+    """Time the kernels of ``out_dir``'s database for ``target_name`` against the same kernels (format,
+    shape, group size) of ``other_dir``'s, bare, hot, on one thread of this CPU, the two alternating for
+    ``rounds`` rounds: is a database tuned here as fast as another (the committed one)? One row per
+    kernel and function (``m1``, ``block``): both knob sets in words and, where they differ, both times
+    (µs, min and max over the rounds) and ``ratio`` (theirs / ours per round, min and max: above 1 ours
+    is faster). Functions with the same knobs are the same code and are not timed."""
+    from tqdm import tqdm
+
+    from tvm_schedules.relax_onnx import set_threads
+
+    def key(e: dict) -> tuple:
+        return e["format"], e["k"], e["n"], e["group_size"]
+
+    ours = load_entries(out_dir / target_name / "tuned.json")
+    theirs = {key(e): e for e in load_entries(other_dir / target_name / "tuned.json")}
+    pairs = [(e, theirs[key(e)]) for e in ours if key(e) in theirs]
+    if not pairs:
+        raise FileNotFoundError(
+            f"no kernel of {out_dir / target_name / 'tuned.json'} is in {other_dir / target_name / 'tuned.json'}: "
+            "tune the same shapes and formats for the same target into both"
+        )
+    set_threads(1)
+    target, _ = target_config(target_name)
+    rows = []
+    for mine, other in tqdm(pairs, desc=f"compare {target_name}", unit="kernel"):
+        a, b = entry_functions(mine), entry_functions(other)
+        for name in [n for n in a if n in b]:
+            row = {"kernel": Shape(*key(mine)).key, "function": name, "ours": a[name][0], "theirs": b[name][0]}
+            if row["ours"] == row["theirs"]:
+                rows.append(row)
+                continue
+            timers = bare_timer(a[name][1], target), bare_timer(b[name][1], target)
+            times = [(timers[0](), timers[1]()) for _ in range(rounds)]
+            ratios = [t / o for o, t in times]
+            rows.append(
+                row
+                | {
+                    "ours_us": (min(o for o, _ in times), max(o for o, _ in times)),
+                    "theirs_us": (min(t for _, t in times), max(t for _, t in times)),
+                    "ratio": (min(ratios), max(ratios)),
+                }
+            )
+    return rows
+
+
 def database(target_dir: Path) -> Any:
     """The MetaSchedule JSON database of one target folder (workloads and tuning records, one JSON
     line each), created empty if missing. Its traces name our tensor intrinsics, which loading them
@@ -633,7 +710,25 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def print_comparison(rows: list[dict], other_dir: Path) -> None:
+    print(f"| kernel | function | ours | {other_dir} | ours µs | theirs µs | theirs / ours |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "ratio" not in r:
+            print(f"| {r['kernel']} | {r['function']} | {r['ours']} | the same | | | 1 |")
+            continue
+        (o1, o2), (t1, t2), (q1, q2) = r["ours_us"], r["theirs_us"], r["ratio"]
+        times = f"{o1:.1f}-{o2:.1f} | {t1:.1f}-{t2:.1f} | {q1:.3f}-{q2:.3f}"
+        print(f"| {r['kernel']} | {r['function']} | {r['ours']} | {r['theirs']} | {times} |")
+    timed = [r["ratio"] for r in rows if "ratio" in r]
+    spread = f"theirs / ours from {min(q for q, _ in timed):.3f} to {max(q for _, q in timed):.3f}" if timed else ""
+    print(f"{len(rows)} functions, {len(timed)} with other knobs (timed); {spread} (above 1: ours faster)")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.compare_with:
+        print_comparison(compare(args.target, args.output, args.compare_with), args.compare_with)
+        return 0
     if args.verify:
         entries = verify(args.target, args.output)
         faster = [e for e in entries if verified_faster(e)]
@@ -724,5 +819,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"onnxruntime nodes, M=1 hot and cold and M={BATCH_ROWS} hot, and record it; auto mode uses a TVM kernel "
         f"for M=1 only where it is at least {AUTO_MIN_SPEEDUP}x faster in both, and for calls of "
         f"{BATCH_MIN_ROWS} rows or more where it is at least that much faster at M={BATCH_ROWS}",
+    )
+    p.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="DIR",
+        help="instead of tuning: time this database's kernels (-o) against the same kernels of the database in DIR "
+        "(e.g. tvm_schedules/databases, the committed one), bare, hot, one thread, alternating, 3 rounds, and print "
+        "the ratios: is what you tuned on this CPU as fast as what ships?",
     )
     p.set_defaults(func=cmd_tune)
