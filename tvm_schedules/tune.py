@@ -329,8 +329,6 @@ def compare(target_name: str, out_dir: Path, other_dir: Path, rounds: int = 3) -
     is faster). Functions with the same knobs are the same code and are not timed."""
     from tqdm import tqdm
 
-    from tvm_schedules.relax_onnx import set_threads
-
     def key(e: dict) -> tuple:
         return e["format"], e["k"], e["n"], e["group_size"]
 
@@ -342,7 +340,7 @@ def compare(target_name: str, out_dir: Path, other_dir: Path, rounds: int = 3) -
             f"no kernel of {out_dir / target_name / 'tuned.json'} is in {other_dir / target_name / 'tuned.json'}: "
             "tune the same shapes and formats for the same target into both"
         )
-    set_threads(1)
+    os.environ.setdefault("TVM_NUM_THREADS", "1")  # one thread, as the search timed them
     target, _ = target_config(target_name)
     rows = []
     for mine, other in tqdm(pairs, desc=f"compare {target_name}", unit="kernel"):
