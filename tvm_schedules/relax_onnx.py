@@ -576,12 +576,14 @@ def nbits_func(shape: NBitsShape) -> tirx.PrimFunc:
     sch.set_scope(dot_block, 0, "local")
     d_lanes, d_j = sch.get_loops(dot_block)[-2:]
     d_vectors, d_lane = sch.split(d_lanes, [None, TILE])
-    sch.reorder(d_j, d_vectors, d_lane)
-    for loop in (d_vectors, vectors):
+    # the codes of one byte together, unrolled: one load per byte and constant shifts
+    d_byte, d_code = sch.split(d_j, [None, per_byte])
+    sch.reorder(d_byte, d_code, d_vectors, d_lane)
+    for loop in (d_code, d_vectors, vectors):
         sch.unroll(loop)
     sch.vectorize(d_lane)
     sch.vectorize(lane)
-    for block, k in ((dot_block, d_j), (y_block, gi)):
+    for block, k in ((dot_block, d_byte), (y_block, gi)):
         init = sch.decompose_reduction(block, k)
         *_, init_lanes = sch.get_loops(init)
         init_vectors, init_lane = sch.split(init_lanes, [None, TILE])
