@@ -127,31 +127,13 @@ def tuned_knobs(shape: Shape, isa: str | None = None, formulation: str = "plane"
 def measured_knobs(shape: Shape, target: tvm.target.Target, number: int = 100, formulation: str = "plane") -> Knobs:
     """The fastest knobs for this shape at M = 1 on this machine, timing every candidate (a few seconds):
     a quick stand-in for ``sherry tune`` for shapes its database lacks (like the fused QKV projection)."""
-    from tvm_schedules.tune import host_isa
+    from tvm_schedules.tune import bare_timer, host_isa
 
-    if formulation == "lut":
-        ls = LutShape(shape.k, shape.n, shape.group_size)
-        arrays = [
-            np.zeros((1, ls.row_bytes // TABLE_BYTES, TABLE_BYTES), np.int8),
-            np.zeros((1, ls.row_bytes // 4), np.float32),
-            np.zeros((ls.blocks, ls.groups, ls.group_bytes), np.uint8),
-            np.zeros((1, shape.n), np.float32),
-        ]
-    else:
-        arrays = [
-            np.zeros((1, shape.row_bytes), np.int8),
-            np.zeros((1, shape.row_bytes // 4), np.float32),
-            np.zeros((shape.tiles, shape.quads, 64), np.uint8),
-            np.zeros((shape.tiles, shape.groups, TILE), np.float32),
-            np.zeros((1, shape.n), np.float32),
-        ]
-    args = [tvm.runtime.tensor(a) for a in arrays]
     timings = []
     for knobs in formulation_knob_space(shape, formulation):
-        mod = tvm.IRModule({"main": kernel_func(shape, knobs, host_isa(), 1, formulation)})
-        lib = tvm.compile(mod, target=target)
-        timer = lib.mod.time_evaluator(str(mod["main"].attrs["global_symbol"]), tvm.cpu(), number=number, repeat=3)
-        timings.append((min(timer(*args).results), knobs))
+        func = kernel_func(shape, knobs, host_isa(), 1, formulation)
+        timer = bare_timer(func, target, number, repeat=3, min_repeat_ms=0)
+        timings.append((timer(), knobs))
     return min(timings, key=lambda timing: timing[0])[1]
 
 

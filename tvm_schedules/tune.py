@@ -18,6 +18,7 @@ function only. Tuning stays out of CI.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -82,6 +83,7 @@ def cpu_model() -> tuple[str, str]:
     return ident, info.get("model name") or ident
 
 
+@functools.cache
 def host_isa() -> str:
     """``avx512`` if this CPU has the AVX-512 subset our dispatcher requires, else ``avx2``."""
     flags = Path("/proc/cpuinfo").read_text().split()
@@ -309,14 +311,15 @@ def entry_functions(e: dict) -> dict[str, tuple[str, Any]]:
     return functions
 
 
-def bare_timer(func: Any, target: dict) -> Any:
-    """A callable that times ``func`` once more, compiled for ``target``: µs per call, the least of 5
-    repeats of at least 20 calls (and 10 ms), on zeros (the kernels have no data-dependent branches)."""
+def bare_timer(func: Any, target: Any, number: int = 20, repeat: int = 5, min_repeat_ms: int = 10) -> Any:
+    """A callable that times ``func`` (a static-shape PrimFunc) once more, compiled for ``target``: µs per
+    call, the least of ``repeat`` means of at least ``number`` calls (and ``min_repeat_ms``), on zeros
+    made from its parameters (the kernels have no data-dependent branches)."""
     import tvm
 
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     args = [tvm.runtime.tensor(np.zeros([int(d) for d in buf.shape], str(buf.dtype))) for buf in func.params]
-    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=5, min_repeat_ms=10)
+    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
     return lambda: min(timer(*args).results) * 1e6
 
 
