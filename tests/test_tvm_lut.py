@@ -64,28 +64,46 @@ def test_nan_row_and_zero_row() -> None:
 def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
     """Per block of tiles and group: 80 bytes per pair and tile, byte 4r + j the indices of code j of row r
     in pieces A (low nibble) and B (high nibble), then the sign bits of A and B (bit i of each 8-byte
-    mask), pair after pair and tile after tile; then the tiles' float16 scales. 1.25 bits per weight."""
-    packed = packed_weight(128, 64, 64)  # 4 tiles (one block of 4), 2 groups of 2 pairs
-    ls = lut.LutShape(128, 64, 64)
-    w = lut.weights(packed)
-    assert ls.block_tiles == 4 and w.shape == (1, 2, 4 * (2 * lut.PAIR_BYTES + lut.SCALE_BYTES))
+    mask), pair after pair and tile after tile; then the tiles' float16 scales. Blocks ordered superblock,
+    K-chunk (4 KiB of tables: here 4 groups of 2 pairs), block. 1.25 bits per weight."""
+    packed = packed_weight(512, 192, 64)  # 8 groups of 2 pairs; 12 tiles: 3 blocks of 4
+    ls = lut.LutShape(512, 192, 64, superblocks=3)
+    w = lut.weights(packed, superblocks=3)
+    assert (ls.block_tiles, ls.chunk_groups, ls.chunks, ls.step_blocks) == (4, 4, 2, 1)
+    assert w.shape == (3, 2, 1, 4, 4 * (2 * lut.PAIR_BYTES + lut.SCALE_BYTES))
     assert lut.LutShape(2048, 2048, 128).weight_bits == 1.25
     values = packed_values(packed)
-    for g in range(2):
-        for pair in range(2):
-            for tile in range(4):
-                record = w[0, g, (pair * 4 + tile) * lut.PAIR_BYTES :]
-                for r in range(16):
-                    for j in range(4):
-                        i = 4 * r + j
-                        for piece, nibble in ((0, record[i] & 15), (1, record[i] >> 4)):
-                            sign = record[64 + 8 * piece + i // 8] >> (i % 8) & 1
-                            col = 64 * g + 32 * pair + 16 * piece + 4 * j
-                            np.testing.assert_array_equal(
-                                SHERRY_DECODE[nibble | sign << 4], values[16 * tile + r, col : col + 4]
-                            )
-        scales = w[0, g, 4 * 2 * lut.PAIR_BYTES :].view(np.float16).reshape(4 * 16)
-        np.testing.assert_array_equal(scales, packed.scales[:, g])
+    for block in range(3):
+        for g in range(8):
+            group = w[block, g // 4, 0, g % 4]
+            for pair in range(2):
+                for tile in range(4):
+                    record = group[(pair * 4 + tile) * lut.PAIR_BYTES :]
+                    for r in range(16):
+                        for j in range(4):
+                            i = 4 * r + j
+                            for piece, nibble in ((0, record[i] & 15), (1, record[i] >> 4)):
+                                sign = record[64 + 8 * piece + i // 8] >> (i % 8) & 1
+                                row, col = 64 * block + 16 * tile + r, 64 * g + 32 * pair + 16 * piece + 4 * j
+                                np.testing.assert_array_equal(
+                                    SHERRY_DECODE[nibble | sign << 4], values[row, col : col + 4]
+                                )
+            scales = group[4 * 2 * lut.PAIR_BYTES :].view(np.float16).reshape(4 * 16)
+            np.testing.assert_array_equal(scales, packed.scales[64 * block : 64 * block + 64, g])
+    with pytest.raises(ValueError, match="2 superblocks do not divide"):
+        lut.weights(packed, superblocks=2)
+
+
+def test_superblocks_are_as_few_as_the_threads_allow() -> None:
+    """The op's rule (kernel_tvm.cc lut_superblocks): one step per thread where the blocks allow, at least 4
+    steps of up to 16 blocks where there are that many, whole divisors of the blocks, at most 4096 rows."""
+    def steps(n: int, threads: int) -> int:
+        return lut.superblocks_for(lut.LutShape(2048, n, 128), threads)
+
+    assert [steps(2048, t) for t in (1, 2, 3, 4, 16, 64)] == [1, 2, 2, 4, 4, 4]  # 16 blocks of 8 tiles
+    assert steps(8192, 1) == 2 and steps(8192, 2) == 2  # 4096 rows at most
+    assert steps(512, 2) == 2 and steps(16 * 3, 2) == 1  # 4 blocks; 3 tiles: one block
+    assert steps(8192, 64) == 4 and steps(16384, 64) == 8  # 64 and 128 blocks: steps of 16
 
 
 def packed_values(packed: PackedWeight) -> np.ndarray:
@@ -193,12 +211,12 @@ def test_formulation_is_checked() -> None:
 
 @pytest.fixture(scope="module")
 def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """A fresh database holding one LUT kernel, sherry 256x256 group 128, from a real 3-trial MetaSchedule
+    """A fresh database holding one LUT kernel, sherry 1024x256 group 128 (4 K-chunks), from a real 3-trial MetaSchedule
     run, and its tuned.json entry, tuned once for the module's two slow tests."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")
-    [entry] = tune([(256, 256, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    [entry] = tune([(1024, 256, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
     return out, entry
 
 
@@ -206,8 +224,8 @@ def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 @pytest.mark.slow
 def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
-    the formulation, the build replays the trace (M = 1) and schedules the block functions (``_mx``,
-    ``_mb``) with its decisions, row by row, the table marks the entry as a LUT kernel, and all three
+    the formulation, the build schedules the M = 1 function and the block functions (``_mx``,
+    ``_mb``, row by row) with its decisions, for any superblock count, the table marks the entry as a LUT kernel, and all three
     functions equal the reference."""
     from tvm_schedules.build import TunedKernel, table_source, tuned_functions
     from tvm_schedules.kernels import BLOCK_M
@@ -217,19 +235,22 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     out, entry = lut_db
     assert entry.formulation == "lut" and entry.order in lut.ORDERS and entry.trials == 3
     assert entry.block_tiles is None  # no block function of its own was searched
-    shape, ls = Shape("sherry", 256, 256, 128), lut.LutShape(256, 256, 128)
+    k, n = 1024, 256
+    shape, packed = Shape("sherry", k, n, 128), packed_weight(k, n, 128)
     funcs, tuned = tuned_functions(database(out / "avx512"), shape, "avx512", "avx512", "lut")
     assert tuned == TunedKernel(16 * entry.tiles, 16 * entry.tiles, BLOCK_M, lut.BLOCK_ROWS)
     target = tvm.target.Target(TARGETS["avx512"])
     for name, func in funcs.items():
         m = {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[name[-2:]]
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
-        x = np.random.default_rng(5).standard_normal((m, 256), dtype=np.float32)
-        ws, scales = lut.activations(ls, x)
-        y = tvm.runtime.tensor(np.zeros((m, 256), np.float32))
-        args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed_weight(256, 256, 128)))
-        lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
-        np.testing.assert_array_equal(y.numpy(), reference_matmul(x, packed_weight(256, 256, 128), activations="int8"))
+        x = np.random.default_rng(5).standard_normal((m, k), dtype=np.float32)
+        expected = reference_matmul(x, packed, activations="int8")
+        for superblocks in (1, 2):  # the op's count, chosen at run time: any divisor of the blocks
+            ws, scales = lut.activations(lut.LutShape(k, n, 128, superblocks), x)
+            y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+            args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed, superblocks))
+            lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
+            np.testing.assert_array_equal(y.numpy(), expected)
     names = {0: tuple(funcs)}
     table = table_source([entry.__dict__], names, {0: tuned})
     assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut
@@ -257,7 +278,7 @@ def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
     if cmake is None:
         pytest.skip("cmake is not installed")
     tmp = tmp_path_factory.mktemp("tvm-lut-op")
-    k, n = 256, 256
+    k, n = 1024, 256
     kernels, out, root = tmp / "tvm_kernels", tmp / "build", Path(__file__).resolve().parent.parent
     build(lut_db[0], kernels)  # the database holds the LUT record only
     configure = ["-S", str(root / "custom_ops"), "-B", str(out), "-DSHERRY_TVM=ON", f"-DSHERRY_TVM_DIR={kernels}"]

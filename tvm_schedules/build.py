@@ -140,7 +140,9 @@ def tuned_functions(
     (``_mb``: the block function's decisions on one block of its rows), and their rows. The ``lut``
     formulation tunes its M = 1 function only: its ``_mx`` and ``_mb`` run that function's loop nest
     (its decisions) for each row of ``BLOCK_M`` and of ``lut.BLOCK_ROWS`` rows (the tables are per row;
-    nothing is decoded to share)."""
+    nothing is decoded to share); all three take any superblock count (the op's, chosen for its threads
+    when it repacks), so they are scheduled from the M = 1 record's knobs, not replayed from its trace
+    (which was tuned on one superblock)."""
     import tvm
 
     from tvm_schedules import lut
@@ -160,14 +162,10 @@ def tuned_functions(
     m1 = knobs_of(records["m1"].trace)
     funcs = {}
     if formulation == "lut":
-        ls = lut.LutShape(shape.k, shape.n, shape.group_size)
+        ls = lut.LutShape(shape.k, shape.n, shape.group_size, superblocks=None)  # the op's, at run time
         for bucket in ("m1", "mx", "mb"):
-            if bucket == "m1":
-                sch = tvm.s_tir.Schedule(lut.workload(ls))
-                records["m1"].trace.apply_to_schedule(sch, remove_postproc=False)
-            else:
-                sch = tvm.s_tir.Schedule(lut.workload(ls, BLOCK_M if bucket == "mx" else lut.BLOCK_ROWS))
-                lut.schedule(sch, m1.order, m1)
+            sch = tvm.s_tir.Schedule(lut.workload(ls, {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[bucket]))
+            lut.schedule(sch, m1.order, m1)
             name = function_name(shape, target_name, bucket)
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
         step = rows_per_step(m1)

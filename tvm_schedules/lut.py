@@ -8,8 +8,14 @@ byte per code (2 bits per weight). This formulation does what the hand-written A
 - **Weights**, 1.25 bits per weight, the hand-written kernel's pair records: per tile (16 rows) and
   *pair* (two pieces of 4 codes of every row, 32 columns), 80 bytes: byte ``i = 4r + j`` holds the
   4-bit index of code j of piece A of row r in its low nibble and that of piece B in its high
-  nibble, then two 64-bit masks of the codes' sign bits (bit i: piece A, then piece B). Stored
-  ``[tiles, pairs, 80]``, one stream per tile, every group padded to whole pairs.
+  nibble, then two 64-bit masks of the codes' sign bits (bit i: piece A, then piece B). Every group
+  is padded to whole pairs. The stream is ordered as the hand-written kernel's: *superblocks* (a
+  parallel step each), in a superblock *K-chunks* (groups whose tables fill about 4 KiB per row of A),
+  in a chunk block after block (:attr:`LutShape.block_tiles` tiles), in a block group after group
+  (pair records, pair after pair with the block's tiles one after the other, then the tiles' float16
+  scales). So a chunk's tables come from L2 once per superblock and stay in L1 for all its blocks,
+  and each step reads one forward run: with the weights streaming from memory, every switch of
+  tables that must come from L2 stalls the stream (docs/benchmarks.md, "switches of tables").
 - **Activations**: per pair, per piece, the 256 table bytes of the hand-written ``build_tables``:
   the quantized activations split into low nibbles ``xl = xq & 15`` and high nibbles ``xh = xq >> 4``
   (both then fit int8 sums of 3 lanes), and for each a 128-entry table indexed by
@@ -21,8 +27,13 @@ byte per code (2 bits per weight). This formulation does what the hand-written A
   (|xl sum| <= 90, |xh sum| <= 48), and two ``vpdpbusd`` (by 1 and by 16) into each row's int32 lane:
   ``acc[r] += Σ_j xl-table + 16 · xh-table`` = the exact ``Σ w · xq`` of the pair's 512 weights.
   Per 256 weights: 2 byte permutes and 1 dot, against the plane kernel's 4 and 4.
-- ``group`` and ``store`` as in the plane kernel: ``y += (α·s)·float(acc)`` in group order, the
-  product fenced from FMA contraction (``llvm.arithmetic.fence``): bit for bit the int8 reference.
+- ``group``: ``y += (α·s)·float(acc)`` into Y in group order (chunk after chunk), the product fenced
+  from FMA contraction (``llvm.arithmetic.fence``): bit for bit the int8 reference.
+
+The superblock count is a runtime choice, not a tuned one: the op takes as few superblocks as its
+threads allow (:func:`superblocks_for`, mirrored in kernel_tvm.cc), so the built library's functions
+take it from the weight tensor's shape (``superblocks`` None: a symbolic extent), while tuning and
+the Relax path compile a fixed count.
 
 The design space (:func:`schedule`): ``tiles`` per parallel step, ``unroll`` (pairs of a group
 unrolled together) and ``order``: ``pair`` (each pair over every tile of the step: its 8 table
@@ -65,6 +76,14 @@ ORDERS = ("pair", "tile")
 BLOCK_ROWS = 8
 """Rows of A of the LUT entry's single-block function (``_mb``), what is left of a call after whole
 ``kernels.BLOCK_M``-row calls before the last rows go one by one through the M = 1 function."""
+CHUNK_PAIRS = 8
+"""Pairs of a K-chunk: 4 KiB of tables per row of A (the hand-written kernel's chunk of 16 pieces), which
+stay in L1 while the chunk's blocks stream through."""
+MIN_STEP_BLOCKS, MIN_STEPS = 16, 4
+"""The smallest superblocks many threads get: at least :data:`MIN_STEPS` steps of up to
+:data:`MIN_STEP_BLOCKS` blocks, the hand-written kernel's rule (kernel_avx512.cc superblock_blocks)."""
+MAX_STEP_ROWS = 4096
+"""Most rows of a superblock: the op copies a step that it cannot write in place through the stack."""
 FORMULATIONS = ("plane", "lut")
 """The M = 1 kernel's formulations: weight planes (kernels.py) or activation lookup tables (here)."""
 
@@ -84,6 +103,8 @@ class LutShape:
     k: int
     n: int
     group_size: int
+    superblocks: int | None = 1
+    """Parallel steps of the weight stream (:func:`superblocks_for`); None: any (a symbolic extent)."""
 
     @property
     def shape(self) -> Shape:
@@ -120,6 +141,24 @@ class LutShape:
         return self.tiles // self.block_tiles
 
     @property
+    def step_blocks(self) -> int:
+        """Blocks of a superblock (a fixed superblock count only)."""
+        if self.superblocks is None or self.superblocks < 1 or self.blocks % self.superblocks:
+            raise ValueError(f"{self.superblocks} superblocks do not divide {self.key}'s {self.blocks} blocks")
+        return self.blocks // self.superblocks
+
+    @property
+    def chunk_groups(self) -> int:
+        """Groups of a K-chunk: the most whose tables fit :data:`CHUNK_PAIRS` pairs (at least one), a divisor
+        of the groups so that every chunk has as many."""
+        most = max(1, CHUNK_PAIRS // self.pairs_per_group)
+        return max(d for d in range(1, most + 1) if self.groups % d == 0)
+
+    @property
+    def chunks(self) -> int:
+        return self.groups // self.chunk_groups
+
+    @property
     def group_bytes(self) -> int:
         """Weight bytes of one group of a block: its pair records, tile after tile per pair, then the
         tiles' float16 scales."""
@@ -153,12 +192,27 @@ class LutShape:
         return ""
 
 
-def weights(packed: PackedWeight) -> np.ndarray:
-    """The weight stream, uint8 ``[blocks, G, group_bytes]``: per block of ``block_tiles`` tiles and
-    group, the pair records (80 bytes; pair after pair, the block's tiles one after the other), then
-    the tiles' float16 scales (16 each, as stored: the kernel widens them exactly). A step of the
-    kernel thus reads one forward stream, as the hand-written kernel's layout."""
-    ls = LutShape(packed.k, packed.n, packed.group_size)
+def superblocks_for(ls: LutShape, threads: int) -> int:
+    """The superblock count the op takes on ``threads`` threads (kernel_tvm.cc ``lut_superblocks``): as few
+    steps as keep every thread busy, but at least :data:`MIN_STEPS` of up to :data:`MIN_STEP_BLOCKS`
+    blocks where there are that many, superblocks of whole blocks that divide the blocks, and none over
+    :data:`MAX_STEP_ROWS` rows."""
+    blocks, rows = ls.blocks, ls.block_tiles * TILE
+    step = 1
+    while step < MIN_STEP_BLOCKS and step * 2 * MIN_STEPS <= blocks:
+        step *= 2
+    step = max(step, _ceil_div(blocks, max(1, threads)))
+    fits = [d for d in range(1, blocks + 1) if blocks % d == 0 and (d == 1 or d * rows <= MAX_STEP_ROWS)]
+    step = min((d for d in fits if d >= step), default=fits[-1])
+    return blocks // step
+
+
+def weights(packed: PackedWeight, superblocks: int = 1) -> np.ndarray:
+    """The weight stream, uint8 ``[superblocks, chunks, blocks per superblock, groups per chunk,
+    group_bytes]``: per block of ``block_tiles`` tiles and group, the pair records (80 bytes; pair after
+    pair, the block's tiles one after the other), then the tiles' float16 scales (16 each, as stored:
+    the kernel widens them exactly); blocks ordered superblock, K-chunk, block (the module's top)."""
+    ls = LutShape(packed.k, packed.n, packed.group_size, superblocks)
     if packed.format != LUT_FORMAT:
         raise ValueError(f"the LUT kernel takes {LUT_FORMAT} weights, not {packed.format}")
     if problem := ls.supported():
@@ -182,7 +236,9 @@ def weights(packed: PackedWeight) -> np.ndarray:
         ],
         axis=-1,
     )
-    return np.ascontiguousarray(out)
+    # [blocks, groups] -> [superblocks, chunks, blocks of the superblock, groups of the chunk]
+    out = out.reshape(superblocks, ls.step_blocks, ls.chunks, ls.chunk_groups, ls.group_bytes)
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3, 4))
 
 
 def tables(ls: LutShape, xq: np.ndarray) -> np.ndarray:
@@ -327,32 +383,39 @@ def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 
 def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     """The unscheduled LUT kernel for ``m`` rows of A (AVX-512): sblocks ``lut`` (the exact int32
-    ``acc[m, t, g, row]``, reduced over the pairs of a group, their codes j and the table entries: the
-    :func:`lut_term` selection), ``group`` (``yacc += (α·s)·float(acc)``, fenced from FMA contraction,
-    groups in order) and ``store``, as the plane kernel's (kernels.workload) without the +1 offset:
-    the tables hold signed dots.
+    ``acc[m, step, block, tile, chunk, group, row]``, reduced over the pairs of a group, their codes j
+    and the table entries: the :func:`lut_term` selection) and ``group`` (``Y += (α·s)·float(acc)``,
+    fenced from FMA contraction, groups in order), as the plane kernel's (kernels.workload) without the
+    +1 offset: the tables hold signed dots. Loops in the stream's order: superblock, chunk, block,
+    tile, row of A, group of the chunk.
 
     Arguments, as the plane kernel's: the workspace rows as int8 ``X [M, row_bytes/512, 512]`` (the
     tables of pair p at ``X[m, p]``) and their float32 view from ``scale_offset`` ``S [M, row_bytes/4]``
-    (group scales), the weight stream ``W [N/16, pairs, 80]``, the scales ``A [N/16, G, 16]`` and
-    ``Y [M, N]``."""
+    (group scales), the weight stream ``W`` (:func:`weights`; ``ls.superblocks`` None: its first and
+    third extents symbolic) and ``Y [M, N]``."""
     if problem := ls.supported():
         raise ValueError(problem)
-    tiles, PG, G, N = ls.tiles, ls.pairs_per_group, ls.groups, ls.n
-    B, GB, SO = ls.block_tiles, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PAIR_BYTES
+    PG, N, B = ls.pairs_per_group, ls.n, ls.block_tiles
+    C, CG, GB, SO = ls.chunks, ls.chunk_groups, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PAIR_BYTES
+    if ls.superblocks is None:
+        steps, step_blocks = tirx.Var("superblocks", "int32"), tirx.Var("step_blocks", "int32")
+    else:
+        steps, step_blocks = ls.superblocks, ls.step_blocks
     RB = ls.row_bytes
     f32v = f"float32x{TILE}"
 
-    def alpha(w: tirx.Buffer, t: tirx.PrimExpr, g: tirx.PrimExpr) -> tirx.PrimExpr:
-        """The 16 scales of tile t and group g, widened from float16 (exact)."""
-        f16 = tirx.reinterpret(f"float16x{TILE}", w.vload([t // B, g, SO + t % B * SCALE_BYTES], "uint8x32"))
-        return tirx.Cast(f32v, f16)
+    def alpha(w: tirx.Buffer, at: list, t: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The 16 scales of tile t of the group at ``at`` (its stream indices), widened from float16 (exact)."""
+        return tirx.Cast(f32v, tirx.reinterpret(f"float16x{TILE}", w.vload([*at, SO + t * SCALE_BYTES], "uint8x32")))
+
+    def y_lanes(s: tirx.PrimExpr, b: tirx.PrimExpr, t: tirx.PrimExpr) -> tirx.PrimExpr:
+        return ((s * step_blocks + b) * B + t) * TILE
 
     @T.prim_func(s_tir=True)
     def kernel(
         X: T.Buffer((m, RB // TABLE_BYTES, TABLE_BYTES), "int8"),
         S: T.Buffer((m, RB // 4), "float32"),
-        W: T.Buffer((ls.blocks, G, GB), "uint8"),
+        W: T.Buffer((steps, C, step_blocks, CG, GB), "uint8"),
         Y: T.Buffer((m, N), "float32"),
     ):
         T.func_attr(
@@ -364,47 +427,45 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 FORMAT_KEY: LUT_FORMAT,
             }
         )
-        acc = T.sblock_alloc_buffer((m, tiles, G, TILE), "int32")
-        yacc = T.sblock_alloc_buffer((m, tiles, 1), f32v)
-        for b, tb, mm, g, q, r, j, e in T.grid(ls.blocks, B, m, G, PG, TILE, 4, ENTRIES):
+        # indexed by loop variables only: compute-at cannot solve a region through a sum of them
+        acc = T.sblock_alloc_buffer((m, steps, step_blocks, B, C, CG, TILE), "int32")
+        for s, c, b, tb, mm, gi, q, r, j, e in T.grid(steps, C, step_blocks, B, m, CG, PG, TILE, 4, ENTRIES):
             with T.sblock("lut"):
-                vb, vtb, vm, vg, vq, vr, vj, ve = T.axis.remap("SSSSRSRR", [b, tb, mm, g, q, r, j, e])
+                vs, vc, vb, vtb, vm, vgi, vq, vr, vj, ve = T.axis.remap(
+                    "SSSSSSRSRR", [s, c, b, tb, mm, gi, q, r, j, e]
+                )
                 # whole records and tables (the inferred regions differ in form from the intrinsic's)
                 T.reads(
-                    acc[vm, vb * B + vtb, vg, vr],
-                    W[vb, vg, (vq * B + vtb) * PAIR_BYTES : (vq * B + vtb) * PAIR_BYTES + PAIR_BYTES],
-                    X[vm, vg * PG + vq, 0:TABLE_BYTES],
+                    acc[vm, vs, vb, vtb, vc, vgi, vr],
+                    W[vs, vc, vb, vgi, (vq * B + vtb) * PAIR_BYTES : (vq * B + vtb) * PAIR_BYTES + PAIR_BYTES],
+                    X[vm, (vc * CG + vgi) * PG + vq, 0:TABLE_BYTES],
                 )
-                T.writes(acc[vm, vb * B + vtb, vg, vr])
+                T.writes(acc[vm, vs, vb, vtb, vc, vgi, vr])
                 with T.init():
-                    acc[vm, vb * B + vtb, vg, vr] = 0
-                acc[vm, vb * B + vtb, vg, vr] = acc[vm, vb * B + vtb, vg, vr] + lut_term(
-                    W, [vb, vg], X, [vm, vg * PG + vq], vr, vj, ve, (vq * B + vtb) * PAIR_BYTES
+                    acc[vm, vs, vb, vtb, vc, vgi, vr] = 0
+                acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + lut_term(
+                    W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PAIR_BYTES
                 )
-        for t, mm, g, h in T.grid(tiles, m, G, 1):
+        for s, c, b, tb, mm, gi, h in T.grid(steps, C, step_blocks, B, m, CG, 1):
             with T.sblock("group"):
-                vt, vm, vg, vh = T.axis.remap("SSRS", [t, mm, g, h])
+                vs, vc, vb, vtb, vm, vgi, vh = T.axis.remap("SRSSSRS", [s, c, b, tb, mm, gi, h])
                 # the lanes indexed through vh (extent 1): compute-at solves every region for a block var
                 T.reads(
-                    W[vt // B, vg, SO + vt % B * SCALE_BYTES : SO + vt % B * SCALE_BYTES + SCALE_BYTES],
-                    S[vm, vg],
-                    acc[vm, vt, vg, vh * TILE : vh * TILE + TILE],
+                    W[vs, vc, vb, vgi, SO + vtb * SCALE_BYTES : SO + vtb * SCALE_BYTES + SCALE_BYTES],
+                    S[vm, vc * CG + vgi],
+                    acc[vm, vs, vb, vtb, vc, vgi, vh * TILE : vh * TILE + TILE],
                 )
-                T.writes(yacc[vm, vt, vh])
+                T.writes(Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE])
                 with T.init():
-                    yacc[vm, vt, vh] = T.Broadcast(T.float32(0), TILE)
-                yacc[vm, vt, vh] = yacc[vm, vt, vh] + T.call_llvm_pure_intrin(
+                    Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE] = T.Broadcast(T.float32(0), TILE)
+                Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE] = Y.vload(
+                    [vm, y_lanes(vs, vb, vtb + vh)], f32v
+                ) + T.call_llvm_pure_intrin(
                     f32v,
                     "llvm.arithmetic.fence",
-                    (alpha(W, vt, vg) * T.Broadcast(S[vm, vg], TILE))
-                    * T.Cast(f32v, acc.vload([vm, vt, vg, vh * TILE], f"int32x{TILE}")),
+                    (alpha(W, [vs, vc, vb, vgi], vtb) * T.Broadcast(S[vm, vc * CG + vgi], TILE))
+                    * T.Cast(f32v, acc.vload([vm, vs, vb, vtb, vc, vgi, vh * TILE], f"int32x{TILE}")),
                 )
-        for t, mm, h in T.grid(tiles, m, 1):
-            with T.sblock("store"):
-                vt, vm, vh = T.axis.remap("SSS", [t, mm, h])
-                T.reads(yacc[vm, vt, vh])
-                T.writes(Y[vm, (vt + vh) * TILE : (vt + vh) * TILE + TILE])
-                Y[vm, (vt + vh) * TILE : (vt + vh) * TILE + TILE] = yacc[vm, vt, vh]
 
     return kernel
 
@@ -427,33 +488,31 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
     """Schedule the LUT workload in loop order ``order`` (:data:`ORDERS`); ``knobs`` None samples the
     tiles per step and the pair unroll (a MetaSchedule design space), else takes ``knobs``' values.
 
-    Per parallel step (``tiles`` tiles), row of A and group: the pairs in blocks of ``unroll``; in
-    ``pair`` order each pair over every tile of the step (the pair's 8 table vectors loaded once, kept
-    in registers across the tiles), in ``tile`` order each tile over its ``unroll`` pairs. The lookup
-    is tensorized with :func:`lut_name`; the tiles, pairs and epilogues are unrolled, so the
-    accumulators live in registers."""
-    lut, group, store = (sch.get_sblock(name) for name in ("lut", "group", "store"))
-    b, t, mm, g, q, r, *_ = sch.get_loops(lut)
+    Per superblock (the parallel step), K-chunk, block, run of ``tiles`` tiles, row of A and group: the
+    pairs in runs of ``unroll``; in ``pair`` order each pair over the run's tiles (the pair's 8 table
+    vectors loaded once, kept in registers across the tiles), in ``tile`` order each tile over its
+    ``unroll`` pairs. The lookup is tensorized with :func:`lut_name`; the tiles, pairs and the group's
+    epilogue are unrolled, so the accumulators live in registers."""
+    lut, group = sch.get_sblock("lut"), sch.get_sblock("group")
+    s, c, b, t, mm, g, q, *_ = sch.get_loops(lut)
     tiles, pairs = (int(sch.get(loop).extent) for loop in (t, q))
     tile_split = knobs and [tiles // knobs.tiles, knobs.tiles]
     pair_split = knobs and [pairs // knobs.unroll, knobs.unroll]
     tso, ts = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=MAX_TILES, decision=tile_split))
     qo, qi = sch.split(q, sch.sample_perfect_tile(q, n=2, max_innermost_factor=MAX_UNROLL, decision=pair_split))
     inner = (qi, ts) if order == "pair" else (ts, qi)
-    sch.reorder(b, tso, mm, g, qo, *inner, r)
-    step = sch.fuse(b, tso)
+    sch.reorder(s, c, b, tso, mm, g, qo, *inner)
     sch.annotate(lut, ORDER_KEY, order)
     sch.reverse_compute_at(group, g, preserve_unit_loops=True)
-    sch.reverse_compute_at(store, mm, preserve_unit_loops=True)
-    sch.parallel(step)
-    for loop in (qi, ts, *_loops_after(sch, group, g), *_loops_after(sch, store, mm)):
+    sch.parallel(s)
+    for loop in (qi, ts, *_loops_after(sch, group, g)):
         sch.unroll(loop)
     init = sch.decompose_reduction(lut, qo)
     *init_outer, init_lanes = _loops_after(sch, init, g)
     for loop in init_outer:
         sch.unroll(loop)
     sch.vectorize(init_lanes)
-    sch.decompose_reduction(group, g)
+    sch.decompose_reduction(group, c)  # Y = 0 over the superblock's rows, before its first chunk
     sch.tensorize(sch.get_loops(lut)[-3], lut_name("avx512"))
 
 

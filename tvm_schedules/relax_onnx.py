@@ -265,17 +265,23 @@ def emit_unscheduled_te(bb: relax.BlockBuilder, fn: Callable[..., Any], args: li
 
 @functools.cache
 def kernel_func(
-    shape: Shape, knobs: Knobs, isa: str | None = None, m: int | None = None, formulation: str = "plane"
+    shape: Shape,
+    knobs: Knobs,
+    isa: str | None = None,
+    m: int | None = None,
+    formulation: str = "plane",
+    superblocks: int = 1,
 ) -> tirx.PrimFunc:
     """The TensorIR kernel for M = ``m`` rows (None: any M) on ``isa`` (default: this host's), marked
     scheduled and opaque (no fusion, no re-schedule). ``m`` 1 is the function ``sherry tune`` tunes;
-    ``formulation`` ``lut`` is its LUT form (M = 1 only). Cached: every layer of a model has the same
-    few shapes, and scheduling one takes a good part of a second."""
+    ``formulation`` ``lut`` is its LUT form (M = 1 only), on a weight stream of ``superblocks`` parallel
+    steps. Cached: every layer of a model has the same few shapes, and scheduling one takes a good part
+    of a second."""
     from tvm_schedules.tune import host_isa
 
     if formulation == "lut":
-        ls = LutShape(shape.k, shape.n, shape.group_size)
-        func = lut.prim_func(ls, knobs, m=1, name=f"ternary_{ls.key}_m1")
+        ls = LutShape(shape.k, shape.n, shape.group_size, superblocks)
+        func = lut.prim_func(ls, knobs, m=1, name=f"ternary_{ls.key}_s{superblocks}_m1")
     else:
         name = f"ternary_{shape.key}" if m is None else f"ternary_{shape.key}_m{m}"
         func = prim_func(shape, m, knobs, isa or host_isa(), name)
@@ -320,10 +326,13 @@ def emit_ternary_matmul(
     m = rows.ty.shape[0]
     static = int(m) if isinstance(m, tirx.IntImm) else None  # the decode module's M = 1: the tuned function
     formulation = formulation_for(shape, static)
-    func = kernel_func(shape, (knobs or tuned_knobs)(shape, formulation=formulation), m=static, formulation=formulation)
+    # the LUT stream in as few superblocks as keep TVM's threads busy (as the op's: lut.superblocks_for)
+    superblocks = lut.superblocks_for(LutShape(shape.k, shape.n, shape.group_size), tvm.runtime.num_threads())
+    chosen = (knobs or tuned_knobs)(shape, formulation=formulation)
+    func = kernel_func(shape, chosen, m=static, formulation=formulation, superblocks=superblocks)
     gv = bb.add_func(func, str(func.attrs["global_symbol"]))
     if formulation == "lut":
-        ls = LutShape(shape.k, shape.n, shape.group_size)
+        ls = LutShape(shape.k, shape.n, shape.group_size, superblocks)
         slots = ls.row_bytes // TABLE_BYTES
         tables_gv = bb.add_func(lut_activations_func(ls), f"tables_{ls.key}")
         acts = bb.emit(
@@ -337,7 +346,7 @@ def emit_ternary_matmul(
             )
         )
         tables = bb.emit(relax.op.reshape(relax.TupleGetItem(acts, 0), [m, slots, TABLE_BYTES]))
-        args = [tables, relax.TupleGetItem(acts, 1), relax.const(lut.weights(packed))]
+        args = [tables, relax.TupleGetItem(acts, 1), relax.const(lut.weights(packed, superblocks))]
     else:
         planes, alpha = repack(packed)
         acts = emit_unscheduled_te(bb, functools.partial(quantize_te, shape=shape), [rows], f"quantize_{shape.key}")

@@ -8,8 +8,10 @@
 // hold the int8 values from the shared quantize_group quad by quad in dword order (each group
 // padded), then the float32 group scales and the int32 group sums.
 // The sherry LUT formulation (tvm_schedules/lut.py) instead: weights as the AVX-512 kernel's 80-byte
-// pair records (1.25 bits per weight), blocks of up to 8 tiles interleaved in one stream with each
-// group's float16 scales; activation rows hold the pairs' lookup tables, built by the AVX-512
+// pair records (1.25 bits per weight), blocks of up to 8 tiles interleaved with each group's float16
+// scales, ordered as the hand-written kernel's: superblocks (a parallel step each, as few as the
+// threads allow: lut_superblocks), K-chunks of about 4 KiB of tables, blocks, groups; activation rows
+// hold the pairs' lookup tables, built by the AVX-512
 // kernel's own table builder (sherry_group_tables_avx512), then the float32 group scales. Its block
 // functions (mx, mb) run the M = 1 loop nest per row (nothing is decoded to share), so compute() treats
 // both formulations alike.
@@ -117,6 +119,25 @@ AlignedArray<T> aligned_array(size_t count) {
 constexpr int64_t kTvmTile = 16;
 // The largest lane_block: the design space's tiles per step are at most 8 (kernels.py).
 constexpr int64_t kMaxLaneBlock = 8 * kTvmTile;
+// The LUT formulation's superblocks (lut.py superblocks_for): at least kLutMinSteps steps of up to
+// kLutMinStepBlocks blocks where there are that many, else as few as the threads allow; whole divisors of
+// the blocks, and none over kMaxLutStepRows rows (a step the op cannot write in place goes through the
+// stack). K-chunks: the most groups whose tables fill kLutChunkPairs pairs (4 KiB per row of A).
+constexpr int64_t kLutMinStepBlocks = 16, kLutMinSteps = 4, kMaxLutStepRows = 4096, kLutChunkPairs = 8;
+constexpr int64_t kMaxStepRows = kMaxLutStepRows > kMaxLaneBlock ? kMaxLutStepRows : kMaxLaneBlock;
+
+int64_t lut_superblocks(int64_t blocks, int64_t block_rows, int64_t threads) {
+  int64_t step = 1;
+  while (step < kLutMinStepBlocks && step * 2 * kLutMinSteps <= blocks) step *= 2;
+  step = std::max(step, ceil_div(blocks, std::max<int64_t>(threads, 1)));
+  int64_t chosen = 0, largest_fit = 1;
+  for (int64_t d = 1; d <= blocks; ++d) {
+    if (blocks % d != 0 || (d > 1 && d * block_rows > kMaxLutStepRows)) continue;
+    largest_fit = d;
+    if (!chosen && d >= step) chosen = d;
+  }
+  return blocks / (chosen ? chosen : largest_fit);
+}
 
 // The LUT formulation (lut.py LutShape): pairs of two pieces of 16 columns, 80 weight bytes per pair
 // and tile, 512 table bytes per pair and row of A.
@@ -127,11 +148,14 @@ struct TvmLayout {
   Geometry g;
   int64_t lanes_per_code, quads_per_group, codes_per_group, padded_group, quads, codes, lane_block;
   int64_t planes, plane_bytes[2], scale_offset, row_bytes;
+  int64_t block_lane_block;  // rows of a parallel step of the block functions (mx, mb)
   bool lut = false;
-  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0;  // lut only
+  // lut only: superblocks (parallel steps) of step_blocks blocks, K-chunks of chunk_groups groups
+  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0, superblocks = 0, step_blocks = 0, chunk_groups = 0;
 
-  TvmLayout(Format f, const Geometry& geometry, int64_t lb, bool lut_formulation)
+  TvmLayout(Format f, const Geometry& geometry, int64_t lb, int64_t block_lb, bool lut_formulation)
       : TvmLayout(f, geometry, lb) {
+    block_lane_block = block_lb;
     if (!lut_formulation) return;
     lut = true;
     const int64_t tiles = g.n / kTvmTile;
@@ -140,6 +164,13 @@ struct TvmLayout {
     block_tiles = tiles % 8 == 0 ? 8 : tiles % 4 == 0 ? 4 : tiles % 2 == 0 ? 2 : 1;
     group_bytes = block_tiles * (pairs_per_group * kPairBytes + kScaleBytes);
     plane_bytes[0] = g.groups() * group_bytes / block_tiles / kTvmTile;  // weight bytes per row
+    const int64_t most_groups = std::max<int64_t>(1, kLutChunkPairs / pairs_per_group);
+    for (int64_t d = 1; d <= most_groups; ++d)
+      if (g.groups() % d == 0) chunk_groups = d;
+    const int64_t blocks = tiles / block_tiles;
+    superblocks = lut_superblocks(blocks, block_tiles * kTvmTile, hardware_threads());
+    step_blocks = blocks / superblocks;
+    lane_block = block_lane_block = step_blocks * block_tiles * kTvmTile;  // a superblock per parallel step
     scale_offset = g.groups() * pairs_per_group * kPairTableBytes;
     row_bytes = scale_offset + round_up(4 * g.groups(), kPairTableBytes);
   }
@@ -190,7 +221,8 @@ DLTensor tensor(void* data, DLDataType dtype, int64_t* shape) {
 class TvmKernel final : public MatMulKernel {
  public:
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
-      : entry_(entry), layout_(w.format, w.geometry, entry.lane_block, entry.formulation == 1) {
+      : entry_(entry),
+        layout_(w.format, w.geometry, entry.lane_block, entry.block_lane_block, entry.formulation == 1) {
     const Geometry& g = w.geometry;
     const auto bad_step = [&](int64_t rows) {
       return rows <= 0 || rows > kMaxLaneBlock || rows % kTvmTile != 0 || g.n % rows != 0;
@@ -252,7 +284,7 @@ class TvmKernel final : public MatMulKernel {
   // is computed whole for each row) and each work item's calls (about 1 us each, for the functions'
   // argument checks) cover whole steps of both.
   int64_t row_tile_for(int64_t call_rows) const override {
-    return call_rows >= entry_.block_rows ? std::lcm(entry_.block_lane_block, layout_.lane_block) : layout_.lane_block;
+    return call_rows >= entry_.block_rows ? std::lcm(layout_.block_lane_block, layout_.lane_block) : layout_.lane_block;
   }
   // Rows of A are cut only where N's steps cannot feed the threads: every compute() call decodes its
   // steps' weights again, and a chunk cut short of whole blocks runs its rows through the M = 1 function.
@@ -305,7 +337,7 @@ class TvmKernel final : public MatMulKernel {
     const bool aligned = reinterpret_cast<uintptr_t>(y) % 64 == 0;
     int64_t r = 0, lo = n_end, hi = n_end;  // rows [0, r) are done in columns [lo, hi)
     if (aligned && m >= entry_.block_rows) {
-      const int64_t lb = entry_.block_lane_block, first = ceil_div(n_begin, lb), last = n_end / lb;
+      const int64_t lb = layout_.block_lane_block, first = ceil_div(n_begin, lb), last = n_end / lb;
       if (first < last) {
         const TaskRange steps{first, last, n / lb};
         for (; r + entry_.chunk_rows <= m; r += entry_.chunk_rows)
@@ -340,7 +372,7 @@ class TvmKernel final : public MatMulKernel {
     if (whole_begin < whole_end)
       for (int64_t r = r0; r < r1; ++r)
         call(entry_.m1, ws + r * row_bytes, 1, y + r * n, TaskRange{whole_begin, whole_end, steps});
-    alignas(64) float block[kMaxLaneBlock];
+    alignas(64) float block[kMaxStepRows];
     for (int64_t b = first; b < last; ++b) {
       if (b >= whole_begin && b < whole_end) continue;
       const uintptr_t offset = static_cast<uintptr_t>(b * lb) * sizeof(float);  // a multiple of 64
@@ -353,14 +385,18 @@ class TvmKernel final : public MatMulKernel {
     }
   }
 
-  // Row r of tile `tile` into the LUT stream (lut.py weights): per group and pair, the pair record of
-  // the tile (index nibbles of pieces A | B << 4 at byte 4r + j, sign bits at 64 + 8 piece + i / 8),
-  // then the row's float16 scale. `padded`: the row's ternary values, groups padded to whole pairs.
+  // Row r of tile `tile` into the LUT stream (lut.py weights: [superblock, chunk, block of the superblock,
+  // group of the chunk, group_bytes]): per group and pair, the pair record of the tile (index nibbles of
+  // pieces A | B << 4 at byte 4r + j, sign bits at 64 + 8 piece + i / 8), then the row's float16 scale.
+  // `padded`: the row's ternary values, groups padded to whole pairs.
   void put_lut_row(const int8_t* padded, int64_t tile, int64_t r, const uint16_t* scales) {
     const TvmLayout& L = layout_;
     const int64_t bt = L.block_tiles, b = tile / bt, tb = tile % bt;
+    const int64_t step = b / L.step_blocks, sb = b % L.step_blocks, chunks = L.g.groups() / L.chunk_groups;
     for (int64_t gi = 0; gi < L.g.groups(); ++gi) {
-      uint8_t* group = planes_[0].get() + (b * L.g.groups() + gi) * L.group_bytes;
+      const int64_t c = gi / L.chunk_groups, cg = gi % L.chunk_groups;
+      uint8_t* group =
+          planes_[0].get() + (((step * chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
       for (int64_t q = 0; q < L.pairs_per_group; ++q) {
         uint8_t* record = group + (q * bt + tb) * kPairBytes;
         for (int piece = 0; piece < 2; ++piece)
@@ -385,15 +421,16 @@ class TvmKernel final : public MatMulKernel {
     auto* base = const_cast<uint8_t*>(ws);
     DLTensor tensors[6];
     int count = 0;
-    // lut: X [m, row_bytes / 512, 512] (a pair's tables per slot), S, W [blocks, G, group_bytes], Y
+    // lut: X [m, row_bytes / 512, 512] (a pair's tables per slot), S, W (put_lut_row's order), Y
     int64_t lut_x_shape[3] = {m, L.row_bytes / kPairTableBytes, kPairTableBytes};
-    int64_t lut_w_shape[3] = {L.lut ? tiles / L.block_tiles : 0, L.g.groups(), L.group_bytes};
+    const int64_t chunks = L.lut ? L.g.groups() / L.chunk_groups : 0;
+    int64_t lut_w_shape[5] = {L.superblocks, chunks, L.step_blocks, L.chunk_groups, L.group_bytes};
     tensors[count] = tensor(base, i8, L.lut ? lut_x_shape : x_shape);
     tensors[count++].ndim = L.lut ? 3 : 2;
     tensors[count++] = tensor(base + L.scale_offset, f32, s_shape);
     for (int64_t p = 0; p < L.planes; ++p) {
       tensors[count] = tensor(planes_[p].get(), u8, L.lut ? lut_w_shape : plane_shape[p]);
-      tensors[count++].ndim = 3;
+      tensors[count++].ndim = L.lut ? 5 : 3;
     }
     if (!L.lut) {  // the LUT stream carries its scales
       tensors[count] = tensor(alpha_.get(), f32, alpha_shape);
