@@ -224,9 +224,9 @@ def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 @pytest.mark.slow
 def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
-    the formulation, the build schedules the M = 1 function and the block functions (``_mx``,
-    ``_mb``, row by row) with its decisions, for any superblock count, the table marks the entry as a LUT kernel, and all three
-    functions equal the reference."""
+    the formulation, the build schedules the M = 1 function and the block functions (``_mx``, ``_mb``,
+    row by row) with its decisions, for any superblock count, the table marks the entry as a LUT kernel,
+    and all three functions equal the reference."""
     from tvm_schedules.build import TunedKernel, table_source, tuned_functions
     from tvm_schedules.kernels import BLOCK_M
     from tvm_schedules.layout import Shape

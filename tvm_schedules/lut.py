@@ -457,7 +457,9 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 )
                 T.writes(Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE])
                 with T.init():
-                    Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE] = T.Broadcast(T.float32(0), TILE)
+                    Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE] = T.Broadcast(
+                        T.float32(0), TILE
+                    )
                 Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE] = Y.vload(
                     [vm, y_lanes(vs, vb, vtb + vh)], f32v
                 ) + T.call_llvm_pure_intrin(
