@@ -159,10 +159,10 @@ def tuned_functions(
                 f"was never tuned): run `sherry tune --target {target_name} --formulation {formulation}` for it "
                 "and commit the database"
             )
-    m1 = knobs_of(records["m1"].trace)
     funcs = {}
     if formulation == "lut":
         ls = lut.LutShape(shape.k, shape.n, shape.group_size, superblocks=None)  # the op's, at run time
+        m1 = lut.knobs_of(records["m1"].trace, ls)
         for bucket in ("m1", "mx", "mb"):
             sch = tvm.s_tir.Schedule(lut.workload(ls, {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[bucket]))
             lut.schedule(sch, m1.order, m1)
@@ -170,7 +170,7 @@ def tuned_functions(
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
         step = rows_per_step(m1)
         return funcs, TunedKernel(step, step, BLOCK_M, lut.BLOCK_ROWS)
-    block = knobs_of(records["mx"].trace)
+    m1, block = knobs_of(records["m1"].trace), knobs_of(records["mx"].trace)
     for bucket in ("m1", "mx", "mb"):
         if bucket == "mb":
             sch = tvm.s_tir.Schedule(workload(shape, block.rows, isa))

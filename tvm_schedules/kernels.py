@@ -336,18 +336,18 @@ def block_knob_space(shape: Shape) -> list[Knobs]:
     ]
 
 
-def knobs_of(trace: tvm.s_tir.schedule.Trace) -> Knobs:
-    """The knob point a tuned trace chose: its two perfect-tile decisions, its loop order and (block
-    function) its rows per block."""
-    tiles, order, rows = [], ORDERS[0], 1
+def knobs_of(trace: tvm.s_tir.schedule.Trace, tiles: int | None = None) -> Knobs:
+    """The knob point a tuned trace chose: its two perfect-tile decisions (one where ``tiles`` is given: a
+    trace that does not sample its tiles), its loop order and (block function) its rows per block."""
+    decided, order, rows = [] if tiles is None else [tiles], ORDERS[0], 1
     for inst in trace.insts:
         if inst.kind.name == "SamplePerfectTile":
-            tiles.append(int(trace.decisions[inst][-1]))
+            decided.append(int(trace.decisions[inst][-1]))
         elif inst.kind.name == "Annotate" and str(inst.attrs[0]) == ORDER_KEY:
             order = str(inst.inputs[1])
         elif inst.kind.name == "Annotate" and str(inst.attrs[0]) == ROWS_KEY:
             rows = int(inst.inputs[1])
-    return Knobs(tiles=tiles[0], unroll=tiles[1], order=order, rows=rows)
+    return Knobs(tiles=decided[0], unroll=decided[1], order=order, rows=rows)
 
 
 def prim_func(shape: Shape, m: int | None, knobs: Knobs, isa: str = "avx512", name: str = "main") -> tirx.PrimFunc:

@@ -638,7 +638,10 @@ def tune(
         if best is None:
             print(f"  {shape.key}: no candidate built and ran")
             continue
-        knobs = knobs_of(best.trace)
+        if formulation == "lut":
+            knobs = lut.knobs_of(best.trace, lut.LutShape(shape.k, shape.n, shape.group_size))
+        else:
+            knobs = knobs_of(best.trace)
         tvm_us = statistics.mean(float(t) for t in best.run_secs) * 1e6
         entry |= {
             "format": shape.format,

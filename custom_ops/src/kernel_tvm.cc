@@ -48,6 +48,7 @@ constexpr const char* kNoKernel = "the library has no tuned TVM kernel for this 
 
 #include "dispatch.h"
 #include "kernel_tvm_table.h"
+#include "weight_buffer.h"
 
 extern "C" {
 // Weak data pointers the TVM objects call through (the TVM module loader normally fills them).
@@ -241,7 +242,10 @@ class TvmKernel final : public MatMulKernel {
                                format_name(w.format) + " weights with N=" + std::to_string(g.n) +
                                ": rebuild the library (make lib)");
     const int64_t blocks = g.n / L.lane_block;
-    planes_[0] = aligned_array<uint8_t>(static_cast<size_t>(g.n * L.plane_bytes[0]));  // zeroed
+    // on huge pages with the other nodes' weights, as the hand-written kernels' (weight_buffer.h)
+    const size_t weight_bytes = static_cast<size_t>(g.n * L.plane_bytes[0]);
+    weights_ = WeightBuffer(ceil_div(static_cast<int64_t>(weight_bytes), 64));
+    std::memset(weights_.data(), 0, weights_.size());
     alpha_ = aligned_array<float>(L.lut ? 0 : static_cast<size_t>(g.n * g.groups()));  // lut: in the stream
     std::vector<int8_t> values(static_cast<size_t>(g.k)), padded(static_cast<size_t>(g.groups() * L.padded_group));
     const int64_t stride = row_bytes(w.format, g.k, g.group_size);
@@ -265,7 +269,7 @@ class TvmKernel final : public MatMulKernel {
           code = static_cast<uint8_t>((v[0] + 1) | (v[1] + 1) << 2 | (v[2] + 1) << 4 | (v[3] + 1) << 6);
         else
           code = w.format == Format::kSherry ? sherry_code(v) : tl2_code(v);
-        planes_[0][(tile * L.quads + c / 4) * 64 + 4 * r + c % 4] = code;
+        weights_.data()[(tile * L.quads + c / 4) * 64 + 4 * r + c % 4] = code;
       }
       for (int64_t gi = 0; gi < g.groups(); ++gi)
         alpha_[(tile * g.groups() + gi) * kTvmTile + r] = half_to_float(w.scales[n * g.groups() + gi]);
@@ -396,7 +400,7 @@ class TvmKernel final : public MatMulKernel {
     for (int64_t gi = 0; gi < L.g.groups(); ++gi) {
       const int64_t c = gi / L.chunk_groups, cg = gi % L.chunk_groups;
       uint8_t* group =
-          planes_[0].get() + (((step * chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
+          weights_.data() + (((step * chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
       for (int64_t q = 0; q < L.pairs_per_group; ++q) {
         uint8_t* record = group + (q * bt + tb) * kPairBytes;
         for (int piece = 0; piece < 2; ++piece)
@@ -429,7 +433,7 @@ class TvmKernel final : public MatMulKernel {
     tensors[count++].ndim = L.lut ? 3 : 2;
     tensors[count++] = tensor(base + L.scale_offset, f32, s_shape);
     for (int64_t p = 0; p < L.planes; ++p) {
-      tensors[count] = tensor(planes_[p].get(), u8, L.lut ? lut_w_shape : plane_shape[p]);
+      tensors[count] = tensor(const_cast<uint8_t*>(weights_.data()), u8, L.lut ? lut_w_shape : plane_shape[p]);
       tensors[count++].ndim = L.lut ? 5 : 3;
     }
     if (!L.lut) {  // the LUT stream carries its scales
@@ -458,7 +462,7 @@ class TvmKernel final : public MatMulKernel {
 
   const TvmEntry& entry_;
   TvmLayout layout_;
-  AlignedArray<uint8_t> planes_[1];
+  WeightBuffer weights_;  // the codes (plane) or the pair-record stream (lut)
   AlignedArray<float> alpha_;
 };
 
