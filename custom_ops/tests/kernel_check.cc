@@ -582,7 +582,7 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
   const bool prefill = m > 4;  // compute-bound: hot only, fewer calls
   std::vector<Contender> all;
   const std::vector<float> x = random_activations(m, k, k, rng);
-  std::vector<float> y(static_cast<size_t>(m * n));
+  const Output y(static_cast<size_t>(m * n), 0.f, 0);  // 64-byte aligned, as onnxruntime's outputs
   size_t ws_bytes = 0;
   for (const Format f : o.formats) {
     const Weights w = random_weights(f, n, k, o.gs, rng);
@@ -607,7 +607,7 @@ void bench_shape(const BenchOptions& o, const std::vector<Path>& paths, int64_t 
   auto timed = [&](const MatMulKernel& kernel) {
     const double t0 = now_us();
     prepare(kernel);
-    kernel.compute(ws.get(), m, 0, n, nullptr, y.data());
+    kernel.compute(ws.get(), m, 0, n, nullptr, y.data);
     return now_us() - t0;
   };
   for (Contender& c : all) timed(*c.copies[0]);
