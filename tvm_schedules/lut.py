@@ -35,10 +35,10 @@ threads allow (:func:`superblocks_for`, mirrored in kernel_tvm.cc), so the built
 take it from the weight tensor's shape (``superblocks`` None: a symbolic extent), while tuning and
 the Relax path compile a fixed count.
 
-The design space (:func:`schedule`): ``tiles`` per parallel step, ``unroll`` (pairs of a group
-unrolled together) and ``order``: ``pair`` (each pair over every tile of the step: its 8 table
-vectors are loaded once and stay in registers across the tiles) or ``tile`` (each tile over its
-``unroll`` pairs: the tables are reloaded from L1 per tile).
+The design space (:func:`schedule`): ``unroll`` (pairs of a group unrolled together) and ``order``:
+``pair`` (each pair over every tile of the block: its 8 table vectors are loaded once and stay in
+registers across the tiles) or ``tile`` (each tile over its ``unroll`` pairs: the tables are
+reloaded from L1 per tile); the tiles of a run are the block's (:func:`tile_choices`).
 
 Only the M = 1 function is tuned. The op's block functions for M > 1 (``_mx``, ``kernels.BLOCK_M``
 rows, and ``_mb``, :data:`BLOCK_ROWS` rows; tvm_schedules/build.py) run the same loop nest with the
@@ -81,7 +81,7 @@ CHUNK_PAIRS = 8
 stay in L1 while the chunk's blocks stream through."""
 MIN_STEP_BLOCKS, MIN_STEPS = 16, 4
 """The smallest superblocks many threads get: at least :data:`MIN_STEPS` steps of up to
-:data:`MIN_STEP_BLOCKS` blocks, the hand-written kernel's rule (kernel_avx512.cc superblock_blocks)."""
+:data:`MIN_STEP_BLOCKS` blocks, the hand-written kernel's rule (dispatch.cc superblock_blocks)."""
 MAX_STEP_ROWS = 4096
 """Most rows of a superblock: the op copies a step that it cannot write in place through the stack."""
 FORMULATIONS = ("plane", "lut")
@@ -193,7 +193,7 @@ class LutShape:
 
 
 def superblocks_for(ls: LutShape, threads: int) -> int:
-    """The superblock count the op takes on ``threads`` threads (kernel_tvm.cc ``lut_superblocks``): as few
+    """The superblock count the op takes on ``threads`` hardware threads (kernel_tvm.cc ``lut_superblocks``): as few
     steps as keep every thread busy, but at least :data:`MIN_STEPS` of up to :data:`MIN_STEP_BLOCKS`
     blocks where there are that many, superblocks of whole blocks that divide the blocks, and none over
     :data:`MAX_STEP_ROWS` rows."""

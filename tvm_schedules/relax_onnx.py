@@ -326,8 +326,9 @@ def emit_ternary_matmul(
     m = rows.ty.shape[0]
     static = int(m) if isinstance(m, tirx.IntImm) else None  # the decode module's M = 1: the tuned function
     formulation = formulation_for(shape, static)
-    # the LUT stream in as few superblocks as keep TVM's threads busy (as the op's: lut.superblocks_for)
-    superblocks = lut.superblocks_for(LutShape(shape.k, shape.n, shape.group_size), tvm.runtime.num_threads())
+    superblocks = 1
+    if formulation == "lut":  # the stream in as few superblocks as keep TVM's threads busy, as the op's
+        superblocks = lut.superblocks_for(LutShape(shape.k, shape.n, shape.group_size), tvm.runtime.num_threads())
     chosen = (knobs or tuned_knobs)(shape, formulation=formulation)
     func = kernel_func(shape, chosen, m=static, formulation=formulation, superblocks=superblocks)
     gv = bb.add_func(func, str(func.attrs["global_symbol"]))

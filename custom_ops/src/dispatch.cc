@@ -135,6 +135,12 @@ int64_t hardware_threads() {
   return count;
 }
 
+int64_t superblock_blocks(int64_t blocks) {
+  int64_t sb = 1;
+  while (sb < 16 && sb * 2 * 4 <= blocks) sb *= 2;
+  return std::max(sb, ceil_div(blocks, hardware_threads()));
+}
+
 KernelRequest parse_kernel_request(const std::string& value, const std::string& origin) {
   if (value == "auto") return {std::nullopt, origin};
   for (KernelPath p : {KernelPath::kScalar, KernelPath::kAVX2, KernelPath::kAVX512, KernelPath::kTVM})

@@ -25,6 +25,16 @@ const std::string& cpu_model_name();
 // threads a parallel section can keep busy, which sizes the kernels' work items.
 int64_t hardware_threads();
 
+// Blocks per superblock of a lookup-table kernel's weight stream (the AVX-512 kernel's, and the TVM
+// LUT kernel's, which rounds it to a divisor of the blocks), which is also the work item (row_tile).
+// A chunk's tables come from L2 once per superblock and from L1 for its other blocks, and those L2
+// reads decide the cold decode speed: with the weights streaming from memory, every chunk's switch of
+// tables costs about 0.3 µs (Zen 4, 1 thread: sherry 2048x2048 cold 40 µs with 4 superblocks, 35
+// with 2, 32 with 1, 30 if the tables never left L1; hot 26 µs in every case). So a superblock is as
+// large as the hardware threads allow, one work item per thread, and never smaller than the old rule
+// of at least 4 work items of at most 16 blocks, which machines with many threads keep.
+int64_t superblock_blocks(int64_t blocks);
+
 // What the user asked for: a specific path, or none (auto: the best that supports the weights).
 struct KernelRequest {
   std::optional<KernelPath> forced;

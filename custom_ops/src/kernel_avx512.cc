@@ -565,19 +565,6 @@ struct Chunk {
   bool split() const { return pair_end >= 0; }
 };
 
-// Blocks per superblock, which is also the work item (row_tile). A chunk's tables come from L2 once
-// per superblock and from L1 for its other blocks, and those L2 reads decide the cold decode speed:
-// with the weights streaming from memory, every chunk's switch of tables costs about 0.3 µs (Zen 4,
-// 1 thread: sherry 2048x2048 cold 40 µs with 4 superblocks, 35 with 2, 32 with 1, 30 if the tables
-// never left L1; hot 26 µs in every case). So a superblock is as large as the hardware threads
-// allow, one work item per thread, and never smaller than the old rule of at least 4 work items of
-// at most 16 blocks, which machines with many threads keep.
-inline int64_t superblock_blocks(int64_t blocks) {
-  int64_t sb = 1;
-  while (sb < 16 && sb * 2 * 4 <= blocks) sb *= 2;
-  return std::max(sb, ceil_div(blocks, hardware_threads()));
-}
-
 // Tiles of a pass of `rows` rows of A over a block: as many as the accumulators (one zmm per row
 // and tile) and the tables or indices (see lookup_pair) leave registers for.
 constexpr int pass_tiles(int rows) { return rows == 1 ? 8 : 4; }

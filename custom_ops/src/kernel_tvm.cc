@@ -120,17 +120,15 @@ AlignedArray<T> aligned_array(size_t count) {
 constexpr int64_t kTvmTile = 16;
 // The largest lane_block: the design space's tiles per step are at most 8 (kernels.py).
 constexpr int64_t kMaxLaneBlock = 8 * kTvmTile;
-// The LUT formulation's superblocks (lut.py superblocks_for): at least kLutMinSteps steps of up to
-// kLutMinStepBlocks blocks where there are that many, else as few as the threads allow; whole divisors of
-// the blocks, and none over kMaxLutStepRows rows (a step the op cannot write in place goes through the
-// stack). K-chunks: the most groups whose tables fill kLutChunkPairs pairs (4 KiB per row of A).
-constexpr int64_t kLutMinStepBlocks = 16, kLutMinSteps = 4, kMaxLutStepRows = 4096, kLutChunkPairs = 8;
+// The LUT formulation's superblocks (lut.py superblocks_for): the hand-written kernel's
+// (superblock_blocks, dispatch.h) rounded up to a divisor of the blocks, and none over kMaxLutStepRows
+// rows (a step the op cannot write in place goes through the stack). K-chunks: the most groups whose
+// tables fill kLutChunkPairs pairs (4 KiB per row of A).
+constexpr int64_t kMaxLutStepRows = 4096, kLutChunkPairs = 8;
 constexpr int64_t kMaxStepRows = kMaxLutStepRows > kMaxLaneBlock ? kMaxLutStepRows : kMaxLaneBlock;
 
-int64_t lut_superblocks(int64_t blocks, int64_t block_rows, int64_t threads) {
-  int64_t step = 1;
-  while (step < kLutMinStepBlocks && step * 2 * kLutMinSteps <= blocks) step *= 2;
-  step = std::max(step, ceil_div(blocks, std::max<int64_t>(threads, 1)));
+int64_t lut_superblocks(int64_t blocks, int64_t block_rows) {
+  const int64_t step = superblock_blocks(blocks);
   int64_t chosen = 0, largest_fit = 1;
   for (int64_t d = 1; d <= blocks; ++d) {
     if (blocks % d != 0 || (d > 1 && d * block_rows > kMaxLutStepRows)) continue;
@@ -148,11 +146,12 @@ struct TvmLayout {
   Format format;
   Geometry g;
   int64_t lanes_per_code, quads_per_group, codes_per_group, padded_group, quads, codes, lane_block;
-  int64_t planes, plane_bytes[2], scale_offset, row_bytes;
+  int64_t weight_row_bytes, scale_offset, row_bytes;  // weight bytes per row of N: codes, or the LUT stream
   int64_t block_lane_block;  // rows of a parallel step of the block functions (mx, mb)
   bool lut = false;
-  // lut only: superblocks (parallel steps) of step_blocks blocks, K-chunks of chunk_groups groups
-  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0, superblocks = 0, step_blocks = 0, chunk_groups = 0;
+  // lut only: superblocks (parallel steps) of step_blocks blocks, chunks of chunk_groups groups
+  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0, superblocks = 0, step_blocks = 0, chunks = 0,
+          chunk_groups = 0;
 
   TvmLayout(Format f, const Geometry& geometry, int64_t lb, int64_t block_lb, bool lut_formulation)
       : TvmLayout(f, geometry, lb) {
@@ -164,12 +163,13 @@ struct TvmLayout {
     padded_group = pairs_per_group * kPairCols;
     block_tiles = tiles % 8 == 0 ? 8 : tiles % 4 == 0 ? 4 : tiles % 2 == 0 ? 2 : 1;
     group_bytes = block_tiles * (pairs_per_group * kPairBytes + kScaleBytes);
-    plane_bytes[0] = g.groups() * group_bytes / block_tiles / kTvmTile;  // weight bytes per row
+    weight_row_bytes = g.groups() * group_bytes / block_tiles / kTvmTile;
     const int64_t most_groups = std::max<int64_t>(1, kLutChunkPairs / pairs_per_group);
     for (int64_t d = 1; d <= most_groups; ++d)
       if (g.groups() % d == 0) chunk_groups = d;
+    chunks = g.groups() / chunk_groups;
     const int64_t blocks = tiles / block_tiles;
-    superblocks = lut_superblocks(blocks, block_tiles * kTvmTile, hardware_threads());
+    superblocks = lut_superblocks(blocks, block_tiles * kTvmTile);
     step_blocks = blocks / superblocks;
     lane_block = block_lane_block = step_blocks * block_tiles * kTvmTile;  // a superblock per parallel step
     scale_offset = g.groups() * pairs_per_group * kPairTableBytes;
@@ -183,9 +183,7 @@ struct TvmLayout {
     padded_group = codes_per_group * lanes_per_code;
     quads = g.groups() * quads_per_group;
     codes = 4 * quads;
-    planes = 1;
-    plane_bytes[0] = codes;
-    plane_bytes[1] = 0;
+    weight_row_bytes = codes;
     scale_offset = round_up(g.groups() * padded_group, 64);
     row_bytes = scale_offset + round_up(8 * g.groups(), 64);
   }
@@ -243,7 +241,7 @@ class TvmKernel final : public MatMulKernel {
                                ": rebuild the library (make lib)");
     const int64_t blocks = g.n / L.lane_block;
     // on huge pages with the other nodes' weights, as the hand-written kernels' (weight_buffer.h)
-    const size_t weight_bytes = static_cast<size_t>(g.n * L.plane_bytes[0]);
+    const size_t weight_bytes = static_cast<size_t>(g.n * L.weight_row_bytes);
     weights_ = WeightBuffer(ceil_div(static_cast<int64_t>(weight_bytes), 64));
     std::memset(weights_.data(), 0, weights_.size());
     alpha_ = aligned_array<float>(L.lut ? 0 : static_cast<size_t>(g.n * g.groups()));  // lut: in the stream
@@ -396,11 +394,11 @@ class TvmKernel final : public MatMulKernel {
   void put_lut_row(const int8_t* padded, int64_t tile, int64_t r, const uint16_t* scales) {
     const TvmLayout& L = layout_;
     const int64_t bt = L.block_tiles, b = tile / bt, tb = tile % bt;
-    const int64_t step = b / L.step_blocks, sb = b % L.step_blocks, chunks = L.g.groups() / L.chunk_groups;
+    const int64_t step = b / L.step_blocks, sb = b % L.step_blocks;
     for (int64_t gi = 0; gi < L.g.groups(); ++gi) {
       const int64_t c = gi / L.chunk_groups, cg = gi % L.chunk_groups;
       uint8_t* group =
-          weights_.data() + (((step * chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
+          weights_.data() + (((step * L.chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
       for (int64_t q = 0; q < L.pairs_per_group; ++q) {
         uint8_t* record = group + (q * bt + tb) * kPairBytes;
         for (int piece = 0; piece < 2; ++piece)
@@ -419,7 +417,7 @@ class TvmKernel final : public MatMulKernel {
     const TvmLayout& L = layout_;
     int64_t x_shape[2] = {m, L.row_bytes}, s_shape[2] = {m, L.row_bytes / 4}, y_shape[2] = {m, L.g.n};
     const int64_t tiles = L.g.n / kTvmTile;
-    int64_t plane_shape[1][3] = {{tiles, L.quads, 64}};
+    int64_t plane_shape[3] = {tiles, L.quads, 64};
     int64_t alpha_shape[3] = {tiles, L.g.groups(), kTvmTile};
     const DLDataType i8{kDLInt, 8, 1}, u8{kDLUInt, 8, 1}, f32{kDLFloat, 32, 1};
     auto* base = const_cast<uint8_t*>(ws);
@@ -427,15 +425,12 @@ class TvmKernel final : public MatMulKernel {
     int count = 0;
     // lut: X [m, row_bytes / 512, 512] (a pair's tables per slot), S, W (put_lut_row's order), Y
     int64_t lut_x_shape[3] = {m, L.row_bytes / kPairTableBytes, kPairTableBytes};
-    const int64_t chunks = L.lut ? L.g.groups() / L.chunk_groups : 0;
-    int64_t lut_w_shape[5] = {L.superblocks, chunks, L.step_blocks, L.chunk_groups, L.group_bytes};
+    int64_t lut_w_shape[5] = {L.superblocks, L.chunks, L.step_blocks, L.chunk_groups, L.group_bytes};
     tensors[count] = tensor(base, i8, L.lut ? lut_x_shape : x_shape);
     tensors[count++].ndim = L.lut ? 3 : 2;
     tensors[count++] = tensor(base + L.scale_offset, f32, s_shape);
-    for (int64_t p = 0; p < L.planes; ++p) {
-      tensors[count] = tensor(const_cast<uint8_t*>(weights_.data()), u8, L.lut ? lut_w_shape : plane_shape[p]);
-      tensors[count++].ndim = L.lut ? 5 : 3;
-    }
+    tensors[count] = tensor(const_cast<uint8_t*>(weights_.data()), u8, L.lut ? lut_w_shape : plane_shape);
+    tensors[count++].ndim = L.lut ? 5 : 3;
     if (!L.lut) {  // the LUT stream carries its scales
       tensors[count] = tensor(alpha_.get(), f32, alpha_shape);
       tensors[count++].ndim = 3;
