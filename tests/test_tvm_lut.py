@@ -1,5 +1,5 @@
 """The lookup-table formulation of the sherry M = 1 TVM kernel (tvm_schedules/lut.py), compiled here on the spot
-for AVX-512 (skipped without AVX-512 VBMI/VNNI), against the kernels' int8 numerics reference."""
+for AVX-512 (skipped without AVX-512 VBMI/VNNI) and for AVX2, against the kernels' int8 numerics reference."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from tvm_schedules.kernels import Knobs  # noqa: E402
 from tvm_schedules.tune import TARGETS, host_isa  # noqa: E402
 
 needs_avx512 = pytest.mark.skipif(host_isa() != "avx512", reason="the LUT kernel is AVX-512 (VBMI, VNNI)")
+ISAS = [pytest.param("avx512", marks=needs_avx512), "avx2"]
+"""The LUT kernel's forms: AVX-512 where this CPU has it, AVX2 everywhere (every supported CPU has AVX2)."""
 
 
 def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
@@ -24,36 +26,36 @@ def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
 
 
 def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray) -> np.ndarray:
-    lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS["avx512"]))
+    lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS[ls.isa]))
     ws, scales = lut.activations(ls, x)
-    w = lut.weights(packed_weight(ls.k, ls.n, ls.group_size))
+    w = lut.weights(packed_weight(ls.k, ls.n, ls.group_size), isa=ls.isa)
     y = tvm.runtime.tensor(np.full((x.shape[0], ls.n), np.nan, np.float32))
     args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w)
     lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
     return y.numpy()
 
 
-@needs_avx512
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("order", lut.ORDERS)
 @pytest.mark.parametrize(
     ("k", "n", "gs", "m"),
     [(256, 64, 128, 1), (320, 96, 128, 1), (320, 32, 64, 3), (512, 48, 512, 1), (96, 16, 32, 2), (2048, 128, 128, 1)],
 )
-def test_lut_kernel_matches_reference_bit_exactly(k: int, n: int, gs: int, m: int, order: str) -> None:
+def test_lut_kernel_matches_reference_bit_exactly(k: int, n: int, gs: int, m: int, order: str, isa: str) -> None:
     """Exact int dots from the tables, then y = Σ_g (α·s)·dot in group order, no FMA: the int8 reference bit
-    for bit. K = 320 at group 128 has a short last group (64 columns: two of its four pairs are padding),
-    group 512 is per-channel, group 32 is one pair per group; blocks of 4, 2 and 1 tiles, K-chunks of 1 to 8
-    groups, and the largest unroll."""
-    ls = lut.LutShape(k, n, gs)
+    for bit. K = 320 at group 128 has a short last group (64 columns: AVX-512, two of its four pairs are
+    padding; AVX2, one of its two pairs is whole), group 512 is per-channel, group 32 is one (AVX2: half a)
+    pair per group; blocks of 4, 2 and 1 tiles, K-chunks of 1 to 8 groups, and the largest unroll."""
+    ls = lut.LutShape(k, n, gs, isa=isa)
     x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
     x[0, :3] *= 40  # an outlier: the other groups of the row keep their own scale
     y = run(ls, Knobs(ls.block_tiles, lut.unroll_choices(ls)[-1], order), x)
     np.testing.assert_array_equal(y, reference_matmul(x, packed_weight(k, n, gs), activations="int8"))
 
 
-@needs_avx512
-def test_nan_row_and_zero_row() -> None:
-    ls = lut.LutShape(256, 32, 128)
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_row_and_zero_row(isa: str) -> None:
+    ls = lut.LutShape(256, 32, 128, isa=isa)
     x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
     x[1, 5] = np.nan
     x[2] = 0
@@ -70,7 +72,7 @@ def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
     ls = lut.LutShape(512, 192, 64, superblocks=3)
     w = lut.weights(packed, superblocks=3)
     assert (ls.block_tiles, ls.chunk_groups, ls.chunks, ls.step_blocks) == (4, 4, 2, 1)
-    assert w.shape == (3, 2, 1, 4, 4 * (2 * lut.PAIR_BYTES + lut.SCALE_BYTES))
+    assert w.shape == (3, 2, 1, 4, 4 * (2 * 80 + lut.SCALE_BYTES)) and ls.pair_bytes == 80
     assert lut.LutShape(2048, 2048, 128).weight_bits == 1.25
     values = packed_values(packed)
     for block in range(3):
@@ -78,7 +80,7 @@ def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
             group = w[block, g // 4, 0, g % 4]
             for pair in range(2):
                 for tile in range(4):
-                    record = group[(pair * 4 + tile) * lut.PAIR_BYTES :]
+                    record = group[(pair * 4 + tile) * 80 :]
                     for r in range(16):
                         for j in range(4):
                             i = 4 * r + j
@@ -88,10 +90,34 @@ def test_weight_stream_is_the_pair_records_at_1_25_bits() -> None:
                                 np.testing.assert_array_equal(
                                     SHERRY_DECODE[nibble | sign << 4], values[row, col : col + 4]
                                 )
-            scales = group[4 * 2 * lut.PAIR_BYTES :].view(np.float16).reshape(4 * 16)
+            scales = group[4 * 2 * 80 :].view(np.float16).reshape(4 * 16)
             np.testing.assert_array_equal(scales, packed.scales[64 * block : 64 * block + 64, g])
     with pytest.raises(ValueError, match="2 superblocks do not divide"):
         lut.weights(packed, superblocks=2)
+
+
+def test_avx2_weight_stream_is_the_hand_written_chunk_halves() -> None:
+    """AVX2 records, per pair (64 columns: 16 units of 4, unit u = 2P + L) and tile, 160 bytes: byte
+    32·(P // 2) + 16·L + r holds the index of unit u of row r in nibble P % 2, byte 128 + 16·L + r its sign
+    in bit 7 - P (the hand-written AVX2 kernel's nibble and sign vectors for one 16-row half); then the
+    tiles' float16 scales. 8 groups of 2 pairs (group 128), K-chunks of 4 groups; 1.25 bits per weight."""
+    packed = packed_weight(1024, 64, 128)  # 4 tiles: one block
+    ls = lut.LutShape(1024, 64, 128, isa="avx2")
+    w = lut.weights(packed, isa="avx2")
+    assert (ls.pairs_per_group, ls.chunk_groups, ls.chunks, ls.pair_bytes) == (2, 4, 2, 160)
+    assert w.shape == (1, 2, 1, 4, 4 * (2 * 160 + lut.SCALE_BYTES)) and ls.weight_bits == 1.25
+    values = packed_values(packed)
+    for g in range(8):
+        group = w[0, g // 4, 0, g % 4]
+        for pair, tile, r, u in np.ndindex(2, 4, 16, 16):
+            record = group[(pair * 4 + tile) * 160 :]
+            p, lane = divmod(u, 2)
+            nibble = record[32 * (p // 2) + 16 * lane + r] >> 4 * (p % 2) & 15
+            sign = record[128 + 16 * lane + r] >> (7 - p) & 1
+            row, col = 16 * tile + r, 128 * g + 64 * pair + 4 * u
+            np.testing.assert_array_equal(SHERRY_DECODE[nibble | sign << 4], values[row, col : col + 4])
+        scales = group[4 * 2 * 160 :].view(np.float16).reshape(4 * 16)
+        np.testing.assert_array_equal(scales, packed.scales[:, g])
 
 
 def test_superblocks_are_as_few_as_the_threads_allow() -> None:
@@ -127,6 +153,21 @@ def test_tables_hold_every_codes_signed_dot() -> None:
                 assert t[piece, 0, e] + 16 * t[piece, 1, e] == SHERRY_DECODE[code].astype(np.int64) @ block
 
 
+def test_avx2_tables_split_every_units_sum() -> None:
+    """Per unit pair P of a pair's 64 columns: the U tables of units 2P and 2P + 1 (16 entries each), then their
+    V tables, with 31·U + V = Σ_p lanes(idx)[p] · xq of the unit's column p, |U| <= 12, |V| <= 15."""
+    ls = lut.LutShape(64, 16, 64, isa="avx2")
+    x = np.random.default_rng(3).standard_normal((1, 64), dtype=np.float32)
+    x[0, :4] = [9, -9, 9, -9]  # a unit at the int8 extremes: |S| = 381
+    xq, _ = quantize_activations(x, 64)
+    t = lut.tables(ls, xq).astype(np.int64).reshape(8, 2, 2, 16)  # [P, U/V, lane, idx]
+    assert np.abs(t[:, 0]).max() <= 12 and np.abs(t[:, 1]).max() <= 15
+    for u, idx in np.ndindex(16, 16):
+        p, lane = divmod(u, 2)
+        expected = SHERRY_DECODE[idx].astype(np.int64) @ xq[0, 4 * u : 4 * u + 4].astype(np.int64)
+        assert 31 * t[p, 0, lane, idx] + t[p, 1, lane, idx] == expected
+
+
 @needs_avx512
 def test_lut_intrinsic_alone() -> None:
     """The intrinsic on random pair records and tables (its description: the entry each code indexes, of
@@ -135,14 +176,14 @@ def test_lut_intrinsic_alone() -> None:
 
     @T.prim_func(s_tir=True)
     def f(
-        W: T.Buffer((3, lut.PAIR_BYTES), "uint8"),
+        W: T.Buffer((3, 80), "uint8"),
         X: T.Buffer((3, lut.TABLE_BYTES), "int8"),
         C: T.Buffer((3, 16), "int32"),
     ) -> None:
         for v, r, j, e in T.grid(3, 16, 4, lut.ENTRIES):
             with T.sblock("lut"):
                 vv, vr, vj, ve = T.axis.remap("SSRR", [v, r, j, e])
-                T.reads(C[vv, vr], W[vv, 0 : lut.PAIR_BYTES], X[vv, 0 : lut.TABLE_BYTES])
+                T.reads(C[vv, vr], W[vv, 0:80], X[vv, 0 : lut.TABLE_BYTES])
                 T.writes(C[vv, vr])
                 with T.init():
                     C[vv, vr] = 0
@@ -155,7 +196,7 @@ def test_lut_intrinsic_alone() -> None:
     sch.tensorize(r, lut.lut_name())
     lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
     rng = np.random.default_rng(4)
-    w = rng.integers(0, 256, (3, lut.PAIR_BYTES), dtype=np.uint8)
+    w = rng.integers(0, 256, (3, 80), dtype=np.uint8)
     x = rng.integers(-45, 46, (3, lut.TABLE_BYTES), dtype=np.int8)  # |xl sums| <= 45, as the tables hold
     x[1] = 45
     x[2, 128:256], x[2, 384:] = -24, -24  # the xh extremes
@@ -170,6 +211,67 @@ def test_lut_intrinsic_alone() -> None:
                 e = (int(w[v, 64 + 8 * piece + i // 8]) >> (i % 8) & 1) << 6 | j << 4 | nibble
                 expected[v, r] += t[v, 256 * piece + e] + 16 * t[v, 256 * piece + 128 + e]
     np.testing.assert_array_equal(c.numpy(), expected)
+
+
+def test_avx2_lut_intrinsic_alone() -> None:
+    """The AVX2 intrinsic on random pair records and tables (its description: per unit, ±(31·U + V) of the
+    entry its index picks), against numpy: the sign of every unit pair (pair 7's from bit 0, below which
+    no guard bit fits), the int8 sums of 8 units per lane at their extremes, and the two lanes' sum."""
+    from tvm.script import tirx as T
+
+    pb = lut.LUT_ISAS["avx2"].pair_bytes
+
+    @T.prim_func(s_tir=True)
+    def f(W: T.Buffer((4, pb), "uint8"), X: T.Buffer((4, lut.TABLE_BYTES), "int8"), C: T.Buffer((4, 16), "int32")):
+        for v, r, u, e in T.grid(4, 16, 16, 16):
+            with T.sblock("lut"):
+                vv, vr, vu, ve = T.axis.remap("SSRR", [v, r, u, e])
+                T.reads(C[vv, vr], W[vv, 0:pb], X[vv, 0 : lut.TABLE_BYTES])
+                T.writes(C[vv, vr])
+                with T.init():
+                    C[vv, vr] = 0
+                C[vv, vr] = C[vv, vr] + lut.lut_term_avx2(W, [vv], X, [vv], vr, vu, ve)
+
+    sch = tvm.s_tir.Schedule(f)
+    block = sch.get_sblock("lut")
+    _, r, _, _ = sch.get_loops(block)
+    sch.decompose_reduction(block, r)
+    sch.tensorize(r, lut.lut_name("avx2"))
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx2"]))
+    rng = np.random.default_rng(4)
+    w = rng.integers(0, 256, (4, pb), dtype=np.uint8)
+    x = np.empty((4, 8, 2, 32), np.int8)  # [record, P, U/V, lane · 16 + idx]
+    x[:, :, 0] = rng.integers(-12, 13, (4, 8, 32))
+    x[:, :, 1] = rng.integers(-15, 16, (4, 8, 32))
+    x[1, :, 0], x[1, :, 1], w[1, 128:] = 12, 15, 0  # every unit positive: the int8 sums at +96 and +120
+    x[2, :, 0], x[2, :, 1], w[2, 128:] = -12, -15, 0
+    x[3, :, 0], x[3, :, 1], w[3, 128:] = 12, 15, 255  # every unit negated
+    x = x.reshape(4, lut.TABLE_BYTES)
+    c = tvm.runtime.tensor(np.zeros((4, 16), np.int32))
+    lib["main"](tvm.runtime.tensor(w), tvm.runtime.tensor(x), c)
+    expected = np.zeros((4, 16), np.int64)
+    t = x.astype(np.int64)
+    for v, r, u in np.ndindex(4, 16, 16):
+        p, lane = divmod(u, 2)
+        idx = int(w[v, 32 * (p // 2) + 16 * lane + r]) >> 4 * (p % 2) & 15
+        negative = int(w[v, 128 + 16 * lane + r]) >> (7 - p) & 1
+        value = 31 * t[v, 64 * p + 16 * lane + idx] + t[v, 64 * p + 32 + 16 * lane + idx]
+        expected[v, r] += -value if negative else value
+    np.testing.assert_array_equal(c.numpy(), expected)
+
+
+def test_avx2_schedule_is_the_shuffle_lookup() -> None:
+    """The AVX2 form compiles to the hand-written kernel's instructions (vpshufb, vpsignb, vpmaddubsw), no
+    AVX-512 register and no workspace call."""
+    ls = lut.LutShape(256, 128, 128, isa="avx2")
+    sch = tvm.s_tir.Schedule(lut.workload(ls))
+    lut.schedule(sch, "tile", Knobs(8, 2, "tile"))
+    used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
+    assert used == {lut.lut_name("avx2")}
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx2"]))
+    assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
+    asm = lib.mod.inspect_source("asm")
+    assert all(op in asm for op in ("vpshufb", "vpsignb", "vpmaddubsw")) and "zmm" not in asm
 
 
 @needs_avx512
@@ -201,26 +303,25 @@ def test_formulation_is_checked() -> None:
 
     check_formulation("lut", "sherry", "avx512")
     check_formulation("plane", "tl2", "avx2")
-    with pytest.raises(ValueError, match="sherry kernel for avx512, not tl2 on avx512"):
+    check_formulation("lut", "sherry", "avx2")
+    with pytest.raises(ValueError, match="sherry kernel for avx512 and avx2, not tl2 on avx512"):
         check_formulation("lut", "tl2", "avx512")
-    with pytest.raises(ValueError, match="not sherry on avx2"):
-        check_formulation("lut", "sherry", "avx2")
     with pytest.raises(ValueError, match="unknown formulation"):
         check_formulation("decode", "sherry", "avx512")
 
 
-@pytest.fixture(scope="module")
-def lut_db(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """A fresh database holding one LUT kernel, sherry 1024x256 group 128 (4 K-chunks), from a real 3-trial MetaSchedule
-    run, and its tuned.json entry, tuned once for the module's two slow tests."""
+@pytest.fixture(scope="module", params=ISAS)
+def lut_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A fresh database holding one LUT kernel of a target (avx512, avx2), sherry 1024x256 group 128 (4 and 2
+    K-chunks), from a real 3-trial MetaSchedule run, and its tuned.json entry, tuned once per target for the
+    module's two slow tests."""
     from tvm_schedules.tune import tune
 
     out = tmp_path_factory.mktemp("db")
-    [entry] = tune([(1024, 256, 128)], "avx512", 3, out, ("sherry",), formulation="lut")
+    [entry] = tune([(1024, 256, 128)], request.param, 3, out, ("sherry",), formulation="lut")
     return out, entry
 
 
-@needs_avx512
 @pytest.mark.slow
 def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     """A real MetaSchedule run of the LUT design space (3 trials) into a fresh database: tuned.json records
@@ -233,30 +334,30 @@ def test_a_tuned_lut_kernel_builds_and_matches_reference(lut_db: tuple) -> None:
     from tvm_schedules.tune import database
 
     out, entry = lut_db
+    isa = entry.isa
     assert entry.formulation == "lut" and entry.order in lut.ORDERS and entry.trials == 3
     assert entry.block_tiles is None  # no block function of its own was searched
     k, n = 1024, 256
     shape, packed = Shape("sherry", k, n, 128), packed_weight(k, n, 128)
-    funcs, tuned = tuned_functions(database(out / "avx512"), shape, "avx512", "avx512", "lut")
+    funcs, tuned = tuned_functions(database(out / isa), shape, isa, isa, "lut")
     assert tuned == TunedKernel(16 * entry.tiles, 16 * entry.tiles, BLOCK_M, lut.BLOCK_ROWS)
-    target = tvm.target.Target(TARGETS["avx512"])
+    target = tvm.target.Target(TARGETS[isa])
     for name, func in funcs.items():
         m = {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[name[-2:]]
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         x = np.random.default_rng(5).standard_normal((m, k), dtype=np.float32)
         expected = reference_matmul(x, packed, activations="int8")
         for superblocks in (1, 2):  # the op's count, chosen at run time: any divisor of the blocks
-            ws, scales = lut.activations(lut.LutShape(k, n, 128, superblocks), x)
+            ws, scales = lut.activations(lut.LutShape(k, n, 128, superblocks, isa), x)
             y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
-            args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed, superblocks))
+            args = (ws.reshape(m, -1, lut.TABLE_BYTES), scales, lut.weights(packed, superblocks, isa))
             lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
             np.testing.assert_array_equal(y.numpy(), expected)
     names = {0: tuple(funcs)}
     table = table_source([entry.__dict__], names, {0: tuned})
-    assert table.rstrip().split("\n")[-5].endswith('"avx512", 1},')  # TvmEntry.formulation = lut
+    assert table.rstrip().split("\n")[-5].endswith(f'"{isa}", 1}},')  # TvmEntry.formulation = lut
 
 
-@needs_avx512
 @pytest.mark.slow
 def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
     lut_db: tuple, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

@@ -161,7 +161,7 @@ def tuned_functions(
             )
     funcs = {}
     if formulation == "lut":
-        ls = lut.LutShape(shape.k, shape.n, shape.group_size, superblocks=None)  # the op's, at run time
+        ls = lut.LutShape(shape.k, shape.n, shape.group_size, superblocks=None, isa=isa)  # the op's, at run time
         m1 = lut.knobs_of(records["m1"].trace, ls)
         for bucket in ("m1", "mx", "mb"):
             sch = tvm.s_tir.Schedule(lut.workload(ls, {"m1": 1, "mx": BLOCK_M, "mb": lut.BLOCK_ROWS}[bucket]))

@@ -63,12 +63,9 @@ from tvm_schedules.layout import TILE, Shape, code_bytes, pad_groups
 
 LUT_FORMAT = "sherry"
 """The one format this formulation decodes: its pair records are sherry's 5-bit codes."""
-PAIR_COLS = 32
-"""Columns of a pair: two pieces of 4 sherry codes (16 columns each)."""
-PAIR_BYTES = 80
-"""Weight bytes of a pair of one tile: 64 index bytes and two 8-byte sign masks (1.25 bits per weight)."""
 TABLE_BYTES = 512
-"""Activation table bytes of a pair: per piece, xl tables (128) then xh tables (128)."""
+"""Activation table bytes of a pair (both ISAs): AVX-512, per piece the xl tables (128) then the xh tables
+(128); AVX2, per unit pair the U then the V tables of its two units (16 entries each)."""
 SCALE_BYTES = 2 * 16
 """The float16 scales of one tile and group."""
 MAX_UNROLL = 4
@@ -88,6 +85,26 @@ FORMULATIONS = ("plane", "lut")
 """The M = 1 kernel's formulations: weight planes (kernels.py) or activation lookup tables (here)."""
 
 
+@dataclass(frozen=True)
+class LutIsa:
+    """One ISA's pair record: the columns a lookup intrinsic covers for a tile of 16 rows, its weight bytes
+    (1.25 bits per weight) and the extents of the element-wise description's code and entry loops."""
+
+    pair_cols: int
+    pair_bytes: int
+    codes: int
+    entries: int
+
+
+LUT_ISAS = {
+    "avx512": LutIsa(pair_cols=32, pair_bytes=80, codes=4, entries=128),
+    "avx2": LutIsa(pair_cols=64, pair_bytes=160, codes=16, entries=16),
+}
+"""AVX-512: two pieces of 4 codes per row, a 128-entry ``vpermi2b`` table per piece and nibble half.
+AVX2: the hand-written AVX2 kernel's chunk of 16 units (blocks of 4 columns) for one 16-row half, a
+16-entry ``vpshufb`` table per unit and split (custom_ops/src/kernel_avx2.cc, ``lut_chunk``)."""
+
+
 def lut_name(isa: str = "avx512") -> str:
     return f"sherry_lut_pair_{isa}"
 
@@ -105,6 +122,16 @@ class LutShape:
     group_size: int
     superblocks: int | None = 1
     """Parallel steps of the weight stream (:func:`superblocks_for`); None: any (a symbolic extent)."""
+    isa: str = "avx512"
+    """The pair record's ISA (:data:`LUT_ISAS`)."""
+
+    @property
+    def pair_cols(self) -> int:
+        return LUT_ISAS[self.isa].pair_cols
+
+    @property
+    def pair_bytes(self) -> int:
+        return LUT_ISAS[self.isa].pair_bytes
 
     @property
     def shape(self) -> Shape:
@@ -116,11 +143,11 @@ class LutShape:
 
     @property
     def pairs_per_group(self) -> int:
-        return _ceil_div(self.group_size, PAIR_COLS)
+        return _ceil_div(self.group_size, self.pair_cols)
 
     @property
     def padded_group(self) -> int:
-        return self.pairs_per_group * PAIR_COLS
+        return self.pairs_per_group * self.pair_cols
 
     @property
     def pairs(self) -> int:
@@ -162,7 +189,7 @@ class LutShape:
     def group_bytes(self) -> int:
         """Weight bytes of one group of a block: its pair records, tile after tile per pair, then the
         tiles' float16 scales."""
-        return self.block_tiles * (self.pairs_per_group * PAIR_BYTES + SCALE_BYTES)
+        return self.block_tiles * (self.pairs_per_group * self.pair_bytes + SCALE_BYTES)
 
     @property
     def scale_offset(self) -> int:
@@ -178,13 +205,15 @@ class LutShape:
     def weight_bits(self) -> float:
         """Bits per weight of the codes in the weight stream (1.25 where the group size is a multiple of
         32; the float16 scales add 16 / group_size)."""
-        return 8 * self.tiles * self.pairs * PAIR_BYTES / (self.k * self.n)
+        return 8 * self.tiles * self.pairs * self.pair_bytes / (self.k * self.n)
 
     @property
     def key(self) -> str:
         return f"sherry_lut_k{self.k}_n{self.n}_g{self.group_size}"
 
     def supported(self) -> str:
+        if self.isa not in LUT_ISAS:
+            return f"the LUT kernel has no {self.isa} form (only {', '.join(LUT_ISAS)})"
         if self.n % TILE:
             return f"N={self.n} is not a multiple of {TILE}"
         if self.k % 4 or self.group_size % 4:
@@ -207,12 +236,37 @@ def superblocks_for(ls: LutShape, threads: int) -> int:
     return blocks // step
 
 
-def weights(packed: PackedWeight, superblocks: int = 1) -> np.ndarray:
+def _records_avx512(c: np.ndarray) -> np.ndarray:
+    """AVX-512 pair records of codes ``[..., r, 8]`` (row r, code 4·piece + j): byte ``4r + j`` the indices of
+    code j of pieces A (low nibble) and B (high nibble), then each piece's 64 sign bits (bit ``4r + j``)."""
+    c = c.reshape(*c.shape[:-2], TILE, 2, 4)
+    c = np.moveaxis(c, -2, -3).reshape(*c.shape[:-3], 2, 64)  # [..., piece, 4r + j]
+    records = np.empty((*c.shape[:-2], 80), np.uint8)
+    records[..., :64] = (c[..., 0, :] & 15) | (c[..., 1, :] & 15) << 4
+    signs = (c >> 4).astype(np.uint8)
+    records[..., 64:] = np.packbits(signs, axis=-1, bitorder="little").reshape(*records.shape[:-1], 16)
+    return records
+
+
+def _records_avx2(c: np.ndarray) -> np.ndarray:
+    """AVX2 pair records of codes ``[..., r, 16]`` (row r, unit u = 2P + L: unit pair P, lane L), the
+    hand-written AVX2 kernel's chunk for one 16-row half: 4 nibble vectors (byte ``32v + 16L + r``: the index
+    of unit pair 2v in the low nibble, of 2v + 1 in the high one), then the sign vector (byte ``16L + r``,
+    bit ``7 - P``)."""
+    c = np.moveaxis(c.reshape(*c.shape[:-2], TILE, 8, 2), -3, -1)  # [..., P, L, r]
+    records = np.empty((*c.shape[:-3], 160), np.uint8)
+    records[..., :128] = ((c[..., 0::2, :, :] & 15) | (c[..., 1::2, :, :] & 15) << 4).reshape(*c.shape[:-3], 128)
+    bits = (c >> 4).astype(np.uint8) << (7 - np.arange(8, dtype=np.uint8))[:, None, None]
+    records[..., 128:] = np.bitwise_or.reduce(bits, axis=-3).reshape(*c.shape[:-3], 32)
+    return records
+
+
+def weights(packed: PackedWeight, superblocks: int = 1, isa: str = "avx512") -> np.ndarray:
     """The weight stream, uint8 ``[superblocks, chunks, blocks per superblock, groups per chunk,
-    group_bytes]``: per block of ``block_tiles`` tiles and group, the pair records (80 bytes; pair after
+    group_bytes]``: per block of ``block_tiles`` tiles and group, the pair records (``isa``'s; pair after
     pair, the block's tiles one after the other), then the tiles' float16 scales (16 each, as stored:
     the kernel widens them exactly); blocks ordered superblock, K-chunk, block (the module's top)."""
-    ls = LutShape(packed.k, packed.n, packed.group_size, superblocks)
+    ls = LutShape(packed.k, packed.n, packed.group_size, superblocks, isa)
     if packed.format != LUT_FORMAT:
         raise ValueError(f"the LUT kernel takes {LUT_FORMAT} weights, not {packed.format}")
     if problem := ls.supported():
@@ -222,12 +276,9 @@ def weights(packed: PackedWeight, superblocks: int = 1) -> np.ndarray:
     cols = ls.groups * ls.padded_group
     codes = code_bytes(Shape(LUT_FORMAT, cols, TILE, cols), values)
     B, PG = ls.block_tiles, ls.pairs_per_group
-    c = codes.reshape(ls.blocks, B, TILE, ls.groups, PG, 2, 4)  # [b, tile, r, g, pair, piece, j]
-    c = c.transpose(0, 3, 4, 1, 5, 2, 6).reshape(ls.blocks, ls.groups, PG, B, 2, 64)  # byte i = 4r + j
-    records = np.zeros((ls.blocks, ls.groups, PG, B, PAIR_BYTES), np.uint8)
-    records[..., :64] = (c[..., 0, :] & 15) | (c[..., 1, :] & 15) << 4
-    signs = (c >> 4).astype(np.uint8)
-    records[..., 64:] = np.packbits(signs, axis=-1, bitorder="little").reshape(*records.shape[:-1], 16)
+    c = codes.reshape(ls.blocks, B, TILE, ls.groups, PG, ls.pair_cols // 4)  # [b, tile, r, g, pair, code]
+    c = c.transpose(0, 3, 4, 1, 2, 5)  # [b, g, pair, tile, r, code]
+    records = _records_avx2(c) if isa == "avx2" else _records_avx512(c)
     alpha = packed.scales.astype(np.float16).reshape(ls.blocks, B, TILE, ls.groups).transpose(0, 3, 1, 2)
     out = np.concatenate(
         [
@@ -241,14 +292,29 @@ def weights(packed: PackedWeight, superblocks: int = 1) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3, 4))
 
 
+SPLIT, SPLIT_RECIP = 31, 1057
+"""The AVX2 tables' exact split S = 31·U + V of a unit's sum (|S| <= 384): U = round(S / 31) through
+``vpmulhrsw`` by 1057 = round(32768 / 31), so |U| <= 12 and |V| <= 15 (kernel_avx2.cc)."""
+
+
 def tables(ls: LutShape, xq: np.ndarray) -> np.ndarray:
-    """The activation tables ``[M, pairs, 512]`` (int8) of quantized activations ``xq [M, K]``: per pair
-    and piece (16 columns), for xl = xq & 15 and xh = xq >> 4, 128 entries ``sign << 6 | j << 4 | idx``
-    = ±Σ_p lanes(idx)[p] · x[4j + p], the positive sums then their negations."""
+    """The activation tables ``[M, pairs, 512]`` (int8) of quantized activations ``xq [M, K]``.
+
+    AVX-512: per pair and piece (16 columns), for xl = xq & 15 and xh = xq >> 4, 128 entries
+    ``sign << 6 | j << 4 | idx`` = ±Σ_p lanes(idx)[p] · x[4j + p], the positive sums then their negations.
+    AVX2 (the hand-written kernel's build_lut): per unit pair P (units 2P, 2P + 1 of 4 columns each),
+    the U tables of its two units (16 entries ``idx`` each) then their V tables, S = Σ_p lanes(idx)[p] ·
+    x[p] = 31·U + V (:data:`SPLIT`)."""
     m = xq.shape[0]
     x = pad_groups(xq, ls.k, ls.group_size, ls.padded_group).astype(np.int32)
-    x = x.reshape(m, ls.pairs, 2, 4, 4)  # [m, pair, piece, j, p]
     lanes = SHERRY_DECODE[:16].astype(np.int32)  # [idx, p]
+    if ls.isa == "avx2":
+        s = np.einsum("mqup,ip->mqui", x.reshape(m, ls.pairs, 16, 4), lanes)  # [m, pair, unit, idx]
+        u = (s * SPLIT_RECIP + (1 << 14)) >> 15
+        split = np.stack([u, s - SPLIT * u], axis=2)  # [m, pair, U/V, unit, idx]
+        split = split.reshape(m, ls.pairs, 2, 8, 2, 16).transpose(0, 1, 3, 2, 4, 5)  # [m, pair, P, U/V, L, idx]
+        return split.astype(np.int8).reshape(m, ls.pairs, TABLE_BYTES)
+    x = x.reshape(m, ls.pairs, 2, 4, 4)  # [m, pair, piece, j, p]
     out = np.empty((m, ls.pairs, 2, 2, 2, 4, 16), np.int32)  # [m, pair, piece, half, sign, j, idx]
     for half, part in enumerate((x & 15, x >> 4)):
         pos = np.einsum("mqcjp,ip->mqcji", part, lanes)
@@ -324,6 +390,8 @@ def lut_term(
 
 
 def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    PAIR_BYTES = LUT_ISAS["avx512"].pair_bytes
+
     @T.prim_func(s_tir=True)
     def desc(
         W: T.Buffer((PAIR_BYTES,), "uint8", offset_factor=1),
@@ -381,6 +449,124 @@ def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     return desc, impl
 
 
+def lut_term_avx2(
+    w: tirx.Buffer,
+    wi: list,
+    x: tirx.Buffer,
+    xi: list,
+    r: tirx.PrimExpr,
+    u: tirx.PrimExpr,
+    e: tirx.PrimExpr,
+    w0: tirx.PrimExpr = 0,
+) -> tirx.PrimExpr:
+    """Entry ``e`` of unit u's contribution to row r of an AVX2 pair record (:func:`_records_avx2`), as
+    :func:`lut_term`: where the unit's index is ``e``, ±(31·U + V) of its tables, negated where its sign
+    bit is set; summed over the 16 units and entries, the row's exact dot with the pair's 64 columns."""
+    pair, lane = tirx.floordiv(u, 2), tirx.floormod(u, 2)
+
+    def xb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.Cast("int32", x[(*xi, offset)])
+
+    nib = w[(*wi, w0 + tirx.floordiv(pair, 2) * 32 + lane * 16 + r)]
+    code = (nib >> tirx.Cast("uint8", tirx.floormod(pair, 2) * 4)) & tirx.const(15, "uint8")
+    sign = (w[(*wi, w0 + 128 + lane * 16 + r)] >> tirx.Cast("uint8", 7 - pair)) & tirx.const(1, "uint8")
+    table = pair * 64 + lane * 16 + e
+    value = xb(table) * tirx.const(SPLIT, "int32") + xb(table + 32)
+    signed = tirx.Select(sign == tirx.const(1, "uint8"), -value, value)
+    return tirx.Select(tirx.Cast("int32", code) == e, signed, tirx.const(0, "int32"))
+
+
+def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """The AVX2 lookup of one pair record (16 units x 16 rows), the hand-written ``lut_chunk`` for one half:
+    per unit pair P, its index nibbles, one ``vpshufb`` each into its U and V tables (the pair's two units
+    in the two 128-bit lanes), ``vpsignb`` by the sign vector doubled P times (sign in bit 7, a guard bit
+    below keeps the operand non-zero), int8 sums of the 8 units of a lane (|U| <= 96, |V| <= 120); then
+    ``vpmaddubsw`` by (1, 31) widens V + 31·U per row and lane to int16, the two lanes (even and odd units)
+    are added and the 16 row sums widened into C."""
+    TB, PB = TABLE_BYTES, LUT_ISAS["avx2"].pair_bytes
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        W: T.Buffer((PB,), "uint8", offset_factor=1),
+        X: T.Buffer((TB,), "int8", offset_factor=1),
+        C: T.Buffer((TILE,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:TILE], W[0:PB], X[0:TB])
+            T.writes(C[0:TILE])
+            for r, u, e in T.grid(TILE, 16, 16):
+                with T.sblock("lut"):
+                    vr, vu, ve = T.axis.remap("SRR", [r, u, e])
+                    T.reads(C[vr], W[0:PB], X[0:TB])
+                    T.writes(C[vr])
+                    C[vr] = C[vr] + lut_term_avx2(W, [], X, [], vr, vu, ve)
+
+    def bcast(value: int, dtype: str = "uint8", lanes: int = 32) -> tirx.PrimExpr:
+        return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+    def i8(v: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.reinterpret("int8x32", v)
+
+    def intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.call_llvm_pure_intrin(dtype, f"llvm.x86.avx2.{name}", *args)
+
+    def value(acc: tirx.PrimExpr, w: tirx.Buffer, x: tirx.Buffer) -> tirx.PrimExpr:
+        # sign operands: d_P = (signs | 1) << P by doubling (a byte add each) for P < 7; pair 7's sign is bit
+        # 0, which the guard occupies: the signs shifted by 7 as words (bit 0 of each byte to its bit 7), or 1
+        signs = tirx.Var("signs", "uint8x32")
+        doubled = [tirx.Var(f"d{p}", "uint8x32") for p in range(7)]
+        nibbles = [tirx.Var(f"n{v}", "uint8x32") for v in range(4)]
+        last = tirx.reinterpret("uint8x32", tirx.reinterpret("uint16x16", signs) << bcast(7, "uint16", 16)) | bcast(1)
+        sums = {"u": None, "v": None}
+        for pair in range(8):
+            n = nibbles[pair // 2]
+            idx = n & bcast(15) if pair % 2 == 0 else (n >> bcast(4)) & bcast(15)
+            sign = last if pair == 7 else doubled[pair]
+            for kind, offset in (("u", 0), ("v", 32)):
+                table = x.vload([64 * pair + offset], "int8x32")
+                term = intrin("int8x32", "psign.b", intrin("int8x32", "pshuf.b", table, i8(idx)), i8(sign))
+                sums[kind] = term if sums[kind] is None else sums[kind] + term
+        combine = tirx.reinterpret("int8x32", bcast(SPLIT << 8 | 1, "int16", 16))
+
+        def shuffle(vectors: list, picks: list[int]) -> tirx.PrimExpr:
+            return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in picks])
+
+        def widen(half: int) -> tirx.PrimExpr:  # rows 8·half.. of both lanes, V + 31·U as int16 (vpunpck*bw)
+            rows = [16 * lane + b for lane in (0, 1) for b in range(8 * half, 8 * half + 8)]
+            interleaved = shuffle([sums["v"], sums["u"]], [i for row in rows for i in (row, 32 + row)])
+            return intrin("int16x16", "pmadd.ub.sw", combine, interleaved)
+
+        lo, hi = widen(0), widen(1)
+
+        def lane_of(lane: int) -> tirx.PrimExpr:  # rows 0-15 of the even (odd) units (vperm2i128)
+            return shuffle([lo, hi], [h + 8 * lane + i for h in (0, 16) for i in range(8)])
+
+        body = acc + tirx.Cast("int32x16", lane_of(0) + lane_of(1))
+        for p in reversed(range(1, 7)):
+            body = tirx.Let(doubled[p], doubled[p - 1] + doubled[p - 1], body)
+        body = tirx.Let(signs, w.vload([128], "uint8x32"), tirx.Let(doubled[0], signs | bcast(1), body))
+        for v in reversed(range(4)):
+            body = tirx.Let(nibbles[v], w.vload([32 * v], "uint8x32"), body)
+        return body
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        W: T.Buffer((PB,), "uint8", offset_factor=1),
+        X: T.Buffer((TB,), "int8", offset_factor=1),
+        C: T.Buffer((TILE,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:TILE], W[0:PB], X[0:TB])
+            T.writes(C[0:TILE])
+            C[0:TILE] = value(C.vload([0], "int32x16"), W, X)
+
+    return desc, impl
+
+
+LUT_TERMS = {"avx512": lut_term, "avx2": lut_term_avx2}
+"""The element-wise lookup of each ISA's pair record, as the workload and the intrinsic describe it."""
+
+
 def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     """The unscheduled LUT kernel for ``m`` rows of A (AVX-512): sblocks ``lut`` (the exact int32
     ``acc[m, step, block, tile, chunk, group, row]``, reduced over the pairs of a group, their codes j
@@ -395,8 +581,9 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     third extents symbolic) and ``Y [M, N]``."""
     if problem := ls.supported():
         raise ValueError(problem)
-    PG, N, B = ls.pairs_per_group, ls.n, ls.block_tiles
-    C, CG, GB, SO = ls.chunks, ls.chunk_groups, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PAIR_BYTES
+    PG, N, B, PB = ls.pairs_per_group, ls.n, ls.block_tiles, ls.pair_bytes
+    C, CG, GB, SO = ls.chunks, ls.chunk_groups, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PB
+    CODES, ENTRIES_, term = LUT_ISAS[ls.isa].codes, LUT_ISAS[ls.isa].entries, LUT_TERMS[ls.isa]
     if ls.superblocks is None:
         steps, step_blocks = tirx.Var("superblocks", "int32"), tirx.Var("step_blocks", "int32")
     else:
@@ -423,13 +610,13 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 "global_symbol": "main",
                 "tirx.noalias": True,
                 "estimated_flops": 2 * ls.k * N,
-                ISA_KEY: "avx512",
+                ISA_KEY: ls.isa,
                 FORMAT_KEY: LUT_FORMAT,
             }
         )
         # indexed by loop variables only: compute-at cannot solve a region through a sum of them
         acc = T.sblock_alloc_buffer((m, steps, step_blocks, B, C, CG, TILE), "int32")
-        for s, c, b, tb, mm, gi, q, r, j, e in T.grid(steps, C, step_blocks, B, m, CG, PG, TILE, 4, ENTRIES):
+        for s, c, b, tb, mm, gi, q, r, j, e in T.grid(steps, C, step_blocks, B, m, CG, PG, TILE, CODES, ENTRIES_):
             with T.sblock("lut"):
                 vs, vc, vb, vtb, vm, vgi, vq, vr, vj, ve = T.axis.remap(
                     "SSSSSSRSRR", [s, c, b, tb, mm, gi, q, r, j, e]
@@ -437,14 +624,14 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 # whole records and tables (the inferred regions differ in form from the intrinsic's)
                 T.reads(
                     acc[vm, vs, vb, vtb, vc, vgi, vr],
-                    W[vs, vc, vb, vgi, (vq * B + vtb) * PAIR_BYTES : (vq * B + vtb) * PAIR_BYTES + PAIR_BYTES],
+                    W[vs, vc, vb, vgi, (vq * B + vtb) * PB : (vq * B + vtb) * PB + PB],
                     X[vm, (vc * CG + vgi) * PG + vq, 0:TABLE_BYTES],
                 )
                 T.writes(acc[vm, vs, vb, vtb, vc, vgi, vr])
                 with T.init():
                     acc[vm, vs, vb, vtb, vc, vgi, vr] = 0
-                acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + lut_term(
-                    W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PAIR_BYTES
+                acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + term(
+                    W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PB
                 )
         for s, c, b, tb, mm, gi, h in T.grid(steps, C, step_blocks, B, m, CG, 1):
             with T.sblock("group"):
@@ -518,7 +705,7 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
         sch.unroll(loop)
     sch.vectorize(init_lanes)
     sch.decompose_reduction(group, c)  # Y = 0 over the superblock's rows, before its first chunk
-    sch.tensorize(sch.get_loops(lut)[-3], lut_name("avx512"))
+    sch.tensorize(sch.get_loops(lut)[-3], lut_name(str(sch.mod["main"].attrs[ISA_KEY])))
 
 
 def design_space(sch: Schedule) -> list[Schedule]:
@@ -550,8 +737,9 @@ def scheduled_module(ls: LutShape, knobs: Knobs, m: int = 1, name: str = "main")
 
 
 def register() -> None:
-    if TensorIntrin.get(lut_name("avx512"), allow_missing=True) is None:
-        TensorIntrin.register(lut_name("avx512"), *_lut_avx512())
+    for isa, intrinsic in (("avx512", _lut_avx512), ("avx2", _lut_avx2)):
+        if TensorIntrin.get(lut_name(isa), allow_missing=True) is None:
+            TensorIntrin.register(lut_name(isa), *intrinsic())
 
 
 register()

@@ -49,7 +49,7 @@ from sherry_export.verify import MAX_POSITIONS_KEY, verify_model_files
 from tvm_schedules import lut
 from tvm_schedules.kernels import Knobs, knob_space, prim_func, tile_choices, unroll_choices
 from tvm_schedules.layout import CODES_PER_QUAD, TILE, Shape, repack
-from tvm_schedules.lut import LUT_FORMAT, PAIR_COLS, TABLE_BYTES, LutShape
+from tvm_schedules.lut import LUT_FORMAT, TABLE_BYTES, LutShape
 
 Converter = Callable[[relax.BlockBuilder, Sequence[Any], dict[str, Any], Any], Any]
 KnobChoice = Callable[..., Knobs]
@@ -75,8 +75,8 @@ def formulation_for(shape: Shape, m: int | None, isa: str | None = None) -> str:
     """The kernel a Relax call of ``m`` rows (None: any) of ``shape`` compiles: ``lut`` for sherry's M = 1
     calls (the decode module) on AVX-512, whose 1.25-bit pair records and activation tables read 1.6x
     fewer weight bytes than the plane kernel's byte per code (at the 1B shape a decode step is a read of
-    the weights); ``plane`` for everything else (the LUT kernel has no AVX2 form, no other format, and
-    no dynamic-M function)."""
+    the weights); ``plane`` for everything else (the Relax path builds only the AVX-512 LUT kernel's
+    tables, and the LUT kernel has no other format and no dynamic-M function)."""
     from tvm_schedules.tune import host_isa
 
     lut_ok = shape.format == LUT_FORMAT and not LutShape(shape.k, shape.n, shape.group_size).supported()
@@ -228,11 +228,11 @@ def lut_activations_te(x: te.Tensor, lanes: te.Tensor, ls: LutShape) -> tuple[te
     (``SHERRY_DECODE[:16]`` transposed), so the innermost loop, over the 16 indices, reads it in order."""
     rows = x.shape[0]
     amax, qv = quantized_groups_te(x, ls.k, ls.group_size, ls.padded_group)
-    pairs, per_group = ls.pairs, ls.pairs_per_group
+    pairs, per_group, cols = ls.pairs, ls.pairs_per_group, ls.pair_cols  # AVX-512 records: the Relax path's
 
     def entry(m: Any, slot: Any, piece: Any, half: Any, sign: Any, j: Any, idx: Any) -> tirx.PrimExpr:
         pair = tirx.min(slot, pairs - 1)  # Select reads both branches: keep the pair in bounds
-        base = pair % per_group * PAIR_COLS + piece * (PAIR_COLS // 2) + 4 * j
+        base = pair % per_group * cols + piece * (cols // 2) + 4 * j
 
         def nibbles(p: int) -> tirx.PrimExpr:  # xl = xq & 15 or xh = xq >> 4 (arithmetic), as lut.tables
             v = qv[m, pair // per_group, base + p].astype("int32")

@@ -302,7 +302,7 @@ def entry_functions(e: dict) -> dict[str, tuple[str, Any]]:
     formulation = e.get("formulation", "plane")
     words = f"{formulation} {knobs.tiles}x{knobs.unroll} {knobs.order}"
     if formulation == "lut":
-        return {"m1": (words, lut.prim_func(lut.LutShape(shape.k, shape.n, shape.group_size), knobs))}
+        return {"m1": (words, lut.prim_func(lut.LutShape(shape.k, shape.n, shape.group_size, isa=e["isa"]), knobs))}
     functions = {"m1": (words, kernels.prim_func(shape, 1, knobs, e["isa"]))}
     if e.get("block_tiles") is not None:
         block = kernels.Knobs(e["block_tiles"], e["block_unroll"], e["block_order"], e["block_rows"])
@@ -391,21 +391,22 @@ def workload_module(shape: Shape, isa: str, block: bool = False, formulation: st
             raise ValueError("the lut formulation has no block function of its own to tune")
         from tvm_schedules import lut
 
-        return tvm.IRModule({"main": lut.workload(lut.LutShape(shape.k, shape.n, shape.group_size))})
+        return tvm.IRModule({"main": lut.workload(lut.LutShape(shape.k, shape.n, shape.group_size, isa=isa))})
     from tvm_schedules.kernels import BLOCK_M, workload
 
     return tvm.IRModule({"main": workload(shape, BLOCK_M if block else 1, isa)})
 
 
 def check_formulation(formulation: str, fmt: str, isa: str) -> None:
-    """A ValueError unless ``formulation`` exists for ``fmt`` on ``isa`` (the LUT kernel: sherry, AVX-512)."""
-    from tvm_schedules.lut import FORMULATIONS, LUT_FORMAT
+    """A ValueError unless ``formulation`` exists for ``fmt`` on ``isa`` (the LUT kernel: sherry, on the ISAs
+    of ``lut.LUT_ISAS``)."""
+    from tvm_schedules.lut import FORMULATIONS, LUT_FORMAT, LUT_ISAS
 
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose {', '.join(FORMULATIONS)}")
-    if formulation == "lut" and (fmt != LUT_FORMAT or isa != "avx512"):
+    if formulation == "lut" and (fmt != LUT_FORMAT or isa not in LUT_ISAS):
         raise ValueError(
-            f"the lut formulation is a {LUT_FORMAT} kernel for avx512, not {fmt} on {isa}: "
+            f"the lut formulation is a {LUT_FORMAT} kernel for {' and '.join(LUT_ISAS)}, not {fmt} on {isa}: "
             "tune other formats and targets with --formulation plane"
         )
 
@@ -573,7 +574,7 @@ def tune(
     records to ``out_dir/<target>/``'s JSON database, writes the summary ``tuned.json`` and returns its
     entries. ``log_dir``: keep MetaSchedule's logs (the cost model's training included) in
     ``log_dir/<target>/<kernel>[-block]/logs/`` instead of a temporary folder. ``formulation``: the
-    M = 1 kernel tuned (``lut``: sherry on avx512 only, which has no block function of its own to
+    M = 1 kernel tuned (``lut``: sherry, avx512 or avx2, which has no block function of its own to
     search); an entry of the other formulation for the same kernel is replaced."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # time one thread, like the hand-written kernel
     import tvm
@@ -590,7 +591,7 @@ def tune(
 
     def knob_space(shape: Shape) -> list:
         if formulation == "lut":
-            return lut.knob_space(lut.LutShape(shape.k, shape.n, shape.group_size))
+            return lut.knob_space(lut.LutShape(shape.k, shape.n, shape.group_size, isa=isa))
         return kernels.knob_space(shape)
 
     target = tvm.target.Target(config)
@@ -639,7 +640,7 @@ def tune(
             print(f"  {shape.key}: no candidate built and ran")
             continue
         if formulation == "lut":
-            knobs = lut.knobs_of(best.trace, lut.LutShape(shape.k, shape.n, shape.group_size))
+            knobs = lut.knobs_of(best.trace, lut.LutShape(shape.k, shape.n, shape.group_size, isa=isa))
         else:
             knobs = knobs_of(best.trace)
         tvm_us = statistics.mean(float(t) for t in best.run_secs) * 1e6

@@ -184,6 +184,13 @@ std::unique_ptr<MatMulKernel> make_avx512_kernel(const PackedWeights& w, std::st
 // pieces are written, those past the group all zero. *scale: the group's activation scale. The TVM
 // LUT kernel (kernel_tvm.cc) reads the same tables. Needs AVX-512 (BW).
 void sherry_group_tables_avx512(const float* x, int64_t length, int64_t pieces, uint8_t* out, float* scale);
+// The sherry activation lookup tables of the AVX2 kernel (kernel_avx2.cc build_lut) for one scale group of
+// `length` activations `x`, quantized with the shared numerics, for `units` (even, at least
+// ceil(length / 4)) blocks of 4 columns: 32 bytes per unit at `out`, per unit pair the U tables of its
+// two units, then their V tables, S[idx] = Σ_p lanes(idx)[p] · xq[4u + p] = 31·U + V; units past the
+// group have zero activations. *scale: the group's activation scale. The TVM LUT kernel's AVX2 form
+// (kernel_tvm.cc) reads these tables. Needs AVX2.
+void sherry_group_tables_avx2(const float* x, int64_t length, int64_t units, uint8_t* out, float* scale);
 // The int8 format's SIMD kernels (kernel_int8_avx2.cc, kernel_int8_avx512.cc); make_avx512_kernel and
 // make_avx2_path_kernel hand int8 weights to them.
 std::unique_ptr<MatMulKernel> make_int8_avx2_kernel(const PackedWeights& w, std::string* declined);

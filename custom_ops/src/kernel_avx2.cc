@@ -317,6 +317,63 @@ inline void lut_rows_chunk_of(int64_t units, const uint8_t* w, const uint8_t* co
   }
 }
 
+// The canonical pattern of a 4-bit index (sign bit clear) as int8 lanes; tl2 indices 14 and 15 are
+// never stored (rejected at repack) and get all-zero patterns.
+std::array<int8_t, 4> canonical_pattern(Format f, int index) {
+  std::array<int8_t, 4> lanes{};
+  if (f == Format::kSherry) {
+    sherry_lanes(static_cast<uint8_t>(index), lanes.data());
+  } else if (index <= 13) {
+    tl2_lanes(static_cast<uint8_t>(index), lanes.data());
+    lanes[3] = 0;
+  }
+  return lanes;
+}
+
+// The psignb patterns of build_lut for a format's 16 indices: its hadd puts entry e of the result at
+// position e when pattern dword d of table 0 holds entry d (d < 4) or 8 + d - 4, and of table 1 entry
+// 4 + d or 12 + d - 4.
+struct LutPatterns {
+  __m256i table[2];
+};
+
+LutPatterns lut_patterns(Format f) {
+  alignas(32) int8_t pattern[2][32];
+  for (int t = 0; t < 2; ++t)
+    for (int d = 0; d < 8; ++d) {
+      const int entry = (d < 4 ? d : d + 4) + 4 * t;
+      const std::array<int8_t, 4> lanes = canonical_pattern(f, entry);
+      for (int p = 0; p < 4; ++p) pattern[t][4 * d + p] = lanes[p];
+    }
+  return LutPatterns{{load256(pattern[0]), load256(pattern[1])}};
+}
+
+// Per unit: 16 table entries S[e] = pattern[e] . x, split as S = 31*U + V. One broadcast dword of
+// activations, psignb with the patterns of 8 entries each, maddubs and hadd give S for all 16
+// entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero). Per unit pair
+// (`units` is even: every group holds whole pairs), 64 bytes: U of the even unit | U of the odd
+// unit, then V likewise, so that one 32-byte load holds a pair's table for the two lanes of lut_pair.
+// Unit u's activations are the dword at xq + u * unit_lanes. Each pair reads its activations before
+// it writes its 64 bytes, so xq may lie in the last 4 * units bytes of lut (sherry_group_tables_avx2).
+void build_lut(const int8_t* xq, int64_t units, int64_t unit_lanes, const LutPatterns& patterns, uint8_t* lut) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  const __m256i recip = _mm256_set1_epi16(kLutSplitRecip), split = _mm256_set1_epi16(kLutSplit);
+  const auto table = [&](int64_t u, __m256i& hi, __m256i& lo) {
+    const __m256i x = broadcast32(xq + u * unit_lanes);
+    const __m256i s = _mm256_hadd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, patterns.table[0])),
+                                        _mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, patterns.table[1])));
+    hi = _mm256_mulhrs_epi16(s, recip);
+    lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
+  };
+  for (int64_t u = 0; u < units; u += 2) {
+    __m256i hi0, lo0, hi1, lo1;
+    table(u, hi0, lo0);
+    table(u + 1, hi1, lo1);
+    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi0, hi1), 0xD8));
+    store256(lut + 32 * u + 32, _mm256_permute4x64_epi64(_mm256_packs_epi16(lo0, lo1), 0xD8));
+  }
+}
+
 class Avx2Kernel final : public MatMulKernel {
  public:
   explicit Avx2Kernel(const PackedWeights& w);
@@ -347,7 +404,6 @@ class Avx2Kernel final : public MatMulKernel {
 
   void repack_lut(const PackedWeights& w);
   void repack_i2s(const PackedWeights& w);
-  void build_lut(const int8_t* xq, uint8_t* lut) const;
 
   // One GEMV tile, one GEMM group decode: the lookup-table formats or i2s, by prefetcher type.
   // R rows of A (prepared rows ws[r], outputs out[r]) times one tile, by the lookup tables.
@@ -379,24 +435,11 @@ class Avx2Kernel final : public MatMulKernel {
   // psignb patterns that turn one broadcast dword of 4 activations into the 16 table sums (see
   // build_lut), and the byte tables index -> the 4 lanes' w+1 as 2-bit fields (lane p at bit 2p),
   // for the positive and the negative sign.
-  __m256i lut_pattern_[2];
+  LutPatterns lut_pattern_{};
   std::array<uint8_t, 16> decode_pos_{}, decode_neg_{};
 
   WeightBuffer weights_;  // on huge pages: a cold GEMV streams it
 };
-
-// The canonical pattern of a 4-bit index (sign bit clear) as int8 lanes; tl2 indices 14 and 15 are
-// never stored (rejected at repack) and get all-zero patterns.
-std::array<int8_t, 4> canonical_pattern(Format f, int index) {
-  std::array<int8_t, 4> lanes{};
-  if (f == Format::kSherry) {
-    sherry_lanes(static_cast<uint8_t>(index), lanes.data());
-  } else if (index <= 13) {
-    tl2_lanes(static_cast<uint8_t>(index), lanes.data());
-    lanes[3] = 0;
-  }
-  return lanes;
-}
 
 Avx2Kernel::Avx2Kernel(const PackedWeights& w)
     : format_(w.format),
@@ -453,17 +496,7 @@ Avx2Kernel::Avx2Kernel(const PackedWeights& w)
   }
 
   if (lut_format()) {
-    // build_lut's hadd puts entry e of the result at position e when pattern dword d of table 0
-    // holds entry d (d < 4) or 8 + d - 4, and of table 1 entry 4 + d or 12 + d - 4.
-    alignas(32) int8_t pattern[2][32];
-    for (int t = 0; t < 2; ++t)
-      for (int d = 0; d < 8; ++d) {
-        const int entry = (d < 4 ? d : d + 4) + 4 * t;
-        const std::array<int8_t, 4> lanes = canonical_pattern(format_, entry);
-        for (int p = 0; p < 4; ++p) pattern[t][4 * d + p] = lanes[p];
-      }
-    lut_pattern_[0] = load256(pattern[0]);
-    lut_pattern_[1] = load256(pattern[1]);
+    lut_pattern_ = lut_patterns(format_);
     for (int index = 0; index < 16; ++index) {
       const std::array<int8_t, 4> lanes = canonical_pattern(format_, index);
       for (int p = 0; p < 4; ++p) {
@@ -614,31 +647,7 @@ void Avx2Kernel::prepare_row_for(const float* a_row, int64_t call_rows, uint8_t*
   std::memset(xq + lanes_, 0, xsum_offset_ - static_cast<size_t>(lanes_));
   const int32_t tables = lut_format() && gemv_for(call_rows);
   std::memcpy(ws + flag_offset_, &tables, sizeof tables);
-  if (tables) build_lut(xq, ws + lut_offset_);
-}
-
-// Per unit: 16 table entries S[e] = pattern[e] . x, split as S = 31*U + V. One broadcast dword of
-// activations, psignb with the patterns of 8 entries each, maddubs and hadd give S for all 16
-// entries (a tl2 triple ignores its 4th byte: every pattern's lane 3 is zero). Per unit pair
-// (units_total_ is even: every group holds whole pairs), 64 bytes: U of the even unit | U of the odd
-// unit, then V likewise, so that one 32-byte load holds a pair's table for the two lanes of lut_pair.
-void Avx2Kernel::build_lut(const int8_t* xq, uint8_t* lut) const {
-  const __m256i ones = _mm256_set1_epi8(1);
-  const __m256i recip = _mm256_set1_epi16(kLutSplitRecip), split = _mm256_set1_epi16(kLutSplit);
-  const auto table = [&](int64_t u, __m256i& hi, __m256i& lo) {
-    const __m256i x = broadcast32(xq + u * unit_lanes_);
-    const __m256i s = _mm256_hadd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[0])),
-                                        _mm256_maddubs_epi16(ones, _mm256_sign_epi8(x, lut_pattern_[1])));
-    hi = _mm256_mulhrs_epi16(s, recip);
-    lo = _mm256_sub_epi16(s, _mm256_mullo_epi16(hi, split));
-  };
-  for (int64_t u = 0; u < units_total_; u += 2) {
-    __m256i hi0, lo0, hi1, lo1;
-    table(u, hi0, lo0);
-    table(u + 1, hi1, lo1);
-    store256(lut + 32 * u, _mm256_permute4x64_epi64(_mm256_packs_epi16(hi0, hi1), 0xD8));
-    store256(lut + 32 * u + 32, _mm256_permute4x64_epi64(_mm256_packs_epi16(lo0, lo1), 0xD8));
-  }
+  if (tables) build_lut(xq, units_total_, unit_lanes_, lut_pattern_, ws + lut_offset_);
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------------
@@ -1042,6 +1051,16 @@ void Avx2Kernel::compute_with(Prefetch pf, const uint8_t* ws, int64_t m, int64_t
 
 float quantize_group_simd(const float* x, int64_t length, int8_t* xq, int32_t* sum) {
   return quantize_group_avx2(x, length, xq, sum);
+}
+
+void sherry_group_tables_avx2(const float* x, int64_t length, int64_t units, uint8_t* out, float* scale) {
+  static const LutPatterns patterns = lut_patterns(Format::kSherry);
+  // the activations in the tables' last 4 * units bytes, which build_lut overwrites only once read
+  auto* xq = reinterpret_cast<int8_t*>(out + 28 * units);
+  int32_t sum = 0;
+  *scale = quantize_group_avx2(x, length, xq, &sum);
+  std::memset(xq + length, 0, static_cast<size_t>(4 * units - length));  // padding units: zero activations
+  build_lut(xq, units, 4, patterns, out);
 }
 
 std::unique_ptr<MatMulKernel> make_avx2_kernel(const PackedWeights& w, std::string* declined) {

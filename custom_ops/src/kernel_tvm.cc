@@ -7,12 +7,13 @@
 // rows (byte 4r + j of a quad = code j of row r), scale groups padded to whole quads; activation rows
 // hold the int8 values from the shared quantize_group quad by quad in dword order (each group
 // padded), then the float32 group scales and the int32 group sums.
-// The sherry LUT formulation (tvm_schedules/lut.py) instead: weights as the AVX-512 kernel's 80-byte
-// pair records (1.25 bits per weight), blocks of up to 8 tiles interleaved with each group's float16
-// scales, ordered as the hand-written kernel's: superblocks (a parallel step each, as few as the
+// The sherry LUT formulation (tvm_schedules/lut.py) instead: weights as pair records of the hand-written
+// kernel of the entry's ISA (1.25 bits per weight; AVX-512: 80 bytes per 32 columns, AVX2: 160 bytes per
+// 64, one half of kernel_avx2.cc's chunk), blocks of up to 8 tiles interleaved with each group's float16
+// scales, ordered as the hand-written AVX-512 kernel's: superblocks (a parallel step each, as few as the
 // threads allow: lut_superblocks), K-chunks of about 4 KiB of tables, blocks, groups; activation rows
-// hold the pairs' lookup tables, built by the AVX-512
-// kernel's own table builder (sherry_group_tables_avx512), then the float32 group scales. Its block
+// hold the pairs' lookup tables, built by that hand-written kernel's own table builder
+// (sherry_group_tables_avx512 / _avx2), then the float32 group scales. Its block
 // functions (mx, mb) run the M = 1 loop nest per row (nothing is decoded to share), so compute() treats
 // both formulations alike.
 //
@@ -138,9 +139,11 @@ int64_t lut_superblocks(int64_t blocks, int64_t block_rows) {
   return blocks / (chosen ? chosen : largest_fit);
 }
 
-// The LUT formulation (lut.py LutShape): pairs of two pieces of 16 columns, 80 weight bytes per pair
-// and tile, 512 table bytes per pair and row of A.
-constexpr int64_t kPairCols = 32, kPairBytes = 80, kPairTableBytes = 512, kScaleBytes = 32;
+// The LUT formulation (lut.py LutShape, LUT_ISAS): 512 table bytes per pair and row of A; per pair and
+// tile, the AVX-512 records hold two pieces of 16 columns in 80 bytes, the AVX2 ones 16 units (64
+// columns) in 160 bytes.
+constexpr int64_t kPairTableBytes = 512, kScaleBytes = 32;
+constexpr int64_t kPairColsAvx512 = 32, kPairBytesAvx512 = 80, kPairColsAvx2 = 64, kPairBytesAvx2 = 160;
 
 struct TvmLayout {
   Format format;
@@ -148,21 +151,24 @@ struct TvmLayout {
   int64_t lanes_per_code, quads_per_group, codes_per_group, padded_group, quads, codes, lane_block;
   int64_t weight_row_bytes, scale_offset, row_bytes;  // weight bytes per row of N: codes, or the LUT stream
   int64_t block_lane_block;  // rows of a parallel step of the block functions (mx, mb)
-  bool lut = false;
+  bool lut = false, avx2_records = false;
   // lut only: superblocks (parallel steps) of step_blocks blocks, chunks of chunk_groups groups
-  int64_t pairs_per_group = 0, block_tiles = 0, group_bytes = 0, superblocks = 0, step_blocks = 0, chunks = 0,
-          chunk_groups = 0;
+  int64_t pair_bytes = 0, pairs_per_group = 0, block_tiles = 0, group_bytes = 0, superblocks = 0, step_blocks = 0,
+          chunks = 0, chunk_groups = 0;
 
-  TvmLayout(Format f, const Geometry& geometry, int64_t lb, int64_t block_lb, bool lut_formulation)
+  // `lut_isa`: the ISA of a LUT entry's pair records (KernelPath::kAVX2 or kAVX512), kScalar for a plane entry
+  TvmLayout(Format f, const Geometry& geometry, int64_t lb, int64_t block_lb, KernelPath lut_isa)
       : TvmLayout(f, geometry, lb) {
     block_lane_block = block_lb;
-    if (!lut_formulation) return;
+    if (lut_isa == KernelPath::kScalar) return;
     lut = true;
-    const int64_t tiles = g.n / kTvmTile;
-    pairs_per_group = ceil_div(g.group_size, kPairCols);
-    padded_group = pairs_per_group * kPairCols;
+    avx2_records = lut_isa == KernelPath::kAVX2;
+    const int64_t tiles = g.n / kTvmTile, pair_cols = avx2_records ? kPairColsAvx2 : kPairColsAvx512;
+    pair_bytes = avx2_records ? kPairBytesAvx2 : kPairBytesAvx512;
+    pairs_per_group = ceil_div(g.group_size, pair_cols);
+    padded_group = pairs_per_group * pair_cols;
     block_tiles = tiles % 8 == 0 ? 8 : tiles % 4 == 0 ? 4 : tiles % 2 == 0 ? 2 : 1;
-    group_bytes = block_tiles * (pairs_per_group * kPairBytes + kScaleBytes);
+    group_bytes = block_tiles * (pairs_per_group * pair_bytes + kScaleBytes);
     weight_row_bytes = g.groups() * group_bytes / block_tiles / kTvmTile;
     const int64_t most_groups = std::max<int64_t>(1, kLutChunkPairs / pairs_per_group);
     for (int64_t d = 1; d <= most_groups; ++d)
@@ -221,7 +227,8 @@ class TvmKernel final : public MatMulKernel {
  public:
   TvmKernel(const PackedWeights& w, const TvmEntry& entry)
       : entry_(entry),
-        layout_(w.format, w.geometry, entry.lane_block, entry.block_lane_block, entry.formulation == 1) {
+        layout_(w.format, w.geometry, entry.lane_block, entry.block_lane_block,
+                entry.formulation == 1 ? static_cast<KernelPath>(entry.isa) : KernelPath::kScalar) {
     const Geometry& g = w.geometry;
     const auto bad_step = [&](int64_t rows) {
       return rows <= 0 || rows > kMaxLaneBlock || rows % kTvmTile != 0 || g.n % rows != 0;
@@ -301,11 +308,16 @@ class TvmKernel final : public MatMulKernel {
   // quad is reordered through 16 bytes on the stack.
   void prepare_row(const float* a_row, uint8_t* ws) const override {
     const TvmLayout& L = layout_;
-    if (L.lut) {  // the AVX-512 kernel's own quantization and table builder, group by group
+    if (L.lut) {  // the hand-written kernel's own quantization and table builder of the ISA, group by group
       auto* scale = reinterpret_cast<float*>(ws + L.scale_offset);
-      for (int64_t g = 0; g < L.g.groups(); ++g)
-        sherry_group_tables_avx512(a_row + L.g.group_begin(g), L.g.group_length(g), 2 * L.pairs_per_group,
-                                   ws + g * L.pairs_per_group * kPairTableBytes, &scale[g]);
+      for (int64_t g = 0; g < L.g.groups(); ++g) {
+        const float* x = a_row + L.g.group_begin(g);
+        uint8_t* tables = ws + g * L.pairs_per_group * kPairTableBytes;
+        if (L.avx2_records)
+          sherry_group_tables_avx2(x, L.g.group_length(g), 16 * L.pairs_per_group, tables, &scale[g]);
+        else
+          sherry_group_tables_avx512(x, L.g.group_length(g), 2 * L.pairs_per_group, tables, &scale[g]);
+      }
       return;
     }
     auto* xq = reinterpret_cast<int8_t*>(ws);
@@ -388,8 +400,10 @@ class TvmKernel final : public MatMulKernel {
   }
 
   // Row r of tile `tile` into the LUT stream (lut.py weights: [superblock, chunk, block of the superblock,
-  // group of the chunk, group_bytes]): per group and pair, the pair record of the tile (index nibbles of
-  // pieces A | B << 4 at byte 4r + j, sign bits at 64 + 8 piece + i / 8), then the row's float16 scale.
+  // group of the chunk, group_bytes]): per group and pair, the pair record of the tile, then the row's
+  // float16 scale. AVX-512 records: index nibbles of pieces A | B << 4 at byte 4r + j, sign bits at
+  // 64 + 8 piece + i / 8; AVX2 records (unit u = 2P + L of 4 columns): the index of unit pair P in
+  // nibble P % 2 of byte 32 (P / 2) + 16 L + r, its sign in bit 7 - P of byte 128 + 16 L + r.
   // `padded`: the row's ternary values, groups padded to whole pairs.
   void put_lut_row(const int8_t* padded, int64_t tile, int64_t r, const uint16_t* scales) {
     const TvmLayout& L = layout_;
@@ -400,16 +414,28 @@ class TvmKernel final : public MatMulKernel {
       uint8_t* group =
           weights_.data() + (((step * L.chunks + c) * L.step_blocks + sb) * L.chunk_groups + cg) * L.group_bytes;
       for (int64_t q = 0; q < L.pairs_per_group; ++q) {
-        uint8_t* record = group + (q * bt + tb) * kPairBytes;
+        uint8_t* record = group + (q * bt + tb) * L.pair_bytes;
+        const int8_t* values = padded + gi * L.padded_group + q * (L.avx2_records ? kPairColsAvx2 : kPairColsAvx512);
+        if (L.avx2_records) {
+          for (int u = 0; u < 16; ++u) {
+            const uint8_t code = sherry_code(values + 4 * u);
+            const int pair = u / 2, lane = u % 2;
+            uint8_t& nibbles = record[32 * (pair / 2) + 16 * lane + r];
+            uint8_t& signs = record[128 + 16 * lane + r];
+            nibbles = static_cast<uint8_t>(nibbles | (code & 15) << (4 * (pair % 2)));
+            signs = static_cast<uint8_t>(signs | (code >> 4) << (7 - pair));
+          }
+          continue;
+        }
         for (int piece = 0; piece < 2; ++piece)
           for (int j = 0; j < 4; ++j) {
-            const uint8_t code = sherry_code(padded + gi * L.padded_group + q * kPairCols + 16 * piece + 4 * j);
+            const uint8_t code = sherry_code(values + 16 * piece + 4 * j);
             const int i = static_cast<int>(4 * r + j);
             record[i] = static_cast<uint8_t>(record[i] | (code & 15) << (4 * piece));
             record[64 + 8 * piece + i / 8] = static_cast<uint8_t>(record[64 + 8 * piece + i / 8] | (code >> 4) << (i % 8));
           }
       }
-      std::memcpy(group + bt * L.pairs_per_group * kPairBytes + tb * kScaleBytes + 2 * r, &scales[gi], 2);
+      std::memcpy(group + bt * L.pairs_per_group * L.pair_bytes + tb * kScaleBytes + 2 * r, &scales[gi], 2);
     }
   }
 
