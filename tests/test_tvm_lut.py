@@ -25,10 +25,10 @@ def packed_weight(k: int, n: int, gs: int, seed: int = 0) -> PackedWeight:
     return pack("sherry", sherry_ternarize(weight, gs), gs)
 
 
-def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray) -> np.ndarray:
+def run(ls: lut.LutShape, knobs: Knobs, x: np.ndarray, packed: PackedWeight | None = None) -> np.ndarray:
     lib = tvm.compile(lut.scheduled_module(ls, knobs, m=x.shape[0]), target=tvm.target.Target(TARGETS[ls.isa]))
     ws, scales = lut.activations(ls, x)
-    w = lut.weights(packed_weight(ls.k, ls.n, ls.group_size), isa=ls.isa)
+    w = lut.weights(packed or packed_weight(ls.k, ls.n, ls.group_size), isa=ls.isa)
     y = tvm.runtime.tensor(np.full((x.shape[0], ls.n), np.nan, np.float32))
     args = (ws.reshape(x.shape[0], -1, lut.TABLE_BYTES), scales, w)
     lib["main"](*(tvm.runtime.tensor(a) for a in args), y)
@@ -213,24 +213,41 @@ def test_lut_intrinsic_alone() -> None:
     np.testing.assert_array_equal(c.numpy(), expected)
 
 
+def test_avx2_int16_sums_hold_the_largest_group() -> None:
+    """The AVX2 form sums a row's lanes in int16 until its group ends: at the largest group it takes (640
+    columns, 10 pairs) a row whose every block is (1, 1, 1, 0) against activations at +127 and -127 reaches
+    30480 per lane, still exact; a larger group is declined with the reason."""
+    k, n = 1280, 16
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(n, k // 4)
+    weight[1::2] *= -1
+    packed = pack("sherry", sherry_ternarize(weight, 640), 640)
+    x = np.full((2, k), 3.0, np.float32)
+    x[1] *= -1
+    ls = lut.LutShape(k, n, 640, isa="avx2")
+    y = run(ls, Knobs(ls.block_tiles, 2, "tile"), x, packed)
+    np.testing.assert_array_equal(y, reference_matmul(x, packed, activations="int8"))
+    assert "up to 640 columns, not 768" in lut.LutShape(1536, 16, 768, isa="avx2").supported()
+
+
 def test_avx2_lut_intrinsic_alone() -> None:
     """The AVX2 intrinsic on random pair records and tables (its description: per unit, ±(31·U + V) of the
-    entry its index picks), against numpy: the sign of every unit pair (pair 7's from bit 0, below which
-    no guard bit fits), the int8 sums of 8 units per lane at their extremes, and the two lanes' sum."""
+    entry its index picks, summed per row and lane), against numpy: the sign of every unit pair (pair 7's
+    from bit 0, below which no guard bit fits), the int8 sums of 8 units per lane at their extremes, and
+    the int16 lanes 16h + 8L + j (row 8h + j, even or odd units)."""
     from tvm.script import tirx as T
 
     pb = lut.LUT_ISAS["avx2"].pair_bytes
 
     @T.prim_func(s_tir=True)
-    def f(W: T.Buffer((4, pb), "uint8"), X: T.Buffer((4, lut.TABLE_BYTES), "int8"), C: T.Buffer((4, 16), "int32")):
-        for v, r, u, e in T.grid(4, 16, 16, 16):
+    def f(W: T.Buffer((4, pb), "uint8"), X: T.Buffer((4, lut.TABLE_BYTES), "int8"), C: T.Buffer((4, 32), "int16")):
+        for v, i, p, e in T.grid(4, 32, 8, 16):
             with T.sblock("lut"):
-                vv, vr, vu, ve = T.axis.remap("SSRR", [v, r, u, e])
-                T.reads(C[vv, vr], W[vv, 0:pb], X[vv, 0 : lut.TABLE_BYTES])
-                T.writes(C[vv, vr])
+                vv, vi, vp, ve = T.axis.remap("SSRR", [v, i, p, e])
+                T.reads(C[vv, vi], W[vv, 0:pb], X[vv, 0 : lut.TABLE_BYTES])
+                T.writes(C[vv, vi])
                 with T.init():
-                    C[vv, vr] = 0
-                C[vv, vr] = C[vv, vr] + lut.lut_term_avx2(W, [vv], X, [vv], vr, vu, ve)
+                    C[vv, vi] = T.int16(0)
+                C[vv, vi] = C[vv, vi] + T.Cast("int16", lut.lut_term_avx2(W, [vv], X, [vv], vi, vp, ve))
 
     sch = tvm.s_tir.Schedule(f)
     block = sch.get_sblock("lut")
@@ -247,17 +264,17 @@ def test_avx2_lut_intrinsic_alone() -> None:
     x[2, :, 0], x[2, :, 1], w[2, 128:] = -12, -15, 0
     x[3, :, 0], x[3, :, 1], w[3, 128:] = 12, 15, 255  # every unit negated
     x = x.reshape(4, lut.TABLE_BYTES)
-    c = tvm.runtime.tensor(np.zeros((4, 16), np.int32))
+    c = tvm.runtime.tensor(np.zeros((4, 32), np.int16))
     lib["main"](tvm.runtime.tensor(w), tvm.runtime.tensor(x), c)
-    expected = np.zeros((4, 16), np.int64)
+    expected = np.zeros((4, 2, 2, 8), np.int64)  # [record, h, lane, j]
     t = x.astype(np.int64)
     for v, r, u in np.ndindex(4, 16, 16):
         p, lane = divmod(u, 2)
         idx = int(w[v, 32 * (p // 2) + 16 * lane + r]) >> 4 * (p % 2) & 15
         negative = int(w[v, 128 + 16 * lane + r]) >> (7 - p) & 1
         value = 31 * t[v, 64 * p + 16 * lane + idx] + t[v, 64 * p + 32 + 16 * lane + idx]
-        expected[v, r] += -value if negative else value
-    np.testing.assert_array_equal(c.numpy(), expected)
+        expected[v, r // 8, lane, r % 8] += -value if negative else value
+    np.testing.assert_array_equal(c.numpy(), expected.reshape(4, 32))
 
 
 def test_avx2_schedule_is_the_shuffle_lookup() -> None:

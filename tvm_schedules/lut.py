@@ -94,15 +94,22 @@ class LutIsa:
     pair_bytes: int
     codes: int
     entries: int
+    acc_lanes: int
+    """Accumulator lanes of a tile and group (the description's spatial loop): one per row, or per row and lane."""
+    acc_dtype: str
 
 
 LUT_ISAS = {
-    "avx512": LutIsa(pair_cols=32, pair_bytes=80, codes=4, entries=128),
-    "avx2": LutIsa(pair_cols=64, pair_bytes=160, codes=16, entries=16),
+    "avx512": LutIsa(pair_cols=32, pair_bytes=80, codes=4, entries=128, acc_lanes=16, acc_dtype="int32"),
+    "avx2": LutIsa(pair_cols=64, pair_bytes=160, codes=8, entries=16, acc_lanes=32, acc_dtype="int16"),
 }
 """AVX-512: two pieces of 4 codes per row, a 128-entry ``vpermi2b`` table per piece and nibble half.
 AVX2: the hand-written AVX2 kernel's chunk of 16 units (blocks of 4 columns) for one 16-row half, a
-16-entry ``vpshufb`` table per unit and split (custom_ops/src/kernel_avx2.cc, ``lut_chunk``)."""
+16-entry ``vpshufb`` table per unit and split (custom_ops/src/kernel_avx2.cc, ``lut_chunk``), summed per
+row and 128-bit lane (even or odd units) in int16 until the group's end (:data:`AVX2_MAX_GROUP`)."""
+AVX2_MAX_GROUP = 640
+"""Largest group of the AVX2 form: a pair adds at most 8 units x 381 = 3048 to a row's lane, and a lane's
+int16 sum holds 10 pairs (30480)."""
 
 
 def lut_name(isa: str = "avx512") -> str:
@@ -214,6 +221,10 @@ class LutShape:
     def supported(self) -> str:
         if self.isa not in LUT_ISAS:
             return f"the LUT kernel has no {self.isa} form (only {', '.join(LUT_ISAS)})"
+        if self.isa == "avx2" and self.group_size > AVX2_MAX_GROUP:
+            return (
+                f"the AVX2 LUT kernel's int16 sums hold groups of up to {AVX2_MAX_GROUP} columns, not {self.group_size}"
+            )
         if self.n % TILE:
             return f"N={self.n} is not a multiple of {TILE}"
         if self.k % 4 or self.group_size % 4:
@@ -454,15 +465,18 @@ def lut_term_avx2(
     wi: list,
     x: tirx.Buffer,
     xi: list,
-    r: tirx.PrimExpr,
-    u: tirx.PrimExpr,
+    i: tirx.PrimExpr,
+    pair: tirx.PrimExpr,
     e: tirx.PrimExpr,
     w0: tirx.PrimExpr = 0,
 ) -> tirx.PrimExpr:
-    """Entry ``e`` of unit u's contribution to row r of an AVX2 pair record (:func:`_records_avx2`), as
-    :func:`lut_term`: where the unit's index is ``e``, ±(31·U + V) of its tables, negated where its sign
-    bit is set; summed over the 16 units and entries, the row's exact dot with the pair's 64 columns."""
-    pair, lane = tirx.floordiv(u, 2), tirx.floormod(u, 2)
+    """Entry ``e`` of the contribution of unit pair ``pair``'s unit in lane L to accumulator lane ``i = 16h +
+    8L + j`` (row r = 8h + j) of an AVX2 pair record (:func:`_records_avx2`), as :func:`lut_term`: where
+    the unit's index is ``e``, ±(31·U + V) of its tables, negated where its sign bit is set; summed over
+    the 8 unit pairs and the entries, the row's exact dot with the lane's 8 units (the even or the odd
+    ones; the two lanes' sum is the row's dot with the pair's 64 columns)."""
+    lane = tirx.floormod(tirx.floordiv(i, 8), 2)
+    r = tirx.floordiv(i, 16) * 8 + tirx.floormod(i, 8)
 
     def xb(offset: tirx.PrimExpr) -> tirx.PrimExpr:
         return tirx.Cast("int32", x[(*xi, offset)])
@@ -479,27 +493,27 @@ def lut_term_avx2(
 def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """The AVX2 lookup of one pair record (16 units x 16 rows), the hand-written ``lut_chunk`` for one half:
     per unit pair P, its index nibbles, one ``vpshufb`` each into its U and V tables (the pair's two units
-    in the two 128-bit lanes), ``vpsignb`` by the sign vector doubled P times (sign in bit 7, a guard bit
+    in the two 128-bit lanes), ``vpsignb`` by the sign vector shifted by P (sign in bit 7, a guard bit
     below keeps the operand non-zero), int8 sums of the 8 units of a lane (|U| <= 96, |V| <= 120); then
-    ``vpmaddubsw`` by (1, 31) widens V + 31·U per row and lane to int16, the two lanes (even and odd units)
-    are added and the 16 row sums widened into C."""
-    TB, PB = TABLE_BYTES, LUT_ISAS["avx2"].pair_bytes
+    ``vpmaddubsw`` by (1, 31) widens V + 31·U per row and lane to int16, added to C (lane 16h + 8L + j: row
+    8h + j, the even (L = 0) or the odd units)."""
+    TB, PB, AL = TABLE_BYTES, LUT_ISAS["avx2"].pair_bytes, LUT_ISAS["avx2"].acc_lanes
 
     @T.prim_func(s_tir=True)
     def desc(
         W: T.Buffer((PB,), "uint8", offset_factor=1),
         X: T.Buffer((TB,), "int8", offset_factor=1),
-        C: T.Buffer((TILE,), "int32", offset_factor=1),
+        C: T.Buffer((AL,), "int16", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:TILE], W[0:PB], X[0:TB])
-            T.writes(C[0:TILE])
-            for r, u, e in T.grid(TILE, 16, 16):
+            T.reads(C[0:AL], W[0:PB], X[0:TB])
+            T.writes(C[0:AL])
+            for i, p, e in T.grid(AL, 8, 16):
                 with T.sblock("lut"):
-                    vr, vu, ve = T.axis.remap("SRR", [r, u, e])
-                    T.reads(C[vr], W[0:PB], X[0:TB])
-                    T.writes(C[vr])
-                    C[vr] = C[vr] + lut_term_avx2(W, [], X, [], vr, vu, ve)
+                    vi, vp, ve = T.axis.remap("SRR", [i, p, e])
+                    T.reads(C[vi], W[0:PB], X[0:TB])
+                    T.writes(C[vi])
+                    C[vi] = C[vi] + T.Cast("int16", lut_term_avx2(W, [], X, [], vi, vp, ve))
 
     def bcast(value: int, dtype: str = "uint8", lanes: int = 32) -> tirx.PrimExpr:
         return tirx.Broadcast(tirx.const(value, dtype), lanes)
@@ -511,17 +525,21 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
         return tirx.call_llvm_pure_intrin(dtype, f"llvm.x86.avx2.{name}", *args)
 
     def value(acc: tirx.PrimExpr, w: tirx.Buffer, x: tirx.Buffer) -> tirx.PrimExpr:
-        # sign operands: d_P = (signs | 1) << P by doubling (a byte add each) for P < 7; pair 7's sign is bit
-        # 0, which the guard occupies: the signs shifted by 7 as words (bit 0 of each byte to its bit 7), or 1
-        signs = tirx.Var("signs", "uint8x32")
-        doubled = [tirx.Var(f"d{p}", "uint8x32") for p in range(7)]
+        # sign operands: for P < 7, (signs | 1) << P as 16-bit words (one vpsllw each, no byte mask: bit 7
+        # of each byte is its own bit 7 - P, the guard bit P keeps it non-zero, the bits below P are the
+        # next lower byte's); pair 7's sign is bit 0, which the guard occupies: the bare signs << 7, or 1
+        signs, guarded = tirx.Var("signs", "uint8x32"), tirx.Var("guarded", "uint16x16")
         nibbles = [tirx.Var(f"n{v}", "uint8x32") for v in range(4)]
-        last = tirx.reinterpret("uint8x32", tirx.reinterpret("uint16x16", signs) << bcast(7, "uint16", 16)) | bcast(1)
+
+        def shifted(words: tirx.PrimExpr, by: int) -> tirx.PrimExpr:
+            return tirx.reinterpret("uint8x32", words << bcast(by, "uint16", 16))
+
+        last = shifted(tirx.reinterpret("uint16x16", signs), 7) | bcast(1)
         sums = {"u": None, "v": None}
         for pair in range(8):
             n = nibbles[pair // 2]
             idx = n & bcast(15) if pair % 2 == 0 else (n >> bcast(4)) & bcast(15)
-            sign = last if pair == 7 else doubled[pair]
+            sign = last if pair == 7 else shifted(guarded, pair)
             for kind, offset in (("u", 0), ("v", 32)):
                 table = x.vload([64 * pair + offset], "int8x32")
                 term = intrin("int8x32", "psign.b", intrin("int8x32", "pshuf.b", table, i8(idx)), i8(sign))
@@ -536,15 +554,9 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
             interleaved = shuffle([sums["v"], sums["u"]], [i for row in rows for i in (row, 32 + row)])
             return intrin("int16x16", "pmadd.ub.sw", combine, interleaved)
 
-        lo, hi = widen(0), widen(1)
-
-        def lane_of(lane: int) -> tirx.PrimExpr:  # rows 0-15 of the even (odd) units (vperm2i128)
-            return shuffle([lo, hi], [h + 8 * lane + i for h in (0, 16) for i in range(8)])
-
-        body = acc + tirx.Cast("int32x16", lane_of(0) + lane_of(1))
-        for p in reversed(range(1, 7)):
-            body = tirx.Let(doubled[p], doubled[p - 1] + doubled[p - 1], body)
-        body = tirx.Let(signs, w.vload([128], "uint8x32"), tirx.Let(doubled[0], signs | bcast(1), body))
+        body = acc + shuffle([widen(0), widen(1)], list(range(32)))  # lanes 16h + 8L + j
+        body = tirx.Let(guarded, tirx.reinterpret("uint16x16", signs | bcast(1)), body)
+        body = tirx.Let(signs, w.vload([128], "uint8x32"), body)
         for v in reversed(range(4)):
             body = tirx.Let(nibbles[v], w.vload([32 * v], "uint8x32"), body)
         return body
@@ -553,16 +565,23 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     def impl(
         W: T.Buffer((PB,), "uint8", offset_factor=1),
         X: T.Buffer((TB,), "int8", offset_factor=1),
-        C: T.Buffer((TILE,), "int32", offset_factor=1),
+        C: T.Buffer((AL,), "int16", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:TILE], W[0:PB], X[0:TB])
-            T.writes(C[0:TILE])
-            C[0:TILE] = value(C.vload([0], "int32x16"), W, X)
+            T.reads(C[0:AL], W[0:PB], X[0:TB])
+            T.writes(C[0:AL])
+            for line in range(3):  # the record's lines (at most 3 of 64 bytes), PREFETCH bytes ahead, into L2
+                T.evaluate(
+                    T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[PREFETCH + 64 * line]), 0, 2, 1)
+                )
+            C[0:AL] = value(C.vload([0], "int16x32"), W, X)
 
     return desc, impl
 
 
+PREFETCH = 4096
+"""Bytes ahead of its pair record that the AVX2 lookup prefetches the weight stream into L2 (the hand-written
+AVX2 kernel's distance and cache level): its tables stay in L1."""
 LUT_TERMS = {"avx512": lut_term, "avx2": lut_term_avx2}
 """The element-wise lookup of each ISA's pair record, as the workload and the intrinsic describe it."""
 
@@ -583,7 +602,8 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
         raise ValueError(problem)
     PG, N, B, PB = ls.pairs_per_group, ls.n, ls.block_tiles, ls.pair_bytes
     C, CG, GB, SO = ls.chunks, ls.chunk_groups, ls.group_bytes, ls.block_tiles * ls.pairs_per_group * PB
-    CODES, ENTRIES_, term = LUT_ISAS[ls.isa].codes, LUT_ISAS[ls.isa].entries, LUT_TERMS[ls.isa]
+    isa, term = LUT_ISAS[ls.isa], LUT_TERMS[ls.isa]
+    CODES, ENTRIES_, AL, ACC = isa.codes, isa.entries, isa.acc_lanes, isa.acc_dtype
     if ls.superblocks is None:
         steps, step_blocks = tirx.Var("superblocks", "int32"), tirx.Var("step_blocks", "int32")
     else:
@@ -594,6 +614,19 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     def alpha(w: tirx.Buffer, at: list, t: tirx.PrimExpr) -> tirx.PrimExpr:
         """The 16 scales of tile t of the group at ``at`` (its stream indices), widened from float16 (exact)."""
         return tirx.Cast(f32v, tirx.reinterpret(f"float16x{TILE}", w.vload([*at, SO + t * SCALE_BYTES], "uint8x32")))
+
+    def accumulated(value: tirx.PrimExpr) -> tirx.PrimExpr:
+        return value if ACC == "int32" else tirx.Cast(ACC, value)
+
+    def row_dots(lanes: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The 16 rows' int32 dots of a tile's accumulator lanes (AVX2: each row's two lanes, in int32)."""
+        if AL == TILE:
+            return lanes
+        half = [
+            tirx.Shuffle([lanes], [tirx.const(h + 8 * lane + j, "int32") for h in (0, 16) for j in range(8)])
+            for lane in (0, 1)
+        ]
+        return tirx.Cast(f"int32x{TILE}", half[0]) + tirx.Cast(f"int32x{TILE}", half[1])
 
     def y_lanes(s: tirx.PrimExpr, b: tirx.PrimExpr, t: tirx.PrimExpr) -> tirx.PrimExpr:
         return ((s * step_blocks + b) * B + t) * TILE
@@ -615,12 +648,10 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
             }
         )
         # indexed by loop variables only: compute-at cannot solve a region through a sum of them
-        acc = T.sblock_alloc_buffer((m, steps, step_blocks, B, C, CG, TILE), "int32")
-        for s, c, b, tb, mm, gi, q, r, j, e in T.grid(steps, C, step_blocks, B, m, CG, PG, TILE, CODES, ENTRIES_):
+        acc = T.sblock_alloc_buffer((m, steps, step_blocks, B, C, CG, AL), ACC)
+        for s, c, b, tb, mm, gi, q, r, j, e in T.grid(steps, C, step_blocks, B, m, CG, PG, AL, CODES, ENTRIES_):
             with T.sblock("lut"):
-                vs, vc, vb, vtb, vm, vgi, vq, vr, vj, ve = T.axis.remap(
-                    "SSSSSSRSRR", [s, c, b, tb, mm, gi, q, r, j, e]
-                )
+                vs, vc, vb, vtb, vm, vgi, vq, vr, vj, ve = T.axis.remap("SSSSSSRSRR", [s, c, b, tb, mm, gi, q, r, j, e])
                 # whole records and tables (the inferred regions differ in form from the intrinsic's)
                 T.reads(
                     acc[vm, vs, vb, vtb, vc, vgi, vr],
@@ -630,8 +661,8 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 T.writes(acc[vm, vs, vb, vtb, vc, vgi, vr])
                 with T.init():
                     acc[vm, vs, vb, vtb, vc, vgi, vr] = 0
-                acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + term(
-                    W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PB
+                acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + accumulated(
+                    term(W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PB)
                 )
         for s, c, b, tb, mm, gi, h in T.grid(steps, C, step_blocks, B, m, CG, 1):
             with T.sblock("group"):
@@ -640,7 +671,7 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 T.reads(
                     W[vs, vc, vb, vgi, SO + vtb * SCALE_BYTES : SO + vtb * SCALE_BYTES + SCALE_BYTES],
                     S[vm, vc * CG + vgi],
-                    acc[vm, vs, vb, vtb, vc, vgi, vh * TILE : vh * TILE + TILE],
+                    acc[vm, vs, vb, vtb, vc, vgi, vh * AL : vh * AL + AL],
                 )
                 T.writes(Y[vm, y_lanes(vs, vb, vtb + vh) : y_lanes(vs, vb, vtb + vh) + TILE])
                 with T.init():
@@ -653,7 +684,7 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                     f32v,
                     "llvm.arithmetic.fence",
                     (alpha(W, [vs, vc, vb, vgi], vtb) * T.Broadcast(S[vm, vc * CG + vgi], TILE))
-                    * T.Cast(f32v, acc.vload([vm, vs, vb, vtb, vc, vgi, vh * TILE], f"int32x{TILE}")),
+                    * T.Cast(f32v, row_dots(acc.vload([vm, vs, vb, vtb, vc, vgi, vh * AL], f"{ACC}x{AL}"))),
                 )
 
     return kernel
@@ -697,7 +728,10 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
     sch.annotate(lut, ORDER_KEY, order)
     sch.reverse_compute_at(group, g, preserve_unit_loops=True)
     sch.parallel(s)
-    for loop in (qi, t, *_loops_after(sch, group, g)):
+    # AVX2 keeps the tile loop rolled: unrolled, LLVM loads the pair's 16 table vectors once for all the
+    # tiles and spills them (16 ymm registers), 8-10% slower (2048→2048, 8192→2048, 2048→8192; Zen 5)
+    isa = str(sch.mod["main"].attrs[ISA_KEY])
+    for loop in (qi, *([t] if isa == "avx512" else []), *_loops_after(sch, group, g)):
         sch.unroll(loop)
     init = sch.decompose_reduction(lut, qo)
     *init_outer, init_lanes = _loops_after(sch, init, g)
@@ -705,7 +739,7 @@ def schedule(sch: Schedule, order: str, knobs: Knobs | None = None) -> None:
         sch.unroll(loop)
     sch.vectorize(init_lanes)
     sch.decompose_reduction(group, c)  # Y = 0 over the superblock's rows, before its first chunk
-    sch.tensorize(sch.get_loops(lut)[-3], lut_name(str(sch.mod["main"].attrs[ISA_KEY])))
+    sch.tensorize(sch.get_loops(lut)[-3], lut_name(isa))
 
 
 def design_space(sch: Schedule) -> list[Schedule]:
