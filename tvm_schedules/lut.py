@@ -525,37 +525,48 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
         return tirx.call_llvm_pure_intrin(dtype, f"llvm.x86.avx2.{name}", *args)
 
     def value(acc: tirx.PrimExpr, w: tirx.Buffer, x: tirx.Buffer) -> tirx.PrimExpr:
-        # sign operands: for P < 7, (signs | 1) << P as 16-bit words (one vpsllw each, no byte mask: bit 7
-        # of each byte is its own bit 7 - P, the guard bit P keeps it non-zero, the bits below P are the
-        # next lower byte's); pair 7's sign is bit 0, which the guard occupies: the bare signs << 7, or 1
-        signs, guarded = tirx.Var("signs", "uint8x32"), tirx.Var("guarded", "uint16x16")
+        # sign operands: for P < 7, d_P = (signs | 1) << P, doubled pair after pair as 16-, 32- and 64-bit
+        # lanes in turn (LLVM would merge shifts of one lane width into a vpsllw by P, which takes a shuffle
+        # port as vpshufb does; a shift by 1 is a vpadd, any vector ALU): bit 7 of each byte is its own bit
+        # 7 - P, the guard bit P keeps it non-zero, the bits below P are the next lower byte's. Pair 7's
+        # sign is bit 0, which the guard occupies: the bare signs << 7 (a vpsllw), or 1
+        signs = tirx.Var("signs", "uint8x32")
+        doubled = [tirx.Var(f"d{p}", "uint8x32") for p in range(7)]
         nibbles = [tirx.Var(f"n{v}", "uint8x32") for v in range(4)]
 
-        def shifted(words: tirx.PrimExpr, by: int) -> tirx.PrimExpr:
-            return tirx.reinterpret("uint8x32", words << bcast(by, "uint16", 16))
+        def shifted(vector: tirx.PrimExpr, by: int, lane_bits: int = 16) -> tirx.PrimExpr:
+            lanes = 256 // lane_bits
+            words = tirx.reinterpret(f"uint{lane_bits}x{lanes}", vector)
+            return tirx.reinterpret("uint8x32", words << bcast(by, f"uint{lane_bits}", lanes))
 
-        last = shifted(tirx.reinterpret("uint16x16", signs), 7) | bcast(1)
-        sums = {"u": None, "v": None}
-        for pair in range(8):
-            n = nibbles[pair // 2]
-            idx = n & bcast(15) if pair % 2 == 0 else (n >> bcast(4)) & bcast(15)
-            sign = last if pair == 7 else shifted(guarded, pair)
-            for kind, offset in (("u", 0), ("v", 32)):
-                table = x.vload([64 * pair + offset], "int8x32")
-                term = intrin("int8x32", "psign.b", intrin("int8x32", "pshuf.b", table, i8(idx)), i8(sign))
-                sums[kind] = term if sums[kind] is None else sums[kind] + term
+        last = shifted(signs, 7) | bcast(1)
         combine = tirx.reinterpret("int8x32", bcast(SPLIT << 8 | 1, "int16", 16))
 
         def shuffle(vectors: list, picks: list[int]) -> tirx.PrimExpr:
             return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in picks])
 
+        # the U and V sums pair after pair, each pair's index and sign bound once (Let) and used at once, in
+        # this order in the generated code: the live vectors fit the 16 ymm registers
+        sums = {kind: [tirx.Var(f"{kind}{p}", "int8x32") for p in range(8)] for kind in "uv"}
+        indices = [tirx.Var(f"idx{p}", "uint8x32") for p in range(8)]
+
         def widen(half: int) -> tirx.PrimExpr:  # rows 8·half.. of both lanes, V + 31·U as int16 (vpunpck*bw)
             rows = [16 * lane + b for lane in (0, 1) for b in range(8 * half, 8 * half + 8)]
-            interleaved = shuffle([sums["v"], sums["u"]], [i for row in rows for i in (row, 32 + row)])
+            interleaved = shuffle([sums["v"][7], sums["u"][7]], [i for row in rows for i in (row, 32 + row)])
             return intrin("int16x16", "pmadd.ub.sw", combine, interleaved)
 
         body = acc + shuffle([widen(0), widen(1)], list(range(32)))  # lanes 16h + 8L + j
-        body = tirx.Let(guarded, tirx.reinterpret("uint16x16", signs | bcast(1)), body)
+        for pair in reversed(range(8)):
+            sign = last if pair == 7 else doubled[pair]
+            for kind, offset in (("v", 32), ("u", 0)):
+                table = x.vload([64 * pair + offset], "int8x32")
+                term = intrin("int8x32", "psign.b", intrin("int8x32", "pshuf.b", table, i8(indices[pair])), i8(sign))
+                body = tirx.Let(sums[kind][pair], term if pair == 0 else sums[kind][pair - 1] + term, body)
+            n = nibbles[pair // 2]
+            body = tirx.Let(indices[pair], n & bcast(15) if pair % 2 == 0 else (n >> bcast(4)) & bcast(15), body)
+        for p in reversed(range(1, 7)):
+            body = tirx.Let(doubled[p], shifted(doubled[p - 1], 1, (16, 32, 64)[p % 3]), body)
+        body = tirx.Let(doubled[0], signs | bcast(1), body)
         body = tirx.Let(signs, w.vload([128], "uint8x32"), body)
         for v in reversed(range(4)):
             body = tirx.Let(nibbles[v], w.vload([32 * v], "uint8x32"), body)
