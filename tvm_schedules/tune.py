@@ -11,8 +11,8 @@ summary ``<target>/tuned.json`` names each kernel's best decisions and times; ``
 the best traces from the database (tvm_schedules/build.py) without tuning. ``sherry tune --verify``
 (after ``make lib``) adds both kernels' times as onnxruntime nodes, hot and cold, and the CPU model
 that measured them, which is what the op library's auto mode compares. ``--formulation lut`` tunes
-the sherry AVX-512 kernel's activation-lookup-table form instead (tvm_schedules/lut.py), its M = 1
-function only. Tuning stays out of CI.
+the sherry activation-lookup-table form instead (tvm_schedules/lut.py; the AVX-512 and the AVX2
+kernels' pair records and tables), its M = 1 function only. Tuning stays out of CI.
 """
 
 from __future__ import annotations
@@ -807,8 +807,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["plane", "lut"],
         default="plane",
         help="the M = 1 kernel: plane (decoded weight planes, every format) or lut (activation lookup tables "
-        "on the 1.25-bit sherry layout, --formats sherry --target avx512 only; its block functions run the M = 1 "
-        "loop nest per row and are not searched); the kernel's tuned.json entry records it (default: plane)",
+        "on the 1.25-bit sherry layout, --formats sherry, targets avx512 and avx2; its block functions run the "
+        "M = 1 loop nest per row and are not searched); the kernel's tuned.json entry records it (default: plane)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="database directory (one folder per target)")
     p.add_argument(
