@@ -277,34 +277,24 @@ def test_avx2_lut_intrinsic_alone() -> None:
     np.testing.assert_array_equal(c.numpy(), expected.reshape(4, 32))
 
 
-def test_avx2_schedule_is_the_shuffle_lookup() -> None:
-    """The AVX2 form compiles to the hand-written kernel's instructions (vpshufb, vpsignb, vpmaddubsw), no
-    AVX-512 register and no workspace call."""
-    ls = lut.LutShape(256, 128, 128, isa="avx2")
+@pytest.mark.parametrize("isa", ISAS)
+def test_schedule_tensorizes_the_lookup_and_allocates_nothing(isa: str) -> None:
+    """The trace's Tensorize names the ISA's LUT intrinsic; the code has the hand-written kernel's
+    instructions (AVX-512: vpermi2b/vpermt2b, vpdpbusd, the sign masks through kmovq, no plane decode;
+    AVX2: vpshufb, vpsignb, vpmaddubsw, no AVX-512 register) and no workspace call at the largest step."""
+    ls = lut.LutShape(256, 128, 128, isa=isa)
     sch = tvm.s_tir.Schedule(lut.workload(ls))
-    lut.schedule(sch, "tile", Knobs(8, 2, "tile"))
+    lut.schedule(sch, "pair", Knobs(8, lut.unroll_choices(ls)[-1], "pair"))
     used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
-    assert used == {lut.lut_name("avx2")}
-    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx2"]))
+    assert used == {lut.lut_name(isa)}
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS[isa]))
     assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
     asm = lib.mod.inspect_source("asm")
-    assert all(op in asm for op in ("vpshufb", "vpsignb", "vpmaddubsw")) and "zmm" not in asm
-
-
-@needs_avx512
-def test_schedule_tensorizes_the_lookup_and_allocates_nothing() -> None:
-    """The trace's Tensorize names the LUT intrinsic; the code has its instructions (vpermi2b/vpermt2b,
-    vpdpbusd, the sign masks through kmovq) and no workspace call at the largest step."""
-    ls = lut.LutShape(256, 128, 128)
-    sch = tvm.s_tir.Schedule(lut.workload(ls))
-    lut.schedule(sch, "pair", Knobs(8, 4, "pair"))
-    used = {str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"}
-    assert used == {lut.lut_name("avx512")}
-    lib = tvm.compile(sch.mod, target=tvm.target.Target(TARGETS["avx512"]))
-    assert "TVMBackendAllocWorkspace" not in lib.mod.inspect_source("ll")
-    asm = lib.mod.inspect_source("asm")
-    assert "vpdpbusd" in asm and "kmovq" in asm and ("vpermi2b" in asm or "vpermt2b" in asm)
-    assert "vpermb\t" not in asm  # no plane decode
+    if isa == "avx2":
+        assert all(op in asm for op in ("vpshufb", "vpsignb", "vpmaddubsw")) and "zmm" not in asm
+    else:
+        assert "vpdpbusd" in asm and "kmovq" in asm and ("vpermi2b" in asm or "vpermt2b" in asm)
+        assert "vpermb\t" not in asm  # no plane decode
 
 
 def test_knob_space() -> None:

@@ -400,24 +400,39 @@ def lut_term(
     return a + b
 
 
-def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    PAIR_BYTES = LUT_ISAS["avx512"].pair_bytes
+def accumulated(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    """A term in the accumulators' type (the AVX2 form sums in int16)."""
+    return value.astype(dtype)  # the value itself where it has the type already
+
+
+def _description(isa: str) -> tirx.PrimFunc:
+    """The element-wise description of ``isa``'s lookup intrinsic (one pair record of one tile): each
+    accumulator lane plus its :data:`LUT_TERMS` selection, summed over the codes and the entries, as
+    the workload's ``lut`` block computes it."""
+    form, term = LUT_ISAS[isa], LUT_TERMS[isa]
+    PB, AL, ACC = form.pair_bytes, form.acc_lanes, form.acc_dtype
 
     @T.prim_func(s_tir=True)
     def desc(
-        W: T.Buffer((PAIR_BYTES,), "uint8", offset_factor=1),
+        W: T.Buffer((PB,), "uint8", offset_factor=1),
         X: T.Buffer((TABLE_BYTES,), "int8", offset_factor=1),
-        C: T.Buffer((TILE,), "int32", offset_factor=1),
+        C: T.Buffer((AL,), ACC, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:TILE], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
-            T.writes(C[0:TILE])
-            for r, j, e in T.grid(TILE, 4, ENTRIES):
+            T.reads(C[0:AL], W[0:PB], X[0:TABLE_BYTES])
+            T.writes(C[0:AL])
+            for i, j, e in T.grid(AL, form.codes, form.entries):
                 with T.sblock("lut"):
-                    vr, vj, ve = T.axis.remap("SRR", [r, j, e])
-                    T.reads(C[vr], W[0:PAIR_BYTES], X[0:TABLE_BYTES])
-                    T.writes(C[vr])
-                    C[vr] = C[vr] + lut_term(W, [], X, [], vr, vj, ve)
+                    vi, vj, ve = T.axis.remap("SRR", [i, j, e])
+                    T.reads(C[vi], W[0:PB], X[0:TABLE_BYTES])
+                    T.writes(C[vi])
+                    C[vi] = C[vi] + accumulated(term(W, [], X, [], vi, vj, ve), ACC)
+
+    return desc
+
+
+def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    PAIR_BYTES = LUT_ISAS["avx512"].pair_bytes
 
     def bcast(value: int, dtype: str = "uint8") -> tirx.PrimExpr:
         return tirx.Broadcast(tirx.const(value, dtype), 64)
@@ -457,7 +472,7 @@ def _lut_avx512() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
             T.writes(C[0:TILE])
             C[0:TILE] = value(C.vload([0], "int32x16"), W, X)
 
-    return desc, impl
+    return _description("avx512"), impl
 
 
 def lut_term_avx2(
@@ -498,22 +513,6 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     ``vpmaddubsw`` by (1, 31) widens V + 31·U per row and lane to int16, added to C (lane 16h + 8L + j: row
     8h + j, the even (L = 0) or the odd units)."""
     TB, PB, AL = TABLE_BYTES, LUT_ISAS["avx2"].pair_bytes, LUT_ISAS["avx2"].acc_lanes
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        W: T.Buffer((PB,), "uint8", offset_factor=1),
-        X: T.Buffer((TB,), "int8", offset_factor=1),
-        C: T.Buffer((AL,), "int16", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:AL], W[0:PB], X[0:TB])
-            T.writes(C[0:AL])
-            for i, p, e in T.grid(AL, 8, 16):
-                with T.sblock("lut"):
-                    vi, vp, ve = T.axis.remap("SRR", [i, p, e])
-                    T.reads(C[vi], W[0:PB], X[0:TB])
-                    T.writes(C[vi])
-                    C[vi] = C[vi] + T.Cast("int16", lut_term_avx2(W, [], X, [], vi, vp, ve))
 
     def bcast(value: int, dtype: str = "uint8", lanes: int = 32) -> tirx.PrimExpr:
         return tirx.Broadcast(tirx.const(value, dtype), lanes)
@@ -587,7 +586,7 @@ def _lut_avx2() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
                 )
             C[0:AL] = value(C.vload([0], "int16x32"), W, X)
 
-    return desc, impl
+    return _description("avx2"), impl
 
 
 PREFETCH = 4096
@@ -625,9 +624,6 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
     def alpha(w: tirx.Buffer, at: list, t: tirx.PrimExpr) -> tirx.PrimExpr:
         """The 16 scales of tile t of the group at ``at`` (its stream indices), widened from float16 (exact)."""
         return tirx.Cast(f32v, tirx.reinterpret(f"float16x{TILE}", w.vload([*at, SO + t * SCALE_BYTES], "uint8x32")))
-
-    def accumulated(value: tirx.PrimExpr) -> tirx.PrimExpr:
-        return value if ACC == "int32" else tirx.Cast(ACC, value)
 
     def row_dots(lanes: tirx.PrimExpr) -> tirx.PrimExpr:
         """The 16 rows' int32 dots of a tile's accumulator lanes (AVX2: each row's two lanes, in int32)."""
@@ -673,7 +669,8 @@ def workload(ls: LutShape, m: int = 1) -> tirx.PrimFunc:
                 with T.init():
                     acc[vm, vs, vb, vtb, vc, vgi, vr] = 0
                 acc[vm, vs, vb, vtb, vc, vgi, vr] = acc[vm, vs, vb, vtb, vc, vgi, vr] + accumulated(
-                    term(W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PB)
+                    term(W, [vs, vc, vb, vgi], X, [vm, (vc * CG + vgi) * PG + vq], vr, vj, ve, (vq * B + vtb) * PB),
+                    ACC,
                 )
         for s, c, b, tb, mm, gi, h in T.grid(steps, C, step_blocks, B, m, CG, 1):
             with T.sblock("group"):
