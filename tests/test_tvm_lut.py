@@ -403,3 +403,29 @@ def test_the_op_runs_a_linked_lut_kernel_in_every_regime(
             expected = reference_matmul(x, packed, bias, activations="int8")
             y = session.run(None, {"A": x})[0]
             np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_stale_database_is_a_clear_error(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """A record whose trace no longer replays (here: it names a tensor intrinsic that is not registered, as
+    after an edit of an intrinsic's description) makes loading the database an InputError that names the
+    folder, TVM's reason and how to recover, and the build (CMake's step) one line and exit status 1, not a
+    traceback."""
+    import shutil
+    from pathlib import Path
+
+    from sherry_export.errors import InputError
+    from tvm_schedules.build import main as build_main
+    from tvm_schedules.tune import database
+
+    source = Path(__file__).resolve().parent.parent / "tvm_schedules" / "databases" / "avx2"
+    target = tmp_path / "db" / "avx2"
+    shutil.copytree(source, target)
+    records = target / "database_tuning_record.json"
+    text = records.read_text()
+    assert lut.lut_name("avx2") in text
+    records.write_text(text.replace(lut.lut_name("avx2"), "sherry_lut_pair_edited", 1))
+    with pytest.raises(InputError, match=r"cannot be loaded \(.*sherry_lut_pair_edited.*not registered.*git checkout"):
+        database(target)
+    assert build_main([str(tmp_path / "db"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m tvm_schedules.build: error: the tuning database") and "Traceback" not in err

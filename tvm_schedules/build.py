@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="where the objects, the table and the headers go")
     parser.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     args = parser.parse_args(argv)
-    build(args.database, args.output, args.force)
+    try:
+        build(args.database, args.output, args.force)
+    except ValueError as error:  # a database that cannot be loaded or built: one line, for the CMake log
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

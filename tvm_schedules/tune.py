@@ -373,11 +373,20 @@ def database(target_dir: Path) -> Any:
     needs registered."""
     from tvm.s_tir import meta_schedule as ms
 
+    from sherry_export.errors import InputError, one_line
     from tvm_schedules import intrinsics, lut  # noqa: F401  (register the intrinsics on import)
 
-    return ms.database.JSONDatabase(
-        str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")
-    )
+    try:
+        return ms.database.JSONDatabase(
+            str(target_dir / "database_workload.json"), str(target_dir / "database_tuning_record.json")
+        )
+    except RuntimeError as error:  # TVM's errors: a line that does not parse, a trace that does not replay
+        raise InputError(
+            f"the tuning database {target_dir} cannot be loaded ({one_line(error)}): its records are traces "
+            "replayed on load, so a record tuned before an edit of a workload or a tensor intrinsic's "
+            "description in tvm_schedules/ no longer applies; restore the folder (git checkout "
+            f"{target_dir}) or move its two database_*.json files away and re-tune with `sherry tune`"
+        ) from error
 
 
 def workload_module(shape: Shape, isa: str, block: bool = False, formulation: str = "plane") -> Any:
